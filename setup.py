@@ -1,0 +1,61 @@
+"""Build the optional Cython speedups of every kernel family.
+
+Every ``src/plexichat/<family>/_speedups.pyx`` becomes an extension module.
+Extensions are required by default: a build that cannot compile them fails
+loudly.  ``PLEXICHAT_PURE_PYTHON=1`` opts into a pure-Python install (the
+reference backends only), the way msgpack's ``MSGPACK_PUREPYTHON`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+ROOT = Path(__file__).parent
+SRC = ROOT / "src"
+VENDOR = SRC / "plexichat" / "_vendor"
+
+
+def truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def extensions() -> list[Extension]:
+    if truthy("PLEXICHAT_PURE_PYTHON"):
+        if truthy("PLEXICHAT_REQUIRE_EXTENSIONS"):
+            sys.exit("PLEXICHAT_PURE_PYTHON and PLEXICHAT_REQUIRE_EXTENSIONS conflict")
+        print("PLEXICHAT_PURE_PYTHON set: building without compiled speedups")
+        return []
+    from Cython.Build import cythonize
+
+    sources = sorted(SRC.glob("plexichat/*/_speedups.pyx"))
+    if not sources:
+        sys.exit("no Cython sources found under src/plexichat/*/_speedups.pyx")
+    optimize = os.environ.get("PLEXICHAT_OPT", "-O3")
+    modules = [
+        Extension(
+            str(path.relative_to(SRC).with_suffix("")).replace(os.sep, "."),
+            [str(path.relative_to(ROOT))],
+            include_dirs=[str(VENDOR / "xxhash")],
+            extra_compile_args=[optimize, "-Wno-unused-function"],
+        )
+        for path in sources
+    ]
+    return cythonize(
+        modules,
+        language_level=3,
+        nthreads=int(os.environ.get("PLEXICHAT_CYTHON_JOBS", "0")) or None,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "embedsignature": True,
+        },
+    )
+
+
+setup(ext_modules=extensions())
