@@ -1,0 +1,15 @@
+"""Invoke tasks of the PlexiChat lab (thin: the work lives in ``src/plexilab``).
+
+``invoke --list`` shows every namespace; ``invoke --help TASK`` its options.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "src"))
+
+from invoke.collection import Collection  # noqa: E402
+
+ns = Collection()
