@@ -1,0 +1,149 @@
+"""Nox sessions of the PlexiChat lab: compile, build, lint, mypy, tests, benchmark, wheels."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+SRC = ROOT / "src"
+BUILD_DEPS = ["setuptools>=68", "wheel", "Cython>=3.0"]
+RUNTIME_DEPS = ["xxhash>=3.4", "numpy>=1.26"]
+PEERS = ["msgpack>=1.0", "lru-dict>=1.3"]
+REQUIRE_EXT = {"PLEXICHAT_REQUIRE_EXTENSIONS": "1"}
+
+nox.options.sessions = ["lint", "mypy", "tests"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+
+def build_in_place(session: nox.Session) -> None:
+    """Compile every Cython extension into src/ (a no-op when up to date)."""
+    session.install(*BUILD_DEPS, *RUNTIME_DEPS)
+    session.run("python", "setup.py", "-q", "build_ext", "--inplace", env=REQUIRE_EXT)
+
+
+@nox.session
+def compile(session: nox.Session) -> None:
+    """Build the Cython extensions in place and show which backend serves each kernel."""
+    build_in_place(session)
+    session.install("numba")
+    session.run(
+        "python",
+        "-m",
+        "plexichat.accel",
+        "--require-compiled",
+        *session.posargs,
+        env={"PYTHONPATH": str(SRC)},
+    )
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build sdist and wheel, then import the compiled modules from the installed wheel."""
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.install("build")
+    session.run("python", "-m", "build", "--outdir", str(dist), env=REQUIRE_EXT)
+    wheels = sorted(dist.glob("plexichat-*.whl"))
+    sdists = sorted(dist.glob("plexichat-*.tar.gz"))
+    if len(wheels) != 1 or len(sdists) != 1:
+        session.error(f"expected one wheel and one sdist in {dist}, got {wheels + sdists}")
+    check = session.create_tmp()
+    venv = Path(check) / "wheel-venv"
+    session.run("python", "-m", "venv", "--clear", str(venv))
+    python = str(venv / "bin" / "python")
+    session.run(python, "-m", "pip", "install", "-q", str(wheels[0]), external=True)
+    # Import from outside the source tree so the installed wheel is what runs.
+    with session.chdir(check):
+        session.run(python, "-m", "plexichat.accel", "--require-compiled", external=True)
+    session.log(f"built {wheels[0].name} and {sdists[0].name}")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Run ruff (lint and format check)."""
+    session.install("ruff")
+    targets = session.posargs or ["src", "tests", "benchmarks", "noxfile.py", "tasks.py"]
+    session.run("ruff", "check", *targets)
+    session.run("ruff", "format", "--check", *targets)
+
+
+@nox.session
+def mypy(session: nox.Session) -> None:
+    """Type-check src/ with mypy --strict (stubs cover the compiled modules)."""
+    session.install("mypy", "numpy", "types-paramiko", "rich", "invoke")
+    session.run("mypy", *(session.posargs or ["src"]))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the suite with compiled backends, then again with PLEXICHAT_BACKEND=python."""
+    build_in_place(session)
+    session.install("-e", ".[test,bench,numba]", env=REQUIRE_EXT)
+    session.install("paramiko", "qemu.qmp", "rich", "invoke", "matplotlib", "build")
+    session.run("python", "-m", "plexichat.accel", "--require-compiled")
+    coverage_file = {"COVERAGE_FILE": str(ROOT / ".coverage")}
+    session.run("coverage", "erase", env=coverage_file)
+    pytest_args = session.posargs or ["tests"]
+    session.run(
+        "pytest",
+        "--cov",
+        "--cov-report=",
+        *pytest_args,
+        env={**coverage_file, "PLEXICHAT_BACKEND": "auto"},
+    )
+    # The reference backends must carry the node and load paths on their own.
+    session.run(
+        "pytest",
+        "--cov",
+        "--cov-append",
+        "--cov-report=term:skip-covered",
+        "--cov-fail-under=80",
+        "-m",
+        "not qemu and not docker",
+        *pytest_args,
+        env={**coverage_file, "PLEXICHAT_BACKEND": "python"},
+    )
+
+
+@nox.session
+def benchmark(session: nox.Session) -> None:
+    """Run asv on the working tree (compiled vs interpreted) and print a speedup table.
+
+    ``nox -s benchmark -- continuous BASE HEAD [FACTOR]`` compares two commits
+    instead and fails when any benchmark got slower by more than FACTOR.
+    """
+    build_in_place(session)
+    session.install("-e", ".[bench,numba]", "asv", "virtualenv", env=REQUIRE_EXT)
+    session.run("asv", "machine", "--yes", "--machine", "lab")
+    if session.posargs[:1] == ["continuous"]:
+        base, head, *rest = session.posargs[1:] or ["HEAD~1", "HEAD"]
+        factor = rest[0] if rest else "1.1"
+        session.run(
+            "asv", "continuous", "--machine", "lab", "--factor", factor,
+            "--split", "--show-stderr", base, head,
+        )  # fmt: skip
+        return
+    commit = session.run("git", "rev-parse", "HEAD", silent=True, external=True)
+    assert isinstance(commit, str)
+    session.run(
+        "asv", "run", "--machine", "lab", "--python=same", "--show-stderr",
+        "--set-commit-hash", commit.strip(), *session.posargs,
+    )  # fmt: skip
+    session.run("python", "-m", "plexilab.asvreport", "--machine", "lab")
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """Build the plexichat wheel and a runtime wheelhouse per arch (-- --arch aarch64)."""
+    session.install(*BUILD_DEPS, "build", "rich", "packaging")
+    session.run(
+        "python",
+        "-m",
+        "plexilab.wheels",
+        *session.posargs,
+        env={"PYTHONPATH": str(SRC), **REQUIRE_EXT},
+    )
