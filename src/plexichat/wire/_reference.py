@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterable
 
@@ -34,19 +35,32 @@ def checksum(data: Buffer) -> int:
     return _xxh3(data) & _MASK32
 
 
-def _check_encode(type: int, request_id: int, size: int) -> None:
+def _flat(payload: Buffer) -> bytes | bytearray | memoryview:
+    """*payload* as flat bytes: ``len()`` is its size in bytes, whatever its format."""
+    if isinstance(payload, bytes | bytearray):
+        return payload
+    view = memoryview(payload)
+    return view.cast("B") if view.c_contiguous else view.tobytes()
+
+
+def _check_encode(type: int, request_id: int, size: int) -> tuple[int, int]:
+    """Validate the arguments of one frame; return ``(type, request_id)`` as ints."""
+    type = operator.index(type)
+    request_id = operator.index(request_id)
     if not MIN_TYPE <= type <= MAX_TYPE:
         raise ValueError(f"frame type {type} outside {MIN_TYPE}..{MAX_TYPE}")
     if not 0 <= request_id <= _MASK32:
         raise ValueError(f"request id {request_id} does not fit in 32 bits")
     if size > HARD_MAX_PAYLOAD:
         raise ValueError(f"payload of {size} bytes exceeds {HARD_MAX_PAYLOAD}")
+    return type, request_id
 
 
 def encode_frame(type: int, request_id: int, payload: Buffer) -> bytes:
     """Encode one frame."""
+    payload = _flat(payload)
     size = len(payload)
-    _check_encode(type, request_id, size)
+    type, request_id = _check_encode(type, request_id, size)
     body = _HEADER.pack(MAGIC, VERSION, type, request_id, size) + bytes(payload)
     return body + _TRAILER.pack(checksum(body))
 
@@ -57,10 +71,13 @@ def encode_frames(frames: Iterable[tuple[int, int, Buffer]], out: bytearray) -> 
     Returns the number of bytes appended.  *out* is meant to be reused: the
     caller clears it (``del out[:]``) between batches.
     """
+    if not isinstance(out, bytearray):
+        raise TypeError(f"out must be a bytearray, not {out.__class__.__name__}")
     start = len(out)
     for type, request_id, payload in frames:
+        payload = _flat(payload)
         size = len(payload)
-        _check_encode(type, request_id, size)
+        type, request_id = _check_encode(type, request_id, size)
         frame_start = len(out)
         out += _HEADER.pack(MAGIC, VERSION, type, request_id, size)
         out += payload
@@ -86,14 +103,13 @@ def _parse_header(
 
 
 def _check_limit(max_payload: int) -> int:
+    max_payload = operator.index(max_payload)
     if not 0 <= max_payload <= HARD_MAX_PAYLOAD:
         raise ValueError(f"max_payload must be within 0..{HARD_MAX_PAYLOAD}")
     return max_payload
 
 
-def _split(
-    view: memoryview, max_payload: int, base: int, frames: list[Frame]
-) -> int:
+def _split(view: memoryview, max_payload: int, base: int, frames: list[Frame]) -> int:
     """Decode whole frames from *view* into *frames*; return bytes consumed."""
     pos = 0
     end = len(view)
@@ -149,7 +165,9 @@ class FrameDecoder:
         self._buffer += data
         frames: list[Frame] = []
         try:
-            used = _split(memoryview(self._buffer), self.max_payload, self._consumed, frames)
+            used = _split(
+                memoryview(self._buffer), self.max_payload, self._consumed, frames
+            )
         except WireError as exc:
             self._error = exc
             raise
