@@ -1,0 +1,517 @@
+"""Guest images: a Debian cloud kernel plus an ext4 root disk, cached per recipe.
+
+``image(arch)`` returns a ready :class:`Image` (building it when the cache has
+none).  A build has two layers:
+
+* **rootfs** -- ``mmdebstrap --variant=essential`` with the packages of
+  ``qemu/packages.txt``, using the host's own apt sources file as the mirror
+  argument (no mirror URL in code).  Keyed by the package list and arch, so
+  editing the init script or sshd config does not re-bootstrap.
+* **image** -- the rootfs plus the guest init, sshd config and the few kernel
+  modules the init loads, turned into a disk without loop mounts
+  (``mke2fs -d`` then ``qemu-img convert -O qcow2``).  Keyed by a hash of every
+  file under ``qemu/`` and the arch.
+
+The kernel comes from Debian's ``linux-image-cloud-<debarch>`` package,
+fetched with ``apt-get download`` and unpacked with ``dpkg -x`` (no install).
+Per-node secrets never enter an image: they travel in the seed (fw_cfg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "qemu"
+ARCHES = ("x86_64", "aarch64")
+IMAGE_FORMAT = 1  # bump when the build steps (not the recipes) change
+console = Console(stderr=True, highlight=False)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A machine profile (``qemu/<arch>.toml``)."""
+
+    arch: str
+    debian_arch: str
+    kernel_package: str
+    qemu: str
+    machine: str
+    cpu: str
+    kvm_cpu: str
+    console: str
+    memory_mib: int
+    smp: int
+    disk_mib: int
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image in the cache."""
+
+    arch: str
+    key: str
+    directory: Path
+    kernel: Path
+    disk: Path
+    manifest: dict[str, object]
+
+    @property
+    def kernel_version(self) -> str:
+        return str(self.manifest["kernel_version"])
+
+
+def load_profile(arch: str) -> Profile:
+    """Read ``qemu/<arch>.toml``."""
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHES)})")
+    data = tomllib.loads((RECIPES / f"{arch}.toml").read_text())
+    return Profile(**data)
+
+
+def cache_root() -> Path:
+    """``$PLEXILAB_CACHE`` or ``~/.cache/plexilab``."""
+    env = os.environ.get("PLEXILAB_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "plexilab"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _digest(parts: Sequence[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for name, data in parts:
+        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:16]
+
+
+def recipe_files() -> list[Path]:
+    """Every file under ``qemu/`` (sorted)."""
+    return sorted(p for p in RECIPES.rglob("*") if p.is_file())
+
+
+def image_key(arch: str) -> str:
+    """Cache key of the image: the ``qemu/`` recipe files plus the arch."""
+    parts = [(str(p.relative_to(RECIPES)), p.read_bytes()) for p in recipe_files()]
+    parts.append(("arch", arch.encode()))
+    parts.append(("format", str(IMAGE_FORMAT).encode()))
+    return _digest(parts)
+
+
+def packages() -> list[str]:
+    """Package names of ``qemu/packages.txt``."""
+    names = []
+    for line in (RECIPES / "packages.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    return names
+
+
+def kernel_modules() -> list[str]:
+    """Module names of ``qemu/modules.txt``."""
+    out = []
+    for line in (RECIPES / "modules.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def host_suite() -> str:
+    """The host's Debian codename (the guests run the same release)."""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise RuntimeError("cannot read VERSION_CODENAME from /etc/os-release")
+
+
+def host_sources() -> Path:
+    """The host's apt sources file, passed to mmdebstrap as its mirror."""
+    env = os.environ.get("PLEXILAB_APT_SOURCES")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path("/etc/apt/sources.list.d/debian.sources"),
+        Path("/etc/apt/sources.list"),
+    ]
+    for path in candidates:
+        if path.is_file() and path.stat().st_size > 0:
+            return path
+    raise RuntimeError("no apt sources file found (set PLEXILAB_APT_SOURCES)")
+
+
+def rootfs_key(profile: Profile) -> str:
+    parts = [
+        ("packages", "\n".join(packages()).encode()),
+        ("debian_arch", profile.debian_arch.encode()),
+        ("suite", host_suite().encode()),
+        ("options", " ".join(mmdebstrap_options(profile)).encode()),
+    ]
+    return _digest(parts)
+
+
+def mmdebstrap_options(profile: Profile) -> list[str]:
+    excludes = [
+        "/usr/share/man/*",
+        "/usr/share/doc/*",
+        "/usr/share/info/*",
+        "/usr/share/locale/*",
+        "/usr/share/lintian/*",
+        "/usr/share/bash-completion/*",
+    ]
+    return [
+        "--variant=essential",
+        f"--arch={profile.debian_arch}",
+        "--mode=root",
+        "--format=directory",
+        "--include=" + ",".join(packages()),
+        "--dpkgopt=force-unsafe-io",
+        *(f"--dpkgopt=path-exclude={p}" for p in excludes),
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        '--aptopt=Acquire::Languages "none"',
+        # Host keys made by openssh-server's postinst would be shared by every
+        # guest: the seed brings a per-node key instead.
+        '--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*',
+        '--customize-hook=rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*',
+    ]
+
+
+class Step:
+    """Times one build step and logs it."""
+
+    def __init__(self, name: str, timings: dict[str, float]) -> None:
+        self.name = name
+        self.timings = timings
+        self.note = ""
+
+    def __enter__(self) -> Step:
+        self.start = time.monotonic()
+        self._status = console.status(f"[bold]{self.name}[/]...")
+        self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._status.__exit__(None, None, None)
+        seconds = time.monotonic() - self.start
+        self.timings[self.name] = round(seconds, 2)
+        ok = "[green]done[/]" if exc[0] is None else "[red]failed[/]"
+        note = f" ({self.note})" if self.note else ""
+        console.log(f"{self.name}: {ok} in {seconds:.1f} s{note}")
+
+
+def run(argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run a build command; raise with its output on failure."""
+    proc = subprocess.run(
+        list(argv),
+        text=True,
+        capture_output=True,
+        check=False,
+        **kwargs,  # type: ignore[call-overload]
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {proc.returncode}\n{proc.stdout[-3000:]}"
+            f"\n{proc.stderr[-3000:]}"
+        )
+    return proc  # type: ignore[no-any-return]
+
+
+def du(path: Path) -> int:
+    """Bytes used by a file or tree (allocated blocks)."""
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file: one builder per cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch_kernel(profile: Profile, work: Path) -> tuple[Path, str]:
+    """Download and unpack the cloud kernel package; return (root, version)."""
+    qualified = f"{profile.kernel_package}:{profile.debian_arch}"
+    deps = run(["apt-cache", "depends", "--no-recommends", qualified]).stdout
+    match = re.search(r"Depends:\s*(linux-image-[^\s:]+)", deps)
+    if not match:
+        raise RuntimeError(f"cannot find the kernel behind {qualified}:\n{deps}")
+    package = match.group(1)
+    debs = work / "debs"
+    debs.mkdir()
+    run(
+        [
+            "apt-get",
+            "download",
+            "-q",
+            "-o",
+            "APT::Sandbox::User=root",
+            f"{package}:{profile.debian_arch}",
+        ],
+        cwd=debs,
+    )
+    (deb,) = debs.glob("*.deb")
+    root = work / "kernel"
+    run(["dpkg", "-x", str(deb), str(root)])
+    (vmlinuz,) = (root / "boot").glob("vmlinuz-*")
+    return root, vmlinuz.name.removeprefix("vmlinuz-")
+
+
+def module_closure(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
+    """Module files of *wanted* plus their dependencies, dependencies first.
+
+    Dependencies come from each module's ``.modinfo`` ``depends=`` field, so
+    neither depmod nor modinfo is needed on the host.
+    """
+    index: dict[str, Path] = {}
+    for path in modules_dir.rglob("*.ko"):
+        index[path.stem.replace("-", "_")] = path
+
+    def depends(path: Path) -> list[str]:
+        data = path.read_bytes()
+        match = re.search(rb"(?:^|\0)depends=([^\0]*)\0", data)
+        if not match or not match.group(1):
+            return []
+        return [d.decode().replace("-", "_") for d in match.group(1).split(b",")]
+
+    ordered: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        seen.add(key)
+        path = index.get(key)
+        if path is None:
+            return  # built into the kernel
+        for dep in depends(path):
+            visit(dep)
+        ordered.append(path)
+
+    for name in wanted:
+        if name.replace("-", "_") not in index:
+            raise RuntimeError(f"kernel module {name!r} not found in {modules_dir}")
+        visit(name)
+    return ordered
+
+
+def build_rootfs(profile: Profile, *, rebuild: bool = False) -> Path:
+    """The cached mmdebstrap directory for *profile* (built when missing)."""
+    key = rootfs_key(profile)
+    final = cache_root() / "rootfs" / f"{profile.arch}-{key}"
+    with locked(final.with_suffix(".lock")):
+        if final.is_dir() and not rebuild:
+            return final
+        if os.geteuid() != 0:
+            raise PermissionError(
+                "building a guest rootfs needs root (mmdebstrap --mode=root); "
+                "run the same command with sudo"
+            )
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        timings: dict[str, float] = {}
+        with Step(f"mmdebstrap {profile.debian_arch}", timings) as step:
+            argv = [
+                "mmdebstrap",
+                "--quiet",
+                *mmdebstrap_options(profile),
+                host_suite(),
+                str(tmp),
+                str(host_sources()),
+            ]
+            run(argv)
+            step.note = mb(du(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (final.parent / f"{final.name}.json").write_text(
+            json.dumps({"seconds": timings, "bytes": du(final)}, indent=2)
+        )
+        return final
+
+
+def _install(src: Path | bytes, dest: Path, mode: int) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(src, bytes):
+        dest.write_bytes(src)
+    else:
+        shutil.copyfile(src, dest)
+    dest.chmod(mode)
+
+
+def assemble(
+    profile: Profile, rootfs: Path, kernel_root: Path, version: str, root: Path
+) -> None:
+    """Copy the rootfs to *root* and add init, sshd config and kernel modules."""
+    run(["cp", "-a", "--reflink=auto", f"{rootfs}/.", str(root)])
+    _install(RECIPES / "init.sh", root / "sbin/plexilab-init", 0o755)
+    _install(
+        b"#!/bin/sh\n# Ask the PlexiLab init (PID 1) for a clean power-off.\n"
+        b"exec kill -USR2 1\n",
+        root / "sbin/plexilab-poweroff",
+        0o755,
+    )
+    _install(RECIPES / "sshd_config", root / "etc/plexilab/sshd_config", 0o644)
+    mod_src = kernel_root / "lib/modules" / version
+    order = []
+    for path in module_closure(mod_src, kernel_modules()):
+        rel = path.relative_to(kernel_root)
+        _install(path, root / rel, 0o644)
+        order.append("/" + str(rel))
+    _install(("\n".join(order) + "\n").encode(), root / "etc/plexilab/modules.order", 0o644)
+    for node, major, minor in (("console", 5, 1), ("null", 1, 3)):
+        dev = root / "dev" / node
+        if not dev.exists():
+            dev.parent.mkdir(exist_ok=True)
+            os.mknod(dev, 0o600 | 0o020000, os.makedev(major, minor))
+    (root / "etc/hostname").write_text("plexilab\n")
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()  # never ship a host key in the shared base
+
+
+def build_image(arch: str, *, rebuild: bool = False, rebuild_rootfs: bool = False) -> Image:
+    """Build the image of *arch* into the cache (unconditionally)."""
+    from plexilab import setup_host
+
+    setup_host.ensure()
+    profile = load_profile(arch)
+    key = image_key(arch)
+    final = cache_root() / "images" / f"{arch}-{key}"
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    console.rule(f"guest image {arch} ({key})")
+    rootfs = build_rootfs(profile, rebuild=rebuild_rootfs)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"image-{arch}-", dir=final.parent) as t:
+        work = Path(t)
+        with Step("kernel", timings) as step:
+            kernel_root, version = fetch_kernel(profile, work)
+            step.note = version
+        out = work / "out"
+        out.mkdir()
+        shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{version}", out / "vmlinuz")
+        root = work / "root"
+        with Step("assemble rootfs", timings) as step:
+            assemble(profile, rootfs, kernel_root, version, root)
+            step.note = mb(du(root))
+        raw = work / "disk.raw"
+        with Step("mke2fs -d", timings) as step:
+            run(
+                [
+                    "mke2fs", "-q", "-F", "-t", "ext4", "-m", "0", "-L", "plexiroot",
+                    "-d", str(root), str(raw), f"{profile.disk_mib}M",
+                ]
+            )  # fmt: skip
+            step.note = f"{mb(du(raw))} used of {profile.disk_mib} MiB"
+        with Step("qemu-img convert", timings) as step:
+            disk = out / "base.qcow2"
+            run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)])
+            disk.chmod(0o444)  # overlays only: the base is never written
+            step.note = mb(disk.stat().st_size)
+        py = run(
+            ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "python3"]
+        ).stdout.split()
+        manifest: dict[str, object] = {
+            "arch": arch,
+            "key": key,
+            "kernel_version": version,
+            "python3": py[1] if len(py) > 1 else "?",
+            "packages": packages(),
+            "modules": (root / "etc/plexilab/modules.order").read_text().split(),
+            "rootfs_bytes": du(root),
+            "disk_bytes": disk.stat().st_size,
+            "seconds": timings,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        with locked(final.with_suffix(".lock")):
+            if final.exists():
+                shutil.rmtree(final)
+            out.rename(final)
+    console.log(
+        f"image {arch} ready in {time.monotonic() - start:.1f} s: {final} "
+        f"(disk {mb(int(manifest['disk_bytes']))})"  # type: ignore[call-overload]
+    )
+    return _load(arch, key, final)
+
+
+def _load(arch: str, key: str, directory: Path) -> Image:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return Image(
+        arch=arch,
+        key=key,
+        directory=directory,
+        kernel=directory / "vmlinuz",
+        disk=directory / "base.qcow2",
+        manifest=manifest,
+    )
+
+
+def cached(arch: str) -> Image | None:
+    """The cached image of the current recipes, or None."""
+    key = image_key(arch)
+    directory = cache_root() / "images" / f"{arch}-{key}"
+    if (directory / "manifest.json").is_file():
+        return _load(arch, key, directory)
+    return None
+
+
+def image(arch: str, *, rebuild: bool = False) -> Image:
+    """The image of *arch* for the current recipes (built when absent)."""
+    if not rebuild:
+        found = cached(arch)
+        if found is not None:
+            return found
+    return build_image(arch, rebuild=rebuild)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m plexilab.images", description=__doc__)
+    parser.add_argument("--arch", choices=[*ARCHES, "all"], default="all")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the image")
+    parser.add_argument("--rebuild-rootfs", action="store_true", help="re-bootstrap too")
+    args = parser.parse_args(argv)
+    arches = ARCHES if args.arch == "all" else (args.arch,)
+    for arch in arches:
+        if args.rebuild or args.rebuild_rootfs:
+            img = build_image(arch, rebuild=True, rebuild_rootfs=args.rebuild_rootfs)
+        else:
+            img = image(arch)
+        print(json.dumps({"arch": arch, "dir": str(img.directory), **img.manifest}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
