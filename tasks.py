@@ -12,4 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent / "src"))
 
 from invoke.collection import Collection  # noqa: E402
 
+from plexilab.cli.local import local
+
 ns = Collection()
+ns.add_collection(local)

@@ -1,0 +1,1 @@
+"""Load generation, the P2P relay scenario and the loss checker of PlexiChat."""

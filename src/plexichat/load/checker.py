@@ -1,0 +1,228 @@
+"""``plexichat-check``: verify that every acknowledged message is stored exactly once.
+
+Reads the load generator's journal, fetches every journalled channel back
+from its owner (FETCH, paginated; optionally from the replicas too) and
+reports:
+
+* ``lost``: acknowledged messages that the owner does not have;
+* ``duplicated``: acknowledged messages stored more than once on the owner;
+* ``reordered``: pairs of consecutive messages of one sender in one channel
+  whose stored sequence numbers do not increase with the sender's counter;
+* ``seq_mismatch``: messages stored under another sequence number than the
+  one in their ACK (informational);
+* ``replica_missing``: with ``--replicas``, copies missing on replicas.
+
+Exit status: 0 when nothing is lost, duplicated or reordered, 1 otherwise,
+2 on usage or connection errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plexichat.load import journal as jr
+from plexichat.load.client import NodeClient, cluster_view, connect_all
+from plexichat.node.server import parse_address
+from plexichat.routing import Ring
+
+# channel -> list of (seq, msg_id) stored on one node
+Stored = Mapping[int, Sequence[tuple[int, bytes]]]
+
+
+@dataclass
+class CheckResult:
+    acked: int = 0
+    present: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+    seq_mismatch: int = 0
+    channels: int = 0
+    replica_missing: int = 0
+    replicas_checked: bool = False
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and self.reordered == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["ok"] = self.ok
+        return doc
+
+
+def _example(result: CheckResult, kind: str, text: str, limit: int = 5) -> None:
+    bucket = result.examples.setdefault(kind, [])
+    if len(bucket) < limit:
+        bucket.append(text)
+
+
+def check(
+    entries: Iterable[jr.Entry],
+    owner_rows: Stored,
+    replica_rows: Sequence[Stored] = (),
+) -> CheckResult:
+    """Compare journal *entries* with what the owners (and replicas) store."""
+    result = CheckResult(replicas_checked=bool(replica_rows))
+    by_channel: dict[int, list[jr.Entry]] = defaultdict(list)
+    for entry in entries:
+        by_channel[entry.channel].append(entry)
+        result.acked += 1
+    result.channels = len(by_channel)
+    for channel, acked in by_channel.items():
+        occurrences: dict[bytes, list[int]] = defaultdict(list)
+        for seq, msg_id in owner_rows.get(channel, ()):
+            occurrences[msg_id].append(seq)
+        stored_seq: dict[bytes, int] = {}
+        for entry in acked:
+            seqs = occurrences.get(entry.msg_id)
+            if not seqs:
+                result.lost += 1
+                _example(
+                    result,
+                    "lost",
+                    f"{entry.msg_id.hex()} channel {channel} seq {entry.seq}",
+                )
+                continue
+            result.present += 1
+            if len(seqs) > 1:
+                result.duplicated += 1
+                _example(
+                    result, "duplicated", f"{entry.msg_id.hex()} at seqs {sorted(seqs)}"
+                )
+            stored_seq[entry.msg_id] = min(seqs)
+            if entry.seq not in seqs:
+                result.seq_mismatch += 1
+        by_sender: dict[int, list[jr.Entry]] = defaultdict(list)
+        for entry in acked:
+            if entry.msg_id in stored_seq:
+                by_sender[entry.sender].append(entry)
+        for sender, sent in by_sender.items():
+            sent.sort(key=lambda e: e.counter)
+            previous = -1
+            for entry in sent:
+                seq = stored_seq[entry.msg_id]
+                if seq <= previous:
+                    result.reordered += 1
+                    _example(result, "reordered",
+                             f"sender {sender:x} counter {entry.counter} seq {seq} <= {previous}")  # fmt: skip
+                previous = seq
+        for rows in replica_rows:
+            have = {msg_id for _, msg_id in rows.get(channel, ())}
+            result.replica_missing += sum(1 for e in acked if e.msg_id not in have)
+    return result
+
+
+async def _fetch_channels(
+    client: NodeClient, channels: Iterable[int], concurrency: int = 32
+) -> dict[int, list[tuple[int, bytes]]]:
+    out: dict[int, list[tuple[int, bytes]]] = {}
+    queue = list(channels)
+
+    async def worker() -> None:
+        while queue:
+            channel = queue.pop()
+            records = await client.fetch_all(channel)
+            out[channel] = [(r.seq, r.msg_id) for r in records]
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+async def run_check(
+    nodes: list[tuple[str, int]], journal_path: Path, *, replicas: bool = False
+) -> CheckResult:
+    """Fetch what the journal needs from the cluster and check it."""
+    entries = list(jr.read(journal_path))
+    channels = sorted({e.channel for e in entries})
+    clients = await connect_all(nodes)
+    try:
+        live, r, by_id = await cluster_view(clients)
+        ring = Ring(live)
+        r = min(r, len(live))
+        wanted: dict[str, list[int]] = defaultdict(list)  # owner -> channels
+        wanted_replicas: dict[str, list[int]] = defaultdict(list)
+        for channel in channels:
+            owners = ring.owners(channel, r)
+            wanted[owners[0]].append(channel)
+            for replica in owners[1:]:
+                wanted_replicas[replica].append(channel)
+        missing = [n for n in wanted if n not in by_id]
+        if missing:
+            raise RuntimeError(
+                f"owners {missing} are not among the given node addresses"
+            )
+        owner_rows: dict[int, list[tuple[int, bytes]]] = {}
+        fetched = await asyncio.gather(
+            *(_fetch_channels(by_id[n], ch) for n, ch in wanted.items())
+        )
+        for part in fetched:
+            owner_rows.update(part)
+        replica_rows: list[Stored] = []
+        if replicas:
+            parts = await asyncio.gather(
+                *(
+                    _fetch_channels(by_id[n], ch)
+                    for n, ch in wanted_replicas.items()
+                    if n in by_id
+                )
+            )
+            merged: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+            for part in parts:
+                for channel, rows in part.items():
+                    merged[channel] += rows
+            replica_rows = [merged]
+        return check(entries, owner_rows, replica_rows)
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plexichat-check",
+        description="Check a load journal against the cluster: lost, duplicated and "
+        "reordered acknowledged messages.  Exits 1 on any of them.",
+    )
+    parser.add_argument(
+        "--nodes", required=True, help="comma-separated HOST:PORT of the nodes"
+    )
+    parser.add_argument(
+        "--journal", required=True, type=Path, help="journal written by plexichat-load"
+    )
+    parser.add_argument(
+        "--replicas", action="store_true", help="also check the replica copies"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the result as JSON here"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        nodes = [parse_address(n) for n in args.nodes.split(",") if n.strip()]
+        result = asyncio.run(run_check(nodes, args.journal, replicas=args.replicas))
+    except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"plexichat-check: {exc}", file=sys.stderr)
+        return 2
+    doc = result.as_dict()
+    text = json.dumps(doc, indent=2)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""``plexichat-load``: chat load (closed or open loop) or the P2P relay scenario."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from plexichat.load import report
+from plexichat.load.generator import LoadConfig, run_load
+from plexichat.load.p2p import P2PConfig, run_p2p
+from plexichat.node.server import parse_address
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plexichat-load",
+        description="Load a PlexiChat cluster and report Locust-style statistics "
+        "(requests, failures, requests/s, latency percentiles) as JSON and CSV.",
+    )
+    add = parser.add_argument
+    add("--nodes", required=True, help="comma-separated HOST:PORT of the nodes")
+    add("--scenario", choices=("chat", "p2p"), default="chat",
+        help="chat: SEND load with a journal; p2p: RELAY fan-out latency")  # fmt: skip
+    add("--clients", type=int, default=8, help="concurrent clients (senders)")
+    add("--mode", choices=("closed", "open"), default="closed",
+        help="closed: each client keeps --inflight requests; open: --rate msgs/s in total")  # fmt: skip
+    add(
+        "--inflight",
+        type=int,
+        default=64,
+        help="requests in flight per client (closed loop)",
+    )
+    add(
+        "--rate",
+        type=float,
+        default=10_000.0,
+        help="messages per second (open loop, p2p)",
+    )
+    add("--count", type=int, default=100_000, help="stop after this many messages")
+    add("--duration", type=float, default=30.0, help="stop after this many seconds")
+    add("--payload", type=int, default=64, help="payload bytes per message")
+    add("--channels", type=int, default=256, help="number of channels")
+    add("--distribution", choices=("uniform", "zipf"), default="uniform",
+        help="channel popularity")  # fmt: skip
+    add("--zipf-s", type=float, default=1.1, help="Zipf exponent")
+    add("--route", choices=("owner", "any"), default="owner",
+        help="owner: send to the channel owner; any: one node per client (it forwards)")  # fmt: skip
+    add("--journal", type=Path, default=None, help="write acknowledged messages here")
+    add("--timeout", type=float, default=10.0, help="per-request timeout (seconds)")
+    add("--seed", type=int, default=None, help="seed of the channel choice")
+    add("--fanout", type=int, default=2, help="p2p: next hops per node")
+    add("--ttl", type=int, default=16, help="p2p: hop limit")
+    add("--json", type=Path, default=None, help="write the report as JSON here")
+    add("--csv", type=Path, default=None, help="write the Locust-style CSV here")
+    add("--quiet", action="store_true", help="do not print the report")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    nodes = [parse_address(n) for n in args.nodes.split(",") if n.strip()]
+    if not nodes:
+        raise ValueError("--nodes is empty")
+    if args.scenario == "p2p":
+        return await run_p2p(
+            P2PConfig(
+                nodes=nodes, count=min(args.count, 100_000), rate=args.rate,
+                fanout=args.fanout, ttl=args.ttl, payload=args.payload, timeout=args.timeout,
+            )
+        )  # fmt: skip
+    return await run_load(
+        LoadConfig(
+            nodes=nodes, clients=args.clients, mode=args.mode, inflight=args.inflight,
+            rate=args.rate, count=args.count, duration=args.duration, payload=args.payload,
+            channels=args.channels, distribution=args.distribution, zipf_s=args.zipf_s,
+            route=args.route, journal=args.journal, timeout=args.timeout, seed=args.seed,
+        )
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = asyncio.run(_run(args))
+    except (OSError, ValueError, TimeoutError) as exc:
+        print(f"plexichat-load: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    if args.csv is not None and "locust" in result:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        args.csv.write_text(report.to_csv(result["locust"]))
+    if not args.quiet:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

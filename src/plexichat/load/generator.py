@@ -1,0 +1,366 @@
+"""Chat load: N asyncio clients pipelining SENDs to the nodes that own the channels.
+
+Closed loop: every client keeps ``inflight`` SENDs outstanding.  Open loop:
+SENDs are issued at ``rate`` per second in total (latency counts from the
+*intended* send time, so a stalled cluster cannot hide behind a stalled
+generator).  A run stops issuing at ``count`` messages or after ``duration``
+seconds, whichever comes first, then waits for what is in flight.
+
+Every client is one sender with its own message counter; with ``route=owner``
+it holds a connection to every node and sends each message straight to the
+channel's owner (computed with :class:`plexichat.routing.Ring` from the
+cluster view), with ``route=any`` it talks to one node that forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+import random
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from plexichat import accel, wire
+from plexichat.load import report
+from plexichat.load.client import cluster_view, connect_all
+from plexichat.load.journal import JournalWriter
+from plexichat.node import protocol as p
+from plexichat.node.transport import FrameConnection
+from plexichat.routing import Ring, key_of
+from plexichat.stats import Histogram
+
+T = wire.MessageType
+_MID = struct.Struct(">QQ")
+_HELLO = p.encode_json({"version": p.PROTOCOL_VERSION, "role": "client"})
+
+
+@dataclass
+class LoadConfig:
+    """Parameters of one chat load run."""
+
+    nodes: list[tuple[str, int]]
+    clients: int = 8
+    mode: Literal["closed", "open"] = "closed"
+    inflight: int = 64
+    rate: float = 10_000.0
+    count: int = 100_000
+    duration: float = 30.0
+    payload: int = 64
+    channels: int = 256
+    distribution: Literal["uniform", "zipf"] = "uniform"
+    zipf_s: float = 1.1
+    route: Literal["owner", "any"] = "owner"
+    journal: Path | None = None
+    timeout: float = 10.0
+    seed: int | None = None
+    channel_prefix: str = "load"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Conn(FrameConnection):
+    """A load connection: request ids and pending SENDs live on the object."""
+
+    def __init__(self, gen: Generator, index: int) -> None:
+        super().__init__(gen.on_frames, on_close=gen.on_close)
+        self.index = index
+        self.pending: dict[int, tuple[_Client, int, int, bytes, int]] = {}
+        self.rid = 0
+
+
+@dataclass
+class _Client:
+    sender: int
+    conns: list[_Conn]  # per channel index: where this client sends it
+    fallback: list[_Conn]
+    counter: int = 0
+    inflight: int = 0
+
+
+class Generator:
+    """One load run (``await Generator(config).run()``)."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.hist = Histogram()
+        self.latencies: list[int] = []
+        self.sent = 0
+        self.acked = 0
+        self.failures = 0
+        self.errors: dict[str, int] = {}
+        self.stopping = False
+        self.done = asyncio.Event()
+        self.journal: JournalWriter | None = None
+        self.clients: list[_Client] = []
+        self.conns: list[_Conn] = []
+        self.channel_ids = [
+            key_of(f"{config.channel_prefix}-{i}") for i in range(config.channels)
+        ]
+        self.body = os.urandom(config.payload)
+        self._cdf: list[float] | None = None
+        if config.distribution == "zipf":
+            weights = [1.0 / (i + 1) ** config.zipf_s for i in range(config.channels)]
+            total = sum(weights)
+            acc = 0.0
+            self._cdf = []
+            for w in weights:
+                acc += w / total
+                self._cdf.append(acc)
+        self.deadline = 0.0
+        self.started_ns = 0
+        self.last_ack_ns = 0
+
+    # -- channel choice and issuing -----------------------------------------------
+
+    def pick(self) -> int:
+        if self._cdf is None:
+            return int(self.rng.random() * self.config.channels)
+        return min(
+            bisect.bisect_left(self._cdf, self.rng.random()), self.config.channels - 1
+        )
+
+    def issue(self, client: _Client, t0: int = 0) -> bool:
+        """Send one message for *client*; False once the run stops issuing."""
+        if self.stopping or self.sent >= self.config.count:
+            self.stopping = True
+            return False
+        ci = self.pick()
+        conn = client.conns[ci]
+        if conn.closed:
+            alive = [c for c in client.fallback if not c.closed]
+            if not alive:
+                self.stopping = True
+                return False
+            conn = alive[ci % len(alive)]
+        counter = client.counter = client.counter + 1
+        mid = _MID.pack(client.sender, counter)
+        channel = self.channel_ids[ci]
+        rid = conn.rid = (conn.rid % 0xFFFFFFFF) + 1
+        conn.pending[rid] = (
+            client,
+            channel,
+            counter,
+            mid,
+            t0 or time.perf_counter_ns(),
+        )
+        conn.send(
+            T.SEND, rid, p.SEND_HEAD.pack(channel, mid, client.sender) + self.body
+        )
+        client.inflight += 1
+        self.sent += 1
+        return True
+
+    def on_frames(self, conn: FrameConnection, frames: list[wire.Frame]) -> None:
+        assert isinstance(conn, _Conn)
+        now = time.perf_counter_ns()
+        pending = conn.pending
+        journal = self.journal
+        lat = self.latencies
+        closed_loop = self.config.mode == "closed"
+        unpack_ack = p.ACK_BODY.unpack
+        for frame in frames:
+            entry = pending.pop(frame.request_id, None)
+            if entry is None:
+                continue  # WELCOME of the pipelined HELLO
+            client, channel, counter, mid, t0 = entry
+            client.inflight -= 1
+            if frame.type == T.ACK:
+                _, seq = unpack_ack(frame.payload)
+                self.acked += 1
+                lat.append(now - t0)
+                if journal is not None:
+                    journal.add(mid, channel, client.sender, counter, seq)
+            else:
+                self._fail(frame)
+            if closed_loop:
+                self.issue(client)
+        self.last_ack_ns = now
+        if len(lat) >= 8192:
+            self._flush_latencies()
+        self._check_done()
+
+    def _fail(self, frame: wire.Frame | None, reason: str = "") -> None:
+        self.failures += 1
+        if frame is not None:
+            try:
+                code, message = p.decode_error(frame.payload)
+                reason = (
+                    p.ErrorCode(code).name
+                    if code in p.ErrorCode._value2member_map_
+                    else str(code)
+                )
+            except p.ProtocolError:
+                reason = f"type-{frame.type}"
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def on_close(self, conn: FrameConnection, exc: BaseException | None) -> None:
+        assert isinstance(conn, _Conn)
+        pending, conn.pending = conn.pending, {}
+        for client, *_ in pending.values():
+            client.inflight -= 1
+            self._fail(None, "CONNECTION_LOST")
+        if pending and self.config.mode == "closed":
+            for client, *_ in pending.values():
+                self.issue(client)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.stopping and not self.done.is_set():
+            if all(c.inflight <= 0 for c in self.clients):
+                self.done.set()
+
+    def _flush_latencies(self) -> None:
+        if self.latencies:
+            arr = np.asarray(self.latencies, dtype=np.int64) // 1000
+            np.maximum(arr, 1, out=arr)
+            self.hist.record_many(arr)
+            self.latencies.clear()
+
+    # -- set-up and the run ----------------------------------------------------------
+
+    async def _open(self) -> None:
+        config = self.config
+        controls = await connect_all(config.nodes, config.timeout)
+        try:
+            live, _replicas, by_id = await cluster_view(controls)
+            ring = Ring(live)
+            index_of = {c.node_id: i for i, c in enumerate(controls)}
+            owner_index = []
+            for ci, channel in enumerate(self.channel_ids):
+                owner = ring.owners(channel, 1)[0]
+                owner_index.append(index_of.get(owner, ci % len(controls)))
+        finally:
+            for c in controls:
+                await c.close()
+        loop = asyncio.get_running_loop()
+        n_nodes = len(config.nodes)
+        per_client = n_nodes if config.route == "owner" else 1
+        for i in range(config.clients):
+            conns: list[_Conn] = []
+            for k in range(per_client):
+                node = k if config.route == "owner" else i % n_nodes
+                host, port = config.nodes[node]
+                _, conn = await loop.create_connection(
+                    lambda node=node: _Conn(self, node),
+                    host,
+                    port,  # type: ignore[misc]
+                )
+                conn.send(T.HELLO, 0, _HELLO)
+                conns.append(conn)
+                self.conns.append(conn)
+            if config.route == "owner":
+                by_channel = [conns[owner_index[ci]] for ci in range(config.channels)]
+            else:
+                by_channel = [conns[0]] * config.channels
+            sender = int.from_bytes(os.urandom(8), "big") >> 1
+            self.clients.append(_Client(sender, by_channel, conns))
+
+    async def _sweeper(self) -> None:
+        """Fail requests older than the timeout (a lost node must not hang the run)."""
+        timeout_ns = int(self.config.timeout * 1e9)
+        while True:
+            await asyncio.sleep(min(1.0, self.config.timeout / 4))
+            now = time.perf_counter_ns()
+            for conn in self.conns:
+                expired = [
+                    rid for rid, e in conn.pending.items() if now - e[4] > timeout_ns
+                ]
+                for rid in expired:
+                    client = conn.pending.pop(rid)[0]
+                    client.inflight -= 1
+                    self._fail(None, "TIMEOUT")
+                    if self.config.mode == "closed":
+                        self.issue(client)
+            if time.monotonic() >= self.deadline:
+                self.stopping = True
+            self._check_done()
+
+    async def _open_loop(self) -> None:
+        config = self.config
+        rate = config.rate
+        start = time.perf_counter_ns()
+        issued = 0
+        clients = self.clients
+        while not self.stopping:
+            due = min(int((time.perf_counter_ns() - start) * rate / 1e9), config.count)
+            while issued < due:
+                intended = start + int(issued * 1e9 / rate)
+                if not self.issue(clients[issued % len(clients)], intended):
+                    break
+                issued += 1
+            if issued >= config.count:
+                self.stopping = True
+                break
+            await asyncio.sleep(0.001)
+        self._check_done()
+
+    async def run(self) -> dict[str, Any]:
+        """Connect, load, wait for in-flight replies, report."""
+        config = self.config
+        if config.journal is not None:
+            self.journal = JournalWriter(config.journal)
+        await self._open()
+        self.deadline = time.monotonic() + config.duration
+        self.started_ns = time.perf_counter_ns()
+        sweeper = asyncio.create_task(self._sweeper())
+        driver: asyncio.Task[None] | None = None
+        try:
+            if config.mode == "closed":
+                for _ in range(config.inflight):
+                    for client in self.clients:
+                        self.issue(client)
+            else:
+                driver = asyncio.create_task(self._open_loop())
+            remaining = config.duration + config.timeout + 5.0
+            try:
+                await asyncio.wait_for(self.done.wait(), remaining)
+            except TimeoutError:
+                self.stopping = True
+        finally:
+            sweeper.cancel()
+            if driver is not None:
+                driver.cancel()
+            for conn in self.conns:
+                conn.close()
+            if self.journal is not None:
+                self.journal.close()
+        self._flush_latencies()
+        return self.result()
+
+    def result(self) -> dict[str, Any]:
+        config = self.config
+        end = self.last_ack_ns or time.perf_counter_ns()
+        seconds = max(1e-9, (end - self.started_ns) / 1e9)
+        row = report.summary(
+            "chat", self.hist, requests=self.acked + self.failures,
+            failures=self.failures, seconds=seconds, content_size=float(config.payload),
+        )  # fmt: skip
+        pct = row["percentiles_ms"]
+        return {
+            "scenario": "chat",
+            "mode": config.mode,
+            "route": config.route,
+            "clients": config.clients,
+            "nodes": len(config.nodes),
+            "sent": self.sent,
+            "acked": self.acked,
+            "failures": self.failures,
+            "errors": dict(self.errors),
+            "duration_s": round(seconds, 3),
+            "throughput_msgs_per_s": round(self.acked / seconds, 1),
+            "latency_ms": {"p50": pct["50%"], "p99": pct["99%"], "p99.9": pct["99.9%"]},
+            "locust": [row],
+            "journal": str(config.journal) if config.journal else None,
+            "load_backend": accel.summary(),
+        }
+
+
+async def run_load(config: LoadConfig) -> dict[str, Any]:
+    """Run one chat load and return its report."""
+    return await Generator(config).run()

@@ -1,0 +1,135 @@
+"""``plexichat-node``: run one PlexiChat node until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from plexichat.node import logs
+from plexichat.node.membership import GossipConfig
+from plexichat.node.server import Node, NodeConfig, parse_address
+
+log = logging.getLogger("plexichat.node")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plexichat-node",
+        description="Run a PlexiChat chat node (framed TCP protocol, SWIM membership, "
+        "replicated SQLite storage).  Logs JSON lines to stderr.",
+    )
+    add = parser.add_argument
+    add("--node-id", required=True, help="unique id of this node in the cluster")
+    add(
+        "--listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT to listen on (default %(default)s)",
+    )
+    add("--advertise", default=None,
+        help="HOST:PORT that peers use to reach this node (default: the listen address)")  # fmt: skip
+    add(
+        "--seeds", default="", help="comma-separated HOST:PORT of nodes to join through"
+    )
+    add("--data-dir", required=True, type=Path, help="directory of the SQLite database")
+    add("--replicas", type=int, default=2,
+        help="copies of every message before it is acknowledged (default %(default)s)")  # fmt: skip
+    add(
+        "--weight", type=float, default=1.0, help="routing weight (default %(default)s)"
+    )
+    add("--gossip-interval", type=float, default=0.5, help="seconds between probes")
+    add("--ping-timeout", type=float, default=0.3, help="seconds to wait for a PONG")
+    add("--suspect-timeout", type=float, default=2.0,
+        help="seconds a suspect has to refute before it is declared dead")  # fmt: skip
+    add(
+        "--indirect-pings",
+        type=int,
+        default=2,
+        help="members asked to probe indirectly",
+    )
+    add(
+        "--replicate-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for replicas",
+    )
+    add("--read-timeout", type=float, default=10.0,
+        help="close a connection stalled inside a frame for this long")  # fmt: skip
+    add(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        help="close idle client connections",
+    )
+    add(
+        "--max-message",
+        type=int,
+        default=256 * 1024,
+        help="largest message payload (bytes)",
+    )
+    add("--sync", choices=("normal", "full"), default="normal",
+        help="SQLite synchronous mode: normal survives a process crash, full a power loss")  # fmt: skip
+    add("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    listen_host, listen_port = parse_address(args.listen)
+    advertise = parse_address(args.advertise) if args.advertise else (None, None)
+    seeds = [parse_address(s) for s in args.seeds.split(",") if s.strip()]
+    return NodeConfig(
+        node_id=args.node_id,
+        data_dir=args.data_dir,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        advertise_host=advertise[0],
+        advertise_port=advertise[1],
+        seeds=seeds,
+        replicas=args.replicas,
+        weight=args.weight,
+        gossip=GossipConfig(
+            interval=args.gossip_interval,
+            ping_timeout=args.ping_timeout,
+            suspect_timeout=args.suspect_timeout,
+            indirect=args.indirect_pings,
+        ),
+        replicate_timeout=args.replicate_timeout,
+        read_timeout=args.read_timeout,
+        idle_timeout=args.idle_timeout,
+        max_message=args.max_message,
+        synchronous=args.sync,
+    )
+
+
+async def serve(config: NodeConfig) -> None:
+    """Run a node until SIGTERM or SIGINT, then stop it cleanly."""
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await node.start()
+    print(f"ready {node.id} {config.listen_host}:{node.listen_port}", flush=True)
+    await stop.wait()
+    log.info("signal received, stopping", extra={"event": "stopping"})
+    await node.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level, args.node_id)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"plexichat-node: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

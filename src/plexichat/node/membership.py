@@ -1,0 +1,419 @@
+"""SWIM-style membership: probes, indirect probes, suspicion and gossip.
+
+Every ``interval`` seconds a node probes one member (round robin over a
+shuffled list) with PING; without a PONG within ``ping_timeout`` it asks
+``indirect`` other members to probe the target for it (GOSSIP ``ping-req``).
+If nobody reaches the target it becomes *suspect*; a suspect that does not
+refute within ``suspect_timeout`` becomes *dead*.  A member refutes a
+suspicion about itself by raising its incarnation number.  Updates
+``(id, host, port, incarnation, status, weight)`` ride piggyback on every
+PING/PONG (each retransmitted ``~3 log2 n`` times); joins and a periodic
+anti-entropy exchange carry the full table.
+
+Precedence of updates about one member: a higher incarnation wins; with equal
+incarnations ``left > dead > suspect > alive``.  Incarnations start at the
+node's start time in milliseconds, so a restarted node overrides its own
+tombstone without having to learn it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from plexichat.wire import MessageType
+
+Status = Literal["alive", "suspect", "dead", "left"]
+RANK: Final[dict[str, int]] = {"alive": 0, "suspect": 1, "dead": 2, "left": 3}
+LIVE: Final = frozenset({"alive", "suspect"})
+
+log = logging.getLogger("plexichat.node.membership")
+
+
+@dataclass
+class GossipConfig:
+    """Timing of the failure detector (seconds)."""
+
+    interval: float = 0.5
+    ping_timeout: float = 0.3
+    suspect_timeout: float = 2.0
+    indirect: int = 2
+    sync_every: int = 10  # rounds between full-table exchanges
+    max_piggyback: int = 16
+
+
+@dataclass
+class Member:
+    """One row of the membership table."""
+
+    id: str
+    host: str
+    port: int
+    incarnation: int
+    status: Status
+    weight: float = 1.0
+    since: float = 0.0  # monotonic time of the last status change
+
+    def update(self) -> list[Any]:
+        return [
+            self.id,
+            self.host,
+            self.port,
+            self.incarnation,
+            self.status,
+            self.weight,
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "address": f"{self.host}:{self.port}",
+            "incarnation": self.incarnation,
+            "status": self.status,
+            "weight": self.weight,
+        }
+
+
+class GossipTransport(Protocol):
+    """How membership messages reach another node."""
+
+    def gossip_call(
+        self, host: str, port: int, type: int, body: dict[str, Any], timeout: float
+    ) -> Awaitable[dict[str, Any] | None]:
+        """Send PING or GOSSIP; return the reply body, or None on failure."""
+
+
+def parse_update(raw: Any) -> Member | None:
+    """A piggybacked update as a Member, or None when it is malformed."""
+    if not isinstance(raw, list | tuple) or len(raw) != 6:
+        return None
+    node_id, host, port, inc, status, weight = raw
+    if (
+        not isinstance(node_id, str)
+        or not isinstance(host, str)
+        or not isinstance(port, int)
+        or not isinstance(inc, int)
+        or status not in RANK
+        or not isinstance(weight, int | float)
+        or not weight > 0
+    ):
+        return None
+    return Member(node_id, host, port, inc, status, float(weight))
+
+
+class Membership:
+    """The membership table of one node and its failure detector."""
+
+    def __init__(
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        transport: GossipTransport,
+        *,
+        weight: float = 1.0,
+        config: GossipConfig | None = None,
+        on_change: Callable[[], None] | None = None,
+        seeds: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.id = node_id
+        self.config = config or GossipConfig()
+        self.transport = transport
+        self.on_change = on_change
+        self.seeds = [s for s in seeds if s != (host, port)]
+        now = time.monotonic()
+        self.me = Member(
+            node_id, host, port, time.time_ns() // 1_000_000, "alive", weight, now
+        )
+        self.members: dict[str, Member] = {node_id: self.me}
+        self._gossip: dict[str, tuple[list[Any], int]] = {}
+        self._order: list[str] = []
+        self._round = 0
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self.counters = {"pings": 0, "ping_failures": 0, "indirect": 0, "suspected": 0,
+                         "declared_dead": 0, "refuted": 0, "joins": 0}  # fmt: skip
+        self._queue(self.me)
+
+    # -- views --------------------------------------------------------------
+
+    def live(self) -> dict[str, float]:
+        """``{id: weight}`` of alive and suspect members (the routing set)."""
+        return {m.id: m.weight for m in self.members.values() if m.status in LIVE}
+
+    def view(self) -> list[dict[str, Any]]:
+        return [m.as_dict() for m in sorted(self.members.values(), key=lambda m: m.id)]
+
+    def address(self, node_id: str) -> tuple[str, int] | None:
+        member = self.members.get(node_id)
+        return (member.host, member.port) if member is not None else None
+
+    def table(self) -> list[list[Any]]:
+        return [m.update() for m in self.members.values()]
+
+    # -- merging ------------------------------------------------------------
+
+    def _queue(self, member: Member) -> None:
+        self._gossip[member.id] = (member.update(), 0)
+
+    def _retransmit_limit(self) -> int:
+        return 3 * math.ceil(math.log2(len(self.members) + 1)) + 2
+
+    def piggyback(self) -> list[list[Any]]:
+        """Updates to attach to an outgoing message (fewest transmissions first)."""
+        if not self._gossip:
+            return []
+        limit = self._retransmit_limit()
+        chosen = sorted(self._gossip.items(), key=lambda kv: kv[1][1])
+        out: list[list[Any]] = []
+        for node_id, (update, sent) in chosen[: self.config.max_piggyback]:
+            out.append(update)
+            if sent + 1 >= limit:
+                del self._gossip[node_id]
+            else:
+                self._gossip[node_id] = (update, sent + 1)
+        return out
+
+    def merge(self, updates: Any) -> bool:
+        """Apply a list of updates; return True if the routing set changed."""
+        if not isinstance(updates, list):
+            return False
+        before = self.live()
+        for raw in updates:
+            member = parse_update(raw)
+            if member is not None:
+                self._apply(member)
+        changed = self.live() != before
+        if changed and self.on_change is not None:
+            self.on_change()
+        return changed
+
+    def _apply(self, new: Member) -> None:
+        if new.id == self.id:
+            me = self.me
+            if new.incarnation > me.incarnation or (
+                new.incarnation == me.incarnation and new.status != "alive"
+            ):
+                if self._running or new.status != "left":
+                    me.incarnation = new.incarnation + 1
+                    self.counters["refuted"] += 1
+                    self._queue(me)
+            return
+        current = self.members.get(new.id)
+        if current is None:
+            new.since = time.monotonic()
+            self.members[new.id] = new
+            self._queue(new)
+            if new.status in LIVE:
+                log.info("member %s joined at %s:%d", new.id, new.host, new.port)
+            return
+        if new.incarnation < current.incarnation:
+            return
+        if (
+            new.incarnation == current.incarnation
+            and RANK[new.status] <= RANK[current.status]
+        ):
+            return
+        if new.status != current.status:
+            current.since = time.monotonic()
+            log.info("member %s: %s -> %s", new.id, current.status, new.status)
+        current.incarnation = new.incarnation
+        current.status = new.status
+        current.host, current.port, current.weight = new.host, new.port, new.weight
+        self._queue(current)
+
+    def _set_status(self, member: Member, status: Status) -> None:
+        before = self.live()
+        member.status = status
+        member.since = time.monotonic()
+        self._queue(member)
+        log.info(
+            "member %s is %s (incarnation %d)", member.id, status, member.incarnation
+        )
+        if self.live() != before and self.on_change is not None:
+            self.on_change()
+
+    # -- handlers (called by the node for incoming frames) --------------------
+
+    def handle_ping(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.merge(body.get("updates"))
+        return {"from": self.id, "updates": self.piggyback()}
+
+    async def handle_gossip(self, body: dict[str, Any]) -> dict[str, Any]:
+        kind = body.get("kind")
+        if kind == "join":
+            self.counters["joins"] += 1
+            self.merge([body.get("member")])
+            return {"members": self.table()}
+        if kind == "sync":
+            self.merge(body.get("members"))
+            return {"members": self.table()}
+        if kind == "leave":
+            self.merge([body.get("member")])
+            return {"ok": True}
+        if kind == "ping-req":
+            target = self.members.get(str(body.get("target")))
+            if target is None:
+                return {"ok": False}
+            reply = await self._ping(target)
+            return {"ok": reply}
+        raise ValueError(f"unknown gossip kind {kind!r}")
+
+    # -- failure detector -----------------------------------------------------
+
+    async def _ping(self, target: Member) -> bool:
+        self.counters["pings"] += 1
+        body = {"from": self.id, "updates": self.piggyback()}
+        reply = await self.transport.gossip_call(
+            target.host, target.port, MessageType.PING, body, self.config.ping_timeout
+        )
+        if reply is None:
+            self.counters["ping_failures"] += 1
+            return False
+        self.merge(reply.get("updates"))
+        return True
+
+    def _next_target(self) -> Member | None:
+        while self._order:
+            member = self.members.get(self._order.pop())
+            if member is not None and member.status in LIVE and member.id != self.id:
+                return member
+        candidates = [
+            m.id for m in self.members.values() if m.status in LIVE and m.id != self.id
+        ]
+        if not candidates:
+            return None
+        random.shuffle(candidates)
+        self._order = candidates
+        return self.members[self._order.pop()]
+
+    async def probe(self, target: Member) -> None:
+        """One SWIM probe of *target* (direct, then indirect)."""
+        if await self._ping(target):
+            return
+        helpers = [
+            m
+            for m in self.members.values()
+            if m.status == "alive" and m.id not in (self.id, target.id)
+        ]
+        random.shuffle(helpers)
+        helpers = helpers[: self.config.indirect]
+        if helpers:
+            self.counters["indirect"] += 1
+            body = {"kind": "ping-req", "target": target.id}
+            replies = await asyncio.gather(
+                *(
+                    self.transport.gossip_call(
+                        h.host,
+                        h.port,
+                        MessageType.GOSSIP,
+                        body,
+                        self.config.ping_timeout * 2,
+                    )
+                    for h in helpers
+                )
+            )
+            if any(r is not None and r.get("ok") for r in replies):
+                return
+        if target.status == "alive" and self.members.get(target.id) is target:
+            self.counters["suspected"] += 1
+            self._set_status(target, "suspect")
+
+    def expire_suspects(self) -> None:
+        now = time.monotonic()
+        for member in list(self.members.values()):
+            if (
+                member.status == "suspect"
+                and now - member.since >= self.config.suspect_timeout
+            ):
+                self.counters["declared_dead"] += 1
+                self._set_status(member, "dead")
+
+    async def join(self) -> bool:
+        """Contact seeds (and known members) until one answers with its table."""
+        targets = list(self.seeds)
+        targets += [(m.host, m.port) for m in self.members.values() if m.id != self.id]
+        body = {"kind": "join", "member": self.me.update()}
+        joined = False
+        for host, port in dict.fromkeys(targets):
+            reply = await self.transport.gossip_call(
+                host, port, MessageType.GOSSIP, body, self.config.ping_timeout * 3
+            )
+            if reply is not None:
+                self.merge(reply.get("members"))
+                joined = True
+        return joined
+
+    async def sync(self) -> None:
+        """Anti-entropy: exchange full tables with one random live member."""
+        peers = [
+            m for m in self.members.values() if m.status in LIVE and m.id != self.id
+        ]
+        if not peers:
+            return
+        peer = random.choice(peers)
+        reply = await self.transport.gossip_call(
+            peer.host, peer.port, MessageType.GOSSIP,
+            {"kind": "sync", "members": self.table()}, self.config.ping_timeout * 3,
+        )  # fmt: skip
+        if reply is not None:
+            self.merge(reply.get("members"))
+
+    async def _run(self) -> None:
+        config = self.config
+        while self._running:
+            started = time.monotonic()
+            try:
+                if len(self.live()) <= 1:
+                    await self.join()
+                else:
+                    target = self._next_target()
+                    if target is not None:
+                        await self.probe(target)
+                    self._round += 1
+                    if self._round % config.sync_every == 0:
+                        await self.sync()
+                self.expire_suspects()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the detector die
+                log.exception("membership round failed")
+            await asyncio.sleep(
+                max(0.0, config.interval - (time.monotonic() - started))
+            )
+
+    def start(self) -> None:
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name=f"swim-{self.id}")
+
+    async def stop(self, *, leave: bool = True, timeout: float = 1.0) -> None:
+        """Stop probing; with *leave*, tell every live member that we left."""
+        self._running = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not leave:
+            return
+        self.me.incarnation += 1
+        self.me.status = "left"
+        body = {"kind": "leave", "member": self.me.update()}
+        peers = [
+            m for m in self.members.values() if m.status in LIVE and m.id != self.id
+        ]
+        await asyncio.gather(
+            *(
+                self.transport.gossip_call(
+                    m.host, m.port, MessageType.GOSSIP, body, timeout
+                )
+                for m in peers
+            )
+        )

@@ -1,0 +1,973 @@
+"""The PlexiChat node: framed TCP server, sharding, replication, handoff, relay.
+
+Write path (owner): SEND frames that arrive in one event-loop turn form a
+batch.  The owner assigns per-channel sequence numbers, queues the batch to
+the group-committing :class:`~plexichat.node.storage.Storage` and sends one
+REPLICATE frame per replica; the ACKs go out (in one write per connection)
+once the local commit and every replica's REPLICATE_ACK are in.  A SEND that
+reaches a node which does not own the channel is forwarded to the owner and
+the owner's reply is relayed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from plexichat import accel, wire
+from plexichat.cache import LRUCache
+from plexichat.node import protocol as p
+from plexichat.node.membership import GossipConfig, Membership
+from plexichat.node.storage import Storage, Synchronous
+from plexichat.node.transport import ConnectionLost, FrameConnection, Link, RemoteError
+from plexichat.routing import Ring
+from plexichat.stats import Histogram
+
+log = logging.getLogger("plexichat.node")
+T = wire.MessageType
+HISTOGRAMS: Final = ("send", "forward", "replicate", "fetch", "relay")
+CHUNK_BYTES: Final = 512 * 1024
+
+SendItem = tuple[FrameConnection, int, int, bytes, int, bytes, int, tuple[str, ...]]
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node needs to run (see ``plexichat-node --help``)."""
+
+    node_id: str
+    data_dir: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    advertise_host: str | None = None
+    advertise_port: int | None = None
+    seeds: list[tuple[str, int]] = field(default_factory=list)
+    replicas: int = 2
+    weight: float = 1.0
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    replicate_timeout: float = 5.0
+    forward_timeout: float = 5.0
+    sync_timeout: float = 1.0
+    read_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_frame: int = wire.MAX_PAYLOAD
+    max_message: int = 256 * 1024
+    synchronous: Synchronous = "normal"
+    cache_capacity: int = 65536
+    handoff_batch: int = 512
+    fetch_limit: int = 1000
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) as a tuple."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _micros(elapsed_ns: Iterable[int]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    arr = np.fromiter(elapsed_ns, dtype=np.int64)
+    arr //= 1000
+    np.maximum(arr, 1, out=arr)
+    return arr
+
+
+class _WriteGroup:
+    """One owner batch waiting for its local commit and replica acks."""
+
+    __slots__ = (
+        "corrections",
+        "finished",
+        "node",
+        "parts",
+        "records",
+        "timer",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        node: Node,
+        records: list[p.Record],
+        waiters: list[tuple[FrameConnection, int, int]],
+        parts: int,
+    ) -> None:
+        self.node = node
+        self.records = records
+        self.waiters = waiters
+        self.parts = parts
+        self.finished = False
+        self.corrections: dict[int, int] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def local_done(
+        self, inserted: int, corrections: dict[int, int], error: BaseException | None
+    ) -> None:
+        if error is not None:
+            self.fail(p.ErrorCode.INTERNAL, f"storage: {error}")
+            return
+        if corrections:
+            self.corrections = corrections
+        self._part_done()
+
+    def replica_done(
+        self, frame: wire.Frame | None, error: BaseException | None
+    ) -> None:
+        if error is not None or frame is None:
+            self.fail(p.ErrorCode.UNAVAILABLE, f"replica: {error}")
+        elif frame.type != T.REPLICATE_ACK:
+            self.fail(p.ErrorCode.UNAVAILABLE, "replica refused the write")
+        else:
+            self._part_done()
+
+    def _part_done(self) -> None:
+        self.parts -= 1
+        if self.parts == 0 and not self.finished:
+            self.finish()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        node = self.node
+        recent_put = node.recent.put
+        corrections = self.corrections
+        ack_pack = p.ACK_BODY.pack
+        records = self.records
+        now = time.perf_counter_ns()
+        for index, (conn, rid, _t0) in enumerate(self.waiters):
+            rec = records[index]
+            seq = corrections.get(index, rec.seq) if corrections else rec.seq
+            conn.send(T.ACK, rid, ack_pack(rec.channel, seq))
+            recent_put(rec.msg_id, (rec.channel, seq))
+        node.counters["acked"] += len(self.waiters)
+        node.hist["send"].record_many(_micros(now - w[2] for w in self.waiters))
+        if node.subscribers:
+            node.deliver(records)
+
+    def fail(self, code: int, message: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.node.counters["send_failed"] += len(self.waiters)
+        for conn, rid, _t0 in self.waiters:
+            conn.send_error(rid, code, message)
+
+    def expire(self) -> None:
+        self.timer = None
+        self.fail(p.ErrorCode.TIMEOUT, "replication timed out")
+
+
+class Node:
+    """One PlexiChat node (start with :meth:`start`, stop with :meth:`stop`)."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        if config.replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        self.config = config
+        self.id = config.node_id
+        self.storage = Storage(
+            Path(config.data_dir) / "messages.sqlite3", config.synchronous
+        )
+        self.membership: Membership | None = None
+        self.ring: Ring | None = None
+        self.ring_members: dict[str, float] = {}
+        self.epoch = 0
+        capacity = config.cache_capacity
+        self.owner_cache = LRUCache(capacity)
+        self.recent = LRUCache(capacity)
+        self.relay_seen = LRUCache(capacity)
+        self.last_seq: dict[int, int] = {}
+        self.synced: dict[int, int] = {}
+        self.gates: dict[int, list[SendItem]] = {}
+        self.links: dict[tuple[str, int], Link] = {}
+        self.conns: set[FrameConnection] = set()
+        self.subscribers: dict[int, set[FrameConnection]] = {}
+        self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("acked", "send_failed", "sends", "forwarded", "dedup_hits", "replicated",
+             "replicate_frames", "fetches", "relays", "relay_dups", "relay_forwarded",
+             "errors_sent", "bad_frames", "unknown_ops", "timeouts_closed",
+             "handoff_sent", "handoff_received", "handoffs", "syncs", "delivered",
+             "connections"), 0)  # fmt: skip
+        self.advertise: tuple[str, int] = ("", 0)
+        self.ready = asyncio.Event()
+        self.started = time.monotonic()
+        self._server: asyncio.Server | None = None
+        self._sends: list[SendItem] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handoff_queue: asyncio.Queue[tuple[Ring, Ring]] = asyncio.Queue()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handlers: dict[int, Callable[[FrameConnection, int, bytes], None]] = {
+            T.HELLO: self._on_hello,
+            T.REPLICATE: self._on_replicate,
+            T.FETCH: self._on_fetch,
+            T.SUBSCRIBE: self._on_subscribe,
+            T.RELAY: self._on_relay,
+            T.STATS: self._on_stats,
+            T.GOSSIP: self._on_gossip,
+            T.HANDOFF: self._on_handoff,
+            T.PING: self._on_ping,
+        }
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open storage, listen, join the cluster."""
+        config = self.config
+        self._loop = asyncio.get_running_loop()
+        self.last_seq = self.storage.open()
+        self.storage.start(self._loop)
+        self._server = await self._loop.create_server(
+            self._new_connection, config.listen_host, config.listen_port,
+            reuse_address=True, backlog=1024,
+        )  # fmt: skip
+        port = self._server.sockets[0].getsockname()[1]
+        self.listen_port = int(port)
+        self.advertise = (
+            config.advertise_host or config.listen_host,
+            config.advertise_port or self.listen_port,
+        )
+        self.membership = Membership(
+            self.id, self.advertise[0], self.advertise[1], self,
+            weight=config.weight, config=config.gossip,
+            on_change=self._membership_changed, seeds=config.seeds,
+        )  # fmt: skip
+        self._membership_changed()
+        self.membership.start()
+        self._spawn(self._sweeper(), "sweeper")
+        self._spawn(self._handoff_worker(), "handoff")
+        self.started = time.monotonic()
+        self.ready.set()
+        log.info(
+            "ready",
+            extra={
+                "event": "ready",
+                "listen": f"{config.listen_host}:{self.listen_port}",
+                "advertise": f"{self.advertise[0]}:{self.advertise[1]}",
+                "backend": accel.summary(),
+                "channels": len(self.last_seq),
+                "pid": os.getpid(),
+            },
+        )
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Leave the cluster, close connections, flush storage."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.membership is not None:
+            await self.membership.stop(leave=leave)
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._sends:
+            self._flush_sends()
+        for conn in list(self.conns):
+            conn.close()
+        for link in self.links.values():
+            link.close()
+        await self.storage.close()
+        log.info("stopped", extra={"event": "stopped"})
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- connections ------------------------------------------------------------
+
+    def _new_connection(self) -> FrameConnection:
+        conn = FrameConnection(
+            self._on_frames,
+            max_payload=self.config.max_frame,
+            on_wire_error=self._on_wire_error,
+            on_close=self._on_close,
+        )
+        self.conns.add(conn)
+        self.counters["connections"] += 1
+        return conn
+
+    def _on_close(self, conn: FrameConnection, exc: BaseException | None) -> None:
+        self.conns.discard(conn)
+        for channel in conn.data.get("subs", ()):
+            subs = self.subscribers.get(channel)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self.subscribers[channel]
+
+    def _on_wire_error(self, conn: FrameConnection, exc: wire.WireError) -> None:
+        self.counters["bad_frames"] += 1
+        log.warning(
+            "bad frame from %s: %s", conn.peername, exc,
+            extra={"event": "bad_frame", "peer": conn.peername, "reason": exc.reason},
+        )  # fmt: skip
+        self._error(conn, 0, p.ErrorCode.MALFORMED, f"{exc.reason}: {exc}")
+
+    def _error(self, conn: FrameConnection, rid: int, code: int, message: str) -> None:
+        self.counters["errors_sent"] += 1
+        conn.send_error(rid, code, message)
+
+    def _on_frames(self, conn: FrameConnection, frames: list[wire.Frame]) -> None:
+        now = time.perf_counter_ns()
+        handlers = self._handlers
+        for frame in frames:
+            ftype = frame.type
+            if ftype == T.SEND:
+                self._on_send(conn, frame.request_id, frame.payload, now)
+                continue
+            handler = handlers.get(ftype)
+            if handler is None:
+                if ftype != T.ERROR:  # never answer an error with an error
+                    self.counters["unknown_ops"] += 1
+                    self._error(conn, frame.request_id, p.ErrorCode.UNKNOWN_OP,
+                                f"operation {ftype} not accepted")  # fmt: skip
+                continue
+            try:
+                handler(conn, frame.request_id, frame.payload)
+            except (p.ProtocolError, ValueError, TypeError) as exc:
+                self._error(conn, frame.request_id, p.ErrorCode.MALFORMED, str(exc))
+
+    async def _sweeper(self) -> None:
+        """Close connections that stall inside a frame or stay idle too long."""
+        config = self.config
+        period = max(0.05, min(1.0, config.read_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.conns):
+                idle = now - conn.last_rx
+                if conn.decoder.pending and idle > config.read_timeout:
+                    self.counters["timeouts_closed"] += 1
+                    log.warning(
+                        "closing %s: partial frame stalled for %.1fs", conn.peername, idle,
+                        extra={"event": "read_timeout", "peer": conn.peername},
+                    )  # fmt: skip
+                    self._error(
+                        conn, 0, p.ErrorCode.TIMEOUT, "read timeout inside a frame"
+                    )
+                    conn.close()
+                elif idle > config.idle_timeout and not conn.data.get("subs"):
+                    log.info("closing idle connection %s", conn.peername)
+                    conn.close()
+
+    # -- membership and ring ------------------------------------------------------
+
+    def _membership_changed(self) -> None:
+        assert self.membership is not None
+        live = self.membership.live()
+        if live == self.ring_members:
+            return
+        old = self.ring
+        self.ring = Ring(live)
+        self.ring_members = dict(live)
+        self.epoch += 1
+        self.owner_cache.clear()
+        log.info(
+            "ring changed",
+            extra={"event": "ring", "members": sorted(live), "epoch": self.epoch},
+        )
+        if old is not None:
+            self._handoff_queue.put_nowait((old, self.ring))
+
+    def owners(self, channel: int) -> tuple[str, ...] | None:
+        """Owner first, then replicas; None while fewer nodes than ``replicas`` live."""
+        cached: tuple[str, ...] | None = self.owner_cache.get(channel)
+        if cached is not None:
+            return cached
+        ring = self.ring
+        replicas = self.config.replicas
+        if ring is None or len(self.ring_members) < replicas:
+            return None
+        result = tuple(ring.owners(channel, replicas))
+        self.owner_cache.put(channel, result)
+        return result
+
+    async def gossip_call(
+        self, host: str, port: int, type: int, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any] | None:
+        """GossipTransport: one PING/GOSSIP round trip, None on any failure."""
+        if self._stopping and body.get("kind") != "leave":
+            return None
+        link = self._link((host, port))
+        try:
+            frame = await link.call(type, p.encode_json(body), timeout)
+            return p.decode_json(frame.payload)
+        except (OSError, TimeoutError, RemoteError, p.ProtocolError, ConnectionLost):
+            return None
+
+    def _link(self, address: tuple[str, int]) -> Link:
+        link = self.links.get(address)
+        if link is None or link.closed:
+            hello = p.encode_json(
+                {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": self.id}
+            )
+            link = Link(
+                address[0], address[1], max_payload=self.config.max_frame, hello=hello
+            )
+            self.links[address] = link
+        return link
+
+    def _peer_request(
+        self,
+        node_id: str,
+        type: int,
+        payload: bytes,
+        callback: Callable[[wire.Frame | None, BaseException | None], None],
+    ) -> None:
+        """Send a request to a member by id (connecting first if needed)."""
+        assert self.membership is not None
+        address = self.membership.address(node_id)
+        if address is None:
+            callback(None, ConnectionLost(f"unknown member {node_id}"))
+            return
+        link = self._link(address)
+        if link.connected:
+            link.request(type, payload, callback)
+            return
+
+        async def connect_then_send() -> None:
+            try:
+                await link.connect(self.config.forward_timeout)
+            except (OSError, TimeoutError, ConnectionLost) as exc:
+                callback(None, exc)
+                return
+            link.request(type, payload, callback)
+
+        self._spawn(connect_then_send(), f"connect-{node_id}")
+
+    # -- SEND ---------------------------------------------------------------------
+
+    def _on_send(
+        self, conn: FrameConnection, rid: int, payload: bytes, now: int
+    ) -> None:
+        if len(payload) < p.SEND_HEAD.size:
+            self._error(conn, rid, p.ErrorCode.MALFORMED, "SEND body too short")
+            return
+        if len(payload) - p.SEND_HEAD.size > self.config.max_message:
+            self._error(conn, rid, p.ErrorCode.TOO_LARGE,
+                        f"message above {self.config.max_message} bytes")  # fmt: skip
+            return
+        if self._stopping:
+            self._error(conn, rid, p.ErrorCode.SHUTTING_DOWN, "node is stopping")
+            return
+        channel, msg_id, sender = p.SEND_HEAD.unpack_from(payload)
+        owners = self.owners(channel)
+        if owners is None:
+            self._error(conn, rid, p.ErrorCode.UNAVAILABLE,
+                        f"{len(self.ring_members)} live nodes < replicas {self.config.replicas}")  # fmt: skip
+            return
+        if owners[0] != self.id:
+            if conn.role == "peer":
+                self._error(
+                    conn,
+                    rid,
+                    p.ErrorCode.NOT_OWNER,
+                    f"{self.id} does not own {channel}",
+                )
+            else:
+                self._forward(conn, rid, payload, owners[0], now)
+            return
+        self._sends.append((conn, rid, channel, msg_id, sender, payload, now, owners))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_sends)
+
+    def _forward(
+        self, conn: FrameConnection, rid: int, payload: bytes, owner: str, t0: int
+    ) -> None:
+        self.counters["forwarded"] += 1
+        assert self._loop is not None
+        state: dict[str, Any] = {}
+
+        def done(frame: wire.Frame | None, error: BaseException | None) -> None:
+            if state.get("done"):
+                return
+            state["done"] = True
+            timer = state.get("timer")
+            if timer is not None:
+                timer.cancel()
+            if frame is None:
+                self._error(
+                    conn, rid, p.ErrorCode.UNAVAILABLE, f"forward to {owner}: {error}"
+                )
+                return
+            conn.send(frame.type, rid, frame.payload)
+            if frame.type == T.ACK:
+                elapsed = max(1, (time.perf_counter_ns() - t0) // 1000)
+                self.hist["forward"].record(elapsed)
+
+        state["timer"] = self._loop.call_later(
+            self.config.forward_timeout,
+            done,
+            None,
+            TimeoutError("owner did not answer"),
+        )
+        self._peer_request(owner, T.SEND, payload, done)
+
+    def _flush_sends(self) -> None:
+        self._flush_scheduled = False
+        batch, self._sends = self._sends, []
+        if not batch:
+            return
+        epoch = self.epoch
+        synced = self.synced
+        gates = self.gates
+        last_seq = self.last_seq
+        recent_get = self.recent.get
+        ack_pack = p.ACK_BODY.pack
+        ts = time.time_ns() // 1000
+        head = p.SEND_HEAD.size
+        single = len(self.ring_members) <= 1
+        records: list[p.Record] = []
+        waiters: list[tuple[FrameConnection, int, int]] = []
+        by_replica: dict[str, list[p.Record]] = {}
+        self.counters["sends"] += len(batch)
+        for item in batch:
+            conn, rid, channel, msg_id, sender, payload, t0, owners = item
+            hit = recent_get(msg_id)
+            if hit is not None:
+                self.counters["dedup_hits"] += 1
+                conn.send(T.ACK, rid, ack_pack(hit[0], hit[1]))
+                continue
+            gate = gates.get(channel)
+            if gate is not None:
+                gate.append(item)
+                continue
+            if synced.get(channel) != epoch:
+                if single:
+                    synced[channel] = epoch
+                else:
+                    gates[channel] = [item]
+                    self._spawn(self._sync_channel(channel, epoch), "sync")
+                    continue
+            seq = last_seq.get(channel, 0) + 1
+            last_seq[channel] = seq
+            rec = p.Record(channel, seq, msg_id, sender, ts, payload[head:])
+            records.append(rec)
+            waiters.append((conn, rid, t0))
+            for replica in owners[1:]:
+                lst = by_replica.get(replica)
+                if lst is None:
+                    by_replica[replica] = [rec]
+                else:
+                    lst.append(rec)
+        if not records:
+            return
+        chunks = [(r, c) for r, recs in by_replica.items() for c in self._chunks(recs)]
+        group = _WriteGroup(self, records, waiters, 1 + len(chunks))
+        assert self._loop is not None
+        group.timer = self._loop.call_later(self.config.replicate_timeout, group.expire)
+        self.storage.insert(records, group.local_done)
+        for replica, chunk in chunks:
+            self.counters["replicate_frames"] += 1
+            self._peer_request(
+                replica, T.REPLICATE, p.encode_records(chunk), group.replica_done
+            )
+
+    @staticmethod
+    def _chunks(records: list[p.Record]) -> Iterable[list[p.Record]]:
+        size = 0
+        chunk: list[p.Record] = []
+        for rec in records:
+            chunk.append(rec)
+            size += p.REPLICA_RECORD.size + len(rec.payload)
+            if size >= CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    async def _sync_channel(self, channel: int, epoch: int) -> None:
+        """Learn the channel's last sequence from every live peer before writing."""
+        self.counters["syncs"] += 1
+        peers = [n for n in self.ring_members if n != self.id]
+        body = p.encode_handoff_pull(channel)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[wire.Frame | None]] = []
+        for peer in peers:
+            future: asyncio.Future[wire.Frame | None] = loop.create_future()
+
+            def done(
+                frame: wire.Frame | None,
+                error: BaseException | None,
+                future: asyncio.Future[wire.Frame | None] = future,
+            ) -> None:
+                if not future.done():
+                    future.set_result(frame)
+
+            futures.append(future)
+            self._peer_request(peer, T.HANDOFF, body, done)
+        best = self.last_seq.get(channel, 0)
+        if futures:
+            done_set, _ = await asyncio.wait(futures, timeout=self.config.sync_timeout)
+            for fut in done_set:
+                frame = fut.result()
+                if frame is not None and frame.type == T.HANDOFF:
+                    with contextlib.suppress(p.ProtocolError):
+                        kind, _, last, _ = p.decode_handoff(frame.payload)
+                        if kind is p.HandoffKind.SEQ:
+                            best = max(best, last)
+        if best > self.last_seq.get(channel, 0):
+            self.last_seq[channel] = best
+        self.synced[channel] = epoch
+        pending = self.gates.pop(channel, [])
+        if pending:
+            self._sends = pending + self._sends
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_sends)
+
+    # -- replication, delivery ------------------------------------------------------
+
+    def _note_records(self, records: list[p.Record]) -> None:
+        last_seq = self.last_seq
+        for rec in records:
+            if rec.seq > last_seq.get(rec.channel, 0):
+                last_seq[rec.channel] = rec.seq
+
+    def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        records = p.decode_records(payload)
+        self._note_records(records)
+        t0 = time.perf_counter_ns()
+
+        def done(
+            inserted: int, corrections: dict[int, int], error: BaseException | None
+        ) -> None:
+            if error is not None:
+                self._error(conn, rid, p.ErrorCode.INTERNAL, f"storage: {error}")
+                return
+            self.counters["replicated"] += len(records)
+            conn.send(
+                T.REPLICATE_ACK, rid, p.encode_replicate_ack(len(records), inserted)
+            )
+            self.hist["replicate"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
+            if self.subscribers:
+                self.deliver(records)
+
+        self.storage.insert(records, done)
+
+    def deliver(self, records: Iterable[p.Record]) -> None:
+        """Push committed records to this node's subscribers of their channels."""
+        subscribers = self.subscribers
+        for rec in records:
+            conns = subscribers.get(rec.channel)
+            if conns:
+                body = p.encode_deliver(rec)
+                for conn in conns:
+                    conn.send(T.DELIVER, 0, body)
+                    self.counters["delivered"] += 1
+
+    def _on_subscribe(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        channel = p.decode_channel(payload)
+        self.subscribers.setdefault(channel, set()).add(conn)
+        conn.data.setdefault("subs", set()).add(channel)
+        conn.send(T.ACK, rid, p.encode_ack(channel, self.last_seq.get(channel, 0)))
+
+    # -- FETCH --------------------------------------------------------------------
+
+    def _on_fetch(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        channel, after, limit = p.decode_fetch(payload)
+        limit = max(1, min(limit, self.config.fetch_limit))
+        self.counters["fetches"] += 1
+        self._spawn(self._fetch(conn, rid, channel, after, limit), "fetch")
+
+    async def _fetch(
+        self, conn: FrameConnection, rid: int, channel: int, after: int, limit: int
+    ) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            rows = await self.storage.fetch(channel, after, limit + 1)
+        except Exception as exc:
+            self._error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
+            return
+        more = len(rows) > limit
+        rows = rows[:limit]
+        budget = self.config.max_frame - 4096
+        size = 0
+        for index, rec in enumerate(rows):
+            size += p.MESSAGE_RECORD.size + len(rec.payload)
+            if size > budget:
+                rows, more = rows[: max(1, index)], True
+                break
+        conn.send(T.MESSAGES, rid, p.encode_messages(channel, rows, more))
+        self.hist["fetch"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
+
+    # -- RELAY (P2P fan-out) ----------------------------------------------------------
+
+    def relay_children(self, root: str, fanout: int) -> list[str]:
+        """Next hops of this node in the *fanout*-ary tree rooted at *root*."""
+        ids = sorted(self.ring_members)
+        if root not in ids or self.id not in ids or fanout < 1:
+            return []
+        start = ids.index(root)
+        order = ids[start:] + ids[:start]
+        me = order.index(self.id)
+        first = me * fanout + 1
+        return order[first : first + fanout]
+
+    def _on_relay(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        relay = p.decode_relay(payload)
+        injected = not relay.root
+        if injected:
+            conn.send(T.ACK, rid, p.encode_ack(0, relay.relay_id))
+        if relay.relay_id in self.relay_seen:
+            self.counters["relay_dups"] += 1
+            return
+        self.relay_seen.put(relay.relay_id, True)
+        self.counters["relays"] += 1
+        root = self.id if injected else relay.root
+        if not injected:
+            elapsed = (time.time_ns() - relay.sent_ns) // 1000
+            self.hist["relay"].record(max(1, elapsed))
+        if relay.ttl == 0:
+            return
+        body = p.encode_relay(
+            p.Relay(
+                relay.relay_id,
+                relay.sent_ns,
+                relay.ttl - 1,
+                relay.fanout,
+                root,
+                relay.payload,
+            )
+        )
+        assert self.membership is not None
+        for child in self.relay_children(root, relay.fanout):
+            address = self.membership.address(child)
+            if address is None:
+                continue
+            self.counters["relay_forwarded"] += 1
+            link = self._link(address)
+            if link.connected:
+                link.post(T.RELAY, body)
+            else:
+                self._spawn(self._post_later(link, body), "relay")
+
+    async def _post_later(self, link: Link, body: bytes) -> None:
+        with contextlib.suppress(OSError, TimeoutError, ConnectionLost):
+            await link.connect(self.config.forward_timeout)
+            link.post(T.RELAY, body)
+
+    # -- control ops --------------------------------------------------------------------
+
+    def _on_hello(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        body = p.decode_json(payload)
+        version = body.get("version")
+        if version != p.PROTOCOL_VERSION:
+            self._error(conn, rid, p.ErrorCode.BAD_VERSION,
+                        f"protocol version {version!r} not supported (want {p.PROTOCOL_VERSION})")  # fmt: skip
+            conn.close()
+            return
+        if body.get("role") == "peer":
+            conn.role = "peer"
+            conn.peer_id = str(body.get("node_id", ""))
+        conn.send(T.WELCOME, rid, p.encode_json(self._welcome()))
+
+    def _welcome(self) -> dict[str, Any]:
+        return {
+            "version": p.PROTOCOL_VERSION,
+            "node_id": self.id,
+            "address": f"{self.advertise[0]}:{self.advertise[1]}",
+            "replicas": self.config.replicas,
+            "backend": accel.summary(),
+        }
+
+    def _on_ping(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        body = p.decode_json(payload)
+        if body and self.membership is not None and not self._stopping:
+            conn.send(T.PONG, rid, p.encode_json(self.membership.handle_ping(body)))
+        else:
+            conn.send(T.PONG, rid, b"")
+
+    def _on_gossip(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        body = p.decode_json(payload)
+
+        async def run() -> None:
+            assert self.membership is not None
+            try:
+                reply = await self.membership.handle_gossip(body)
+            except ValueError as exc:
+                self._error(conn, rid, p.ErrorCode.MALFORMED, str(exc))
+                return
+            conn.send(T.GOSSIP, rid, p.encode_json(reply))
+
+        self._spawn(run(), "gossip")
+
+    def _on_handoff(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        kind, channel, _last, records = p.decode_handoff(payload)
+        if kind is p.HandoffKind.PULL:
+            conn.send(
+                T.HANDOFF,
+                rid,
+                p.encode_handoff_seq(channel, self.last_seq.get(channel, 0)),
+            )
+            return
+        if kind is p.HandoffKind.SEQ:
+            raise p.ProtocolError("HANDOFF SEQ is a reply, not a request")
+        self._note_records(records)
+
+        def done(
+            inserted: int, corrections: dict[int, int], error: BaseException | None
+        ) -> None:
+            if error is not None:
+                self._error(conn, rid, p.ErrorCode.INTERNAL, f"storage: {error}")
+                return
+            self.counters["handoff_received"] += inserted
+            conn.send(
+                T.REPLICATE_ACK, rid, p.encode_replicate_ack(len(records), inserted)
+            )
+
+        self.storage.insert(records, done)
+
+    def info(self) -> dict[str, Any]:
+        """The JSON part of STATS_REPLY."""
+        assert self.membership is not None
+        return {
+            "node_id": self.id,
+            "address": f"{self.advertise[0]}:{self.advertise[1]}",
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "version": p.PROTOCOL_VERSION,
+            "backend": accel.summary(),
+            "backends": {name: accel.active(name) for name in accel.FAMILIES},
+            "replicas": self.config.replicas,
+            "epoch": self.epoch,
+            "members": self.membership.view(),
+            "ring": sorted(self.ring_members),
+            "incarnation": self.membership.me.incarnation,
+            "counters": dict(self.counters),
+            "gossip": dict(self.membership.counters),
+            "storage": {
+                "commits": self.storage.stats.commits,
+                "rows_inserted": self.storage.stats.rows_inserted,
+                "rows_ignored": self.storage.stats.rows_ignored,
+                "largest_group": self.storage.stats.largest_group,
+                "errors": self.storage.stats.errors,
+                "channels": len(self.last_seq),
+            },
+            "caches": {
+                "owners": self.owner_cache.stats(),
+                "recent": self.recent.stats(),
+                "relay_seen": self.relay_seen.stats(),
+            },
+            "connections": len(self.conns),
+        }
+
+    def _on_stats(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        body = p.decode_json(payload)
+        blobs = {name: hist.to_bytes() for name, hist in self.hist.items()}
+        conn.send(T.STATS_REPLY, rid, p.encode_stats_reply(self.info(), blobs))
+        reset = body.get("reset") or []
+        if isinstance(reset, list):
+            for name in reset:
+                if name in self.hist:
+                    self.hist[name] = Histogram()
+
+    # -- handoff on membership change ---------------------------------------------------
+
+    def _moves(
+        self, old: Ring, new: Ring, channels: list[int]
+    ) -> list[tuple[int, tuple[str, ...], tuple[str, ...]]]:
+        replicas = self.config.replicas
+        n_old, n_new = len(old.node_ids), len(new.node_ids)
+        if n_old == 0 or n_new == 0:
+            return []
+        if min(n_old, n_new) >= replicas:
+            return [
+                (m.key, tuple(m.old), tuple(m.new))
+                for m in old.moves(new, channels, replicas)
+            ]
+        r_old, r_new = min(replicas, n_old), min(replicas, n_new)
+        out = []
+        for channel in channels:
+            before = tuple(old.owners(channel, r_old))
+            after = tuple(new.owners(channel, r_new))
+            if set(before) != set(after):
+                out.append((channel, before, after))
+        return out
+
+    async def _handoff_worker(self) -> None:
+        while True:
+            old, new = await self._handoff_queue.get()
+            try:
+                await self._handoff(old, new)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("handoff failed")
+
+    async def _handoff(self, old: Ring, new: Ring) -> None:
+        channels = list(self.last_seq)
+        if not channels:
+            return
+        live = set(new.node_ids)
+        plan = self._moves(old, new, channels)
+        pushes = 0
+        for channel, before, after in plan:
+            if self.id not in before:
+                continue
+            senders = [n for n in before if n in live]
+            if not senders or senders[0] != self.id:
+                continue
+            for target in after:
+                if target not in before and target != self.id:
+                    pushes += await self._push_channel(channel, target)
+        if plan:
+            self.counters["handoffs"] += 1
+            log.info(
+                "handoff",
+                extra={"event": "handoff", "moved": len(plan), "pushed": pushes},
+            )
+
+    async def _push_channel(self, channel: int, target: str) -> int:
+        assert self.membership is not None
+        address = self.membership.address(target)
+        if address is None:
+            return 0
+        link = self._link(address)
+        after = 0
+        sent = 0
+        while True:
+            rows = await self.storage.fetch(channel, after, self.config.handoff_batch)
+            if not rows:
+                return sent
+            for chunk in self._chunks(rows):
+                try:
+                    await link.call(
+                        T.HANDOFF,
+                        p.encode_handoff_data(chunk),
+                        self.config.replicate_timeout,
+                    )
+                except (OSError, TimeoutError, RemoteError, ConnectionLost) as exc:
+                    log.warning("handoff of %d to %s failed: %s", channel, target, exc)
+                    return sent
+                sent += len(chunk)
+                self.counters["handoff_sent"] += len(chunk)
+            after = rows[-1].seq

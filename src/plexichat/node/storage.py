@@ -1,0 +1,297 @@
+"""Per-node message store: SQLite in WAL mode behind one writer thread.
+
+Every database operation runs on a dedicated thread, in submission order, so
+the event loop never blocks on SQLite.  Inserts are *group committed*: the
+thread drains every batch queued while it was busy, writes them in one
+transaction and commits once, then reports all results back to the loop in a
+single ``call_soon_threadsafe``.
+
+Durability: ``journal_mode=WAL`` with ``synchronous=NORMAL`` (the default
+here) makes a committed transaction survive a crash of the node *process*
+(SIGKILL included): the commit has been written to the WAL file, which the OS
+keeps; only a power loss or kernel crash can roll back the last transactions,
+because the WAL is fsynced at checkpoints only.  ``synchronous=FULL``
+(``--sync full``) fsyncs the WAL on every commit and survives power loss too,
+at a cost in throughput.  An acknowledgement is sent only after the commit
+returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from plexichat.node.protocol import Record
+
+T = TypeVar("T")
+Synchronous = Literal["normal", "full"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    channel INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    msg_id BLOB NOT NULL,
+    sender INTEGER NOT NULL,
+    ts_us INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_msg_id ON messages (msg_id);
+CREATE INDEX IF NOT EXISTS messages_channel_seq ON messages (channel, seq);
+"""
+INSERT = (
+    "INSERT OR IGNORE INTO messages (channel, seq, msg_id, sender, ts_us, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+LOOKUP = "SELECT channel, seq FROM messages WHERE msg_id = ?"
+FETCH = (
+    "SELECT channel, seq, msg_id, sender, ts_us, payload FROM messages "
+    "WHERE channel = ? AND seq > ? ORDER BY seq, id LIMIT ?"
+)
+
+# (inserted rows, {index in batch: stored seq} for ids stored before, error)
+InsertResult = tuple[int, dict[int, int], BaseException | None]
+InsertCallback = Callable[[int, dict[int, int], BaseException | None], None]
+
+
+def _to_signed(value: int) -> int:
+    """SQLite integers are signed 64-bit: store u64 values two's-complement."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _to_unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+@dataclass
+class _Insert:
+    rows: list[tuple[int, int, bytes, int, int, bytes]]
+    callback: InsertCallback
+
+
+@dataclass
+class _Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class StorageStats:
+    """Counters of the writer thread."""
+
+    commits: int = 0
+    rows_inserted: int = 0
+    rows_ignored: int = 0
+    largest_group: int = 0
+    errors: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+_STOP = object()
+
+
+class Storage:
+    """SQLite message store with a group-committing writer thread."""
+
+    def __init__(self, path: Path, synchronous: Synchronous = "normal") -> None:
+        self.path = Path(path)
+        self.synchronous: Synchronous = synchronous
+        self.stats = StorageStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def open(self) -> dict[int, int]:
+        """Create the schema; return ``{channel: last seq}`` of what is stored."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA cache_size=-65536")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.executescript(SCHEMA)
+        rows = conn.execute("SELECT channel, MAX(seq) FROM messages GROUP BY channel")
+        last = {_to_unsigned(c): int(s) for c, s in rows}
+        self._conn = conn
+        return last
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the writer thread (after :meth:`open`)."""
+        if self._conn is None:
+            raise RuntimeError("Storage.open() first")
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="storage", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Finish queued work, commit, checkpoint and close the database."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- API used from the event loop ---------------------------------------
+
+    def insert(self, records: Sequence[Record], callback: InsertCallback) -> None:
+        """Queue *records* (INSERT OR IGNORE on msg_id); *callback* runs on the loop.
+
+        The callback gets the number of rows inserted, a ``{index: seq}`` map
+        for records whose message id was stored before under another sequence
+        number (the stored number wins) and an exception or None.
+        """
+        rows = [
+            (
+                _to_signed(r.channel),
+                r.seq,
+                r.msg_id,
+                _to_signed(r.sender),
+                r.ts_us,
+                r.payload,
+            )
+            for r in records
+        ]
+        self._queue.put(_Insert(rows, callback))
+
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn(connection)`` on the writer thread after queued writes."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Call(fn, future))
+        return future
+
+    async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
+        """Messages of *channel* with ``seq > after``, in sequence order."""
+
+        def run(conn: sqlite3.Connection) -> list[Record]:
+            rows = conn.execute(FETCH, (_to_signed(channel), after, limit)).fetchall()
+            return [
+                Record(_to_unsigned(c), s, bytes(m), _to_unsigned(snd), ts, bytes(p))
+                for c, s, m, snd, ts, p in rows
+            ]
+
+        return await self.call(run)
+
+    async def count(self) -> tuple[int, int]:
+        """``(messages, channels)`` stored."""
+
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
+            (rows,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
+            (chans,) = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT channel FROM messages)"
+            ).fetchone()
+            return int(rows), int(chans)
+
+        return await self.call(run)
+
+    # -- writer thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        conn = self._conn
+        loop = self._loop
+        assert conn is not None and loop is not None
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        stopping = False
+        while not stopping:
+            items = [get()]
+            while True:
+                try:
+                    items.append(get_nowait())
+                except queue.Empty:
+                    break
+            inserts: list[_Insert] = []
+            calls: list[_Call] = []
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, _Insert):
+                    inserts.append(item)
+                else:
+                    calls.append(item)
+            results = self._write(conn, inserts) if inserts else []
+            call_results = [self._call(conn, c) for c in calls]
+            if results or call_results:
+                try:
+                    loop.call_soon_threadsafe(
+                        self._deliver, inserts, results, calls, call_results
+                    )
+                except RuntimeError:  # loop closed during shutdown
+                    return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
+
+    def _write(
+        self, conn: sqlite3.Connection, inserts: list[_Insert]
+    ) -> list[InsertResult]:
+        results: list[InsertResult] = []
+        try:
+            conn.execute("BEGIN")
+            for item in inserts:
+                cursor = conn.executemany(INSERT, item.rows)
+                inserted = cursor.rowcount
+                corrections: dict[int, int] = {}
+                if inserted != len(item.rows):
+                    for index, row in enumerate(item.rows):
+                        found = conn.execute(LOOKUP, (row[2],)).fetchone()
+                        if found is not None and (found[0], found[1]) != (
+                            row[0],
+                            row[1],
+                        ):
+                            corrections[index] = int(found[1])
+                results.append((inserted, corrections, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.stats.errors += 1
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return [(0, {}, exc) for _ in inserts]
+        total = sum(r[0] for r in results)
+        rows = sum(len(i.rows) for i in inserts)
+        self.stats.commits += 1
+        self.stats.rows_inserted += total
+        self.stats.rows_ignored += rows - total
+        self.stats.largest_group = max(self.stats.largest_group, rows)
+        return results
+
+    @staticmethod
+    def _call(
+        conn: sqlite3.Connection, call: _Call
+    ) -> tuple[Any, BaseException | None]:
+        try:
+            return call.fn(conn), None
+        except Exception as exc:
+            return None, exc
+
+    @staticmethod
+    def _deliver(
+        inserts: list[_Insert],
+        results: list[InsertResult],
+        calls: list[_Call],
+        call_results: list[tuple[Any, BaseException | None]],
+    ) -> None:
+        for item, (inserted, corrections, error) in zip(inserts, results, strict=True):
+            item.callback(inserted, corrections, error)
+        for call, (value, error) in zip(calls, call_results, strict=True):
+            if call.future.done():
+                continue
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(value)

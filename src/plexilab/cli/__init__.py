@@ -1,0 +1,1 @@
+"""Invoke collections of the lab, one module per namespace (added in tasks.py)."""

@@ -1,0 +1,170 @@
+"""Invoke namespace ``local``: a PlexiChat cluster of local processes.
+
+``invoke local.cluster --nodes=3 --duration=30 --json=PATH`` starts the nodes,
+waits for membership to converge, runs the chat load, the P2P scenario and
+the checker, stops everything and prints a results table; it exits non-zero
+when the checker found a lost, duplicated or reordered message.
+``invoke local.bench`` runs it twice (compiled, then PLEXICHAT_BACKEND=python)
+and prints the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+from rich.console import Console
+from rich.table import Table
+
+from plexilab.cluster import ClusterConfig, run_cluster
+from plexilab.hosts.local import LocalHost
+
+console = Console()
+
+COMMON_HELP = {
+    "nodes": "number of nodes (default 3)",
+    "duration": "seconds of chat load (default 30)",
+    "json": "write the results as JSON to this path",
+    "replicas": "copies of each message before it is acknowledged (default 2)",
+    "clients": "concurrent load clients (default 8)",
+    "inflight": "requests in flight per client, closed loop (default 64)",
+    "payload": "message payload bytes (default 64)",
+    "channels": "number of channels (default 256)",
+    "install": "dev: run from src/ (in-place builds); wheel: build the wheel once into a "
+    "cached venv under .cache/ (default wheel)",
+    "results": "directory for journal, load/p2p/check JSON and node logs",
+}
+
+
+def _config(**kw: Any) -> ClusterConfig:
+    return ClusterConfig(
+        nodes=kw["nodes"], replicas=kw["replicas"], duration=kw["duration"],
+        clients=kw["clients"], inflight=kw["inflight"], payload=kw["payload"],
+        channels=kw["channels"], backend=kw["backend"], install=kw["install"],
+        results_dir=Path(kw["results"]) if kw["results"] else None,
+    )  # fmt: skip
+
+
+def _run(config: ClusterConfig) -> dict[str, Any]:
+    logging.basicConfig(level=logging.WARNING)
+    host = LocalHost(
+        workdir=config.results_dir / "hosts" if config.results_dir else None
+    )
+    try:
+        return run_cluster(
+            [host], config, progress=lambda msg: console.log(f"[cyan]{msg}")
+        )
+    finally:
+        host.close()
+
+
+def results_table(
+    results: dict[str, Any], title: str = "PlexiChat local cluster"
+) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lat = results["latency_ms"]
+    p2p = results["p2p_latency_ms"]
+    rows = [
+        ("nodes / replicas", f"{results['nodes']} / {results['replicas']}"),
+        ("backend", results["backend"]),
+        ("acked", f"{results['acked']:,}"),
+        ("failures", f"{results['failures']:,}"),
+        ("lost / duplicated / reordered",
+         f"{results['lost']} / {results['duplicated']} / {results['reordered']}"),
+        ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
+        ("latency p50 / p99 / p99.9 (ms)",
+         f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f}"),
+        ("convergence (s)", f"{results['convergence_s']:.2f}"),
+        ("p2p latency p50 / p99 (ms)", f"{p2p['p50']:.2f} / {p2p['p99']:.2f}"),
+        ("p2p coverage", f"{results['p2p_coverage']:.2%}"),
+    ]  # fmt: skip
+    for name, value in rows:
+        style = "red" if name.startswith("lost") and value != "0 / 0 / 0" else None
+        table.add_row(name, value, style=style)
+    return table
+
+
+def _write(path: str, doc: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(jsonlib.dumps(doc, indent=2) + "\n")
+        console.log(f"wrote {path}")
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "backend": "auto (compiled when available) or python (reference backends)",
+    }
+)
+def cluster(
+    c: Context,
+    nodes: int = 3,
+    duration: float = 30.0,
+    json: str = "",
+    replicas: int = 2,
+    backend: str = "auto",
+    clients: int = 8,
+    inflight: int = 64,
+    payload: int = 64,
+    channels: int = 256,
+    install: str = "wheel",
+    results: str = "",
+) -> None:
+    """Run a local PlexiChat cluster under load and check that nothing was lost."""
+    if backend not in ("auto", "python"):
+        raise Exit("--backend must be auto or python", code=2)
+    if install not in ("dev", "wheel"):
+        raise Exit("--install must be dev or wheel", code=2)
+    config = _config(**locals())
+    res = _run(config)
+    console.print(results_table(res))
+    _write(json, res)
+    if res["lost"] or res["duplicated"] or res["reordered"]:
+        raise Exit("checker found lost, duplicated or reordered messages", code=1)
+
+
+@task(help=COMMON_HELP)
+def bench(
+    c: Context,
+    nodes: int = 3,
+    duration: float = 20.0,
+    json: str = "",
+    replicas: int = 2,
+    clients: int = 8,
+    inflight: int = 64,
+    payload: int = 64,
+    channels: int = 256,
+    install: str = "wheel",
+    results: str = "",
+) -> None:
+    """Run the cluster with compiled backends, then with PLEXICHAT_BACKEND=python."""
+    runs: dict[str, dict[str, Any]] = {}
+    for backend in ("auto", "python"):
+        sub = str(Path(results) / backend) if results else ""
+        config = _config(**{**locals(), "backend": backend, "results": sub})
+        runs[backend] = _run(config)
+        console.print(
+            results_table(runs[backend], f"backend={runs[backend]['backend']}")
+        )
+    fast = runs["auto"]["throughput_msgs_per_s"]
+    slow = runs["python"]["throughput_msgs_per_s"]
+    ratio = fast / slow if slow else float("inf")
+    console.print(
+        f"throughput: {runs['auto']['backend']} {fast:,.0f} msg/s, python {slow:,.0f} msg/s, "
+        f"ratio [bold]{ratio:.2f}x[/bold]"
+    )
+    _write(json, {"ratio": ratio, "runs": runs})
+    if any(r["lost"] or r["duplicated"] or r["reordered"] for r in runs.values()):
+        raise Exit("checker found lost, duplicated or reordered messages", code=1)
+
+
+local = Collection("local", cluster, bench)

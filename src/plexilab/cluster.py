@@ -1,0 +1,544 @@
+"""Provider-independent cluster orchestration: deploy, start, converge, load, check, stop.
+
+Only the :class:`~plexilab.hosts.base.Host` ABC is used, so the same code
+drives local processes, QEMU guests or an SSH inventory.  Node *i* runs on
+``hosts[i % len(hosts)]`` with host-local index ``i // len(hosts)``; it
+listens on ``listen_endpoint``, advertises the address other hosts reach it
+at (``peer_endpoint``) and the lab talks to it through ``lab_endpoint``.
+
+The load generator, the P2P scenario and the checker run on the lab machine
+(as subprocesses of the lab's own Python, so their CPU use and backend choice
+are separate from this process) against the lab endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from plexilab.hosts.base import Endpoint, Host, HostError, Process
+
+log = logging.getLogger("plexilab.cluster")
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
+CACHE = ROOT / ".cache" / "local"
+
+InstallMode = Literal["dev", "wheel"]
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up or a step failed."""
+
+
+@dataclass
+class ClusterConfig:
+    """One cluster run (defaults: a short local run)."""
+
+    nodes: int = 3
+    replicas: int = 2
+    duration: float = 30.0
+    count: int = 50_000_000
+    clients: int = 8
+    inflight: int = 64
+    mode: Literal["closed", "open"] = "closed"
+    rate: float = 20_000.0
+    payload: int = 64
+    channels: int = 256
+    distribution: Literal["uniform", "zipf"] = "uniform"
+    route: Literal["owner", "any"] = "owner"
+    backend: Literal["auto", "python"] = "auto"
+    gossip_interval: float = 0.2
+    ping_timeout: float = 0.3
+    suspect_timeout: float = 2.0
+    p2p_count: int = 200
+    p2p_rate: float = 200.0
+    p2p_fanout: int = 2
+    check_replicas: bool = False
+    converge_timeout: float = 60.0
+    step_timeout: float = 600.0
+    install: InstallMode = "dev"
+    results_dir: Path | None = None
+    node_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NodeHandle:
+    """One node of a running cluster."""
+
+    index: int
+    node_id: str
+    host: Host
+    local_index: int
+    listen: Endpoint
+    advertise: Endpoint
+    lab: Endpoint
+    data_dir: str
+    log_path: str
+    process: Process | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "node_id": self.node_id,
+            "host": self.host.name,
+            "arch": self.host.arch,
+            "listen": str(self.listen),
+            "advertise": str(self.advertise),
+            "lab": str(self.lab),
+            "data_dir": self.data_dir,
+            "log": self.log_path,
+            "pid": self.process.pid if self.process is not None else None,
+        }
+
+
+# -- installation ------------------------------------------------------------------
+
+
+def source_key() -> str:
+    """Hash of everything that goes into the wheel (cache key)."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in SRC.joinpath("plexichat").rglob("*")
+        if p.is_file() and p.suffix in {".py", ".pyx", ".pyi", ".h", ".typed"}
+    )
+    for path in [ROOT / "setup.py", ROOT / "pyproject.toml", *files]:
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_wheel(timeout: float = 1200.0) -> Path:
+    """``python -m build --wheel`` once per source state (cached under .cache/)."""
+    out = CACHE / "wheels" / source_key()
+    wheels = sorted(out.glob("plexichat-*.whl"))
+    if wheels:
+        return wheels[-1]
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("building the plexichat wheel into %s", out)
+    env = {**os.environ, "PLEXICHAT_REQUIRE_EXTENSIONS": "1"}
+    env.pop("PLEXICHAT_ONLY", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )  # fmt: skip
+    wheels = sorted(out.glob("plexichat-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ClusterError(
+            f"wheel build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return wheels[-1]
+
+
+def local_venv(wheel: Path, timeout: float = 600.0) -> str:
+    """A venv under .cache/ with *wheel* installed (made once per wheel)."""
+    venv = CACHE / "venvs" / wheel.parent.name
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    if python.exists() and stamp.exists() and stamp.read_text() == wheel.name:
+        return str(python)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(venv)],
+        check=True, timeout=timeout, capture_output=True,
+    )  # fmt: skip
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+         "--force-reinstall", str(wheel)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise ClusterError(f"pip install of {wheel.name} failed: {proc.stderr[-2000:]}")
+    stamp.write_text(wheel.name)
+    return str(python)
+
+
+@dataclass
+class Runtime:
+    """How to run plexichat on the lab machine and on the hosts."""
+
+    lab_python: str
+    lab_env: dict[str, str]
+    node_env: dict[str, str]
+
+
+def prepare(hosts: Sequence[Host], mode: InstallMode) -> Runtime:
+    """Install (or point at) plexichat on every host and on the lab side."""
+    if mode == "dev":
+        env = {"PYTHONPATH": str(SRC)}
+        return Runtime(sys.executable, env, env)
+    wheel = build_wheel()
+    python = local_venv(wheel)
+    for host in hosts:
+        set_python = getattr(host, "set_python", None)
+        if callable(set_python):
+            set_python(python)
+        else:  # a remote host: copy the wheel and let its Python install it
+            remote = f"{host.workdir()}/{wheel.name}"
+            host.put(wheel, remote)
+            host.run([host.python(), "-m", "pip", "install", "--no-deps", "--force-reinstall",
+                      remote], timeout=600)  # fmt: skip
+    return Runtime(python, {}, {})
+
+
+def check_hosts(
+    hosts: Sequence[Host], runtime: Runtime, backend: str
+) -> dict[str, str]:
+    """``plexichat.accel.summary()`` on every host (fails if plexichat is missing)."""
+    out = {}
+    env = {**runtime.node_env, "PLEXICHAT_BACKEND": backend}
+    for host in hosts:
+        result = host.run(
+            [host.python(), "-c", "from plexichat import accel; print(accel.summary())"],
+            timeout=120, env=env,
+        )  # fmt: skip
+        out[host.name] = result.stdout.strip()
+    return out
+
+
+# -- lab-side helpers ----------------------------------------------------------------
+
+
+def run_lab(
+    argv: Sequence[str], *, timeout: float, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run a lab-side tool in its own process group; kill the group on timeout/interrupt."""
+    proc = subprocess.Popen(
+        list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
+
+
+async def _stats_all(
+    endpoints: Sequence[Endpoint], timeout: float
+) -> list[dict[str, Any] | None]:
+    from plexichat.load.client import NodeClient  # lab side: plexichat from src
+
+    async def one(ep: Endpoint) -> dict[str, Any] | None:
+        client = NodeClient(ep.host, ep.port, timeout=timeout)
+        try:
+            await client.connect()
+            info, _ = await client.stats()
+            return info
+        except (OSError, TimeoutError, ValueError):
+            return None
+        finally:
+            await client.close()
+
+    return list(await asyncio.gather(*(one(ep) for ep in endpoints)))
+
+
+def stats_all(
+    endpoints: Sequence[Endpoint], timeout: float = 2.0
+) -> list[dict[str, Any] | None]:
+    """STATS of every endpoint (None where the node does not answer)."""
+    return asyncio.run(_stats_all(endpoints, timeout))
+
+
+# -- the cluster ----------------------------------------------------------------------
+
+
+class Cluster:
+    """N nodes on a list of hosts; a context manager that always stops them."""
+
+    def __init__(
+        self, hosts: Sequence[Host], config: ClusterConfig, runtime: Runtime
+    ) -> None:
+        if not hosts:
+            raise ValueError("a cluster needs at least one host")
+        self.hosts = list(hosts)
+        self.config = config
+        self.runtime = runtime
+        self.nodes: list[NodeHandle] = []
+        for i in range(config.nodes):
+            host = self.hosts[i % len(self.hosts)]
+            local = i // len(self.hosts)
+            other = next((h for h in self.hosts if h is not host), host)
+            base = f"{host.workdir()}/node-{i}"
+            self.nodes.append(
+                NodeHandle(
+                    index=i, node_id=f"n{i}", host=host, local_index=local,
+                    listen=host.listen_endpoint(local),
+                    advertise=host.peer_endpoint(local, other),
+                    lab=host.lab_endpoint(local),
+                    data_dir=f"{base}/data", log_path=f"{base}/node.log",
+                )
+            )  # fmt: skip
+        self.started_at = 0.0
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def lab_endpoints(self) -> list[Endpoint]:
+        return [n.lab for n in self.nodes]
+
+    def node_env(self) -> dict[str, str]:
+        return {**self.runtime.node_env, "PLEXICHAT_BACKEND": self.config.backend}
+
+    def node_argv(self, node: NodeHandle) -> list[str]:
+        config = self.config
+        seeds = [
+            str(other.host.peer_endpoint(other.local_index, node.host))
+            for other in self.nodes
+            if other is not node
+        ]
+        return [
+            node.host.python(), "-m", "plexichat.node.cli",
+            "--node-id", node.node_id,
+            "--listen", str(node.listen),
+            "--advertise", str(node.advertise),
+            "--seeds", ",".join(seeds),
+            "--data-dir", node.data_dir,
+            "--replicas", str(config.replicas),
+            "--gossip-interval", str(config.gossip_interval),
+            "--ping-timeout", str(config.ping_timeout),
+            "--suspect-timeout", str(config.suspect_timeout),
+            *config.node_args,
+        ]  # fmt: skip
+
+    def start_node(self, node: NodeHandle) -> None:
+        node.process = node.host.spawn(
+            self.node_argv(node), log_path=node.log_path, env=self.node_env()
+        )
+        log.info(
+            "started %s on %s (pid %d)", node.node_id, node.host.name, node.process.pid
+        )
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        for node in self.nodes:
+            self.start_node(node)
+
+    def _dead(self) -> list[NodeHandle]:
+        return [
+            n for n in self.nodes if n.process is not None and not n.process.alive()
+        ]
+
+    def wait_converged(
+        self, timeout: float | None = None, nodes: Sequence[NodeHandle] | None = None
+    ) -> float:
+        """Poll STATS until every node sees exactly *nodes* alive; return seconds since start."""
+        expect = {n.node_id for n in (nodes or self.nodes)}
+        deadline = time.monotonic() + (timeout or self.config.converge_timeout)
+        while True:
+            dead = [n for n in self._dead() if n.node_id in expect]
+            if dead:
+                raise ClusterError(
+                    f"{dead[0].node_id} exited with {dead[0].process.wait(0)}"  # type: ignore[union-attr]
+                    f"; log: {tail(dead[0])}"
+                )
+            infos = stats_all([n.lab for n in self.nodes if n.node_id in expect])
+            if all(info is not None and set(info["ring"]) == expect for info in infos):
+                return time.monotonic() - self.started_at
+            if time.monotonic() > deadline:
+                views = {str(i and i["node_id"]): i and i["ring"] for i in infos}
+                raise ClusterError(f"membership did not converge in time: {views}")
+            time.sleep(0.05)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node *index* (its data dir stays)."""
+        node = self.nodes[index]
+        if node.process is not None:
+            node.process.send_signal(signal.SIGKILL)
+            node.process.wait(10.0)
+
+    def stop(self) -> None:
+        """SIGTERM every node (then SIGKILL what does not exit)."""
+        for node in self.nodes:
+            if node.process is not None and node.process.alive():
+                node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            if node.process is not None:
+                node.process.stop(timeout=10.0)
+
+    # -- lab-side steps -----------------------------------------------------------
+
+    def _tool(
+        self, module: str, args: list[str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**self.runtime.lab_env, "PLEXICHAT_BACKEND": self.config.backend}
+        return run_lab(
+            [self.runtime.lab_python, "-m", module, *args], timeout=timeout, env=env
+        )
+
+    def nodes_arg(self) -> str:
+        return ",".join(str(ep) for ep in self.lab_endpoints)
+
+    def run_load(self, journal: Path, out: Path) -> dict[str, Any]:
+        c = self.config
+        args = [
+            "--nodes", self.nodes_arg(), "--clients", str(c.clients), "--mode", c.mode,
+            "--inflight", str(c.inflight), "--rate", str(c.rate), "--count", str(c.count),
+            "--duration", str(c.duration), "--payload", str(c.payload),
+            "--channels", str(c.channels), "--distribution", c.distribution,
+            "--route", c.route, "--journal", str(journal), "--json", str(out),
+            "--csv", str(out.with_suffix(".csv")), "--quiet",
+        ]  # fmt: skip
+        proc = self._tool("plexichat.load.cli", args, c.duration + c.step_timeout)
+        if proc.returncode != 0:
+            raise ClusterError(
+                f"load failed ({proc.returncode}): {proc.stderr[-3000:]}"
+            )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+    def run_p2p(self, out: Path) -> dict[str, Any]:
+        c = self.config
+        args = [
+            "--nodes", self.nodes_arg(), "--scenario", "p2p", "--count", str(c.p2p_count),
+            "--rate", str(c.p2p_rate), "--fanout", str(c.p2p_fanout), "--json", str(out),
+            "--quiet",
+        ]  # fmt: skip
+        proc = self._tool("plexichat.load.cli", args, c.step_timeout)
+        if proc.returncode != 0:
+            raise ClusterError(f"p2p failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+    def run_check(self, journal: Path, out: Path) -> dict[str, Any]:
+        args = [
+            "--nodes",
+            self.nodes_arg(),
+            "--journal",
+            str(journal),
+            "--json",
+            str(out),
+        ]
+        if self.config.check_replicas:
+            args.append("--replicas")
+        proc = self._tool("plexichat.load.checker", args, self.config.step_timeout)
+        if proc.returncode not in (0, 1):
+            raise ClusterError(
+                f"checker failed ({proc.returncode}): {proc.stderr[-3000:]}"
+            )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def tail(node: NodeHandle, lines: int = 20) -> str:
+    """Last lines of a node's log (fetched through its host)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "node.log"
+        try:
+            node.host.get(node.log_path, local)
+        except HostError:
+            return "(no log)"
+        return "\n".join(local.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so ``finally`` blocks run."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _backend_of(infos: Sequence[dict[str, Any] | None]) -> str:
+    names = {i["backend"] for i in infos if i is not None}
+    return names.pop() if len(names) == 1 else "mixed"
+
+
+def run_cluster(
+    hosts: Sequence[Host],
+    config: ClusterConfig,
+    *,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, Any]:
+    """Deploy, start, converge, run load + P2P + checker, stop; return the results."""
+    results_dir = Path(config.results_dir or tempfile.mkdtemp(prefix="plexilab-run-"))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with _terminate_as_interrupt():
+        progress(f"preparing hosts ({config.install})")
+        runtime = prepare(hosts, config.install)
+        host_backends = check_hosts(hosts, runtime, config.backend)
+        with Cluster(hosts, config, runtime) as cluster:
+            progress(f"starting {config.nodes} nodes")
+            cluster.start()
+            convergence = cluster.wait_converged()
+            progress(
+                f"converged in {convergence:.2f}s; loading for {config.duration:g}s"
+            )
+            journal = results_dir / "journal.bin"
+            load = cluster.run_load(journal, results_dir / "load.json")
+            progress(
+                f"acked {load['acked']} at {load['throughput_msgs_per_s']:.0f} msg/s; p2p"
+            )
+            p2p = cluster.run_p2p(results_dir / "p2p.json")
+            progress("checking")
+            check = cluster.run_check(journal, results_dir / "check.json")
+            infos = stats_all(cluster.lab_endpoints, timeout=5.0)
+            per_node = []
+            for node, info in zip(cluster.nodes, infos, strict=True):
+                row = node.describe()
+                if info is not None:
+                    row.update(
+                        backend=info["backend"],
+                        counters=info["counters"],
+                        storage=info["storage"],
+                        ring=info["ring"],
+                    )
+                per_node.append(row)
+    return {
+        "nodes": config.nodes,
+        "replicas": config.replicas,
+        "backend": _backend_of(infos),
+        "requested_backend": config.backend,
+        "host_backends": host_backends,
+        "acked": load["acked"],
+        "failures": load["failures"],
+        "lost": check["lost"],
+        "duplicated": check["duplicated"],
+        "reordered": check["reordered"],
+        "seq_mismatch": check["seq_mismatch"],
+        "throughput_msgs_per_s": load["throughput_msgs_per_s"],
+        "latency_ms": load["latency_ms"],
+        "convergence_s": round(convergence, 3),
+        "p2p_latency_ms": {k: p2p["p2p_latency_ms"][k] for k in ("p50", "p99")},
+        "p2p_coverage": p2p["coverage"],
+        "per_node": per_node,
+        "load": load,
+        "p2p": p2p,
+        "check": check,
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+        },
+        "results_dir": str(results_dir),
+        "wall_s": round(time.monotonic() - started, 3),
+    }
