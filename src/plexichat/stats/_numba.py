@@ -229,7 +229,16 @@ def _add(into: I64Array, other: I64Array) -> None:
 class Histogram:
     """Latency histogram of integer values (e.g. microseconds)."""
 
-    __slots__ = ("_counts", "_geometry", "_layout", "_max", "_min", "_total")
+    __slots__ = (
+        "_counts",
+        "_geometry",
+        "_highest",
+        "_index_consts",
+        "_layout",
+        "_max",
+        "_min",
+        "_total",
+    )
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __init__(
@@ -248,6 +257,14 @@ class Histogram:
             layout.sub_bucket_half_count_magnitude,
             layout.sub_bucket_half_count,
         )
+        self._index_consts = (
+            layout.sub_bucket_mask,
+            layout.unit_magnitude + layout.sub_bucket_count_magnitude,
+            layout.unit_magnitude,
+            layout.sub_bucket_half_count_magnitude,
+            layout.sub_bucket_half_count,
+        )
+        self._highest = layout.highest
         self._total = 0
         self._min = 0
         self._max = 0
@@ -299,10 +316,21 @@ class Histogram:
 
     def record(self, value: int, count: int = 1) -> None:
         """Record *value* (``0..highest``) *count* times."""
-        value = L.check_value(value, self._layout.highest)
-        count = L.check_count(count, self._total)
-        self._counts[self._layout.index_of(value)] += count
-        self._note_extremes(value, value)
+        # Plain-int fast path; anything unusual goes through the shared checks.
+        if type(value) is not int or not 0 <= value <= self._highest:
+            value = L.check_value(value, self._highest)
+        if type(count) is not int or not 1 <= count <= L.MAX_COUNT - self._total:
+            count = L.check_count(count, self._total)
+        mask, magnitude, unit, half_magnitude, half = self._index_consts
+        bucket = (value | mask).bit_length() - magnitude
+        index = ((bucket + 1) << half_magnitude) + (value >> (bucket + unit)) - half
+        self._counts[index] += count
+        if not self._total:
+            self._min = self._max = value
+        elif value < self._min:
+            self._min = value
+        elif value > self._max:
+            self._max = value
         self._total += count
 
     def _record_array(self, values: I64Array) -> None:
@@ -311,16 +339,7 @@ class Histogram:
         lo, hi = (int(x) for x in _min_max(values))
         L.check_extremes(lo, hi, self._layout.highest)
         L.check_added(values.shape[0], self._total)
-        layout = self._layout
-        _record_all(
-            self._counts,
-            values,
-            layout.sub_bucket_mask,
-            layout.unit_magnitude + layout.sub_bucket_count_magnitude,
-            layout.unit_magnitude,
-            layout.sub_bucket_half_count_magnitude,
-            layout.sub_bucket_half_count,
-        )
+        _record_all(self._counts, values, *self._index_consts)
         self._note_extremes(lo, hi)
         self._total += values.shape[0]
 

@@ -3,7 +3,9 @@
 
 Counts live in a C ``int64`` buffer; the layout, argument checks and byte
 header come from :mod:`plexichat.stats._layout`, so errors match the
-reference word for word.  Per-value and per-bucket loops run in C.
+reference word for word.  Per-value and per-bucket loops run in C and keep
+the GIL (they take milliseconds at most, and holding it keeps a concurrent
+``reset`` or ``__init__`` from freeing the buffer under a running loop).
 """
 
 cimport cython
@@ -184,13 +186,12 @@ cdef class Histogram:
         cdef int64_t c
         if self._total == 0:
             return 0.0
-        with nogil:
-            for i in range(self._len):
-                c = self._counts[i]
-                if c:
-                    acc += (<double>c) * (<double>(
-                        self._lowest_equivalent(i) + (self._range_size(i) >> 1)
-                    ))
+        for i in range(self._len):
+            c = self._counts[i]
+            if c:
+                acc += (<double>c) * (<double>(
+                    self._lowest_equivalent(i) + (self._range_size(i) >> 1)
+                ))
         return acc / <double>self._total
 
     # -- recording ----------------------------------------------------------
@@ -229,22 +230,20 @@ cdef class Histogram:
             return 0
         lo = p[0]
         hi = p[0]
-        with nogil:
-            for i in range(1, n):
-                v = p[i]
-                lo = v if v < lo else lo
-                hi = v if v > hi else hi
+        for i in range(1, n):
+            v = p[i]
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
         L.check_extremes(lo, hi, self._highest)
         L.check_added(n, self._total)
-        with nogil:
-            for i in range(n):
-                v = p[i]
-                bucket = bit_length(<uint64_t>v | mask) - magnitude
-                counts[
-                    ((<int64_t>(bucket + 1)) << half_magnitude)
-                    + (v >> (bucket + unit))
-                    - half
-                ] += 1
+        for i in range(n):
+            v = p[i]
+            bucket = bit_length(<uint64_t>v | mask) - magnitude
+            counts[
+                ((<int64_t>(bucket + 1)) << half_magnitude)
+                + (v >> (bucket + unit))
+                - half
+            ] += 1
         self._note_extremes(lo, hi)
         self._total += n
         return 0
@@ -267,7 +266,7 @@ cdef class Histogram:
                     raise L.value_error(top, self._highest)
             self._record_buffer(np.ascontiguousarray(values, dtype=np.int64))
             return
-        items = values if type(values) is list else list(values)
+        items = list(values)  # a copy: __index__ may run code that mutates *values*
         n = len(items)
         buffer = np.empty(n, dtype=np.int64)
         out = buffer
@@ -293,9 +292,8 @@ cdef class Histogram:
         if other._total == 0:
             return
         L.check_added(other._total, self._total)
-        with nogil:
-            for i in range(self._len):
-                self._counts[i] += other._counts[i]
+        for i in range(self._len):
+            self._counts[i] += other._counts[i]
         self._note_extremes(other._min, other._max)
         self._total += other._total
 
@@ -329,17 +327,16 @@ cdef class Histogram:
         ranks = np.array(order, dtype=np.int64)
         found = np.zeros(nranks, dtype=np.int64)
         values = found
-        with nogil:
-            for i in range(self._len):
-                c = self._counts[i]
-                if c == 0:
-                    continue
-                running += c
-                while wanted < nranks and ranks[wanted] <= running:
-                    values[wanted] = self._highest_equivalent(i)
-                    wanted += 1
-                if wanted == nranks:
-                    break
+        for i in range(self._len):
+            c = self._counts[i]
+            if c == 0:
+                continue
+            running += c
+            while wanted < nranks and ranks[wanted] <= running:
+                values[wanted] = self._highest_equivalent(i)
+                wanted += 1
+            if wanted == nranks:
+                break
         lookup = dict(zip(order, found.tolist()))
         return [lookup[r] if r else self._min for r in rank_of]
 
@@ -349,10 +346,9 @@ cdef class Histogram:
         """Compact, canonical encoding (see the reference docstring)."""
         cdef Py_ssize_t i, n = 0, size = 0, previous = -1
         cdef unsigned char* buf
-        with nogil:
-            for i in range(self._len):
-                if self._counts[i]:
-                    n += 1
+        for i in range(self._len):
+            if self._counts[i]:
+                n += 1
         header = bytes(L.encode_header(self._layout, self._min, self._max, n))
         buf = <unsigned char*>malloc(len(header) + 20 * n + 1)
         if buf == NULL:
@@ -360,12 +356,11 @@ cdef class Histogram:
         try:
             memcpy(buf, PyBytes_AS_STRING(header), len(header))
             size = len(header)
-            with nogil:
-                for i in range(self._len):
-                    if self._counts[i]:
-                        size += put_varint(buf + size, <uint64_t>(i - previous - 1))
-                        size += put_varint(buf + size, <uint64_t>self._counts[i])
-                        previous = i
+            for i in range(self._len):
+                if self._counts[i]:
+                    size += put_varint(buf + size, <uint64_t>(i - previous - 1))
+                    size += put_varint(buf + size, <uint64_t>self._counts[i])
+                    previous = i
             return PyBytes_FromStringAndSize(<char*>buf, size)
         finally:
             free(buf)
@@ -387,30 +382,29 @@ cdef class Histogram:
         pos = header.pos
         entries = header.entries
         counts_len = hist._len
-        with nogil:
-            for k in range(entries):
-                pos = read_varint(p, size, pos, &gap)
-                if pos < 0:
-                    error = <int>pos
-                    break
-                pos = read_varint(p, size, pos, &c)
-                if pos < 0:
-                    error = <int>pos
-                    break
-                if gap >= counts_len - previous - 1:
-                    error = 1
-                    break
-                if c == 0:
-                    error = 2
-                    break
-                if c > MAX_COUNT - total:
-                    error = 3
-                    break
-                previous += gap + 1
-                if first < 0:
-                    first = previous
-                hist._counts[previous] = c
-                total += c
+        for k in range(entries):
+            pos = read_varint(p, size, pos, &gap)
+            if pos < 0:
+                error = <int>pos
+                break
+            pos = read_varint(p, size, pos, &c)
+            if pos < 0:
+                error = <int>pos
+                break
+            if gap >= counts_len - previous - 1:
+                error = 1
+                break
+            if c == 0:
+                error = 2
+                break
+            if c > MAX_COUNT - total:
+                error = 3
+                break
+            previous += gap + 1
+            if first < 0:
+                first = previous
+            hist._counts[previous] = c
+            total += c
         if error:
             raise ValueError(
                 {
