@@ -72,8 +72,8 @@ def _unit(h: np.uint64) -> float:
 def _prepare(weights: NDArray[np.float64], r: int) -> tuple[Any, ...]:
     """Per-node constants and flags for one node list (plain numpy)."""
     n = weights.shape[0]
-    inv = 1.0 / weights
     prune = r < n and bool(np.all((weights >= _W_MIN) & (weights <= _W_MAX)))
+    inv = 1.0 / weights if prune else np.ones(n)  # (unused without pruning)
     mask = (1 << max(1, (n - 1).bit_length())) - 1
     return inv * _LOW, inv * _HIGH, prune, _U64(mask)
 
