@@ -1,4 +1,4 @@
-"""Provider-independent cluster orchestration: deploy, start, converge, load, check, stop.
+"""Provider-independent orchestration: deploy, start, converge, load, check, stop.
 
 Only the :class:`~plexilab.hosts.base.Host` ABC is used, so the same code
 drives local processes, QEMU guests or an SSH inventory.  Node *i* runs on
@@ -133,9 +133,22 @@ def build_wheel(timeout: float = 1200.0) -> Path:
     env = {**os.environ, "PLEXICHAT_REQUIRE_EXTENSIONS": "1"}
     env.pop("PLEXICHAT_ONLY", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        capture_output=True, text=True, timeout=timeout, env=env, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(out),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
     wheels = sorted(out.glob("plexichat-*.whl"))
     if proc.returncode != 0 or not wheels:
         raise ClusterError(
@@ -153,13 +166,27 @@ def local_venv(wheel: Path, timeout: float = 600.0) -> str:
         return str(python)
     subprocess.run(
         [sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(venv)],
-        check=True, timeout=timeout, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        timeout=timeout,
+        capture_output=True,
+    )
     proc = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-         "--force-reinstall", str(wheel)],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--force-reinstall",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
         raise ClusterError(f"pip install of {wheel.name} failed: {proc.stderr[-2000:]}")
     stamp.write_text(wheel.name)
@@ -178,7 +205,8 @@ class Runtime:
 def prepare(hosts: Sequence[Host], mode: InstallMode) -> Runtime:
     """Install (or point at) plexichat on every host and on the lab side."""
     if mode == "dev":
-        env = {"PYTHONPATH": str(SRC)}
+        paths = [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {"PYTHONPATH": os.pathsep.join(paths)}
         return Runtime(sys.executable, env, env)
     wheel = build_wheel()
     python = local_venv(wheel)
@@ -189,8 +217,18 @@ def prepare(hosts: Sequence[Host], mode: InstallMode) -> Runtime:
         else:  # a remote host: copy the wheel and let its Python install it
             remote = f"{host.workdir()}/{wheel.name}"
             host.put(wheel, remote)
-            host.run([host.python(), "-m", "pip", "install", "--no-deps", "--force-reinstall",
-                      remote], timeout=600)  # fmt: skip
+            host.run(
+                [
+                    host.python(),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-deps",
+                    "--force-reinstall",
+                    remote,
+                ],
+                timeout=600,
+            )
     return Runtime(python, {}, {})
 
 
@@ -202,9 +240,14 @@ def check_hosts(
     env = {**runtime.node_env, "PLEXICHAT_BACKEND": backend}
     for host in hosts:
         result = host.run(
-            [host.python(), "-c", "from plexichat import accel; print(accel.summary())"],
-            timeout=120, env=env,
-        )  # fmt: skip
+            [
+                host.python(),
+                "-c",
+                "from plexichat import accel; print(accel.summary())",
+            ],
+            timeout=120,
+            env=env,
+        )
         out[host.name] = result.stdout.strip()
     return out
 
@@ -215,11 +258,15 @@ def check_hosts(
 def run_lab(
     argv: Sequence[str], *, timeout: float, env: Mapping[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    """Run a lab-side tool in its own process group; kill the group on timeout/interrupt."""
+    """Run a lab tool in its own process group; kill the group on timeout/Ctrl-C."""
     proc = subprocess.Popen(
-        list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **env}, start_new_session=True,
-    )  # fmt: skip
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except BaseException:
@@ -278,13 +325,17 @@ class Cluster:
             base = f"{host.workdir()}/node-{i}"
             self.nodes.append(
                 NodeHandle(
-                    index=i, node_id=f"n{i}", host=host, local_index=local,
+                    index=i,
+                    node_id=f"n{i}",
+                    host=host,
+                    local_index=local,
                     listen=host.listen_endpoint(local),
                     advertise=host.peer_endpoint(local, other),
                     lab=host.lab_endpoint(local),
-                    data_dir=f"{base}/data", log_path=f"{base}/node.log",
+                    data_dir=f"{base}/data",
+                    log_path=f"{base}/node.log",
                 )
-            )  # fmt: skip
+            )
         self.started_at = 0.0
 
     def __enter__(self) -> Cluster:
@@ -308,18 +359,29 @@ class Cluster:
             if other is not node
         ]
         return [
-            node.host.python(), "-m", "plexichat.node.cli",
-            "--node-id", node.node_id,
-            "--listen", str(node.listen),
-            "--advertise", str(node.advertise),
-            "--seeds", ",".join(seeds),
-            "--data-dir", node.data_dir,
-            "--replicas", str(config.replicas),
-            "--gossip-interval", str(config.gossip_interval),
-            "--ping-timeout", str(config.ping_timeout),
-            "--suspect-timeout", str(config.suspect_timeout),
+            node.host.python(),
+            "-m",
+            "plexichat.node.cli",
+            "--node-id",
+            node.node_id,
+            "--listen",
+            str(node.listen),
+            "--advertise",
+            str(node.advertise),
+            "--seeds",
+            ",".join(seeds),
+            "--data-dir",
+            node.data_dir,
+            "--replicas",
+            str(config.replicas),
+            "--gossip-interval",
+            str(config.gossip_interval),
+            "--ping-timeout",
+            str(config.ping_timeout),
+            "--suspect-timeout",
+            str(config.suspect_timeout),
             *config.node_args,
-        ]  # fmt: skip
+        ]
 
     def start_node(self, node: NodeHandle) -> None:
         node.process = node.host.spawn(
@@ -342,7 +404,7 @@ class Cluster:
     def wait_converged(
         self, timeout: float | None = None, nodes: Sequence[NodeHandle] | None = None
     ) -> float:
-        """Poll STATS until every node sees exactly *nodes* alive; return seconds since start."""
+        """Poll STATS until all nodes see *nodes* alive; return seconds since start."""
         expect = {n.node_id for n in (nodes or self.nodes)}
         deadline = time.monotonic() + (timeout or self.config.converge_timeout)
         while True:
@@ -392,13 +454,36 @@ class Cluster:
     def run_load(self, journal: Path, out: Path) -> dict[str, Any]:
         c = self.config
         args = [
-            "--nodes", self.nodes_arg(), "--clients", str(c.clients), "--mode", c.mode,
-            "--inflight", str(c.inflight), "--rate", str(c.rate), "--count", str(c.count),
-            "--duration", str(c.duration), "--payload", str(c.payload),
-            "--channels", str(c.channels), "--distribution", c.distribution,
-            "--route", c.route, "--journal", str(journal), "--json", str(out),
-            "--csv", str(out.with_suffix(".csv")), "--quiet",
-        ]  # fmt: skip
+            "--nodes",
+            self.nodes_arg(),
+            "--clients",
+            str(c.clients),
+            "--mode",
+            c.mode,
+            "--inflight",
+            str(c.inflight),
+            "--rate",
+            str(c.rate),
+            "--count",
+            str(c.count),
+            "--duration",
+            str(c.duration),
+            "--payload",
+            str(c.payload),
+            "--channels",
+            str(c.channels),
+            "--distribution",
+            c.distribution,
+            "--route",
+            c.route,
+            "--journal",
+            str(journal),
+            "--json",
+            str(out),
+            "--csv",
+            str(out.with_suffix(".csv")),
+            "--quiet",
+        ]
         proc = self._tool("plexichat.load.cli", args, c.duration + c.step_timeout)
         if proc.returncode != 0:
             raise ClusterError(
@@ -410,10 +495,20 @@ class Cluster:
     def run_p2p(self, out: Path) -> dict[str, Any]:
         c = self.config
         args = [
-            "--nodes", self.nodes_arg(), "--scenario", "p2p", "--count", str(c.p2p_count),
-            "--rate", str(c.p2p_rate), "--fanout", str(c.p2p_fanout), "--json", str(out),
+            "--nodes",
+            self.nodes_arg(),
+            "--scenario",
+            "p2p",
+            "--count",
+            str(c.p2p_count),
+            "--rate",
+            str(c.p2p_rate),
+            "--fanout",
+            str(c.p2p_fanout),
+            "--json",
+            str(out),
             "--quiet",
-        ]  # fmt: skip
+        ]
         proc = self._tool("plexichat.load.cli", args, c.step_timeout)
         if proc.returncode != 0:
             raise ClusterError(f"p2p failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -498,7 +593,8 @@ def run_cluster(
             journal = results_dir / "journal.bin"
             load = cluster.run_load(journal, results_dir / "load.json")
             progress(
-                f"acked {load['acked']} at {load['throughput_msgs_per_s']:.0f} msg/s; p2p"
+                f"acked {load['acked']} at "
+                f"{load['throughput_msgs_per_s']:.0f} msg/s; p2p"
             )
             p2p = cluster.run_p2p(results_dir / "p2p.json")
             progress("checking")

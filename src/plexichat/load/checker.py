@@ -113,8 +113,12 @@ def check(
                 seq = stored_seq[entry.msg_id]
                 if seq <= previous:
                     result.reordered += 1
-                    _example(result, "reordered",
-                             f"sender {sender:x} counter {entry.counter} seq {seq} <= {previous}")  # fmt: skip
+                    _example(
+                        result,
+                        "reordered",
+                        f"sender {sender:x} counter {entry.counter}: "
+                        f"seq {seq} <= {previous}",
+                    )
                 previous = seq
         for rows in replica_rows:
             have = {msg_id for _, msg_id in rows.get(channel, ())}

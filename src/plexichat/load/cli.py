@@ -24,11 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--nodes", required=True, help="comma-separated HOST:PORT of the nodes")
-    add("--scenario", choices=("chat", "p2p"), default="chat",
-        help="chat: SEND load with a journal; p2p: RELAY fan-out latency")  # fmt: skip
+    add(
+        "--scenario",
+        choices=("chat", "p2p"),
+        default="chat",
+        help="chat: SEND load with a journal; p2p: RELAY fan-out latency",
+    )
     add("--clients", type=int, default=8, help="concurrent clients (senders)")
-    add("--mode", choices=("closed", "open"), default="closed",
-        help="closed: each client keeps --inflight requests; open: --rate msgs/s in total")  # fmt: skip
+    add(
+        "--mode",
+        choices=("closed", "open"),
+        default="closed",
+        help="closed: each client keeps --inflight requests; "
+        "open: --rate msgs/s in total",
+    )
     add(
         "--inflight",
         type=int,
@@ -45,11 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--duration", type=float, default=30.0, help="stop after this many seconds")
     add("--payload", type=int, default=64, help="payload bytes per message")
     add("--channels", type=int, default=256, help="number of channels")
-    add("--distribution", choices=("uniform", "zipf"), default="uniform",
-        help="channel popularity")  # fmt: skip
+    add(
+        "--distribution",
+        choices=("uniform", "zipf"),
+        default="uniform",
+        help="channel popularity",
+    )
     add("--zipf-s", type=float, default=1.1, help="Zipf exponent")
-    add("--route", choices=("owner", "any"), default="owner",
-        help="owner: send to the channel owner; any: one node per client (it forwards)")  # fmt: skip
+    add(
+        "--route",
+        choices=("owner", "any"),
+        default="owner",
+        help="owner: send to the channel owner; any: one node per client (it forwards)",
+    )
     add("--journal", type=Path, default=None, help="write acknowledged messages here")
     add("--timeout", type=float, default=10.0, help="per-request timeout (seconds)")
     add("--seed", type=int, default=None, help="seed of the channel choice")
@@ -68,18 +85,34 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.scenario == "p2p":
         return await run_p2p(
             P2PConfig(
-                nodes=nodes, count=min(args.count, 100_000), rate=args.rate,
-                fanout=args.fanout, ttl=args.ttl, payload=args.payload, timeout=args.timeout,
+                nodes=nodes,
+                count=min(args.count, 100_000),
+                rate=args.rate,
+                fanout=args.fanout,
+                ttl=args.ttl,
+                payload=args.payload,
+                timeout=args.timeout,
             )
-        )  # fmt: skip
+        )
     return await run_load(
         LoadConfig(
-            nodes=nodes, clients=args.clients, mode=args.mode, inflight=args.inflight,
-            rate=args.rate, count=args.count, duration=args.duration, payload=args.payload,
-            channels=args.channels, distribution=args.distribution, zipf_s=args.zipf_s,
-            route=args.route, journal=args.journal, timeout=args.timeout, seed=args.seed,
+            nodes=nodes,
+            clients=args.clients,
+            mode=args.mode,
+            inflight=args.inflight,
+            rate=args.rate,
+            count=args.count,
+            duration=args.duration,
+            payload=args.payload,
+            channels=args.channels,
+            distribution=args.distribution,
+            zipf_s=args.zipf_s,
+            route=args.route,
+            journal=args.journal,
+            timeout=args.timeout,
+            seed=args.seed,
         )
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

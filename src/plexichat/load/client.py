@@ -39,9 +39,10 @@ class NodeClient:
     async def connect(self) -> dict[str, Any]:
         """Connect and say HELLO; return the WELCOME body."""
         frame = await self.link.call(
-            T.HELLO, p.encode_json({"version": p.PROTOCOL_VERSION, "role": "client"}),
+            T.HELLO,
+            p.encode_json({"version": p.PROTOCOL_VERSION, "role": "client"}),
             self.timeout,
-        )  # fmt: skip
+        )
         if frame.type != T.WELCOME:
             raise p.ProtocolError(f"expected WELCOME, got type {frame.type}")
         self.welcome = p.decode_json(frame.payload)
@@ -126,7 +127,7 @@ async def connect_all(
 async def cluster_view(
     clients: list[NodeClient],
 ) -> tuple[dict[str, float], int, dict[str, NodeClient]]:
-    """``(live {id: weight}, replicas, {node id: client})`` as the first node sees it."""
+    """``(live {id: weight}, replicas, {id: client})`` as the first node sees it."""
     info, _ = await clients[0].stats()
     live = {
         m["id"]: float(m.get("weight", 1.0))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import os
 import random
 import struct
@@ -112,7 +113,7 @@ class Generator:
             for w in weights:
                 acc += w / total
                 self._cdf.append(acc)
-        self.deadline = 0.0
+        self.deadline = float("inf")
         self.started_ns = 0
         self.last_ack_ns = 0
 
@@ -181,6 +182,8 @@ class Generator:
             if closed_loop:
                 self.issue(client)
         self.last_ack_ns = now
+        if time.monotonic() >= self.deadline:
+            self.stopping = True
         if len(lat) >= 8192:
             self._flush_latencies()
         self._check_done()
@@ -189,7 +192,7 @@ class Generator:
         self.failures += 1
         if frame is not None:
             try:
-                code, message = p.decode_error(frame.payload)
+                code, _ = p.decode_error(frame.payload)
                 reason = (
                     p.ErrorCode(code).name
                     if code in p.ErrorCode._value2member_map_
@@ -211,9 +214,12 @@ class Generator:
         self._check_done()
 
     def _check_done(self) -> None:
-        if self.stopping and not self.done.is_set():
-            if all(c.inflight <= 0 for c in self.clients):
-                self.done.set()
+        if (
+            self.stopping
+            and not self.done.is_set()
+            and all(c.inflight <= 0 for c in self.clients)
+        ):
+            self.done.set()
 
     def _flush_latencies(self) -> None:
         if self.latencies:
@@ -228,7 +234,7 @@ class Generator:
         config = self.config
         controls = await connect_all(config.nodes, config.timeout)
         try:
-            live, _replicas, by_id = await cluster_view(controls)
+            live, _replicas, _ = await cluster_view(controls)
             ring = Ring(live)
             index_of = {c.node_id: i for i, c in enumerate(controls)}
             owner_index = []
@@ -247,9 +253,7 @@ class Generator:
                 node = k if config.route == "owner" else i % n_nodes
                 host, port = config.nodes[node]
                 _, conn = await loop.create_connection(
-                    lambda node=node: _Conn(self, node),
-                    host,
-                    port,  # type: ignore[misc]
+                    functools.partial(_Conn, self, node), host, port
                 )
                 conn.send(T.HELLO, 0, _HELLO)
                 conns.append(conn)
@@ -287,7 +291,7 @@ class Generator:
         start = time.perf_counter_ns()
         issued = 0
         clients = self.clients
-        while not self.stopping:
+        while not self.stopping and time.monotonic() < self.deadline:
             due = min(int((time.perf_counter_ns() - start) * rate / 1e9), config.count)
             while issued < due:
                 intended = start + int(issued * 1e9 / rate)
@@ -298,6 +302,7 @@ class Generator:
                 self.stopping = True
                 break
             await asyncio.sleep(0.001)
+        self.stopping = True
         self._check_done()
 
     async def run(self) -> dict[str, Any]:
@@ -338,9 +343,13 @@ class Generator:
         end = self.last_ack_ns or time.perf_counter_ns()
         seconds = max(1e-9, (end - self.started_ns) / 1e9)
         row = report.summary(
-            "chat", self.hist, requests=self.acked + self.failures,
-            failures=self.failures, seconds=seconds, content_size=float(config.payload),
-        )  # fmt: skip
+            "chat",
+            self.hist,
+            requests=self.acked + self.failures,
+            failures=self.failures,
+            seconds=seconds,
+            content_size=float(config.payload),
+        )
         pct = row["percentiles_ms"]
         return {
             "scenario": "chat",

@@ -10,11 +10,19 @@ from plexichat.stats import Histogram
 
 PERCENTILES: Final = (50, 66, 75, 80, 90, 95, 98, 99, 99.9, 99.99, 100)
 CSV_HEADER: Final = [
-    "Type", "Name", "Request Count", "Failure Count", "Median Response Time",
-    "Average Response Time", "Min Response Time", "Max Response Time",
-    "Average Content Size", "Requests/s", "Failures/s",
+    "Type",
+    "Name",
+    "Request Count",
+    "Failure Count",
+    "Median Response Time",
+    "Average Response Time",
+    "Min Response Time",
+    "Max Response Time",
+    "Average Content Size",
+    "Requests/s",
+    "Failures/s",
     *[f"{q:g}%" for q in PERCENTILES],
-]  # fmt: skip
+]
 
 
 def label(q: float) -> str:
@@ -65,10 +73,18 @@ def to_csv(rows: list[dict[str, Any]], type_: str = "SEND") -> str:
         pct = row["percentiles_ms"]
         writer.writerow(
             [
-                type_, row["name"], row["requests"], row["failures"], row["median_ms"],
-                row["avg_ms"], row["min_ms"], row["max_ms"], row["avg_content_size"],
-                row["requests_per_s"], row["failures_per_s"],
+                type_,
+                row["name"],
+                row["requests"],
+                row["failures"],
+                row["median_ms"],
+                row["avg_ms"],
+                row["min_ms"],
+                row["max_ms"],
+                row["avg_content_size"],
+                row["requests_per_s"],
+                row["failures_per_s"],
                 *[pct[label(q)] for q in PERCENTILES],
             ]
-        )  # fmt: skip
+        )
     return out.getvalue()

@@ -30,21 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:0",
         help="HOST:PORT to listen on (default %(default)s)",
     )
-    add("--advertise", default=None,
-        help="HOST:PORT that peers use to reach this node (default: the listen address)")  # fmt: skip
+    add(
+        "--advertise",
+        default=None,
+        help="HOST:PORT that peers use to reach this node (default: --listen)",
+    )
     add(
         "--seeds", default="", help="comma-separated HOST:PORT of nodes to join through"
     )
     add("--data-dir", required=True, type=Path, help="directory of the SQLite database")
-    add("--replicas", type=int, default=2,
-        help="copies of every message before it is acknowledged (default %(default)s)")  # fmt: skip
+    add(
+        "--replicas",
+        type=int,
+        default=2,
+        help="copies of every message before it is acknowledged (default %(default)s)",
+    )
     add(
         "--weight", type=float, default=1.0, help="routing weight (default %(default)s)"
     )
     add("--gossip-interval", type=float, default=0.5, help="seconds between probes")
     add("--ping-timeout", type=float, default=0.3, help="seconds to wait for a PONG")
-    add("--suspect-timeout", type=float, default=2.0,
-        help="seconds a suspect has to refute before it is declared dead")  # fmt: skip
+    add(
+        "--suspect-timeout",
+        type=float,
+        default=2.0,
+        help="seconds a suspect has to refute before it is declared dead",
+    )
     add(
         "--indirect-pings",
         type=int,
@@ -57,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds to wait for replicas",
     )
-    add("--read-timeout", type=float, default=10.0,
-        help="close a connection stalled inside a frame for this long")  # fmt: skip
+    add(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection stalled inside a frame for this long",
+    )
     add(
         "--idle-timeout",
         type=float,
@@ -71,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=256 * 1024,
         help="largest message payload (bytes)",
     )
-    add("--sync", choices=("normal", "full"), default="normal",
-        help="SQLite synchronous mode: normal survives a process crash, full a power loss")  # fmt: skip
+    add(
+        "--sync",
+        choices=("normal", "full"),
+        default="normal",
+        help="SQLite synchronous mode: normal survives a process crash, "
+        "full a power loss",
+    )
     add("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 

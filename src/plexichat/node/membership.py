@@ -138,8 +138,15 @@ class Membership:
         self._round = 0
         self._task: asyncio.Task[None] | None = None
         self._running = False
-        self.counters = {"pings": 0, "ping_failures": 0, "indirect": 0, "suspected": 0,
-                         "declared_dead": 0, "refuted": 0, "joins": 0}  # fmt: skip
+        self.counters = {
+            "pings": 0,
+            "ping_failures": 0,
+            "indirect": 0,
+            "suspected": 0,
+            "declared_dead": 0,
+            "refuted": 0,
+            "joins": 0,
+        }
         self._queue(self.me)
 
     # -- views --------------------------------------------------------------
@@ -198,13 +205,12 @@ class Membership:
     def _apply(self, new: Member) -> None:
         if new.id == self.id:
             me = self.me
-            if new.incarnation > me.incarnation or (
-                new.incarnation == me.incarnation and new.status != "alive"
-            ):
-                if self._running or new.status != "left":
-                    me.incarnation = new.incarnation + 1
-                    self.counters["refuted"] += 1
-                    self._queue(me)
+            newer = new.incarnation > me.incarnation
+            accused = new.incarnation == me.incarnation and new.status != "alive"
+            if (newer or accused) and (self._running or new.status != "left"):
+                me.incarnation = new.incarnation + 1
+                self.counters["refuted"] += 1
+                self._queue(me)
             return
         current = self.members.get(new.id)
         if current is None:
@@ -360,9 +366,12 @@ class Membership:
             return
         peer = random.choice(peers)
         reply = await self.transport.gossip_call(
-            peer.host, peer.port, MessageType.GOSSIP,
-            {"kind": "sync", "members": self.table()}, self.config.ping_timeout * 3,
-        )  # fmt: skip
+            peer.host,
+            peer.port,
+            MessageType.GOSSIP,
+            {"kind": "sync", "members": self.table()},
+            self.config.ping_timeout * 3,
+        )
         if reply is not None:
             self.merge(reply.get("members"))
 

@@ -186,9 +186,9 @@ class Node:
         self.ring_members: dict[str, float] = {}
         self.epoch = 0
         capacity = config.cache_capacity
-        self.owner_cache = LRUCache(capacity)
-        self.recent = LRUCache(capacity)
-        self.relay_seen = LRUCache(capacity)
+        self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
+        self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
+        self.relay_seen: LRUCache[int, bool] = LRUCache(capacity)
         self.last_seq: dict[int, int] = {}
         self.synced: dict[int, int] = {}
         self.gates: dict[int, list[SendItem]] = {}
@@ -197,11 +197,31 @@ class Node:
         self.subscribers: dict[int, set[FrameConnection]] = {}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
         self.counters: dict[str, int] = dict.fromkeys(
-            ("acked", "send_failed", "sends", "forwarded", "dedup_hits", "replicated",
-             "replicate_frames", "fetches", "relays", "relay_dups", "relay_forwarded",
-             "errors_sent", "bad_frames", "unknown_ops", "timeouts_closed",
-             "handoff_sent", "handoff_received", "handoffs", "syncs", "delivered",
-             "connections"), 0)  # fmt: skip
+            (
+                "acked",
+                "send_failed",
+                "sends",
+                "forwarded",
+                "dedup_hits",
+                "replicated",
+                "replicate_frames",
+                "fetches",
+                "relays",
+                "relay_dups",
+                "relay_forwarded",
+                "errors_sent",
+                "bad_frames",
+                "unknown_ops",
+                "timeouts_closed",
+                "handoff_sent",
+                "handoff_received",
+                "handoffs",
+                "syncs",
+                "delivered",
+                "connections",
+            ),
+            0,
+        )
         self.advertise: tuple[str, int] = ("", 0)
         self.ready = asyncio.Event()
         self.started = time.monotonic()
@@ -233,9 +253,12 @@ class Node:
         self.last_seq = self.storage.open()
         self.storage.start(self._loop)
         self._server = await self._loop.create_server(
-            self._new_connection, config.listen_host, config.listen_port,
-            reuse_address=True, backlog=1024,
-        )  # fmt: skip
+            self._new_connection,
+            config.listen_host,
+            config.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
         port = self._server.sockets[0].getsockname()[1]
         self.listen_port = int(port)
         self.advertise = (
@@ -243,10 +266,15 @@ class Node:
             config.advertise_port or self.listen_port,
         )
         self.membership = Membership(
-            self.id, self.advertise[0], self.advertise[1], self,
-            weight=config.weight, config=config.gossip,
-            on_change=self._membership_changed, seeds=config.seeds,
-        )  # fmt: skip
+            self.id,
+            self.advertise[0],
+            self.advertise[1],
+            self,
+            weight=config.weight,
+            config=config.gossip,
+            on_change=self._membership_changed,
+            seeds=config.seeds,
+        )
         self._membership_changed()
         self.membership.start()
         self._spawn(self._sweeper(), "sweeper")
@@ -324,9 +352,11 @@ class Node:
     def _on_wire_error(self, conn: FrameConnection, exc: wire.WireError) -> None:
         self.counters["bad_frames"] += 1
         log.warning(
-            "bad frame from %s: %s", conn.peername, exc,
+            "bad frame from %s: %s",
+            conn.peername,
+            exc,
             extra={"event": "bad_frame", "peer": conn.peername, "reason": exc.reason},
-        )  # fmt: skip
+        )
         self._error(conn, 0, p.ErrorCode.MALFORMED, f"{exc.reason}: {exc}")
 
     def _error(self, conn: FrameConnection, rid: int, code: int, message: str) -> None:
@@ -345,8 +375,12 @@ class Node:
             if handler is None:
                 if ftype != T.ERROR:  # never answer an error with an error
                     self.counters["unknown_ops"] += 1
-                    self._error(conn, frame.request_id, p.ErrorCode.UNKNOWN_OP,
-                                f"operation {ftype} not accepted")  # fmt: skip
+                    self._error(
+                        conn,
+                        frame.request_id,
+                        p.ErrorCode.UNKNOWN_OP,
+                        f"operation {ftype} not accepted",
+                    )
                 continue
             try:
                 handler(conn, frame.request_id, frame.payload)
@@ -365,9 +399,11 @@ class Node:
                 if conn.decoder.pending and idle > config.read_timeout:
                     self.counters["timeouts_closed"] += 1
                     log.warning(
-                        "closing %s: partial frame stalled for %.1fs", conn.peername, idle,
+                        "closing %s: partial frame stalled for %.1fs",
+                        conn.peername,
+                        idle,
                         extra={"event": "read_timeout", "peer": conn.peername},
-                    )  # fmt: skip
+                    )
                     self._error(
                         conn, 0, p.ErrorCode.TIMEOUT, "read timeout inside a frame"
                     )
@@ -470,8 +506,12 @@ class Node:
             self._error(conn, rid, p.ErrorCode.MALFORMED, "SEND body too short")
             return
         if len(payload) - p.SEND_HEAD.size > self.config.max_message:
-            self._error(conn, rid, p.ErrorCode.TOO_LARGE,
-                        f"message above {self.config.max_message} bytes")  # fmt: skip
+            self._error(
+                conn,
+                rid,
+                p.ErrorCode.TOO_LARGE,
+                f"message above {self.config.max_message} bytes",
+            )
             return
         if self._stopping:
             self._error(conn, rid, p.ErrorCode.SHUTTING_DOWN, "node is stopping")
@@ -479,8 +519,12 @@ class Node:
         channel, msg_id, sender = p.SEND_HEAD.unpack_from(payload)
         owners = self.owners(channel)
         if owners is None:
-            self._error(conn, rid, p.ErrorCode.UNAVAILABLE,
-                        f"{len(self.ring_members)} live nodes < replicas {self.config.replicas}")  # fmt: skip
+            self._error(
+                conn,
+                rid,
+                p.ErrorCode.UNAVAILABLE,
+                f"{len(self.ring_members)} nodes live, {self.config.replicas} needed",
+            )
             return
         if owners[0] != self.id:
             if conn.role == "peer":
@@ -775,14 +819,18 @@ class Node:
             await link.connect(self.config.forward_timeout)
             link.post(T.RELAY, body)
 
-    # -- control ops --------------------------------------------------------------------
+    # -- control ops ---------------------------------------------------------
 
     def _on_hello(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
         body = p.decode_json(payload)
         version = body.get("version")
         if version != p.PROTOCOL_VERSION:
-            self._error(conn, rid, p.ErrorCode.BAD_VERSION,
-                        f"protocol version {version!r} not supported (want {p.PROTOCOL_VERSION})")  # fmt: skip
+            self._error(
+                conn,
+                rid,
+                p.ErrorCode.BAD_VERSION,
+                f"protocol version {version!r} unsupported (want {p.PROTOCOL_VERSION})",
+            )
             conn.close()
             return
         if body.get("role") == "peer":
@@ -890,7 +938,7 @@ class Node:
                 if name in self.hist:
                     self.hist[name] = Histogram()
 
-    # -- handoff on membership change ---------------------------------------------------
+    # -- handoff on membership change -----------------------------------------
 
     def _moves(
         self, old: Ring, new: Ring, channels: list[int]

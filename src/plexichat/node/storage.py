@@ -19,6 +19,7 @@ returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -201,7 +202,8 @@ class Storage:
     def _run(self) -> None:
         conn = self._conn
         loop = self._loop
-        assert conn is not None and loop is not None
+        assert conn is not None
+        assert loop is not None
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         stopping = False
@@ -230,10 +232,8 @@ class Storage:
                     )
                 except RuntimeError:  # loop closed during shutdown
                     return
-        try:
+        with contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error:
-            pass
 
     def _write(
         self, conn: sqlite3.Connection, inserts: list[_Insert]
@@ -248,19 +248,14 @@ class Storage:
                 if inserted != len(item.rows):
                     for index, row in enumerate(item.rows):
                         found = conn.execute(LOOKUP, (row[2],)).fetchone()
-                        if found is not None and (found[0], found[1]) != (
-                            row[0],
-                            row[1],
-                        ):
+                        if found is not None and tuple(found) != row[:2]:
                             corrections[index] = int(found[1])
                 results.append((inserted, corrections, None))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self.stats.errors += 1
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             return [(0, {}, exc) for _ in inserts]
         total = sum(r[0] for r in results)
         rows = sum(len(i.rows) for i in inserts)

@@ -36,19 +36,25 @@ COMMON_HELP = {
     "inflight": "requests in flight per client, closed loop (default 64)",
     "payload": "message payload bytes (default 64)",
     "channels": "number of channels (default 256)",
-    "install": "dev: run from src/ (in-place builds); wheel: build the wheel once into a "
-    "cached venv under .cache/ (default wheel)",
+    "install": "dev: run from src/ (in-place builds); wheel: build the wheel "
+    "once into a cached venv under .cache/ (default wheel)",
     "results": "directory for journal, load/p2p/check JSON and node logs",
 }
 
 
 def _config(**kw: Any) -> ClusterConfig:
     return ClusterConfig(
-        nodes=kw["nodes"], replicas=kw["replicas"], duration=kw["duration"],
-        clients=kw["clients"], inflight=kw["inflight"], payload=kw["payload"],
-        channels=kw["channels"], backend=kw["backend"], install=kw["install"],
+        nodes=kw["nodes"],
+        replicas=kw["replicas"],
+        duration=kw["duration"],
+        clients=kw["clients"],
+        inflight=kw["inflight"],
+        payload=kw["payload"],
+        channels=kw["channels"],
+        backend=kw["backend"],
+        install=kw["install"],
         results_dir=Path(kw["results"]) if kw["results"] else None,
-    )  # fmt: skip
+    )
 
 
 def _run(config: ClusterConfig) -> dict[str, Any]:
@@ -77,15 +83,19 @@ def results_table(
         ("backend", results["backend"]),
         ("acked", f"{results['acked']:,}"),
         ("failures", f"{results['failures']:,}"),
-        ("lost / duplicated / reordered",
-         f"{results['lost']} / {results['duplicated']} / {results['reordered']}"),
+        (
+            "lost / duplicated / reordered",
+            f"{results['lost']} / {results['duplicated']} / {results['reordered']}",
+        ),
         ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
-        ("latency p50 / p99 / p99.9 (ms)",
-         f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f}"),
+        (
+            "latency p50 / p99 / p99.9 (ms)",
+            f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f}",
+        ),
         ("convergence (s)", f"{results['convergence_s']:.2f}"),
         ("p2p latency p50 / p99 (ms)", f"{p2p['p50']:.2f} / {p2p['p99']:.2f}"),
         ("p2p coverage", f"{results['p2p_coverage']:.2%}"),
-    ]  # fmt: skip
+    ]
     for name, value in rows:
         style = "red" if name.startswith("lost") and value != "0 / 0 / 0" else None
         table.add_row(name, value, style=style)
@@ -159,7 +169,8 @@ def bench(
     slow = runs["python"]["throughput_msgs_per_s"]
     ratio = fast / slow if slow else float("inf")
     console.print(
-        f"throughput: {runs['auto']['backend']} {fast:,.0f} msg/s, python {slow:,.0f} msg/s, "
+        f"throughput: {runs['auto']['backend']} {fast:,.0f} msg/s, "
+        f"python {slow:,.0f} msg/s, "
         f"ratio [bold]{ratio:.2f}x[/bold]"
     )
     _write(json, {"ratio": ratio, "runs": runs})

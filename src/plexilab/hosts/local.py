@@ -121,9 +121,14 @@ class LocalHost(Host):
         start = time.monotonic()
         try:
             proc = subprocess.run(
-                list(argv), capture_output=True, timeout=timeout, env=self._env(env),
-                cwd=self._workdir, start_new_session=True, check=False,
-            )  # fmt: skip
+                list(argv),
+                capture_output=True,
+                timeout=timeout,
+                env=self._env(env),
+                cwd=self._workdir,
+                start_new_session=True,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             raise HostError(f"{' '.join(argv)} timed out after {timeout}s") from exc
         except OSError as exc:
@@ -149,9 +154,14 @@ class LocalHost(Host):
         log = open(path, "ab")  # noqa: SIM115 - closed when the process is waited for
         try:
             popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self._env(env), cwd=self._workdir, start_new_session=True,
-            )  # fmt: skip
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(env),
+                cwd=self._workdir,
+                start_new_session=True,
+            )
         except OSError as exc:
             log.close()
             raise HostError(f"cannot start {argv[0]}: {exc}") from exc

@@ -1,0 +1,108 @@
+"""In-process clusters for tests and experiments (all nodes in one event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from plexichat.node.membership import GossipConfig
+from plexichat.node.server import Node, NodeConfig
+
+FAST_GOSSIP = GossipConfig(interval=0.05, ping_timeout=0.1, suspect_timeout=0.6)
+
+
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> float:
+    """Poll *predicate* every few ms; return the seconds taken or raise TimeoutError."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+class InProcessCluster:
+    """N nodes on 127.0.0.1 ports chosen by the OS, seeded through each other."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 3,
+        *,
+        replicas: int = 2,
+        gossip: GossipConfig | None = None,
+        **node_options: Any,
+    ) -> None:
+        self.base_dir = Path(base_dir)
+        self.size = size
+        self.replicas = replicas
+        self.gossip = gossip or FAST_GOSSIP
+        self.node_options = node_options
+        self.nodes: list[Node] = []
+        self._next = 0
+
+    def config(self, node_id: str, port: int = 0) -> NodeConfig:
+        seeds = [("127.0.0.1", n.listen_port) for n in self.nodes if not n._stopping]
+        return NodeConfig(
+            node_id=node_id,
+            data_dir=self.base_dir / node_id,
+            listen_port=port,
+            seeds=seeds,
+            replicas=self.replicas,
+            gossip=self.gossip,
+            **self.node_options,
+        )
+
+    async def add_node(self, node_id: str | None = None, port: int = 0) -> Node:
+        """Start one more node (seeded with every running node)."""
+        if node_id is None:
+            node_id = f"n{self._next}"
+            self._next += 1
+        node = Node(self.config(node_id, port))
+        await node.start()
+        self.nodes.append(node)
+        return node
+
+    async def start(self) -> InProcessCluster:
+        for _ in range(self.size):
+            await self.add_node()
+        await self.wait_converged()
+        return self
+
+    def running(self) -> list[Node]:
+        return [n for n in self.nodes if not n._stopping]
+
+    async def wait_converged(self, timeout: float = 10.0) -> float:
+        """Wait until every running node's ring is exactly the running nodes."""
+        ids = {n.id for n in self.running()}
+        return await wait_for(
+            lambda: all(set(n.ring_members) == ids for n in self.running()),
+            timeout,
+            f"convergence on {sorted(ids)}",
+        )
+
+    def node(self, node_id: str) -> Node:
+        return next(n for n in self.nodes if n.id == node_id and not n._stopping)
+
+    def owners(self, channel: int) -> tuple[str, ...]:
+        owners = self.running()[0].owners(channel)
+        assert owners is not None
+        return owners
+
+    async def stop_node(self, node_id: str, *, leave: bool = True) -> None:
+        await self.node(node_id).stop(leave=leave)
+
+    async def close(self) -> None:
+        for node in self.running():
+            await node.stop(leave=False)
+
+    async def __aenter__(self) -> InProcessCluster:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,123 @@
+"""The checker: pure verdicts, journal format, and planted faults in a live cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from plexichat.load import journal as jr
+from plexichat.load.checker import check, run_check
+from plexichat.load.generator import LoadConfig, run_load
+from plexichat.node import protocol as p
+from plexichat.node.testing import InProcessCluster
+
+
+def entry(
+    sender: int, counter: int, channel: int = 1, seq: int | None = None
+) -> jr.Entry:
+    return jr.Entry(
+        p.message_id(sender, counter), channel, sender, counter, seq or counter
+    )
+
+
+def rows(*entries: jr.Entry) -> dict[int, list[tuple[int, bytes]]]:
+    out: dict[int, list[tuple[int, bytes]]] = {}
+    for e in entries:
+        out.setdefault(e.channel, []).append((e.seq, e.msg_id))
+    return out
+
+
+def test_clean_run_is_ok():
+    acked = [entry(1, i) for i in range(1, 6)] + [
+        entry(2, i, channel=2) for i in (1, 2)
+    ]
+    result = check(acked, rows(*acked))
+    assert result.ok
+    assert (result.acked, result.present, result.channels) == (7, 7, 2)
+    assert result.as_dict()["ok"] is True
+
+
+def test_loss_duplicate_reorder_and_mismatch_are_counted():
+    acked = [entry(1, i) for i in range(1, 6)]
+    stored = rows(*acked)
+    stored[1].remove((2, acked[1].msg_id))  # lost
+    stored[1].append((9, acked[2].msg_id))  # duplicated
+    result = check(acked, stored)
+    assert (result.lost, result.duplicated, result.reordered) == (1, 1, 0)
+    assert not result.ok
+    assert result.examples["lost"][0].startswith(acked[1].msg_id.hex())
+    # counter 4 stored before counter 3: reordered; its ACK seq differs too
+    swapped = rows(*acked[:2], entry(1, 3, seq=4), entry(1, 4, seq=3), acked[4])
+    result = check(acked, swapped)
+    assert (result.lost, result.duplicated, result.reordered) == (0, 0, 1)
+    assert result.seq_mismatch == 2
+
+
+def test_replica_copies_are_checked_when_given():
+    acked = [entry(1, i) for i in range(1, 4)]
+    result = check(acked, rows(*acked), [rows(*acked[:2])])
+    assert result.replicas_checked
+    assert result.replica_missing == 1
+    assert result.ok  # replica gaps are reported, the owner decides
+
+
+def test_journal_round_trip_and_bad_files(tmp_path):
+    entries = [entry(2**63, 2**64 - 1, channel=2**64 - 1), entry(1, 0, seq=5)]
+    path = tmp_path / "j.bin"
+    jr.write(path, entries)
+    assert list(jr.read(path)) == entries
+    (tmp_path / "bad").write_bytes(b"NOPE")
+    with pytest.raises(ValueError, match="magic"):
+        list(jr.read(tmp_path / "bad"))
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        list(jr.read(path))
+
+
+def test_checker_finds_a_deleted_row_and_a_planted_duplicate(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "nodes") as cluster:
+            nodes = [("127.0.0.1", n.listen_port) for n in cluster.nodes]
+            journal = tmp_path / "journal.bin"
+            load = await run_load(
+                LoadConfig(
+                    nodes=nodes,
+                    clients=3,
+                    inflight=4,
+                    count=300,
+                    channels=8,
+                    journal=journal,
+                    seed=1,
+                )
+            )
+            assert load["acked"] == 300
+            result = await run_check(nodes, journal, replicas=True)
+            assert result.ok
+            assert (result.acked, result.replica_missing) == (300, 0)
+
+            victim, other = list(jr.read(journal))[:2]
+            owner = cluster.node(cluster.owners(victim.channel)[0])
+            db = sqlite3.connect(owner.storage.path)
+            with db:
+                db.execute("DELETE FROM messages WHERE msg_id = ?", (victim.msg_id,))
+            result = await run_check(nodes, journal)
+            assert (result.lost, result.duplicated) == (1, 0)
+
+            owner = cluster.node(cluster.owners(other.channel)[0])
+            db = sqlite3.connect(owner.storage.path)
+            with db:
+                db.execute("DROP INDEX messages_msg_id")
+                db.execute(
+                    "INSERT INTO messages (channel, seq, msg_id, sender, ts_us, "
+                    "payload) SELECT channel, seq + 100000, msg_id, sender, ts_us, "
+                    "payload "
+                    "FROM messages WHERE msg_id = ?",
+                    (other.msg_id,),
+                )
+            result = await run_check(nodes, journal)
+            assert (result.lost, result.duplicated) == (1, 1)
+            assert not result.ok
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -1,0 +1,176 @@
+"""Local-process hosts and the full cluster run (nodes, load, P2P, checker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+from invoke.context import Context
+from invoke.exceptions import Exit
+
+from plexilab.cli import local as local_cli
+from plexilab.cluster import ClusterConfig, run_cluster, run_lab, tail
+from plexilab.hosts.base import HostError
+from plexilab.hosts.local import LocalHost, free_ports
+
+
+def test_local_host_runs_spawns_and_copies(tmp_path):
+    host = LocalHost("h1", workdir=tmp_path / "w", ports=3)
+    try:
+        assert host.workdir() == str(tmp_path / "w")
+        assert host.python() == sys.executable
+        eps = [host.listen_endpoint(i) for i in range(3)]
+        assert len({e.port for e in eps}) == 3
+        assert all(e.host == "127.0.0.1" for e in eps)
+        assert host.lab_endpoint(1) == host.peer_endpoint(1, host) == eps[1]
+        with pytest.raises(HostError):
+            host.listen_endpoint(3)
+        result = host.run(
+            [sys.executable, "-c", "import os; print(os.getcwd())"], timeout=30
+        )
+        assert result.stdout.strip() == str(tmp_path / "w")
+        failed = host.run(
+            [sys.executable, "-c", "raise SystemExit(3)"], timeout=30, check=False
+        )
+        assert failed.returncode == 3
+        with pytest.raises(HostError, match="exited 3"):
+            failed.check()
+        with pytest.raises(HostError, match="timed out"):
+            host.run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.2)
+        with pytest.raises(HostError):
+            host.run(["/nonexistent/binary"], timeout=5)
+        src = tmp_path / "a.txt"
+        src.write_text("hello")
+        host.put(src, str(tmp_path / "w" / "sub" / "b.txt"))
+        host.get(str(tmp_path / "w" / "sub" / "b.txt"), tmp_path / "c.txt")
+        assert (tmp_path / "c.txt").read_text() == "hello"
+        with pytest.raises(HostError):
+            host.get(str(tmp_path / "missing"), tmp_path / "d.txt")
+        # a spawned process is its own process group; stop() ends it
+        code = "import sys, time; print('up', flush=True); time.sleep(60)"
+        proc = host.spawn(
+            [sys.executable, "-c", code],
+            log_path=str(tmp_path / "p.log"),
+            env={"X": "1"},
+        )
+        assert proc.alive()
+        assert os.getpgid(proc.pid) == proc.pid
+        while "up" not in (tmp_path / "p.log").read_text():
+            assert proc.wait(0.02) is None
+        assert proc.stop(timeout=5) == -signal.SIGTERM
+        assert not proc.alive()
+        proc.send_signal(signal.SIGTERM)  # no error once it is gone
+        stubborn = host.spawn(
+            [
+                sys.executable,
+                "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ready', flush=True); time.sleep(60)",
+            ],
+            log_path=str(tmp_path / "s.log"),
+        )
+        while "ready" not in (tmp_path / "s.log").read_text():
+            stubborn.wait(0.02)
+        assert stubborn.stop(timeout=0.3) == -signal.SIGKILL
+        with pytest.raises(HostError):
+            host.spawn(["/nonexistent/binary"], log_path=str(tmp_path / "x.log"))
+    finally:
+        host.close()
+    assert len(set(free_ports(5))) == 5
+
+
+def test_run_lab_kills_the_group_on_timeout():
+    import subprocess
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_lab(
+            [sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.3, env={}
+        )
+    done = run_lab([sys.executable, "-c", "print('x')"], timeout=30, env={"A": "1"})
+    assert (done.returncode, done.stdout) == (0, "x\n")
+
+
+def test_cluster_run_reports_zero_loss_and_stops_every_node(tmp_path):
+    host = LocalHost(workdir=tmp_path / "host")
+    config = ClusterConfig(
+        nodes=3,
+        duration=1.5,
+        clients=4,
+        inflight=16,
+        channels=32,
+        p2p_count=20,
+        p2p_rate=200,
+        check_replicas=True,
+        install="dev",
+        results_dir=tmp_path / "run",
+        gossip_interval=0.1,
+    )
+    try:
+        res = run_cluster([host], config)
+    finally:
+        host.close()
+    assert res["nodes"] == 3
+    assert res["acked"] > 0
+    assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
+    assert res["check"]["replica_missing"] == 0
+    assert res["throughput_msgs_per_s"] > 0
+    assert (
+        0
+        < res["latency_ms"]["p50"]
+        <= res["latency_ms"]["p99"]
+        <= res["latency_ms"]["p99.9"]
+    )
+    assert res["convergence_s"] > 0
+    assert res["p2p_coverage"] == 1.0
+    assert res["p2p_latency_ms"]["p50"] > 0
+    assert res["backend"] in ("compiled", "python", "mixed")
+    assert set(res["host_backends"]) == {"local"}
+    assert len(res["per_node"]) == 3
+    assert sum(n["counters"]["acked"] for n in res["per_node"]) == res["acked"]
+    assert (tmp_path / "run" / "load.csv").exists()
+    assert all(not p.alive() for p in host.processes) or not host.processes
+    for row in res["per_node"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(row["pid"], 0)
+
+
+def test_invoke_task_writes_json_and_table(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "res.json"
+    monkeypatch.setattr(local_cli, "ClusterConfig", _short_config)
+    local_cli.cluster(
+        Context(),
+        nodes=3,
+        duration=1.0,
+        json=str(out),
+        install="dev",
+        clients=2,
+        inflight=8,
+        results=str(tmp_path / "r"),
+    )
+    doc = json.loads(out.read_text())
+    assert doc["lost"] == 0
+    printed = capsys.readouterr().out
+    assert "throughput" in printed
+    with pytest.raises(Exit):
+        local_cli.cluster(Context(), backend="numba")
+    with pytest.raises(Exit):
+        local_cli.cluster(Context(), install="docker")
+
+
+def _short_config(**kw):
+    return ClusterConfig(**kw, gossip_interval=0.1, p2p_count=10)
+
+
+def test_tail_of_a_missing_log(tmp_path):
+    from plexilab.cluster import NodeHandle
+    from plexilab.hosts.base import Endpoint
+
+    host = LocalHost(workdir=tmp_path)
+    ep = Endpoint("127.0.0.1", 1)
+    node = NodeHandle(
+        0, "n0", host, 0, ep, ep, ep, str(tmp_path), str(tmp_path / "none")
+    )
+    assert tail(node) == "(no log)"

@@ -1,0 +1,127 @@
+"""``plexichat-node``: arguments, JSON-lines logs, serving until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import signal
+
+import pytest
+
+from plexichat.load.client import NodeClient
+from plexichat.node import cli, logs
+from plexichat.node.server import parse_address
+from plexilab.hosts.local import free_ports
+
+
+def test_arguments_become_a_config(tmp_path):
+    args = cli.build_parser().parse_args(
+        [
+            "--node-id",
+            "a",
+            "--listen",
+            "0.0.0.0:7000",
+            "--advertise",
+            "[::1]:7001",
+            "--seeds",
+            "10.0.2.100:7000, 10.0.2.101:7000",
+            "--data-dir",
+            str(tmp_path),
+            "--replicas",
+            "3",
+            "--gossip-interval",
+            "0.1",
+            "--suspect-timeout",
+            "1",
+            "--sync",
+            "full",
+        ]
+    )
+    config = cli.config_from_args(args)
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 7000)
+    assert (config.advertise_host, config.advertise_port) == ("::1", 7001)
+    assert config.seeds == [("10.0.2.100", 7000), ("10.0.2.101", 7000)]
+    assert (config.replicas, config.synchronous) == (3, "full")
+    assert (config.gossip.interval, config.gossip.suspect_timeout) == (0.1, 1.0)
+    for bad in ("nohost", "host:", ":80", "h:x"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_address(bad)
+
+
+def test_bad_listen_address_exits_2(tmp_path, capsys):
+    assert (
+        cli.main(["--node-id", "a", "--data-dir", str(tmp_path), "--listen", "x"]) == 2
+    )
+    assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for option in (
+        "--node-id",
+        "--listen",
+        "--advertise",
+        "--seeds",
+        "--data-dir",
+        "--replicas",
+        "--gossip-interval",
+        "--log-level",
+    ):
+        assert option in out
+
+
+def test_logs_are_json_lines():
+    stream = io.StringIO()
+    logs.setup("debug", "n9", stream)
+    log = logging.getLogger("plexichat.test")
+    log.info("hello %s", "world", extra={"event": "greet", "n": 1})
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "hello world"
+    assert (first["event"], first["n"], first["node"], first["level"]) == (
+        "greet",
+        1,
+        "n9",
+        "info",
+    )
+    assert "RuntimeError: boom" in second["exc"]
+    logs.setup("warning")
+
+
+def test_serve_until_sigterm(tmp_path, capsys):
+    (port,) = free_ports(1)
+    args = cli.build_parser().parse_args(
+        [
+            "--node-id",
+            "solo",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path),
+            "--replicas",
+            "1",
+        ]
+    )
+
+    async def scenario() -> None:
+        server = asyncio.create_task(cli.serve(cli.config_from_args(args)))
+        for _ in range(500):
+            try:
+                async with NodeClient("127.0.0.1", port, timeout=2) as client:
+                    assert await client.send(5, b"\x00" * 16, 0, b"x") == 1
+                    break
+            except OSError:
+                await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server, 10)
+
+    asyncio.run(scenario())
+    assert f"ready solo 127.0.0.1:{port}" in capsys.readouterr().out
