@@ -215,3 +215,11 @@ def test_matches_reference(cache_impl: ModuleType, capacity: int, ops: list) -> 
     for op in ops:
         assert apply(cache, op) == apply(spec, op), op
         assert observe(cache) == observe(spec), op
+
+
+def test_package_exports_the_active_backend() -> None:
+    import plexichat.cache
+    from plexichat import accel
+
+    assert plexichat.cache.BACKEND == accel.active("cache")
+    assert plexichat.cache.LRUCache is accel.load("cache").LRUCache

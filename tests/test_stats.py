@@ -542,3 +542,12 @@ def test_mutated_bytes_agree_with_reference(
     assert got == want
     if got[0] == "ok":
         assert got[1] == data  # canonical: whatever decodes re-encodes identically
+
+
+def test_package_exports_the_active_backend() -> None:
+    import plexichat.stats
+    from plexichat import accel
+
+    assert plexichat.stats.BACKEND == accel.active("stats")
+    assert plexichat.stats.Histogram is accel.load("stats").Histogram
+    assert plexichat.stats.MAGIC == b"PXHG"

@@ -4,7 +4,8 @@
 Layout: a dict maps each key to its slot number; per slot, Python lists hold
 the key and value and C ``int32`` arrays hold the links of the recency list
 (``_head`` = least recent, ``_tail`` = most recent).  Slots freed by ``pop``
-are chained through ``_next`` and reused first.  A full cache reuses the
+or ``clear`` are chained through ``_next`` and reused first; the per-slot
+lists never shrink, so every slot number in ``_index`` stays a valid index.  A full cache reuses the
 evicted slot, so a warm cache allocates nothing but the dict entry.
 """
 
@@ -48,10 +49,10 @@ cdef class LRUCache:
     __class_getitem__ = classmethod(GenericAlias)
 
     def __cinit__(self, capacity):
+        # Everything happens here (no __init__), so no instance can exist in
+        # a half-built state, not even one made with LRUCache.__new__.
         self._prev = NULL
         self._next = NULL
-
-    def __init__(self, capacity):
         self._capacity = check_capacity(capacity)
         self._index = {}
         self._keys = []
@@ -217,14 +218,21 @@ cdef class LRUCache:
 
     def clear(self):
         """Drop every entry (the counters are kept)."""
-        self._index.clear()
-        self._keys = []
-        self._values = []
-        self._slot_ids = []
-        self._used = 0
+        cdef Py_ssize_t slot
+        old = (self._index, self._keys, self._values)
+        # Make the state consistent first: releasing the old entries can run
+        # arbitrary __del__ code.  Every slot goes back on the free list, and
+        # the per-slot lists keep their length (slot numbers stay valid).
+        self._index = {}
+        self._keys = [None] * self._used
+        self._values = [None] * self._used
         self._head = -1
         self._tail = -1
         self._free = -1
+        for slot in range(self._used - 1, -1, -1):
+            self._next[slot] = self._free
+            self._free = <int32_t>slot
+        del old
 
     def keys(self):
         """Keys, least recent first."""

@@ -82,20 +82,18 @@ cdef class Histogram:
 
     __hash__ = None
 
-    def __cinit__(self, *args, **kwargs):
-        self._counts = NULL
-
-    def __init__(
+    def __cinit__(
         self, lowest=1, highest=3_600_000_000, significant_figures=3
     ):
+        # Everything happens here (no __init__), so no instance can exist
+        # without its counts buffer, not even one made with Histogram.__new__.
+        self._counts = NULL
         self._setup(L.make_layout(lowest, highest, significant_figures))
 
     def __dealloc__(self):
         free(self._counts)
 
     cdef int _setup(self, layout) except -1:
-        free(self._counts)
-        self._counts = NULL
         self._layout = layout
         self._len = layout.counts_len
         self._counts = <int64_t*>calloc(self._len, sizeof(int64_t))
@@ -377,8 +375,7 @@ cdef class Histogram:
         cdef Histogram hist
         header = L.decode_header(raw)
         layout = header.layout
-        hist = Histogram.__new__(Histogram)
-        hist._setup(layout)
+        hist = Histogram(layout.lowest, layout.highest, layout.significant_figures)
         pos = header.pos
         entries = header.entries
         counts_len = hist._len
