@@ -1,0 +1,318 @@
+"""Invoke namespace ``qemu``: guest images, guests, pushing the wheel, guest tests.
+
+* ``invoke qemu.image --arch=x86_64|aarch64|all [--rebuild]`` builds the cached image.
+* ``invoke qemu.up --arch=aarch64`` boots a guest and holds it until Ctrl-C
+  (prints an ssh command); ``qemu.push``/``qemu.test``/``qemu.ssh`` use it.
+* ``invoke qemu.push --arch=aarch64`` builds the wheel + wheelhouse when stale,
+  boots a guest (or uses a running one), pushes and installs them, and shows
+  ``python -m plexichat.accel --require-compiled`` from the guest.
+* ``invoke qemu.test --arch=aarch64`` does the same, then runs the golden-vector
+  tests (tests/golden, tests/vectors) in the guest against the installed wheel.
+* ``invoke qemu.boot-bench --arch=x86_64 --runs=5`` measures boot-to-SSH.
+* ``invoke qemu.reap [--all]`` kills leftovers of dead lab runs (by recorded PID).
+* ``invoke qemu.kvm`` shows (or re-probes) the KVM verdict.
+
+Every task runs ``invoke setup``'s checks first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+from rich.console import Console
+from rich.table import Table
+
+from plexilab import images, machine, setup_host, wheels
+from plexilab.hosts.qemu import GUEST_VENV_PYTHON, GUEST_WORKDIR, GuestSpec, QemuLab
+from plexilab.ssh import SSHClient, SSHHost, lab_key, public_key
+
+console = Console()
+REPO = wheels.REPO
+DIST = REPO / "dist"
+
+
+def _arches(arch: str) -> tuple[str, ...]:
+    if arch == "all":
+        return images.ARCHES
+    if arch not in images.ARCHES:
+        raise Exit(f"unknown arch {arch!r} (x86_64, aarch64 or all)", code=2)
+    return (arch,)
+
+
+def _setup() -> None:
+    try:
+        setup_host.ensure()
+    except setup_host.HostSetupError as exc:
+        raise Exit(str(exc), code=1) from None
+
+
+def newest_source() -> float:
+    """mtime of the newest file that goes into the wheel."""
+    paths = [REPO / "setup.py", REPO / "pyproject.toml"]
+    paths += [p for p in (REPO / "src" / "plexichat").rglob("*") if p.is_file()]
+    return max(p.stat().st_mtime for p in paths if p.suffix not in {".so", ".c", ".html"})
+
+
+def ensure_artifacts(arch: str, *, rebuild: bool = False) -> tuple[Path, Path]:
+    """(wheel, wheelhouse) of *arch* under dist/, rebuilt when older than the sources."""
+    found = wheels.artifacts(arch, DIST)
+    if found and not rebuild and found[0].stat().st_mtime >= newest_source():
+        return found
+    start = time.monotonic()
+    result = wheels.build(arch, DIST)
+    console.print(
+        f"built {result.wheel.name} in {time.monotonic() - start:.1f} s {result.seconds}"
+    )
+    return result.wheel, result.wheelhouse
+
+
+@contextlib.contextmanager
+def guest(arch: str, *, wheelhouse: Path | None, name: str | None = None) -> Iterator[SSHHost]:
+    """A running guest of *arch* (from ``qemu.up``) or a fresh one for this task."""
+    for state in machine.running_guests(arch):
+        ssh = SSHClient(
+            "127.0.0.1",
+            int(state["ssh_port"]),
+            host_key=public_key(state["host_key"]),
+            name=state["name"],
+        )
+        host = SSHHost(
+            state["name"],
+            arch,
+            ssh,
+            python=GUEST_VENV_PYTHON,
+            workdir=GUEST_WORKDIR,
+            deps=images.DEPS_MOUNT if state.get("deps_disk") else None,
+        )
+        ssh.connect(timeout=30)
+        host.run(["mkdir", "-p", GUEST_WORKDIR], timeout=30)
+        console.print(f"using running guest {state['name']} (ssh port {state['ssh_port']})")
+        try:
+            yield host
+        finally:
+            ssh.close()
+        return
+    spec = GuestSpec(name or f"{arch}-task", arch, [], wheelhouse=wheelhouse)
+    lab = QemuLab([spec])
+    with lab:
+        console.print(
+            f"booted {spec.name} ({lab.machines[0].accel}) in {lab.boot_seconds[spec.name]:.1f} s"
+        )
+        yield lab.hosts[0]
+
+
+def push_to(host: SSHHost, wheel: Path, wheelhouse: Path) -> dict[str, Any]:
+    """Install wheel (+ deps) on *host* and run the accel check; return timings."""
+    start = time.monotonic()
+    report = host.install(wheel, wheelhouse)
+    check = host.run(
+        [host.python(), "-m", "plexichat.accel", "--require-compiled"], timeout=300, check=False
+    )
+    total = time.monotonic() - start
+    console.print(check.stdout.rstrip())
+    if check.stderr.strip():
+        console.print(check.stderr.rstrip(), style="red")
+    return {
+        "bytes_sent": report.bytes_sent,
+        "push_s": round(report.push_seconds, 2),
+        "install_s": round(report.install_seconds, 2),
+        "accel_s": round(check.seconds, 2),
+        "total_s": round(total, 2),
+        "installed": report.output,
+        "require_compiled_rc": check.returncode,
+    }
+
+
+def tests_tar() -> bytes:
+    """tests/conftest.py, tests/golden and tests/vectors plus a guest pytest.ini."""
+    buf = io.BytesIO()
+    tests = REPO / "tests"
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        files = [tests / "conftest.py", *sorted((tests / "golden").glob("*.py"))]
+        files += sorted((tests / "vectors").glob("*.json"))
+        for path in files:
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(tests)))
+        ini = b"[pytest]\naddopts = -p no:cacheprovider -ra\n"
+        info = tarfile.TarInfo("pytest.ini")
+        info.size = len(ini)
+        tar.addfile(info, io.BytesIO(ini))
+    return buf.getvalue()
+
+
+def run_golden(host: SSHHost, *, timeout: float = 900.0) -> tuple[int, str]:
+    """Run the golden-vector tests on *host*; return (pytest exit code, output)."""
+    remote = f"{host.workdir()}/tests"
+    host.ssh.run(
+        f"rm -rf {remote} && mkdir -p {remote} && tar -x -C {remote}",
+        timeout=60,
+        input=tests_tar(),
+    )
+    res = host.ssh.run(
+        f"cd {remote} && {host.python()} -m pytest golden -q", timeout=timeout, check=False
+    )
+    return res.returncode, res.stdout + res.stderr
+
+
+def _show(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@task(help={"arch": "x86_64, aarch64 or all (default all)", "rebuild": "rebuild the image"})
+def image(c: Context, arch: str = "all", rebuild: bool = False) -> None:
+    """Build (or show) the cached guest image."""
+    _setup()
+    for a in _arches(arch):
+        img = images.build_image(a, rebuild=True) if rebuild else images.image(a)
+        _show(f"image {a}", {"dir": img.directory, **img.manifest})
+
+
+@task(help={"arch": "x86_64 or aarch64", "out": "output directory (default dist/)"})
+def wheel(c: Context, arch: str = "aarch64", out: str = str(DIST)) -> None:
+    """Build the plexichat wheel and the runtime wheelhouse for an arch."""
+    _setup()
+    for a in _arches(arch):
+        res = wheels.build(a, Path(out))
+        _show(f"wheel {a}", res.as_dict())
+
+
+@task(help={"arch": "x86_64 or aarch64", "name": "guest name", "deps": "attach the deps disk"})
+def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> None:
+    """Boot a guest and keep it until Ctrl-C (other qemu tasks then use it)."""
+    _setup()
+    house = ensure_artifacts(arch)[1] if deps else None
+    spec = GuestSpec(name or f"{arch}-up", arch, [], wheelhouse=house)
+    with QemuLab([spec]) as lab:
+        m = lab.machines[0]
+        key = lab_key()[0]
+        console.print(f"{spec.name} up in {lab.boot_seconds[spec.name]:.1f} s ({m.accel}); ssh:")
+        console.print(
+            f"  ssh -i {key} -p {m.ssh_port} -o UserKnownHostsFile={m.dir / 'known_hosts'} "
+            "root@127.0.0.1",
+            soft_wrap=True,
+        )
+        console.print("Ctrl-C powers it off.")
+        try:
+            while m.running():
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("powering off")
+    console.print(f"{spec.name} exited")
+
+
+@task(help={"arch": "x86_64 or aarch64", "rebuild": "rebuild the wheel", "json": "write timings"})
+def push(c: Context, arch: str = "aarch64", rebuild: bool = False, json: str = "") -> None:
+    """Push the wheel + deps to a guest, install offline, show the accel table."""
+    _setup()
+    results = {}
+    for a in _arches(arch):
+        whl, house = ensure_artifacts(a, rebuild=rebuild)
+        with guest(a, wheelhouse=house) as host:
+            results[a] = push_to(host, whl, house)
+        _show(f"push {a}", results[a])
+    if json:
+        Path(json).write_text(jsonlib_dumps(results))
+    if any(r["require_compiled_rc"] != 0 for r in results.values()):
+        raise Exit("not every kernel family runs compiled code in the guest", code=1)
+
+
+@task(help={"arch": "x86_64 or aarch64", "rebuild": "rebuild the wheel"})
+def test(c: Context, arch: str = "aarch64", rebuild: bool = False) -> None:
+    """Run the golden-vector tests inside a guest against the installed wheel."""
+    _setup()
+    failed = []
+    for a in _arches(arch):
+        whl, house = ensure_artifacts(a, rebuild=rebuild)
+        with guest(a, wheelhouse=house) as host:
+            push_to(host, whl, house)
+            start = time.monotonic()
+            code, output = run_golden(host)
+        console.print(output.rstrip())
+        console.print(f"golden tests on {a}: exit {code} in {time.monotonic() - start:.1f} s")
+        if code != 0:
+            failed.append(a)
+    if failed:
+        raise Exit(f"golden-vector tests failed on {', '.join(failed)}", code=1)
+
+
+@task(help={"arch": "x86_64 or aarch64", "runs": "boots (default 5)", "accel": "auto|tcg|kvm"})
+def boot_bench(c: Context, arch: str = "x86_64", runs: int = 5, accel: str = "auto") -> None:
+    """Median boot-to-SSH (launch to first successful command) over several boots."""
+    _setup()
+    for a in _arches(arch):
+        images.image(a)
+        times = []
+        for i in range(runs):
+            cfg = machine.MachineConfig(arch=a, name=f"{a}-bench{i}", accel=accel)
+            with machine.Machine(cfg) as m:
+                assert m.times.to_ssh is not None
+                times.append(m.times.to_ssh)
+                mode = m.accel
+            console.print(f"{a} boot {i + 1}: {times[-1]:.2f} s ({mode})")
+        _show(
+            f"boot-to-SSH {a}",
+            {
+                "runs": runs,
+                "median_s": round(statistics.median(times), 2),
+                "min_s": round(min(times), 2),
+                "max_s": round(max(times), 2),
+            },
+        )
+
+
+@task(help={"arch": "x86_64 or aarch64", "command": "shell command to run"})
+def ssh(c: Context, arch: str = "x86_64", command: str = "uname -a") -> None:
+    """Run a command in a running guest (``qemu.up``) or a fresh one."""
+    _setup()
+    with guest(arch, wheelhouse=None) as host:
+        res = host.ssh.run(command, timeout=600, check=False)
+    sys.stdout.write(res.stdout)
+    sys.stderr.write(res.stderr)
+    if res.returncode:
+        raise Exit(code=res.returncode)
+
+
+@task(help={"all": "also kill guests of live lab processes"})
+def reap(c: Context, all: bool = False) -> None:  # noqa: A002 - invoke flag name
+    """Kill QEMU and relay processes left by dead lab runs (by recorded PID)."""
+    killed = machine.reap(everything=all)
+    for line in killed:
+        console.print(f"killed {line}")
+    console.print(f"reaped {len(killed)} process(es)")
+
+
+@task(help={"arch": "x86_64 or aarch64", "reprobe": "forget the cached verdict"})
+def kvm(c: Context, arch: str = "x86_64", reprobe: bool = False) -> None:
+    """Show whether KVM works here (a short bounded probe boot, cached)."""
+    _setup()
+    if reprobe:
+        machine.kvm_cache_path().unlink(missing_ok=True)
+    for a in _arches(arch):
+        img = images.image(a)
+        verdict = machine.choose_accel(a, img.kernel, log=console.print)
+        console.print(f"{a}: {verdict}")
+
+
+def jsonlib_dumps(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+qemu = Collection("qemu", image, wheel, up, push, test, boot_bench, ssh, reap, kvm)
