@@ -37,6 +37,12 @@ else
     log "seed: $raw missing (no -fw_cfg name=opt/plexilab/seed)"
 fi
 
+# Optional read-only disk with pre-installed runtime dependencies (virtio-blk).
+if [ -b /dev/vda ]; then
+    mkdir -p /opt/plexichat-deps
+    mount -o ro /dev/vda /opt/plexichat-deps || log "deps disk: mount failed"
+fi
+
 name=plexilab
 [ -s "$seed/hostname" ] && read -r name <"$seed/hostname"
 echo "$name" >/proc/sys/kernel/hostname

@@ -497,6 +497,72 @@ def image(arch: str, *, rebuild: bool = False) -> Image:
     return build_image(arch, rebuild=rebuild)
 
 
+DEPS_MOUNT = "/opt/plexichat-deps"
+GUEST_VENV = "/opt/plexichat"
+
+# Runs on the lab host with `installer` imported from its wheel: installs wheels
+# into a staging tree laid out for the guest (scripts point at the guest venv),
+# byte-compiled here (same CPython 3.11 bytecode as the guests' python3.11).
+_STAGE_DEPS = r"""
+import glob, os, sys
+stage, installer_whl, *wheels = sys.argv[1:]
+sys.path.insert(0, installer_whl)
+from installer import install
+from installer.destinations import SchemeDictionaryDestination
+from installer.sources import WheelFile
+scheme = {"purelib": f"{stage}/site-packages", "platlib": f"{stage}/site-packages",
+          "scripts": f"{stage}/bin", "data": f"{stage}/data",
+          "headers": f"{stage}/include"}
+dest = SchemeDictionaryDestination(scheme, interpreter="%s/bin/python",
+                                   script_kind="posix", bytecode_optimization_levels=(0,))
+for wheel in wheels:
+    with WheelFile.open(wheel) as source:
+        install(source, dest, {"INSTALLER": b"plexilab"})
+"""
+
+
+def deps_disk(arch: str, wheelhouse: Path) -> Path:
+    """A read-only ext4 disk with the wheelhouse's dependencies installed.
+
+    The runtime dependencies (everything in *wheelhouse*) are installed on the
+    lab host from their wheels into a tree that the guest mounts at
+    ``DEPS_MOUNT`` (``site-packages`` is put on the guest venv's path by a
+    ``.pth`` file), byte-compiled.  Pushing only the small plexichat wheel then
+    makes a fresh guest ready in seconds.  Cached by wheel names and sizes.
+    """
+    wheels = sorted(p for p in wheelhouse.glob("*.whl") if not p.name.startswith("plexichat-"))
+    installers = [p for p in wheels if p.name.startswith("installer-")]
+    if not installers:
+        raise RuntimeError(f"{wheelhouse} has no installer wheel")
+    parts = [(p.name, str(p.stat().st_size).encode()) for p in wheels]
+    key = _digest([*parts, ("arch", arch.encode()), ("stage", _STAGE_DEPS.encode())])
+    final = cache_root() / "deps" / f"{arch}-{key}.qcow2"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"deps-{arch}-", dir=final.parent) as t:
+        stage = Path(t) / "stage"
+        stage.mkdir()
+        script = _STAGE_DEPS.replace("%s", GUEST_VENV)
+        run([sys.executable, "-I", "-c", script, str(stage), str(installers[0]), *map(str, wheels)])
+        size_mib = du(stage) * 13 // 10 // (1 << 20) + 64
+        raw = Path(t) / "deps.raw"
+        run(
+            ["mke2fs", "-q", "-F", "-t", "ext4", "-m", "0", "-L", "plexideps",
+             "-d", str(stage), str(raw), f"{size_mib}M"]
+        )  # fmt: skip
+        tmp = Path(t) / "deps.qcow2"
+        run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(tmp)])
+        tmp.chmod(0o444)
+        tmp.rename(final)
+    console.log(
+        f"deps disk {arch}: {len(wheels)} wheels, {mb(final.stat().st_size)} "
+        f"in {time.monotonic() - start:.1f} s"
+    )
+    return final
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plexilab.images", description=__doc__)
     parser.add_argument("--arch", choices=[*ARCHES, "all"], default="all")

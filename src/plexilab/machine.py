@@ -491,6 +491,7 @@ class MachineConfig:
     seed_files: dict[str, bytes] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
+    deps_disk: Path | None = None  # read-only disk mounted at images.DEPS_MOUNT
 
 
 class Machine:
@@ -596,10 +597,19 @@ class Machine:
             "-netdev", self._netdev(),
             "-device", "virtio-net-pci,netdev=net0,romfile=",
             "-device", "virtio-rng-pci",
+            *self._deps_args(),
             "-fw_cfg", f"name={SEED_FW_CFG},file={self.dir / 'seed.tar'}",
             *self.config.extra_args,
         ]  # fmt: skip
         return argv
+
+    def _deps_args(self) -> list[str]:
+        if self.config.deps_disk is None:
+            return []
+        return [
+            "-drive", f"file={self.config.deps_disk},if=none,id=deps,format=qcow2,readonly=on",
+            "-device", "virtio-blk-pci,drive=deps",
+        ]  # fmt: skip
 
     def launch(self, *, attempts: int = 3) -> Machine:
         """Start QEMU and connect QMP (does not wait for SSH)."""
@@ -637,7 +647,25 @@ class Machine:
             "127.0.0.1", self.ssh_port, host_key=self.host_key.public_pkey(), name=self.name
         )
         _live.add(self)
+        self._write_state()
         return self
+
+    def _write_state(self) -> None:
+        """``guest.json`` + ``known_hosts``: lets other lab processes use this guest."""
+        host = f"[127.0.0.1]:{self.ssh_port}"
+        (self.dir / "known_hosts").write_text(f"{host} {self.host_key.public_line}\n")
+        state = {
+            "name": self.name,
+            "arch": self.arch,
+            "pid": self.pid,
+            "starttime": proc_starttime(self.pid),
+            "ssh_port": self.ssh_port,
+            "host_key": self.host_key.public_line,
+            "forwards": {str(g): h for g, h in self.forwards.items()},
+            "deps_disk": str(self.config.deps_disk) if self.config.deps_disk else None,
+            "known_hosts": str(self.dir / "known_hosts"),
+        }
+        (self.dir / "guest.json").write_text(json.dumps(state, indent=2))
 
     def _start(self) -> str:
         """Spawn QEMU; return '' on success or its error output."""
@@ -788,10 +816,25 @@ class Machine:
                 self._qmp.close()
                 self._qmp = None
             (self.dir / "qemu.pid").unlink(missing_ok=True)
-            for name in ("disk.qcow2", "seed.tar", "qmp.sock"):
+            for name in ("disk.qcow2", "seed.tar", "qmp.sock", "guest.json"):
                 (self.dir / name).unlink(missing_ok=True)
             _live.discard(self)
         return self.proc.returncode if self.proc else None
+
+
+def running_guests(arch: str | None = None) -> list[dict[str, Any]]:
+    """State of guests that other (live) lab processes hold, e.g. ``invoke qemu.up``."""
+    out = []
+    for state_file in sorted(run_root().glob("*/*/guest.json")):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if alive(int(state["pid"]), state.get("starttime")) and (
+            arch is None or state["arch"] == arch
+        ):
+            out.append(state)
+    return out
 
 
 def boot(

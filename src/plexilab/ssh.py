@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import posixpath
 import select
 import shlex
 import socket
@@ -423,6 +424,20 @@ class SSHProcess(Process):
         return self._code
 
 
+@dataclass(frozen=True)
+class InstallReport:
+    """Timings of :meth:`SSHHost.install`."""
+
+    bytes_sent: int
+    push_seconds: float
+    install_seconds: float
+    output: str
+
+    @property
+    def seconds(self) -> float:
+        return self.push_seconds + self.install_seconds
+
+
 class SSHHost(Host):
     """A :class:`Host` reached over SSH (endpoints are left to subclasses)."""
 
@@ -434,8 +449,10 @@ class SSHHost(Host):
         *,
         python: str = "/opt/plexichat/bin/python",
         workdir: str = "/root/plexilab",
+        deps: str | None = None,
     ) -> None:
         self.name = name
+        self.deps = deps  # directory whose site-packages already holds the deps
         self.arch = arch
         self.ssh = ssh
         self._python = python
@@ -480,6 +497,67 @@ class SSHHost(Host):
 
     def get(self, remote: str, local: Path) -> None:
         self.ssh.get(remote, local)
+
+    def install(
+        self,
+        wheel: Path,
+        wheelhouse: Path | None,
+        *,
+        deps: str | None = None,
+        timeout: float = 600.0,
+    ) -> InstallReport:
+        """Push *wheel* (and *wheelhouse*) over SFTP; install offline into the venv.
+
+        The venv is ``dirname(dirname(self.python()))``, created with the host's
+        ``python3 -m venv --without-pip`` when missing; wheels are installed by
+        ``installer`` (imported from its wheel) without bytecode compilation.
+        Files already on the host with the same size are not sent again (the
+        plexichat wheel always is); distributions already installed at the
+        same version are skipped.  *deps* names a directory whose
+        ``site-packages`` already holds the dependencies (the guests' deps
+        disk): it is added to the venv with a ``.pth`` file and what it
+        provides is not installed again.
+        """
+        from plexilab.wheels import GUEST_INSTALLER
+
+        deps = deps if deps is not None else self.deps
+        if deps is not None:
+            wheelhouse = None  # the deps are on the host already
+        venv = posixpath.dirname(posixpath.dirname(self._python))
+        remote = f"{self._workdir}/wheels"
+        start = time.monotonic()
+        listing = self.ssh.run(
+            f"mkdir -p {shlex.quote(remote)} && cd {shlex.quote(remote)} && "
+            "for f in *.whl; do [ -e \"$f\" ] && stat -c '%s %n' \"$f\"; done; true",
+            timeout=60,
+        ).stdout
+        have = {}
+        for line in listing.splitlines():
+            size, _, name = line.partition(" ")
+            have[name] = int(size)
+        sent = 0
+        files = [wheel, *(sorted(wheelhouse.glob("*.whl")) if wheelhouse else [])]
+        for path in files:
+            if path != wheel and have.get(path.name) == path.stat().st_size:
+                continue
+            self.ssh.put(path, f"{remote}/{path.name}")
+            sent += path.stat().st_size
+        pushed = time.monotonic()
+        script = f"{self._workdir}/install-wheels.py"
+        q = shlex.quote
+        cmd = (
+            f"cat > {q(script)} && "
+            f"{{ test -x {q(self._python)} || python3 -m venv --without-pip {q(venv)}; }} && "
+            f"{q(self._python)} {q(script)} {q(venv)} {q(remote)} {q(deps or '-')} plexichat"
+        )
+        res = self.ssh.run(cmd, timeout=timeout, input=GUEST_INSTALLER.encode())
+        done = time.monotonic()
+        return InstallReport(
+            bytes_sent=sent,
+            push_seconds=pushed - start,
+            install_seconds=done - pushed,
+            output=res.stdout.strip(),
+        )
 
     def python(self) -> str:
         return self._python

@@ -1,0 +1,221 @@
+"""QEMU guests as :class:`~plexilab.hosts.base.Host` objects.
+
+``QemuLab`` boots a set of guests (one per :class:`GuestSpec`), each running
+the nodes whose cluster indexes it lists, and hands out one ``QemuHost`` per
+guest.  Ports are planned before any guest starts:
+
+* node *i* listens in its guest on ``0.0.0.0:<port_base + i>``
+  (``listen_endpoint``);
+* the lab reaches it on ``127.0.0.1:<free host port>`` through a ``hostfwd``
+  rule (``lab_endpoint``);
+* another guest reaches it on ``10.0.2.<100 + slot>:<port_base + i>``, a
+  ``guestfwd`` address whose relay bridges to that same 127.0.0.1 host port
+  (``peer_endpoint``).  A node on the same guest uses ``127.0.0.1``.
+
+Usage::
+
+    with QemuLab([GuestSpec("g0", "x86_64", [0]), GuestSpec("g1", "aarch64", [1])]) as lab:
+        for host in lab.hosts:
+            host.install(wheel[host.arch], wheelhouse[host.arch])
+        ...
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from plexilab.hosts.base import Endpoint, Host, HostError
+from plexilab.machine import GuestLink, Machine, MachineConfig, free_port, link_address
+from plexilab.images import DEPS_MOUNT, deps_disk
+from plexilab.ssh import SSHHost
+
+DEFAULT_PORT_BASE = 7100
+GUEST_VENV_PYTHON = "/opt/plexichat/bin/python"
+GUEST_WORKDIR = "/root/plexilab"
+
+
+@dataclass
+class GuestSpec:
+    """One guest of a lab: its arch and the cluster indexes of its nodes."""
+
+    name: str
+    arch: str
+    nodes: list[int] = field(default_factory=list)
+    memory_mib: int | None = None
+    smp: int | None = None
+    accel: str = "auto"
+    seed_files: dict[str, bytes] = field(default_factory=dict)
+    extra_ports: list[int] = field(default_factory=list)  # more guest ports to forward
+    wheelhouse: Path | None = None  # attach a deps disk made from this wheelhouse
+
+
+class QemuHost(SSHHost):
+    """A booted guest (a :class:`Machine`) reached over SSH."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        *,
+        slot: int,
+        nodes: Sequence[int] = (),
+        port_base: int = DEFAULT_PORT_BASE,
+        python: str = GUEST_VENV_PYTHON,
+        workdir: str = GUEST_WORKDIR,
+    ) -> None:
+        super().__init__(
+            machine.name,
+            machine.arch,
+            machine.ssh,
+            python=python,
+            workdir=workdir,
+            deps=DEPS_MOUNT if machine.config.deps_disk is not None else None,
+        )
+        self.machine = machine
+        self.slot = slot
+        self.nodes = list(nodes)
+        self.port_base = port_base
+
+    def guest_port(self, index: int) -> int:
+        return self.port_base + index
+
+    def _check(self, index: int) -> int:
+        port = self.guest_port(index)
+        if port not in self.machine.forwards:
+            raise HostError(f"{self.name} has no port for node {index} (nodes {self.nodes})")
+        return port
+
+    def listen_endpoint(self, index: int) -> Endpoint:
+        return Endpoint("0.0.0.0", self._check(index))
+
+    def lab_endpoint(self, index: int) -> Endpoint:
+        return Endpoint("127.0.0.1", self.machine.forwards[self._check(index)])
+
+    def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
+        port = self._check(index)
+        if from_host is self:
+            return Endpoint("127.0.0.1", port)
+        if isinstance(from_host, QemuHost):
+            address = link_address(self.slot)
+            if not any(
+                link.address == address and link.port == port
+                for link in from_host.machine.config.links
+            ):
+                raise HostError(f"{from_host.name} has no guestfwd link to {address}:{port}")
+            return Endpoint(address, port)
+        return self.lab_endpoint(index)  # a process on the lab machine itself
+
+    def prepare(self) -> None:
+        """Create the work directory."""
+        self.ssh.run(["mkdir", "-p", self._workdir], timeout=30)
+
+    def close(self) -> None:
+        self.machine.shutdown()
+
+
+def plan(specs: Sequence[GuestSpec], port_base: int = DEFAULT_PORT_BASE) -> list[MachineConfig]:
+    """Machine configs with forwards and guestfwd links for every node of every guest."""
+    seen: set[int] = set()
+    host_ports: list[dict[int, int]] = []
+    for spec in specs:
+        dup = seen.intersection(spec.nodes)
+        if dup:
+            raise ValueError(f"node indexes {sorted(dup)} appear on more than one guest")
+        seen.update(spec.nodes)
+        ports = {port_base + i: free_port() for i in spec.nodes}
+        ports.update({p: free_port() for p in spec.extra_ports})
+        host_ports.append(ports)
+    configs = []
+    for slot, spec in enumerate(specs):
+        links = [
+            GuestLink(link_address(other), port_base + i, host_ports[other][port_base + i])
+            for other, other_spec in enumerate(specs)
+            if other != slot
+            for i in other_spec.nodes
+        ]
+        configs.append(
+            MachineConfig(
+                arch=spec.arch,
+                name=spec.name,
+                memory_mib=spec.memory_mib,
+                smp=spec.smp,
+                accel=spec.accel,
+                forwards=dict(host_ports[slot]),
+                links=links,
+                seed_files=dict(spec.seed_files),
+                deps_disk=deps_disk(spec.arch, spec.wheelhouse) if spec.wheelhouse else None,
+            )
+        )
+    return configs
+
+
+class QemuLab:
+    """Boot guests in parallel; ``hosts`` are ready (SSH answered) inside ``with``."""
+
+    def __init__(
+        self,
+        specs: Sequence[GuestSpec],
+        *,
+        port_base: int = DEFAULT_PORT_BASE,
+        boot_timeout: float = 180.0,
+        log_dir: Path | None = None,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"guest names must be unique: {names}")
+        self.specs = list(specs)
+        self.port_base = port_base
+        self.boot_timeout = boot_timeout
+        self.configs = plan(self.specs, port_base)
+        for config in self.configs:
+            config.log_dir = log_dir
+        self.machines: list[Machine] = []
+        self.hosts: list[QemuHost] = []
+        self.boot_seconds: dict[str, float] = {}
+
+    def start(self) -> list[QemuHost]:
+        try:
+            self.machines = [Machine(c) for c in self.configs]
+            for machine in self.machines:
+                _ = machine.image  # build/load images before the clock starts
+            for machine in self.machines:
+                machine.launch()
+            with concurrent.futures.ThreadPoolExecutor(len(self.machines)) as pool:
+                seconds = list(pool.map(lambda m: m.wait_ssh(self.boot_timeout), self.machines))
+            for machine, secs in zip(self.machines, seconds, strict=True):
+                self.boot_seconds[machine.name] = secs
+            self.hosts = [
+                QemuHost(m, slot=slot, nodes=spec.nodes, port_base=self.port_base)
+                for slot, (m, spec) in enumerate(zip(self.machines, self.specs, strict=True))
+            ]
+            for host in self.hosts:
+                host.prepare()
+        except BaseException:
+            self.close()
+            raise
+        return self.hosts
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Shut every guest down (in parallel); never leaves a QEMU behind."""
+        if not self.machines:
+            return
+        with concurrent.futures.ThreadPoolExecutor(len(self.machines)) as pool:
+            list(pool.map(lambda m: m.shutdown(graceful=graceful), self.machines))
+
+    def by_name(self) -> Mapping[str, QemuHost]:
+        return {h.name: h for h in self.hosts}
+
+    def __enter__(self) -> QemuLab:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
