@@ -221,5 +221,5 @@ def test_package_exports_the_active_backend() -> None:
     import plexichat.cache
     from plexichat import accel
 
-    assert plexichat.cache.BACKEND == accel.active("cache")
+    assert accel.active("cache") == plexichat.cache.BACKEND
     assert plexichat.cache.LRUCache is accel.load("cache").LRUCache
