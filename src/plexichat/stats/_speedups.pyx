@@ -286,12 +286,14 @@ cdef class Histogram:
     def merge(self, Histogram other not None):
         """Add the counts of *other* (same parameters) to this histogram."""
         cdef Py_ssize_t i
+        cdef int64_t* into = self._counts
+        cdef const int64_t* src = other._counts
         L.check_mergeable(self._layout, other._layout)
         if other._total == 0:
             return
         L.check_added(other._total, self._total)
         for i in range(self._len):
-            self._counts[i] += other._counts[i]
+            into[i] += src[i]
         self._note_extremes(other._min, other._max)
         self._total += other._total
 
