@@ -169,13 +169,13 @@ def _choose(family_name: str) -> tuple[Selection, ModuleType]:
     spec = family(family_name)
     override = env_name(family_name)
     wanted = _parse(override)
-    if wanted not in (None, "auto"):
+    if wanted is not None and wanted != "auto":
         return Selection(family_name, wanted, override), load_backend(
             family_name, wanted
         )
     if wanted is None:
         wanted = _parse(ENV_GLOBAL)
-        if wanted not in (None, "auto") and wanted in spec.modules:
+        if wanted is not None and wanted != "auto" and wanted in spec.modules:
             return Selection(family_name, wanted, ENV_GLOBAL), load_backend(
                 family_name, wanted
             )
