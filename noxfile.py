@@ -1,4 +1,4 @@
-"""Nox sessions of the PlexiChat lab: compile, build, lint, mypy, tests, benchmark, wheels."""
+"""Nox sessions: compile, build, lint, mypy, tests, benchmark and wheels."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def build_in_place(session: nox.Session) -> None:
 
 @nox.session
 def compile(session: nox.Session) -> None:
-    """Build the Cython extensions in place and show which backend serves each kernel."""
+    """Build the Cython extensions in place and show the backend of each kernel."""
     build_in_place(session)
     session.install("numba")
     session.run(
@@ -42,7 +42,7 @@ def compile(session: nox.Session) -> None:
 
 @nox.session
 def build(session: nox.Session) -> None:
-    """Build sdist and wheel, then import the compiled modules from the installed wheel."""
+    """Build sdist and wheel, then import the compiled modules from the wheel."""
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build")
@@ -50,7 +50,9 @@ def build(session: nox.Session) -> None:
     wheels = sorted(dist.glob("plexichat-*.whl"))
     sdists = sorted(dist.glob("plexichat-*.tar.gz"))
     if len(wheels) != 1 or len(sdists) != 1:
-        session.error(f"expected one wheel and one sdist in {dist}, got {wheels + sdists}")
+        session.error(
+            f"expected one wheel and one sdist in {dist}, got {wheels + sdists}"
+        )
     check = session.create_tmp()
     venv = Path(check) / "wheel-venv"
     session.run("python", "-m", "venv", "--clear", str(venv))
@@ -58,7 +60,9 @@ def build(session: nox.Session) -> None:
     session.run(python, "-m", "pip", "install", "-q", str(wheels[0]), external=True)
     # Import from outside the source tree so the installed wheel is what runs.
     with session.chdir(check):
-        session.run(python, "-m", "plexichat.accel", "--require-compiled", external=True)
+        session.run(
+            python, "-m", "plexichat.accel", "--require-compiled", external=True
+        )
     session.log(f"built {wheels[0].name} and {sdists[0].name}")
 
 
@@ -66,7 +70,13 @@ def build(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Run ruff (lint and format check)."""
     session.install("ruff")
-    targets = session.posargs or ["src", "tests", "benchmarks", "noxfile.py", "tasks.py"]
+    targets = session.posargs or [
+        "src",
+        "tests",
+        "benchmarks",
+        "noxfile.py",
+        "tasks.py",
+    ]
     session.run("ruff", "check", *targets)
     session.run("ruff", "format", "--check", *targets)
 
@@ -80,7 +90,7 @@ def mypy(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the suite with compiled backends, then again with PLEXICHAT_BACKEND=python."""
+    """Run the suite on the compiled backends, then on PLEXICHAT_BACKEND=python."""
     build_in_place(session)
     session.install("-e", ".[test,bench,numba]", env=REQUIRE_EXT)
     session.install("paramiko", "qemu.qmp", "rich", "invoke", "matplotlib", "build")
@@ -138,7 +148,7 @@ def benchmark(session: nox.Session) -> None:
 
 @nox.session
 def wheels(session: nox.Session) -> None:
-    """Build the plexichat wheel and a runtime wheelhouse per arch (-- --arch aarch64)."""
+    """Build the wheel and a runtime wheelhouse per arch (-- --arch aarch64)."""
     session.install(*BUILD_DEPS, "build", "rich", "packaging")
     session.run(
         "python",

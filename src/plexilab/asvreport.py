@@ -117,7 +117,10 @@ def render(rows: Sequence[dict[str, Any]], console: Console | None = None) -> No
         if backend != "python":
             table.add_column(f"{backend} x", justify="right")
     for row in rows:
-        cells = [row["benchmark"], ", ".join(f"{k}={v}" for k, v in row["params"].items())]
+        cells = [
+            row["benchmark"],
+            ", ".join(f"{k}={v}" for k, v in row["params"].items()),
+        ]
         cells += [_fmt_seconds(row["seconds"].get(b)) for b in backends]
         cells += [
             f"{row['speedup'][b]:.1f}x" if b in row["speedup"] else "-"

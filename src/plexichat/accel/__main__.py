@@ -41,7 +41,7 @@ def status_json() -> dict[str, object]:
                 "active": row.active,
                 "source": row.source,
                 "available": list(row.available),
-                "missing": dict(row.missing),
+                "missing": {str(k): v for k, v in row.missing.items()},
             }
             for row in accel.status()
         },
@@ -53,14 +53,19 @@ def bench_table(results: dict[str, dict[str, object]]) -> str:
     for op, data in results.items():
         seconds = data["seconds"]
         speedups = data["speedup_vs_python"]
-        assert isinstance(seconds, dict) and isinstance(speedups, dict)
+        assert isinstance(seconds, dict)
+        assert isinstance(speedups, dict)
         for name, secs in seconds.items():
-            rows.append([op, name, f"{secs * 1e6:,.2f}", f"{speedups.get(name, 0):.2f}x"])
+            rows.append(
+                [op, name, f"{secs * 1e6:,.2f}", f"{speedups.get(name, 0):.2f}x"]
+            )
     return format_table(rows, ["operation", "backend/peer", "us/call", "vs python"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plexichat.accel", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m plexichat.accel", description=__doc__
+    )
     parser.add_argument("--json", action="store_true", help="print JSON, not a table")
     parser.add_argument(
         "--require-compiled",
