@@ -129,6 +129,30 @@ def test_encode_frames_appends(wire_impl: ModuleType) -> None:
     assert len(out) == len(b"prefix") + 2 * written
 
 
+def test_subclassed_containers(wire_impl: ModuleType) -> None:
+    class Out(bytearray):
+        pass
+
+    class Frames(list):  # type: ignore[type-arg]
+        pass
+
+    class Payload(bytes):
+        pass
+
+    frames = Frames([(1, 2, Payload(b"xyz")), (3, 4, Out(b"abc"))])
+    out = Out(b"ab")
+    assert wire_impl.encode_frames(frames, out) == len(out) - 2
+    assert bytes(out) == b"ab" + frame_bytes(1, 2, b"xyz") + frame_bytes(3, 4, b"abc")
+    assert wire_impl.decode_frames(Out(out[2:])) == [
+        Frame(1, 2, b"xyz"),
+        Frame(3, 4, b"abc"),
+    ]
+    assert wire_impl.FrameDecoder().feed(Payload(out[2:])) == [
+        Frame(1, 2, b"xyz"),
+        Frame(3, 4, b"abc"),
+    ]
+
+
 def test_encode_frames_reused_buffer(wire_impl: ModuleType) -> None:
     out = bytearray()
     for seed in range(5):
