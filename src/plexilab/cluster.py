@@ -195,15 +195,41 @@ def local_venv(wheel: Path, timeout: float = 600.0) -> str:
 
 @dataclass
 class Runtime:
-    """How to run plexichat on the lab machine and on the hosts."""
+    """How to run plexichat on the lab machine and on the hosts.
+
+    ``local_env`` goes to processes on local hosts only (in dev mode it points
+    ``PYTHONPATH`` at this checkout); remote hosts run their own install.
+    """
 
     lab_python: str
     lab_env: dict[str, str]
-    node_env: dict[str, str]
+    local_env: dict[str, str]
+
+    def env_for(self, host: Host) -> dict[str, str]:
+        return dict(self.local_env) if is_local(host) else {}
 
 
-def prepare(hosts: Sequence[Host], mode: InstallMode) -> Runtime:
-    """Install (or point at) plexichat on every host and on the lab side."""
+Installer = Callable[[Host], None]
+
+
+def is_local(host: Host) -> bool:
+    """A host whose processes run on this machine (it can take a local venv)."""
+    return callable(getattr(host, "set_python", None))
+
+
+def prepare(
+    hosts: Sequence[Host], mode: InstallMode, install: Installer | None = None
+) -> Runtime:
+    """Make plexichat runnable on the lab side and on every host.
+
+    Local hosts use this checkout (``dev``) or a cached venv with the wheel
+    (``wheel``).  Other hosts are installed by *install* (for example a QEMU
+    provider pushing its per-arch wheel); without one they must have
+    plexichat already (``check_hosts`` verifies it).
+    """
+    for host in hosts:
+        if not is_local(host) and install is not None:
+            install(host)
     if mode == "dev":
         paths = [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {"PYTHONPATH": os.pathsep.join(paths)}
@@ -211,24 +237,8 @@ def prepare(hosts: Sequence[Host], mode: InstallMode) -> Runtime:
     wheel = build_wheel()
     python = local_venv(wheel)
     for host in hosts:
-        set_python = getattr(host, "set_python", None)
-        if callable(set_python):
-            set_python(python)
-        else:  # a remote host: copy the wheel and let its Python install it
-            remote = f"{host.workdir()}/{wheel.name}"
-            host.put(wheel, remote)
-            host.run(
-                [
-                    host.python(),
-                    "-m",
-                    "pip",
-                    "install",
-                    "--no-deps",
-                    "--force-reinstall",
-                    remote,
-                ],
-                timeout=600,
-            )
+        if is_local(host):
+            host.set_python(python)  # type: ignore[attr-defined]
     return Runtime(python, {}, {})
 
 
@@ -237,8 +247,8 @@ def check_hosts(
 ) -> dict[str, str]:
     """``plexichat.accel.summary()`` on every host (fails if plexichat is missing)."""
     out = {}
-    env = {**runtime.node_env, "PLEXICHAT_BACKEND": backend}
     for host in hosts:
+        env = {**runtime.env_for(host), "PLEXICHAT_BACKEND": backend}
         result = host.run(
             [
                 host.python(),
@@ -348,8 +358,11 @@ class Cluster:
     def lab_endpoints(self) -> list[Endpoint]:
         return [n.lab for n in self.nodes]
 
-    def node_env(self) -> dict[str, str]:
-        return {**self.runtime.node_env, "PLEXICHAT_BACKEND": self.config.backend}
+    def node_env(self, node: NodeHandle) -> dict[str, str]:
+        return {
+            **self.runtime.env_for(node.host),
+            "PLEXICHAT_BACKEND": self.config.backend,
+        }
 
     def node_argv(self, node: NodeHandle) -> list[str]:
         config = self.config
@@ -385,7 +398,7 @@ class Cluster:
 
     def start_node(self, node: NodeHandle) -> None:
         node.process = node.host.spawn(
-            self.node_argv(node), log_path=node.log_path, env=self.node_env()
+            self.node_argv(node), log_path=node.log_path, env=self.node_env(node)
         )
         log.info(
             "started %s on %s (pid %d)", node.node_id, node.host.name, node.process.pid
@@ -573,6 +586,7 @@ def run_cluster(
     hosts: Sequence[Host],
     config: ClusterConfig,
     *,
+    install: Installer | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
     """Deploy, start, converge, run load + P2P + checker, stop; return the results."""
@@ -581,7 +595,7 @@ def run_cluster(
     started = time.monotonic()
     with _terminate_as_interrupt():
         progress(f"preparing hosts ({config.install})")
-        runtime = prepare(hosts, config.install)
+        runtime = prepare(hosts, config.install, install)
         host_backends = check_hosts(hosts, runtime, config.backend)
         with Cluster(hosts, config, runtime) as cluster:
             progress(f"starting {config.nodes} nodes")
