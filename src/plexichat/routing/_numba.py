@@ -198,9 +198,19 @@ def owners(
     k = check_key(key)
     s, w = check_nodes(seeds, weights)
     r = check_replicas(replicas, len(s))
-    keys = np.array([k], dtype=np.uint64)
     weights_arr = np.array(w, dtype=np.float64)
-    out = _owner_indices(keys, np.array(s, dtype=np.uint64), weights_arr, r)
+    out = np.empty((1, r), dtype=np.int64)
+    # one key: score every node exactly (same kernel, no bounds set-up)
+    _route(
+        np.array([k], dtype=np.uint64),
+        np.array(s, dtype=np.uint64),
+        weights_arr,
+        weights_arr,
+        weights_arr,
+        False,
+        _ONE,
+        out,
+    )
     return cast(list[int], out[0].tolist())
 
 
@@ -230,6 +240,14 @@ def move_plan(
     old = os_[_owner_indices(k, os_, ow, r)]
     new = ns[_owner_indices(k, ns, nw, r)]
     # set equality per row: every old seed is new and every new seed is old
-    eq = old[:, :, None] == new[:, None, :]
-    moved = ~(eq.any(axis=2).all(axis=1) & eq.any(axis=1).all(axis=1))
+    old_cols, new_cols = old.T.copy(), new.T.copy()
+    same = np.ones(k.shape[0], dtype=np.bool_)
+    for i in range(r):
+        in_new = old_cols[i] == new_cols[0]
+        in_old = new_cols[i] == old_cols[0]
+        for j in range(1, r):
+            in_new |= old_cols[i] == new_cols[j]
+            in_old |= new_cols[i] == old_cols[j]
+        same &= in_new & in_old
+    moved = ~same
     return MovePlan(k[moved], old[moved], new[moved])

@@ -210,15 +210,15 @@ cdef inline void top_r(uint64_t key, Work* w, int64_t* out) noexcept nogil:
     rank_exact(key, w, c, False, out)
 
 
-cdef int work_init(Work* w, const uint64_t[::1] seeds, const double[::1] weights,
-                   int r) except -1:
+cdef int work_init_ptr(Work* w, const uint64_t* seeds, const double* weights,
+                       int n, int r) except -1:
     """Fill *w* for these nodes; the caller frees ``w.ilo`` (one block)."""
-    cdef int i, n = seeds.shape[0]
+    cdef int i
     cdef char* block
     w.n = n
     w.r = r
-    w.seeds = &seeds[0]
-    w.weights = &weights[0]
+    w.seeds = seeds
+    w.weights = weights
     w.kb = 1
     while ((<int64_t>1) << w.kb) < n:
         w.kb += 1
@@ -243,11 +243,27 @@ cdef int work_init(Work* w, const uint64_t[::1] seeds, const double[::1] weights
     return 0
 
 
+cdef int work_init(Work* w, const uint64_t[::1] seeds, const double[::1] weights,
+                   int r) except -1:
+    return work_init_ptr(w, &seeds[0], &weights[0], seeds.shape[0], r)
+
+
 cdef void run_batch(const uint64_t[::1] keys, Work* w,
                     int64_t[:, ::1] out) noexcept nogil:
     cdef Py_ssize_t k
     for k in range(keys.shape[0]):
         top_r(keys[k], w, &out[k, 0])
+
+
+cdef object as_seed(object value, uint64_t* out):
+    """Store *value* as a u64 seed; return None, or the value if out of range."""
+    if type(value) is not int:
+        value = operator.index(value)
+    try:
+        out[0] = value
+    except OverflowError:
+        return value
+    return None
 
 
 def owners(key, seeds, weights, replicas):
@@ -256,38 +272,49 @@ def owners(key, seeds, weights, replicas):
     cdef Py_ssize_t n = len(seeds), m = len(weights), i
     cdef object bad_seed = None, bad_weight = None, v
     cdef double x
-    s = np.empty(n, dtype=np.uint64)
-    wt = np.empty(m, dtype=np.float64)
-    cdef uint64_t[::1] s_v = s
-    cdef double[::1] w_v = wt
-    # the checks of _common.check_nodes, in the same order
-    for i in range(n):
-        v = operator.index(seeds[i])
-        if 0 <= v <= MASK64:
-            s_v[i] = v
-        elif bad_seed is None:
-            bad_seed = v
-    for i in range(m):
-        x = float(weights[i])
-        w_v[i] = x
-        if bad_weight is None and not (x > 0.0 and x - x == 0.0):
-            bad_weight = x
-    if n != m:
-        raise ValueError(f"{n} seeds but {m} weights")
-    if n == 0:
-        raise ValueError("no nodes: seeds and weights are empty")
-    if bad_seed is not None:
-        raise ValueError(f"seed {bad_seed!r} is not an unsigned 64-bit integer")
-    if bad_weight is not None:
-        raise ValueError(f"weight {bad_weight!r} must be positive and finite")
-    cdef int r = check_replicas(replicas, n)
+    cdef int r
     cdef Work w
-    out = np.empty(r, dtype=np.int64)
-    cdef int64_t[::1] out_v = out
-    work_init(&w, s_v, w_v, r)
-    top_r(k, &w, &out_v[0])
-    free(w.ilo)
-    return out.tolist()
+    cdef char* block = <char*>malloc(8 * (n + m + 1))
+    cdef uint64_t* s = <uint64_t*>block
+    cdef double* wt = <double*>(s + n)
+    cdef int64_t buf[8]
+    cdef int64_t* out = buf
+    if block == NULL:
+        raise MemoryError()
+    w.ilo = NULL
+    try:
+        # the checks of _common.check_nodes, in the same order
+        for i in range(n):
+            v = as_seed(seeds[i], &s[i])
+            if v is not None and bad_seed is None:
+                bad_seed = v
+        for i in range(m):
+            v = weights[i]
+            x = v if type(v) is float else float(v)
+            wt[i] = x
+            if bad_weight is None and not (x > 0.0 and x - x == 0.0):
+                bad_weight = x
+        if n != m:
+            raise ValueError(f"{n} seeds but {m} weights")
+        if n == 0:
+            raise ValueError("no nodes: seeds and weights are empty")
+        if bad_seed is not None:
+            raise ValueError(f"seed {bad_seed!r} is not an unsigned 64-bit integer")
+        if bad_weight is not None:
+            raise ValueError(f"weight {bad_weight!r} must be positive and finite")
+        r = check_replicas(replicas, n)
+        if r > 8:
+            out = <int64_t*>malloc(sizeof(int64_t) * r)
+            if out == NULL:
+                raise MemoryError()
+        work_init_ptr(&w, s, wt, n, r)
+        top_r(k, &w, out)
+        return [out[i] for i in range(r)]
+    finally:
+        free(w.ilo)
+        free(block)
+        if out != buf:
+            free(out)
 
 
 def owners_batch(keys, seeds, weights, replicas):
