@@ -30,10 +30,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from rich.console import Console
@@ -203,12 +205,17 @@ class Step:
 
     def __enter__(self) -> Step:
         self.start = time.monotonic()
-        self._status = console.status(f"[bold]{self.name}[/]...")
-        self._status.__enter__()
+        self._status: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._status = console.status(f"[bold]{self.name}[/]...")
+            self._status.__enter__()
+        else:
+            console.log(f"{self.name}...")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._status.__exit__(None, None, None)
+        if self._status is not None:
+            self._status.__exit__(None, None, None)
         seconds = time.monotonic() - self.start
         self.timings[self.name] = round(seconds, 2)
         ok = "[green]done[/]" if exc[0] is None else "[red]failed[/]"
@@ -269,6 +276,10 @@ def fetch_kernel(profile: Profile, work: Path) -> tuple[Path, str]:
     if not match:
         raise RuntimeError(f"cannot find the kernel behind {qualified}:\n{deps}")
     package = match.group(1)
+    cached_root = cache_root() / "kernels" / f"{package}_{profile.debian_arch}"
+    if any((cached_root / "boot").glob("vmlinuz-*")):
+        (vmlinuz,) = (cached_root / "boot").glob("vmlinuz-*")
+        return cached_root, vmlinuz.name.removeprefix("vmlinuz-")
     debs = work / "debs"
     debs.mkdir()
     run(
@@ -286,7 +297,10 @@ def fetch_kernel(profile: Profile, work: Path) -> tuple[Path, str]:
     root = work / "kernel"
     run(["dpkg", "-x", str(deb), str(root)])
     (vmlinuz,) = (root / "boot").glob("vmlinuz-*")
-    return root, vmlinuz.name.removeprefix("vmlinuz-")
+    cached_root.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cached_root, ignore_errors=True)
+    shutil.copytree(root, cached_root, symlinks=True)
+    return cached_root, vmlinuz.name.removeprefix("vmlinuz-")
 
 
 def module_closure(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
@@ -563,6 +577,30 @@ def deps_disk(arch: str, wheelhouse: Path) -> Path:
     return final
 
 
+def build_images(
+    arches: Sequence[str], *, rebuild: bool = False, rebuild_rootfs: bool = False
+) -> list[Image]:
+    """Build several images in parallel (each is mostly one long subprocess)."""
+    import concurrent.futures
+
+    if len(arches) == 1:
+        return [build_image(arches[0], rebuild=rebuild, rebuild_rootfs=rebuild_rootfs)]
+    with concurrent.futures.ThreadPoolExecutor(len(arches)) as pool:
+        futures = [
+            pool.submit(build_image, a, rebuild=rebuild, rebuild_rootfs=rebuild_rootfs)
+            for a in arches
+        ]
+        return [f.result() for f in futures]
+
+
+def images_for(arches: Sequence[str]) -> list[Image]:
+    """Images of *arches*, building the missing ones in parallel."""
+    found = {a: cached(a) for a in arches}
+    missing = [a for a, img in found.items() if img is None]
+    built = {img.arch: img for img in build_images(missing)} if missing else {}
+    return [found[a] or built[a] for a in arches]  # type: ignore[misc]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plexilab.images", description=__doc__)
     parser.add_argument("--arch", choices=[*ARCHES, "all"], default="all")
@@ -570,12 +608,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rebuild-rootfs", action="store_true", help="re-bootstrap too")
     args = parser.parse_args(argv)
     arches = ARCHES if args.arch == "all" else (args.arch,)
-    for arch in arches:
-        if args.rebuild or args.rebuild_rootfs:
-            img = build_image(arch, rebuild=True, rebuild_rootfs=args.rebuild_rootfs)
-        else:
-            img = image(arch)
-        print(json.dumps({"arch": arch, "dir": str(img.directory), **img.manifest}))
+    start = time.monotonic()
+    if args.rebuild or args.rebuild_rootfs:
+        built = build_images(arches, rebuild=True, rebuild_rootfs=args.rebuild_rootfs)
+    else:
+        built = images_for(arches)
+    for img in built:
+        print(json.dumps({"arch": img.arch, "dir": str(img.directory), **img.manifest}))
+    console.log(f"images {', '.join(arches)}: {time.monotonic() - start:.1f} s")
     return 0
 
 

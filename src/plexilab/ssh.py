@@ -407,7 +407,7 @@ class SSHProcess(Process):
         return res.returncode == 0
 
     def send_signal(self, signum: int) -> None:
-        self.ssh.run(f"kill -{int(signum)} -- -{self._pid}", timeout=30, check=False)
+        self.ssh.run(f"kill -{int(signum)} -{self._pid}", timeout=30, check=False)
 
     def wait(self, timeout: float) -> int | None:
         if self._code is not None:
