@@ -8,6 +8,7 @@ import random
 import struct
 from array import array
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import pytest
@@ -171,6 +172,24 @@ def test_large_batch_and_frame(wire_impl: ModuleType) -> None:
     encoded = wire_impl.encode_frame(5, 7, big)
     assert encoded == frame_bytes(5, 7, big)
     assert wire_impl.decode_frames(encoded) == [Frame(5, 7, big)]
+
+
+def test_concurrent_encoding(wire_impl: ModuleType) -> None:
+    """Large batches (encoded without the GIL in Cython) from several threads."""
+    batches = [sample_frames(120, seed) for seed in range(4)]
+    expected = [stream_of(frames) for frames in batches]
+
+    def work(index: int) -> bool:
+        out = bytearray()
+        for _ in range(20):
+            del out[:]
+            wire_impl.encode_frames(batches[index], out)
+            if out != expected[index]:
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
 
 
 @pytest.mark.parametrize(
