@@ -2,7 +2,7 @@
 
 Each call works on 1000 frames: batch encoding into a reused ``bytearray``
 (64-byte and 1 KiB payloads), ``decode_frames`` of a whole buffer and a
-``FrameDecoder`` fed in 1500-byte chunks.
+``FrameDecoder`` fed in 1500-byte chunks or the whole buffer at once.
 """
 
 from __future__ import annotations
@@ -63,3 +63,6 @@ class Decode:
         feed = self.decoder_class().feed
         for piece in self.pieces:
             feed(piece)
+
+    def time_stream_feed_whole_64(self, backend):
+        self.decoder_class().feed(self.data)

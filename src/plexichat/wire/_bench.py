@@ -1,10 +1,12 @@
 """Ratio-check cases of the wire family (``python -m plexichat.accel bench``).
 
-Every case works on 1000 frames with deterministic payloads.  Peers: msgpack
-packing/unpacking the same ``(type, request_id, payload)`` tuples (no
-checksum, so a lower bound for any framing), and a plain memory copy of the
-encoded byte count into a preallocated ``bytearray`` (the speed of light for
-an encoder that has to touch every byte).
+Every case works on 1000 frames with deterministic payloads: batch encoding
+into a reused ``bytearray`` (64 B and 1 KiB payloads), ``decode_frames`` of a
+whole buffer, and a ``FrameDecoder`` fed 1500-byte chunks or the whole buffer.
+Peers: msgpack packing/unpacking the same ``(type, request_id, payload)``
+tuples (no checksum, so a lower bound for any framing), and a plain memory
+copy of the encoded byte count into a preallocated ``bytearray`` (the speed
+of light for an encoder that has to touch every byte).
 """
 
 from __future__ import annotations
@@ -108,10 +110,11 @@ def chunks(data: bytes, size: int = CHUNK) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-def stream_case() -> BenchCase:
+def stream_case(chunk: int | None = CHUNK) -> BenchCase:
+    """A FrameDecoder fed *chunk* bytes at a time (None: the whole buffer)."""
     frames = batch(64)
     data = encoded(frames)
-    pieces = chunks(data)
+    pieces = chunks(data, chunk or len(data))
 
     def make(module: ModuleType) -> Workload:
         decoder_class = module.FrameDecoder
@@ -128,12 +131,13 @@ def stream_case() -> BenchCase:
     def msgpack_unpacker() -> Workload:
         import msgpack
 
-        stream = chunks(b"".join(msgpack.packb(frame) for frame in frames))
+        stream = b"".join(msgpack.packb(frame) for frame in frames)
+        stream_pieces = chunks(stream, chunk or len(stream))
 
         def work() -> int:
             unpacker = msgpack.Unpacker()
             count = 0
-            for piece in stream:
+            for piece in stream_pieces:
                 unpacker.feed(piece)
                 for _ in unpacker:
                     count += 1
@@ -142,7 +146,7 @@ def stream_case() -> BenchCase:
         return work
 
     return BenchCase(
-        "stream_decode_64",
+        "stream_decode_64" if chunk else "stream_feed_whole_64",
         make,
         peers={"msgpack": msgpack_unpacker},
         units=FRAMES,
@@ -157,4 +161,5 @@ def cases() -> list[BenchCase]:
         encode_case("encode_batch_1k", 1024),
         decode_case(),
         stream_case(),
+        stream_case(None),
     ]
