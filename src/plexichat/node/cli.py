@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight", type=float, default=1.0, help="routing weight (default %(default)s)"
     )
     add("--gossip-interval", type=float, default=0.5, help="seconds between probes")
-    add("--ping-timeout", type=float, default=0.3, help="seconds to wait for a PONG")
+    add("--ping-timeout", type=float, default=0.5, help="seconds to wait for a PONG")
     add(
         "--suspect-timeout",
         type=float,
-        default=2.0,
+        default=3.0,
         help="seconds a suspect has to refute before it is declared dead",
     )
     add(

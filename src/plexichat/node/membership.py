@@ -42,8 +42,8 @@ class GossipConfig:
     """Timing of the failure detector (seconds)."""
 
     interval: float = 0.5
-    ping_timeout: float = 0.3
-    suspect_timeout: float = 2.0
+    ping_timeout: float = 0.5
+    suspect_timeout: float = 3.0
     indirect: int = 2
     sync_every: int = 10  # rounds between full-table exchanges
     max_piggyback: int = 16

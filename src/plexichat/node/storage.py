@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from plexichat.node.protocol import Record
 
@@ -59,6 +59,10 @@ FETCH = (
 # (inserted rows, {index in batch: stored seq} for ids stored before, error)
 InsertResult = tuple[int, dict[int, int], BaseException | None]
 InsertCallback = Callable[[int, dict[int, int], BaseException | None], None]
+
+
+_SIGNED_TOP: Final = 1 << 63
+_WRAP: Final = 1 << 64
 
 
 def _to_signed(value: int) -> int:
@@ -153,16 +157,17 @@ class Storage:
         for records whose message id was stored before under another sequence
         number (the stored number wins) and an exception or None.
         """
+        top, wrap = _SIGNED_TOP, _WRAP
         rows = [
             (
-                _to_signed(r.channel),
-                r.seq,
-                r.msg_id,
-                _to_signed(r.sender),
-                r.ts_us,
-                r.payload,
+                c - wrap if c >= top else c,
+                seq,
+                msg_id,
+                snd - wrap if snd >= top else snd,
+                ts,
+                payload,
             )
-            for r in records
+            for c, seq, msg_id, snd, ts, payload in records
         ]
         self._queue.put(_Insert(rows, callback))
 
