@@ -63,9 +63,9 @@ class WireError(ValueError):
         return (type(self), (self.reason, self.offset, self.detail))
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, WireError)
-            and (self.reason, self.offset) == (other.reason, other.offset)
+        return isinstance(other, WireError) and (self.reason, self.offset) == (
+            other.reason,
+            other.offset,
         )
 
     def __hash__(self) -> int:
