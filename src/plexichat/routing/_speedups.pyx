@@ -43,9 +43,6 @@ from plexichat.routing._common import (
 )
 from plexichat.routing._types import MovePlan
 
-cdef double U_SCALE = 1.1102230246251565e-16  # 2**-53
-cdef double U_MAX = 0.9999999999999999  # 1 - 2**-53
-cdef double THIRD = 1.0 / 3.0
 cdef double LOW = 1.0 - 9.094947017729282e-13  # 1 - 2**-40
 cdef double HIGH = 1.0 + 9.094947017729282e-13  # 1 + 2**-40
 cdef double W_MIN = 1.4708983551653345e-271  # 2**-900
@@ -64,9 +61,11 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
 
 
 cdef inline double unit(uint64_t h) noexcept nogil:
-    cdef double u = (<double>(<int64_t>(h >> 11)) + 0.5) * U_SCALE
+    # ((h >> 11) + 0.5) * 2**-53, clamped to 1 - 2**-53 (literals: compile-time
+    # constants; the top 53 bits convert exactly through int64)
+    cdef double u = (<double>(<int64_t>(h >> 11)) + 0.5) * 1.1102230246251565e-16
     if u >= 1.0:
-        u = U_MAX
+        u = 0.9999999999999999
     return u
 
 
@@ -121,16 +120,22 @@ cdef inline void rank_exact(uint64_t key, Work* w, int c, bint all_nodes,
 cdef inline void node_bounds(uint64_t key, Work* w, uint64_t mask) noexcept nogil:
     """Store ``u``, ``a`` and the tagged ``b`` bits of every node."""
     cdef int i, n = w.n
+    cdef const uint64_t* seeds = w.seeds
+    cdef const double* ilo = w.ilo
+    cdef const double* ihi = w.ihi
+    cdef double* u = w.u
+    cdef double* a = w.a
+    cdef uint64_t* b = w.b
     cdef double t, t2, lo
     for i in range(n):
-        w.u[i] = unit(mix64(key ^ w.seeds[i]))
-    for i in range(n):  # no integer multiply: vectorisable
-        t = 1.0 - w.u[i]
+        u[i] = unit(mix64(key ^ seeds[i]))
+    for i in range(n):
+        t = 1.0 - u[i]
         t2 = t * t
-        lo = t + t2 * (0.5 + t * (THIRD + t * 0.25))
-        w.a[i] = lo * w.ilo[i]
-        w.b[i] = (
-            ((bits_of((lo + t2 * t2 * 0.25) * w.ihi[i]) + mask + 1) & ~mask)
+        lo = t + t2 * (0.5 + t * (0.3333333333333333 + t * 0.25))
+        a[i] = lo * ilo[i]
+        b[i] = (
+            ((bits_of((lo + t2 * t2 * 0.25) * ihi[i]) + mask + 1) & ~mask)
             | <uint64_t>i
             | ((<uint64_t>(t > 0.5)) << 63)
         )
