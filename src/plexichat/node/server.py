@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -64,6 +65,7 @@ class NodeConfig:
     synchronous: Synchronous = "normal"
     cache_capacity: int = 65536
     handoff_batch: int = 512
+    handoff_delay: float = 0.5  # ring must be stable this long before a handoff
     fetch_limit: int = 1000
 
 
@@ -229,7 +231,9 @@ class Node:
         self._sends: list[SendItem] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._handoff_queue: asyncio.Queue[tuple[Ring, Ring]] = asyncio.Queue()
+        self._ring_changed = asyncio.Event()
+        self._handoff_base: Ring | None = None
+        self._ring_file = Path(config.data_dir) / "ring.json"
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handlers: dict[int, Callable[[FrameConnection, int, bytes], None]] = {
@@ -251,6 +255,7 @@ class Node:
         config = self.config
         self._loop = asyncio.get_running_loop()
         self.last_seq = self.storage.open()
+        self._load_ring_file()
         self.storage.start(self._loop)
         self._server = await self._loop.create_server(
             self._new_connection,
@@ -419,8 +424,9 @@ class Node:
         live = self.membership.live()
         if live == self.ring_members:
             return
-        old = self.ring
         self.ring = Ring(live)
+        if self._handoff_base is None:  # no ring file: start from our first view
+            self._handoff_base = self.ring
         self.ring_members = dict(live)
         self.epoch += 1
         self.owner_cache.clear()
@@ -428,8 +434,9 @@ class Node:
             "ring changed",
             extra={"event": "ring", "members": sorted(live), "epoch": self.epoch},
         )
-        if old is not None:
-            self._handoff_queue.put_nowait((old, self.ring))
+        self._ring_changed.set()
+        with contextlib.suppress(OSError):
+            self._ring_file.write_text(json.dumps(live, sort_keys=True))
 
     def owners(self, channel: int) -> tuple[str, ...] | None:
         """Owner first, then replicas; None while fewer nodes than ``replicas`` live."""
@@ -961,11 +968,30 @@ class Node:
                 out.append((channel, before, after))
         return out
 
+    def _load_ring_file(self) -> None:
+        """The ring of the previous run: a restart does not re-push what it had."""
+        try:
+            members = json.loads(self._ring_file.read_text())
+            self._handoff_base = Ring({str(k): float(v) for k, v in members.items()})
+        except (OSError, ValueError, TypeError, AttributeError):
+            self._handoff_base = None
+
     async def _handoff_worker(self) -> None:
+        """Hand channels off once the ring has been stable for ``handoff_delay``."""
         while True:
-            old, new = await self._handoff_queue.get()
+            await self._ring_changed.wait()
+            while True:
+                self._ring_changed.clear()
+                epoch = self.epoch
+                await asyncio.sleep(self.config.handoff_delay)
+                if epoch == self.epoch:
+                    break
+            new, base = self.ring, self._handoff_base
+            self._handoff_base = new
+            if new is None or base is None or base == new:
+                continue
             try:
-                await self._handoff(old, new)
+                await self._handoff(base, new)
             except asyncio.CancelledError:
                 raise
             except Exception:

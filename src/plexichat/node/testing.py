@@ -12,6 +12,7 @@ from plexichat.node.membership import GossipConfig
 from plexichat.node.server import Node, NodeConfig
 
 FAST_GOSSIP = GossipConfig(interval=0.05, ping_timeout=0.1, suspect_timeout=0.6)
+FAST_HANDOFF = 0.1
 
 
 async def wait_for(
@@ -48,6 +49,7 @@ class InProcessCluster:
 
     def config(self, node_id: str, port: int = 0) -> NodeConfig:
         seeds = [("127.0.0.1", n.listen_port) for n in self.nodes if not n._stopping]
+        options = {"handoff_delay": FAST_HANDOFF, **self.node_options}
         return NodeConfig(
             node_id=node_id,
             data_dir=self.base_dir / node_id,
@@ -55,7 +57,7 @@ class InProcessCluster:
             seeds=seeds,
             replicas=self.replicas,
             gossip=self.gossip,
-            **self.node_options,
+            **options,
         )
 
     async def add_node(self, node_id: str | None = None, port: int = 0) -> Node:
