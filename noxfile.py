@@ -9,7 +9,7 @@ import nox
 
 ROOT = Path(__file__).parent
 SRC = ROOT / "src"
-BUILD_DEPS = ["setuptools>=68", "wheel", "Cython>=3.0"]
+BUILD_DEPS = ["setuptools>=77", "wheel", "Cython>=3.0"]
 RUNTIME_DEPS = ["xxhash>=3.4", "numpy>=1.26"]
 PEERS = ["msgpack>=1.0", "lru-dict>=1.3"]
 REQUIRE_EXT = {"PLEXICHAT_REQUIRE_EXTENSIONS": "1"}
