@@ -356,19 +356,38 @@ cdef inline bint same_set(const uint64_t* x, const uint64_t* y, int r) noexcept 
     return True
 
 
-cdef void run_moves(const uint64_t[::1] keys, Work* wo, Work* wn,
-                    uint64_t[:, ::1] old_out, uint64_t[:, ::1] new_out,
-                    uint8_t[::1] moved, int64_t* idx) noexcept nogil:
-    cdef Py_ssize_t k
-    cdef int i, r = wo.r
+cdef Py_ssize_t mark_moves(const uint64_t* old_seeds, const uint64_t* new_seeds,
+                           int64_t[:, ::1] old_idx, int64_t[:, ::1] new_idx,
+                           uint8_t[::1] moved) noexcept nogil:
+    """Turn owner indices into seeds in place; flag and count the moved keys."""
+    cdef Py_ssize_t k, count = 0
+    cdef int i, r = old_idx.shape[1]
+    cdef uint64_t* old_row
+    cdef uint64_t* new_row
+    for k in range(old_idx.shape[0]):
+        old_row = <uint64_t*>&old_idx[k, 0]
+        new_row = <uint64_t*>&new_idx[k, 0]
+        for i in range(r):
+            old_row[i] = old_seeds[old_idx[k, i]]
+            new_row[i] = new_seeds[new_idx[k, i]]
+        moved[k] = not same_set(old_row, new_row, r)
+        count += moved[k]
+    return count
+
+
+cdef void gather_moves(const uint64_t[::1] keys, const uint8_t[::1] moved,
+                       int64_t[:, ::1] old_all, int64_t[:, ::1] new_all,
+                       uint64_t[::1] keys_out, uint64_t[:, ::1] old_out,
+                       uint64_t[:, ::1] new_out) noexcept nogil:
+    cdef Py_ssize_t k, j = 0
+    cdef int i, r = old_all.shape[1]
     for k in range(keys.shape[0]):
-        top_r(keys[k], wo, idx)
-        for i in range(r):
-            old_out[k, i] = wo.seeds[idx[i]]
-        top_r(keys[k], wn, idx)
-        for i in range(r):
-            new_out[k, i] = wn.seeds[idx[i]]
-        moved[k] = not same_set(&old_out[k, 0], &new_out[k, 0], r)
+        if moved[k]:
+            keys_out[j] = keys[k]
+            for i in range(r):
+                old_out[j, i] = <uint64_t>old_all[k, i]
+                new_out[j, i] = <uint64_t>new_all[k, i]
+            j += 1
 
 
 def move_plan(keys, old_seeds, old_weights, new_seeds, new_weights, replicas):
@@ -377,26 +396,32 @@ def move_plan(keys, old_seeds, old_weights, new_seeds, new_weights, replicas):
     os_, ow = node_arrays(old_seeds, old_weights)
     ns, nw = node_arrays(new_seeds, new_weights)
     cdef int r = check_replicas(replicas, min(os_.shape[0], ns.shape[0]))
-    cdef Py_ssize_t n = k.shape[0]
-    old_all = np.empty((n, r), dtype=np.uint64)
-    new_all = np.empty((n, r), dtype=np.uint64)
-    moved = np.empty(n, dtype=np.uint8)
-    idx_arr = np.empty(r, dtype=np.int64)
+    cdef Py_ssize_t n = k.shape[0], count
     cdef const uint64_t[::1] keys_v = k
-    cdef uint64_t[:, ::1] old_v = old_all
-    cdef uint64_t[:, ::1] new_v = new_all
+    cdef const uint64_t[::1] os_v = os_
+    cdef const uint64_t[::1] ns_v = ns
+    old_all = np.empty((n, r), dtype=np.int64)
+    new_all = np.empty((n, r), dtype=np.int64)
+    moved = np.empty(n, dtype=np.uint8)
+    cdef int64_t[:, ::1] old_v = old_all
+    cdef int64_t[:, ::1] new_v = new_all
     cdef uint8_t[::1] moved_v = moved
-    cdef int64_t[::1] idx_v = idx_arr
     cdef Work wo, wn
     work_init(&wo, os_, ow, r)
-    try:
-        work_init(&wn, ns, nw, r)
-    except MemoryError:
-        free(wo.ilo)
-        raise
-    with nogil:
-        run_moves(keys_v, &wo, &wn, old_v, new_v, moved_v, &idx_v[0])
+    with nogil:  # one ring at a time: better locality than interleaving
+        run_batch(keys_v, &wo, old_v)
     free(wo.ilo)
+    work_init(&wn, ns, nw, r)
+    with nogil:
+        run_batch(keys_v, &wn, new_v)
+        count = mark_moves(&os_v[0], &ns_v[0], old_v, new_v, moved_v)
     free(wn.ilo)
-    mask = moved.view(np.bool_)
-    return MovePlan(k[mask], old_all[mask], new_all[mask])
+    keys_out = np.empty(count, dtype=np.uint64)
+    old_out = np.empty((count, r), dtype=np.uint64)
+    new_out = np.empty((count, r), dtype=np.uint64)
+    cdef uint64_t[::1] keys_out_v = keys_out
+    cdef uint64_t[:, ::1] old_out_v = old_out
+    cdef uint64_t[:, ::1] new_out_v = new_out
+    with nogil:
+        gather_moves(keys_v, moved_v, old_v, new_v, keys_out_v, old_out_v, new_out_v)
+    return MovePlan(keys_out, old_out, new_out)
