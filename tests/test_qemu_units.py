@@ -172,9 +172,11 @@ def test_relay_bridges_a_connection_and_cleans_up(tmp_path: Path) -> None:
     relay.write_text(machine.RELAY_SOURCE)
     piddir = tmp_path / "relays"
     piddir.mkdir()
+    fake_qemu = _sleeper()
+    machine.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
     guest_side, relay_side = socket.socketpair()
     proc = subprocess.Popen(
-        [sys.executable, "-S", "-E", str(relay), str(port), str(piddir)],
+        [sys.executable, "-S", "-E", str(relay), str(port), str(piddir), str(tmp_path / "qemu.pid")],
         stdin=relay_side.fileno(),
         stdout=relay_side.fileno(),
         stderr=relay_side.fileno(),
@@ -196,6 +198,40 @@ def test_relay_bridges_a_connection_and_cleans_up(tmp_path: Path) -> None:
         assert received == payload.upper()
         assert proc.wait(10) == 0
         assert list(piddir.glob("*.pid")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        guest_side.close()
+        server.close()
+        fake_qemu.kill()
+        fake_qemu.wait()
+
+
+def test_relay_exits_when_qemu_is_gone(tmp_path: Path) -> None:
+    """An idle relay whose QEMU died does not linger, even with both ends open."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    relay = tmp_path / "relay.py"
+    relay.write_text(machine.RELAY_SOURCE)
+    fake_qemu = _sleeper()
+    machine.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
+    guest_side, relay_side = socket.socketpair()
+    port = str(server.getsockname()[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-E", str(relay), port, str(tmp_path), str(tmp_path / "qemu.pid")],
+        stdin=relay_side.fileno(),
+        stdout=relay_side.fileno(),
+        start_new_session=True,
+    )
+    relay_side.close()
+    try:
+        conn, _ = server.accept()  # the relay is connected and idle
+        assert proc.poll() is None
+        fake_qemu.kill()
+        fake_qemu.wait()
+        assert proc.wait(15) == 0
+        conn.close()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -277,9 +277,14 @@ def fetch_kernel(profile: Profile, work: Path) -> tuple[Path, str]:
         raise RuntimeError(f"cannot find the kernel behind {qualified}:\n{deps}")
     package = match.group(1)
     cached_root = cache_root() / "kernels" / f"{package}_{profile.debian_arch}"
-    if any((cached_root / "boot").glob("vmlinuz-*")):
-        (vmlinuz,) = (cached_root / "boot").glob("vmlinuz-*")
-        return cached_root, vmlinuz.name.removeprefix("vmlinuz-")
+    with locked(cached_root.with_suffix(".lock")):
+        if not any((cached_root / "boot").glob("vmlinuz-*")):
+            _download_kernel(profile, package, work, cached_root)
+    (vmlinuz,) = (cached_root / "boot").glob("vmlinuz-*")
+    return cached_root, vmlinuz.name.removeprefix("vmlinuz-")
+
+
+def _download_kernel(profile: Profile, package: str, work: Path, dest: Path) -> None:
     debs = work / "debs"
     debs.mkdir()
     run(
@@ -294,13 +299,11 @@ def fetch_kernel(profile: Profile, work: Path) -> tuple[Path, str]:
         cwd=debs,
     )
     (deb,) = debs.glob("*.deb")
-    root = work / "kernel"
-    run(["dpkg", "-x", str(deb), str(root)])
-    (vmlinuz,) = (root / "boot").glob("vmlinuz-*")
-    cached_root.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(cached_root, ignore_errors=True)
-    shutil.copytree(root, cached_root, symlinks=True)
-    return cached_root, vmlinuz.name.removeprefix("vmlinuz-")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run(["dpkg", "-x", str(deb), str(tmp)])
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 def module_closure(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
@@ -416,13 +419,21 @@ def assemble(
 
 
 def build_image(arch: str, *, rebuild: bool = False, rebuild_rootfs: bool = False) -> Image:
-    """Build the image of *arch* into the cache (unconditionally)."""
+    """Build the image of *arch* into the cache (reused if another process just did)."""
     from plexilab import setup_host
 
     setup_host.ensure()
-    profile = load_profile(arch)
     key = image_key(arch)
     final = cache_root() / "images" / f"{arch}-{key}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with locked(final.with_suffix(".lock")):  # one builder; the others wait and reuse
+        if not rebuild and (final / "manifest.json").is_file():
+            return _load(arch, key, final)
+        return _build_image(arch, key, final, rebuild_rootfs=rebuild_rootfs)
+
+
+def _build_image(arch: str, key: str, final: Path, *, rebuild_rootfs: bool) -> Image:
+    profile = load_profile(arch)
     timings: dict[str, float] = {}
     start = time.monotonic()
     console.rule(f"guest image {arch} ({key})")
@@ -470,10 +481,9 @@ def build_image(arch: str, *, rebuild: bool = False, rebuild_rootfs: bool = Fals
             "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        with locked(final.with_suffix(".lock")):
-            if final.exists():
-                shutil.rmtree(final)
-            out.rename(final)
+        if final.exists():
+            shutil.rmtree(final)
+        out.rename(final)
     console.log(
         f"image {arch} ready in {time.monotonic() - start:.1f} s: {final} "
         f"(disk {mb(int(manifest['disk_bytes']))})"  # type: ignore[call-overload]

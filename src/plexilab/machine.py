@@ -9,7 +9,8 @@ Lifetime guarantees (no QEMU and no guestfwd relay outlives the run):
 
 * QEMU runs in its own session/process group and is started from one
   long-lived launcher thread with ``PR_SET_PDEATHSIG=SIGKILL``, so it dies
-  with this process even on SIGKILL; relays set their own death signal.
+  with this process even on SIGKILL; relays watch QEMU's pidfile and exit
+  when it is gone.
 * ``shutdown()`` (called by ``__exit__``, ``finally`` blocks, an ``atexit``
   hook and SIGTERM/SIGHUP handlers that turn into ``SystemExit``) asks the
   guest to power off (or QMP ``quit``), then SIGTERM/SIGKILLs the group.
@@ -382,28 +383,48 @@ class GuestLink:
 
 
 RELAY_SOURCE = r'''
-"""guestfwd relay: bridge stdin/stdout (the guest connection) to 127.0.0.1:PORT."""
-import ctypes, json, os, select, signal, socket, sys
-port, piddir = int(sys.argv[1]), sys.argv[2]
+"""guestfwd relay: bridge stdin/stdout (the guest connection) to 127.0.0.1:PORT.
+
+slirp starts one relay per guest connection (GLib double-forks it, so its
+parent is not QEMU): the relay watches QEMU's pidfile and exits when QEMU is
+gone; it records itself in PIDDIR for the reaper.
+"""
+import json, os, select, socket, sys
+port, piddir, qemu_pidfile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 devnull = os.open(os.devnull, os.O_RDWR)
 os.dup2(devnull, 2)  # stderr is the guest's connection: never write to it
-try:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
-except Exception:
-    pass
-if os.getppid() == 1:
-    sys.exit(1)
+
+
+def starttime(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def qemu_alive():
+    try:
+        with open(qemu_pidfile) as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return starttime(rec["pid"]) == rec["starttime"]
+
+
 me = os.getpid()
-with open(f"/proc/{me}/stat") as fh:
-    start = int(fh.read().rsplit(")", 1)[1].split()[19])
 pidfile = os.path.join(piddir, f"relay-{me}.pid")
 try:
     with open(pidfile + ".tmp", "w") as fh:
-        json.dump({"pid": me, "pgid": os.getpgid(0), "starttime": start, "kind": "relay"}, fh)
+        json.dump({"pid": me, "pgid": os.getpgid(0), "starttime": starttime(me),
+                   "kind": "relay"}, fh)
     os.replace(pidfile + ".tmp", pidfile)
 except OSError:
     pidfile = None
 try:
+    if not qemu_alive():
+        sys.exit(1)
     up = socket.create_connection(("127.0.0.1", port), timeout=10)
     up.settimeout(None)
     try:
@@ -415,9 +436,9 @@ try:
     open_in, open_out = True, True  # guest->lab, lab->guest
     while open_in or open_out:
         watch = ([down_r] if open_in else []) + ([up.fileno()] if open_out else [])
-        ready, _, _ = select.select(watch, [], [], 5.0)
-        if not ready and os.getppid() == 1:
-            break  # QEMU is gone
+        ready, _, _ = select.select(watch, [], [], 2.0)
+        if not ready and not qemu_alive():
+            break
         for fd in ready:
             if fd == down_r:
                 data = os.read(down_r, 65536)
@@ -567,7 +588,10 @@ class Machine:
         relay = self.dir / "relay.py"
         for link in self.config.links:
             cmd = shlex.join(
-                [sys.executable, "-S", "-E", str(relay), str(link.target_port), str(self.dir / "relays")]
+                [
+                    sys.executable, "-S", "-E", str(relay), str(link.target_port),
+                    str(self.dir / "relays"), str(self.dir / "qemu.pid"),
+                ]  # fmt: skip
             )
             parts.append(f"guestfwd=tcp:{link.address}:{link.port}-cmd:{cmd.replace(',', ',,')}")
         return ",".join(parts)
