@@ -36,7 +36,8 @@ ECHO_SERVER = (
     "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(8)\n"
     "while True:\n"
-    "    c,_=s.accept(); d=c.recv(65536); c.sendall(d.upper()+sys.argv[2].encode()); c.close()\n"
+    "    c,_=s.accept(); d=c.recv(65536)\n"
+    "    c.sendall(d.upper()+sys.argv[2].encode()); c.close()\n"
 )
 ECHO_CLIENT = (
     "import socket,sys\n"
@@ -76,20 +77,26 @@ def installed(lab: QemuLab, artifacts) -> dict[str, QemuHost]:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_wheel_runs_compiled_in_the_guest(installed: dict[str, QemuHost], arch: str) -> None:
+def test_wheel_runs_compiled_in_the_guest(
+    installed: dict[str, QemuHost], arch: str
+) -> None:
     host = installed[arch]
     res = host.run([host.python(), "-m", "plexichat.accel", "--json"], timeout=300)
     status = json.loads(res.stdout)
     assert status["machine"] == arch
     assert status["python"].startswith("3.11.")
     rc = host.run(
-        [host.python(), "-m", "plexichat.accel", "--require-compiled"], timeout=300, check=False
+        [host.python(), "-m", "plexichat.accel", "--require-compiled"],
+        timeout=300,
+        check=False,
     )
     assert rc.returncode == 0, rc.stdout + rc.stderr
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_golden_vectors_pass_in_the_guest(installed: dict[str, QemuHost], arch: str) -> None:
+def test_golden_vectors_pass_in_the_guest(
+    installed: dict[str, QemuHost], arch: str
+) -> None:
     from plexilab.cli.qemu import run_golden
 
     code, output = run_golden(installed[arch])
@@ -101,11 +108,15 @@ def _start_echo(host: QemuHost, index: int, tag: str) -> None:
     port = host.listen_endpoint(index).port
     script = f"{host.workdir()}/echo.py"
     host.ssh.run(f"cat > {script}", timeout=30, input=ECHO_SERVER.encode())
-    host.spawn(["python3", script, str(port), tag], log_path=f"{host.workdir()}/echo.log")
+    host.spawn(
+        ["python3", script, str(port), tag], log_path=f"{host.workdir()}/echo.log"
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         probe = host.run(
-            ["python3", "-c", ECHO_CLIENT, "127.0.0.1", str(port)], timeout=60, check=False
+            ["python3", "-c", ECHO_CLIENT, "127.0.0.1", str(port)],
+            timeout=60,
+            check=False,
         )
         if probe.returncode == 0:
             return

@@ -18,6 +18,7 @@ from plexilab import images, machine
 from plexilab.hosts.inventory import InventoryEntry, entries_toml, load_inventory
 from plexilab.hosts.qemu import GuestSpec, plan
 from plexilab.machine import ProbeResult, choose_accel
+from plexilab.ssh import HostKeyPair
 
 
 @pytest.fixture
@@ -47,11 +48,16 @@ class FakeProbe:
 def test_kvm_falls_back_to_tcg_when_the_probe_fails(tmp_path, kernel, dev_kvm) -> None:
     probe = FakeProbe(ok=False)
     cache = tmp_path / "verdict.json"
-    kw = {"probe": probe, "dev_kvm": dev_kvm, "host_arch": "x86_64", "cache_path": cache}
+    kw = {
+        "probe": probe,
+        "dev_kvm": dev_kvm,
+        "host_arch": "x86_64",
+        "cache_path": cache,
+    }
     assert choose_accel("x86_64", kernel, **kw) == "tcg"
     assert choose_accel("x86_64", kernel, **kw) == "tcg"
     assert probe.calls == 1  # the verdict is cached
-    assert list(json.loads(cache.read_text()).values())[0]["ok"] is False
+    assert [v["ok"] for v in json.loads(cache.read_text()).values()] == [False]
 
 
 def test_kvm_is_used_when_the_probe_boots(tmp_path, kernel, dev_kvm) -> None:
@@ -70,10 +76,18 @@ def test_no_probe_without_kvm_or_for_a_foreign_arch(tmp_path, kernel) -> None:
     probe = FakeProbe(ok=True)
     cache = tmp_path / "v.json"
     missing = tmp_path / "no-kvm"
-    assert choose_accel("x86_64", kernel, probe=probe, dev_kvm=missing, cache_path=cache) == "tcg"
+    assert (
+        choose_accel("x86_64", kernel, probe=probe, dev_kvm=missing, cache_path=cache)
+        == "tcg"
+    )
     assert (
         choose_accel(
-            "aarch64", kernel, probe=probe, dev_kvm=kernel, host_arch="x86_64", cache_path=cache
+            "aarch64",
+            kernel,
+            probe=probe,
+            dev_kvm=kernel,
+            host_arch="x86_64",
+            cache_path=cache,
         )
         == "tcg"
     )
@@ -95,7 +109,8 @@ def test_probe_boot_needs_the_kernel_to_reach_its_panic(tmp_path, kernel) -> Non
     assert machine.probe_boot(booted, kernel, timeout=10).ok
     hangs = _fake_qemu(tmp_path, "echo 'Booting from ROM..'; exec sleep 30")
     result = machine.probe_boot(hangs, kernel, timeout=0.5)
-    assert not result.ok and result.detail.startswith("timeout")
+    assert not result.ok
+    assert result.detail.startswith("timeout")
 
 
 def _sleeper() -> subprocess.Popen[bytes]:
@@ -114,16 +129,20 @@ def test_reaper_kills_leftovers_of_dead_owners_only(tmp_path: Path) -> None:
     for d in (dead_dir, live_dir):
         d.mkdir()
     machine.record(live_dir / "owner.json", os.getpid(), "owner")
-    (dead_dir / "owner.json").write_text(json.dumps({"pid": _dead_pid(), "starttime": 1}))
+    (dead_dir / "owner.json").write_text(
+        json.dumps({"pid": _dead_pid(), "starttime": 1})
+    )
     orphan, kept = _sleeper(), _sleeper()
     try:
         machine.record(dead_dir / "qemu.pid", orphan.pid, "qemu")
         machine.record(live_dir / "qemu.pid", kept.pid, "qemu")
         killed = machine.reap(root=tmp_path)
         assert orphan.wait(10) == -signal.SIGTERM
-        assert len(killed) == 1 and "qemu" in killed[0]
+        assert len(killed) == 1
+        assert "qemu" in killed[0]
         assert not dead_dir.exists()
-        assert kept.poll() is None and live_dir.exists()
+        assert kept.poll() is None
+        assert live_dir.exists()
         assert machine.reap(root=tmp_path, everything=True)
         assert kept.wait(10) == -signal.SIGTERM
     finally:
@@ -143,7 +162,9 @@ def test_reaper_checks_the_start_time(tmp_path: Path) -> None:
         start = machine.proc_starttime(bystander.pid)
         assert start is not None
         (rundir / "qemu.pid").write_text(
-            json.dumps({"pid": bystander.pid, "pgid": bystander.pid, "starttime": start + 1})
+            json.dumps(
+                {"pid": bystander.pid, "pgid": bystander.pid, "starttime": start + 1}
+            )
         )
         assert machine.reap(root=tmp_path) == []
         assert bystander.poll() is None
@@ -176,7 +197,15 @@ def test_relay_bridges_a_connection_and_cleans_up(tmp_path: Path) -> None:
     machine.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
     guest_side, relay_side = socket.socketpair()
     proc = subprocess.Popen(
-        [sys.executable, "-S", "-E", str(relay), str(port), str(piddir), str(tmp_path / "qemu.pid")],
+        [
+            sys.executable,
+            "-S",
+            "-E",
+            str(relay),
+            str(port),
+            str(piddir),
+            str(tmp_path / "qemu.pid"),
+        ],
         stdin=relay_side.fileno(),
         stdout=relay_side.fileno(),
         stderr=relay_side.fileno(),
@@ -219,7 +248,15 @@ def test_relay_exits_when_qemu_is_gone(tmp_path: Path) -> None:
     guest_side, relay_side = socket.socketpair()
     port = str(server.getsockname()[1])
     proc = subprocess.Popen(
-        [sys.executable, "-S", "-E", str(relay), port, str(tmp_path), str(tmp_path / "qemu.pid")],
+        [
+            sys.executable,
+            "-S",
+            "-E",
+            str(relay),
+            port,
+            str(tmp_path),
+            str(tmp_path / "qemu.pid"),
+        ],
         stdin=relay_side.fileno(),
         stdout=relay_side.fileno(),
         start_new_session=True,
@@ -242,7 +279,8 @@ def test_relay_exits_when_qemu_is_gone(tmp_path: Path) -> None:
 def test_plan_links_every_guest_to_every_other_node() -> None:
     specs = [GuestSpec("a", "x86_64", [0, 2]), GuestSpec("b", "aarch64", [1])]
     a, b = plan(specs, port_base=7100)
-    assert set(a.forwards) == {7100, 7102} and set(b.forwards) == {7101}
+    assert set(a.forwards) == {7100, 7102}
+    assert set(b.forwards) == {7101}
     assert [(lk.address, lk.port, lk.target_port) for lk in a.links] == [
         ("10.0.2.101", 7101, b.forwards[7101])
     ]
@@ -260,7 +298,7 @@ def test_inventory_round_trip(tmp_path: Path) -> None:
         address="127.0.0.1",
         arch="aarch64",
         port=2222,
-        host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBi0LsM2vq0z1x4yJ5Lr3eZq9e2Qw0qN5bqQyW8Y1d1H",
+        host_key=HostKeyPair.generate().public_line,
         nodes=[1],
         lab_ports={7101: 40001},
     )

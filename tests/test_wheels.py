@@ -1,4 +1,4 @@
-"""plexilab.wheels: tags, wheel checks, requirements (the builds run in test_qemu_guests)."""
+"""plexilab.wheels: tags, checks, requirements (builds run in test_qemu_guests)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ def test_platform_tags_cover_the_guest_glibc() -> None:
 
 
 def test_runtime_requirements_come_from_pyproject() -> None:
-    names = {r.split(">")[0].split("=")[0].strip() for r in wheels.runtime_requirements()}
+    names = {
+        r.split(">")[0].split("=")[0].strip() for r in wheels.runtime_requirements()
+    }
     assert {"xxhash", "numpy"} <= names
 
 
@@ -75,4 +77,7 @@ def test_artifacts_needs_one_wheel_and_a_wheelhouse(tmp_path: Path) -> None:
     wheel.write_bytes(b"")
     assert wheels.artifacts("aarch64", tmp_path) is None
     (tmp_path / "aarch64" / "wheelhouse" / "numpy-2-cp311.whl").write_bytes(b"")
-    assert wheels.artifacts("aarch64", tmp_path) == (wheel, tmp_path / "aarch64" / "wheelhouse")
+    assert wheels.artifacts("aarch64", tmp_path) == (
+        wheel,
+        tmp_path / "aarch64" / "wheelhouse",
+    )

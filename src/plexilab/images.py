@@ -35,8 +35,8 @@ import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -407,7 +407,9 @@ def assemble(
         rel = path.relative_to(kernel_root)
         _install(path, root / rel, 0o644)
         order.append("/" + str(rel))
-    _install(("\n".join(order) + "\n").encode(), root / "etc/plexilab/modules.order", 0o644)
+    _install(
+        ("\n".join(order) + "\n").encode(), root / "etc/plexilab/modules.order", 0o644
+    )
     for node, major, minor in (("console", 5, 1), ("null", 1, 3)):
         dev = root / "dev" / node
         if not dev.exists():
@@ -418,7 +420,9 @@ def assemble(
         key.unlink()  # never ship a host key in the shared base
 
 
-def build_image(arch: str, *, rebuild: bool = False, rebuild_rootfs: bool = False) -> Image:
+def build_image(
+    arch: str, *, rebuild: bool = False, rebuild_rootfs: bool = False
+) -> Image:
     """Build the image of *arch* into the cache (reused if another process just did)."""
     from plexilab import setup_host
 
@@ -537,8 +541,10 @@ from installer.sources import WheelFile
 scheme = {"purelib": f"{stage}/site-packages", "platlib": f"{stage}/site-packages",
           "scripts": f"{stage}/bin", "data": f"{stage}/data",
           "headers": f"{stage}/include"}
-dest = SchemeDictionaryDestination(scheme, interpreter="%s/bin/python",
-                                   script_kind="posix", bytecode_optimization_levels=(0,))
+dest = SchemeDictionaryDestination(
+    scheme, interpreter="%s/bin/python", script_kind="posix",
+    bytecode_optimization_levels=(0,),
+)
 for wheel in wheels:
     with WheelFile.open(wheel) as source:
         install(source, dest, {"INSTALLER": b"plexilab"})
@@ -554,7 +560,9 @@ def deps_disk(arch: str, wheelhouse: Path) -> Path:
     ``.pth`` file), byte-compiled.  Pushing only the small plexichat wheel then
     makes a fresh guest ready in seconds.  Cached by wheel names and sizes.
     """
-    wheels = sorted(p for p in wheelhouse.glob("*.whl") if not p.name.startswith("plexichat-"))
+    wheels = sorted(
+        p for p in wheelhouse.glob("*.whl") if not p.name.startswith("plexichat-")
+    )
     installers = [p for p in wheels if p.name.startswith("installer-")]
     if not installers:
         raise RuntimeError(f"{wheelhouse} has no installer wheel")
@@ -569,7 +577,17 @@ def deps_disk(arch: str, wheelhouse: Path) -> Path:
         stage = Path(t) / "stage"
         stage.mkdir()
         script = _STAGE_DEPS.replace("%s", GUEST_VENV)
-        run([sys.executable, "-I", "-c", script, str(stage), str(installers[0]), *map(str, wheels)])
+        run(
+            [
+                sys.executable,
+                "-I",
+                "-c",
+                script,
+                str(stage),
+                str(installers[0]),
+                *map(str, wheels),
+            ]
+        )
         size_mib = du(stage) * 13 // 10 // (1 << 20) + 64
         raw = Path(t) / "deps.raw"
         run(
@@ -608,14 +626,18 @@ def images_for(arches: Sequence[str]) -> list[Image]:
     found = {a: cached(a) for a in arches}
     missing = [a for a, img in found.items() if img is None]
     built = {img.arch: img for img in build_images(missing)} if missing else {}
-    return [found[a] or built[a] for a in arches]  # type: ignore[misc]
+    return [found[a] or built[a] for a in arches]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plexilab.images", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m plexilab.images", description=__doc__
+    )
     parser.add_argument("--arch", choices=[*ARCHES, "all"], default="all")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the image")
-    parser.add_argument("--rebuild-rootfs", action="store_true", help="re-bootstrap too")
+    parser.add_argument(
+        "--rebuild-rootfs", action="store_true", help="re-bootstrap too"
+    )
     args = parser.parse_args(argv)
     arches = ARCHES if args.arch == "all" else (args.arch,)
     start = time.monotonic()

@@ -273,7 +273,9 @@ class QMP:
     def connect(self, path: Path, timeout: float) -> None:
         self._call(self.client.connect(str(path)), timeout)
 
-    def execute(self, cmd: str, args: Mapping[str, object] | None = None, timeout: float = 10) -> Any:
+    def execute(
+        self, cmd: str, args: Mapping[str, object] | None = None, timeout: float = 10
+    ) -> Any:
         return self._call(self.client.execute(cmd, args), timeout)
 
     def close(self) -> None:
@@ -345,7 +347,9 @@ def choose_accel(
     qemu_bin = shutil.which(profile.qemu) or profile.qemu
     with contextlib.suppress(OSError):
         qemu_bin += f"@{int(Path(qemu_bin).stat().st_mtime)}"
-    key = f"{arch}|{qemu_bin}|{platform.release()}|{kernel.name}@{kernel.stat().st_size}"
+    key = (
+        f"{arch}|{qemu_bin}|{platform.release()}|{kernel.name}@{kernel.stat().st_size}"
+    )
     cache_path = cache_path or kvm_cache_path()
     try:
         cache: dict[str, Any] = json.loads(cache_path.read_text())
@@ -375,7 +379,7 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class GuestLink:
-    """A guestfwd rule: guest connects to address:port, the lab bridges to 127.0.0.1:target."""
+    """guestfwd rule: guest address:port is relayed to 127.0.0.1:target_port."""
 
     address: str
     port: int
@@ -507,7 +511,9 @@ class MachineConfig:
     memory_mib: int | None = None
     smp: int | None = None
     accel: str = "auto"  # auto | kvm | tcg
-    forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port (0=free)
+    forwards: dict[int, int] = field(
+        default_factory=dict
+    )  # guest port -> host port (0=free)
     links: list[GuestLink] = field(default_factory=list)
     seed_files: dict[str, bytes] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
@@ -564,14 +570,20 @@ class Machine:
         files: dict[str, tuple[bytes, int]] = {
             "hostname": (self.name.encode() + b"\n", 0o644),
             "ssh_host_ed25519_key": (self.host_key.private_openssh, 0o600),
-            "ssh_host_ed25519_key.pub": (self.host_key.public_line.encode() + b"\n", 0o644),
+            "ssh_host_ed25519_key.pub": (
+                self.host_key.public_line.encode() + b"\n",
+                0o644,
+            ),
             "authorized_keys": (public.encode() + b" plexilab\n", 0o600),
         }
         for name, data in self.config.seed_files.items():
             files[name] = (data, 0o600)
         seed = self.dir / "seed.tar"
         fd = os.open(seed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        with (
+            os.fdopen(fd, "wb") as fh,
+            tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
             for name, (data, mode) in sorted(files.items()):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -589,11 +601,18 @@ class Machine:
         for link in self.config.links:
             cmd = shlex.join(
                 [
-                    sys.executable, "-S", "-E", str(relay), str(link.target_port),
-                    str(self.dir / "relays"), str(self.dir / "qemu.pid"),
-                ]  # fmt: skip
+                    sys.executable,
+                    "-S",
+                    "-E",
+                    str(relay),
+                    str(link.target_port),
+                    str(self.dir / "relays"),
+                    str(self.dir / "qemu.pid"),
+                ]
             )
-            parts.append(f"guestfwd=tcp:{link.address}:{link.port}-cmd:{cmd.replace(',', ',,')}")
+            parts.append(
+                f"guestfwd=tcp:{link.address}:{link.port}-cmd:{cmd.replace(',', ',,')}"
+            )
         return ",".join(parts)
 
     def argv(self) -> list[str]:
@@ -616,7 +635,8 @@ class Machine:
             "-qmp", f"unix:{self.dir / 'qmp.sock'},server=on,wait=off",
             "-kernel", str(self.image.kernel),
             "-append", cmdline,
-            "-drive", f"file={self.dir / 'disk.qcow2'},if=none,id=root,format=qcow2,discard=unmap",
+            "-drive",
+            f"file={self.dir / 'disk.qcow2'},if=none,id=root,format=qcow2",
             "-device", "nvme,drive=root,serial=plexiroot",
             "-netdev", self._netdev(),
             "-device", "virtio-net-pci,netdev=net0,romfile=",
@@ -631,7 +651,8 @@ class Machine:
         if self.config.deps_disk is None:
             return []
         return [
-            "-drive", f"file={self.config.deps_disk},if=none,id=deps,format=qcow2,readonly=on",
+            "-drive",
+            f"file={self.config.deps_disk},if=none,id=deps,format=qcow2,readonly=on",
             "-device", "virtio-blk-pci,drive=deps",
         ]  # fmt: skip
 
@@ -648,18 +669,23 @@ class Machine:
         disk = self.dir / "disk.qcow2"
         disk.unlink(missing_ok=True)
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "qcow2", str(disk)],
+            ["qemu-img", "create", "-q", "-f", "qcow2",
+             "-b", str(image.disk), "-F", "qcow2", str(disk)],
             check=True,
         )  # fmt: skip
         self._seed()
         if self.config.accel == "auto":
-            self.accel = choose_accel(self.arch, image.kernel, log=lambda s: print(s, file=sys.stderr))
+            self.accel = choose_accel(
+                self.arch, image.kernel, log=lambda s: print(s, file=sys.stderr)
+            )
         else:
             self.accel = self.config.accel
         last = ""
         for _ in range(attempts):
             self.ssh_port = free_port()
-            self.forwards = {g: (h or free_port()) for g, h in self.config.forwards.items()}
+            self.forwards = {
+                g: (h or free_port()) for g, h in self.config.forwards.items()
+            }
             last = self._start()
             if not last:
                 break
@@ -668,7 +694,10 @@ class Machine:
         else:
             raise MachineError(f"{self.name}: QEMU failed {attempts} times:\n{last}")
         self._ssh = SSHClient(
-            "127.0.0.1", self.ssh_port, host_key=self.host_key.public_pkey(), name=self.name
+            "127.0.0.1",
+            self.ssh_port,
+            host_key=self.host_key.public_pkey(),
+            name=self.name,
         )
         _live.add(self)
         self._write_state()
@@ -707,7 +736,7 @@ class Machine:
                     stdout=err,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_child_setup,  # noqa: PLW1509 - PDEATHSIG only
+                    preexec_fn=_child_setup,
                 )
 
         self.times = BootTimes(launched=time.monotonic())
@@ -748,7 +777,11 @@ class Machine:
             self.times.banner = time.monotonic()
             self.ssh.run(["true"], timeout=max(1.0, deadline - time.monotonic()))
         except Exception as exc:
-            tail = self.serial_log.read_text(errors="replace")[-2000:] if self.serial_log.exists() else ""
+            tail = (
+                self.serial_log.read_text(errors="replace")[-2000:]
+                if self.serial_log.exists()
+                else ""
+            )
             raise MachineError(
                 f"{self.name}: no SSH within {timeout:.0f} s ({exc!r}); "
                 f"running={self.running()}; serial log tail:\n{tail}"
@@ -769,13 +802,15 @@ class Machine:
         self.shutdown()
 
     # -- control ----------------------------------------------------------
-    def qmp(self, cmd: str, args: Mapping[str, object] | None = None, timeout: float = 10) -> Any:
+    def qmp(
+        self, cmd: str, args: Mapping[str, object] | None = None, timeout: float = 10
+    ) -> Any:
         if self._qmp is None:
             raise MachineError(f"{self.name}: QMP not connected")
         return self._qmp.execute(cmd, args, timeout=timeout)
 
     def resources(self) -> ResourceSample:
-        """CPU seconds per vCPU thread (QMP query-cpus-fast -> /proc), total CPU, RSS."""
+        """CPU s per vCPU thread (QMP query-cpus-fast -> /proc), total CPU, RSS."""
         tick = os.sysconf("SC_CLK_TCK")
         pid = self.pid
         cpus = self.qmp("query-cpus-fast")
@@ -819,12 +854,17 @@ class Machine:
             pidfile.unlink(missing_ok=True)
 
     def shutdown(self, *, graceful: bool = True, timeout: float = 10.0) -> int | None:
-        """Power the guest off (SSH request, else QMP quit), then make sure QEMU is gone."""
+        """Power off (SSH request, else QMP quit), then make sure QEMU is gone."""
         if self._closed:
             return self.proc.returncode if self.proc else None
         self._closed = True
         try:
-            if self.running() and graceful and self._ssh is not None and self.times.ssh_ready:
+            if (
+                self.running()
+                and graceful
+                and self._ssh is not None
+                and self.times.ssh_ready
+            ):
                 with contextlib.suppress(Exception):
                     self._ssh.run("plexilab-poweroff", timeout=3, check=False)
                 self.wait(timeout)
@@ -892,7 +932,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         for line in reap(everything=args.all):
             print("killed", line)
         return 0
-    with Machine(MachineConfig(arch=args.arch, name=f"{args.arch}-cli", accel=args.accel)) as m:
+    with Machine(
+        MachineConfig(arch=args.arch, name=f"{args.arch}-cli", accel=args.accel)
+    ) as m:
         print(f"boot to SSH: {m.times.to_ssh:.2f} s ({m.accel})")
         res = m.ssh.run(args.command, timeout=120, check=False)
         print(res.stdout, end="")

@@ -55,7 +55,9 @@ class Report:
 
 def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(list(argv), text=True, capture_output=True, env=env, check=False)
+    return subprocess.run(
+        list(argv), text=True, capture_output=True, env=env, check=False
+    )
 
 
 def _check(argv: Sequence[str]) -> None:
@@ -68,7 +70,9 @@ def _check(argv: Sequence[str]) -> None:
 
 def missing_packages(names: Sequence[str] = PACKAGES) -> list[str]:
     """Packages of *names* that are not installed (one dpkg-query call)."""
-    proc = _run(["dpkg-query", "-W", "-f=${binary:Package} ${db:Status-Abbrev}\n", *names])
+    proc = _run(
+        ["dpkg-query", "-W", "-f=${binary:Package} ${db:Status-Abbrev}\n", *names]
+    )
     installed = set()
     for line in proc.stdout.splitlines():
         parts = line.split()
@@ -118,7 +122,14 @@ def ensure(*, quiet: bool = False, binfmt: bool = True) -> Report:
             report.needed.append(cmd)
     if missing:
         update = need_arch or not arm64_lists_present()
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+        install = [
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            *missing,
+        ]
         if not root:
             if update:
                 report.needed.append("apt-get update")
@@ -134,7 +145,9 @@ def ensure(*, quiet: bool = False, binfmt: bool = True) -> Report:
                 report.actions.append("apt-get update")
                 proc = _run(install)
             if proc.returncode != 0:
-                raise HostSetupError(f"{shlex.join(install)} failed:\n{proc.stderr[-3000:]}")
+                raise HostSetupError(
+                    f"{shlex.join(install)} failed:\n{proc.stderr[-3000:]}"
+                )
             report.actions.append(shlex.join(install))
     if binfmt and not binfmt_enabled():
         steps: list[list[str]] = []
@@ -157,7 +170,9 @@ def ensure(*, quiet: bool = False, binfmt: bool = True) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plexilab.setup_host", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m plexilab.setup_host", description=__doc__
+    )
     parser.parse_args(argv)
     try:
         report = ensure()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import posixpath
@@ -68,7 +69,9 @@ class HostKeyPair:
         return cls(private, public.decode())
 
     def pkey(self) -> paramiko.PKey:
-        return paramiko.Ed25519Key.from_private_key(io.StringIO(self.private_openssh.decode()))
+        return paramiko.Ed25519Key.from_private_key(
+            io.StringIO(self.private_openssh.decode())
+        )
 
     def public_pkey(self) -> paramiko.PKey:
         return public_key(self.public_line)
@@ -77,7 +80,7 @@ class HostKeyPair:
 def public_key(line: str) -> paramiko.PKey:
     """Parse ``"ssh-ed25519 AAAA... [comment]"`` into a paramiko key."""
     kind, b64, *_ = line.split()
-    return paramiko.PKey.from_type_string(kind, base64.b64decode(b64))  # type: ignore[attr-defined,no-any-return]
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(b64))
 
 
 def lab_key_path() -> Path:
@@ -218,7 +221,7 @@ class SSHClient:
                         self.port,
                         username=self.user,
                         pkey=self.key,
-                        sock=sock,  # type: ignore[arg-type]
+                        sock=sock,
                         timeout=min(remaining, 30.0),
                         banner_timeout=min(remaining, 30.0),
                         auth_timeout=min(remaining, 30.0),
@@ -259,10 +262,8 @@ class SSHClient:
 
     def _close_locked(self) -> None:
         if self._sftp is not None:
-            try:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 self._sftp.close()
-            except (OSError, EOFError, paramiko.SSHException):
-                pass
             self._sftp = None
         if self._client is not None:
             self._client.close()
@@ -277,8 +278,10 @@ class SSHClient:
         cmd = argv if isinstance(argv, str) else shlex.join(argv)
         if env:
             assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
-            cmd = f"env {assigns} {cmd}" if not isinstance(argv, str) else (
-                f"export {assigns}; {cmd}"
+            cmd = (
+                f"env {assigns} {cmd}"
+                if not isinstance(argv, str)
+                else (f"export {assigns}; {cmd}")
             )
         return cmd
 
@@ -321,8 +324,12 @@ class SSHClient:
 
     # -- files ------------------------------------------------------------
     def sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None or self._sftp.get_channel() is None or (
-            self._sftp.get_channel().closed  # type: ignore[union-attr]
+        if (
+            self._sftp is None
+            or self._sftp.get_channel() is None
+            or (
+                self._sftp.get_channel().closed  # type: ignore[union-attr]
+            )
         ):
             self._sftp = paramiko.SFTPClient.from_transport(
                 self._transport(), window_size=8 << 20, max_packet_size=32768
@@ -333,7 +340,9 @@ class SSHClient:
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:
         sftp = self.sftp()
         sftp.put(str(local), remote, confirm=True)
-        sftp.chmod(remote, mode if mode is not None else stat.S_IMODE(local.stat().st_mode))
+        sftp.chmod(
+            remote, mode if mode is not None else stat.S_IMODE(local.stat().st_mode)
+        )
 
     def get(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -489,7 +498,9 @@ class SSHHost(Host):
         try:
             pid = int(res.stdout.strip())
         except ValueError:
-            raise HostError(f"{self.name}: spawn of {program} gave {res.stdout!r}") from None
+            raise HostError(
+                f"{self.name}: spawn of {program} gave {res.stdout!r}"
+            ) from None
         return SSHProcess(self.ssh, pid, log_path)
 
     def put(self, local: Path, remote: str) -> None:
@@ -528,7 +539,7 @@ class SSHHost(Host):
         start = time.monotonic()
         listing = self.ssh.run(
             f"mkdir -p {shlex.quote(remote)} && cd {shlex.quote(remote)} && "
-            "for f in *.whl; do [ -e \"$f\" ] && stat -c '%s %n' \"$f\"; done; true",
+            'for f in *.whl; do [ -e "$f" ] && stat -c \'%s %n\' "$f"; done; true',
             timeout=60,
         ).stdout
         have = {}
@@ -547,8 +558,10 @@ class SSHHost(Host):
         q = shlex.quote
         cmd = (
             f"cat > {q(script)} && "
-            f"{{ test -x {q(self._python)} || python3 -m venv --without-pip {q(venv)}; }} && "
-            f"{q(self._python)} {q(script)} {q(venv)} {q(remote)} {q(deps or '-')} plexichat"
+            f"{{ test -x {q(self._python)} || "
+            f"python3 -m venv --without-pip {q(venv)}; }} && "
+            f"{q(self._python)} {q(script)} {q(venv)} {q(remote)} "
+            f"{q(deps or '-')} plexichat"
         )
         res = self.ssh.run(cmd, timeout=timeout, input=GUEST_INSTALLER.encode())
         done = time.monotonic()

@@ -32,7 +32,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import tomllib
 import zipfile
@@ -107,7 +106,8 @@ def cross_env(arch: str, workdir: Path) -> dict[str, str]:
     source = Path(f"/usr/lib/python{PYTHON_VERSION}/{name}.py")
     if not source.is_file():
         raise RuntimeError(
-            f"{source} is missing: run `invoke setup` (libpython{PYTHON_VERSION}-dev:arm64)"
+            f"{source} is missing: run `invoke setup` "
+            f"(libpython{PYTHON_VERSION}-dev:arm64)"
         )
     confdir = workdir / "sysconfig"
     shutil.rmtree(confdir, ignore_errors=True)
@@ -128,7 +128,7 @@ def cross_env(arch: str, workdir: Path) -> dict[str, str]:
 
 
 def check_wheel(wheel: Path, arch: str) -> list[str]:
-    """Extension modules of *wheel*; raise unless all are ELF for *arch* and complete."""
+    """Extension modules of *wheel*; raise unless all are *arch* ELF and complete."""
     found: list[str] = []
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():
@@ -137,19 +137,27 @@ def check_wheel(wheel: Path, arch: str) -> list[str]:
             head = zf.open(name).read(20)
             machine = int.from_bytes(head[18:20], "little")
             if head[:4] != b"\x7fELF" or machine != ELF_MACHINE[arch]:
-                raise RuntimeError(f"{wheel.name}: {name} is not an {arch} ELF (machine {machine})")
+                raise RuntimeError(
+                    f"{wheel.name}: {name} is not an {arch} ELF (machine {machine})"
+                )
             found.append(name)
     families = {name.split("/")[1] for name in found if name.count("/") >= 2}
     missing = [f for f in pyx_families() if f not in families]
     if missing:
-        raise RuntimeError(f"{wheel.name} lacks compiled modules of: {', '.join(missing)}")
+        raise RuntimeError(
+            f"{wheel.name} lacks compiled modules of: {', '.join(missing)}"
+        )
     return found
 
 
-def build_wheel(arch: str, out: Path, *, jobs: int | None = None) -> tuple[Path, list[str]]:
+def build_wheel(
+    arch: str, out: Path, *, jobs: int | None = None
+) -> tuple[Path, list[str]]:
     """Build ``plexichat-*-cp311-cp311-linux_<arch>.whl`` into *out*."""
     if sys.version_info[:2] != (3, 11):
-        raise RuntimeError(f"guests run CPython {PYTHON_VERSION}: build with a 3.11 interpreter")
+        raise RuntimeError(
+            f"guests run CPython {PYTHON_VERSION}: build with a 3.11 interpreter"
+        )
     work = REPO / "build" / f"plexilab-{arch}"
     work.mkdir(parents=True, exist_ok=True)
     dist = work / "dist"
@@ -170,10 +178,13 @@ def build_wheel(arch: str, out: Path, *, jobs: int | None = None) -> tuple[Path,
         "build_ext", "--parallel", str(jobs or os.cpu_count() or 1),
         "bdist_wheel", "--dist-dir", str(dist), "--bdist-dir", str(work / "bdist"),
     ]  # fmt: skip
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(
-            f"wheel build for {arch} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            f"wheel build for {arch} failed:\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}"
         )
     (wheel,) = dist.glob("plexichat-*.whl")
     tag = arch.replace("-", "_")
@@ -194,7 +205,7 @@ def platform_tags(arch: str) -> list[str]:
 
 
 def download_wheelhouse(arch: str, dest: Path, requirements: Sequence[str]) -> float:
-    """``pip download`` binary wheels of *requirements* for *arch*; cached by a stamp."""
+    """``pip download`` binary wheels of *requirements* for *arch* (stamp-cached)."""
     dest.mkdir(parents=True, exist_ok=True)
     platforms = platform_tags(arch)
     stamp_data = json.dumps({"reqs": sorted(requirements), "platforms": platforms})
@@ -234,7 +245,10 @@ def build(
     log(f"building the {arch} wheel ({'native' if arch == host_arch() else 'cross'})")
     result.wheel, result.extensions = build_wheel(arch, target, jobs=jobs)
     result.seconds["wheel"] = round(time.monotonic() - start, 2)
-    log(f"{result.wheel.name}: {result.seconds['wheel']:.1f} s, {len(result.extensions)} extensions")
+    log(
+        f"{result.wheel.name}: {result.seconds['wheel']:.1f} s, "
+        f"{len(result.extensions)} extensions"
+    )
     if wheelhouse:
         reqs = [*runtime_requirements(), *EXTRA_GUEST_WHEELS]
         if numba:
@@ -260,22 +274,32 @@ def default_out() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plexilab.wheels", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m plexilab.wheels", description=__doc__
+    )
     parser.add_argument("--arch", choices=[*ARCHES, "all", "host"], default="host")
     parser.add_argument("--out", type=Path, default=default_out())
     parser.add_argument("--no-wheelhouse", action="store_true")
-    parser.add_argument("--numba", action="store_true", help="add numba to the wheelhouse")
+    parser.add_argument(
+        "--numba", action="store_true", help="add numba to the wheelhouse"
+    )
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    arches = ARCHES if args.arch == "all" else (
-        (host_arch(),) if args.arch == "host" else (args.arch,)
+    arches = (
+        ARCHES
+        if args.arch == "all"
+        else ((host_arch(),) if args.arch == "host" else (args.arch,))
     )
     results = []
     for arch in arches:
         try:
             res = build(
-                arch, args.out, wheelhouse=not args.no_wheelhouse, numba=args.numba, jobs=args.jobs
+                arch,
+                args.out,
+                wheelhouse=not args.no_wheelhouse,
+                numba=args.numba,
+                jobs=args.jobs,
             )
         except RuntimeError as exc:
             print(f"wheels: error: {exc}", file=sys.stderr)
@@ -284,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for res in results:
-            print(f"{res['arch']}: {res['wheel']} ({res['seconds']})")
+        for row in results:
+            print(f"{row['arch']}: {row['wheel']} ({row['seconds']})")
     return 0
 
 
@@ -293,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # into a venv with `installer` (pure Python, imported from its own wheel), no
 # bytecode compilation, skipping distributions already installed at the same
 # version (the plexichat wheel is always reinstalled).
-GUEST_INSTALLER = r'''
+GUEST_INSTALLER = r"""
 import glob, os, shutil, sys, sysconfig, time
 venv, house, deps, *always = sys.argv[1:]
 start = time.monotonic()
@@ -343,7 +367,7 @@ for wheel in sorted(glob.glob(os.path.join(house, "*.whl"))):
         install(source, dest, {"INSTALLER": b"plexilab"})
     done.append(f"{name}-{version}")
 print(f"installed {len(done)} in {time.monotonic() - start:.2f} s: {' '.join(done)}")
-'''
+"""
 
 
 if __name__ == "__main__":

@@ -36,7 +36,13 @@ from rich.console import Console
 from rich.table import Table
 
 from plexilab import images, machine, setup_host, wheels
-from plexilab.hosts.qemu import GUEST_VENV_PYTHON, GUEST_WORKDIR, GuestSpec, QemuLab
+from plexilab.hosts.qemu import (
+    GUEST_VENV_PYTHON,
+    GUEST_WORKDIR,
+    AttachedGuest,
+    GuestSpec,
+    QemuLab,
+)
 from plexilab.ssh import SSHClient, SSHHost, lab_key, public_key
 
 console = Console()
@@ -63,24 +69,29 @@ def newest_source() -> float:
     """mtime of the newest file that goes into the wheel."""
     paths = [REPO / "setup.py", REPO / "pyproject.toml"]
     paths += [p for p in (REPO / "src" / "plexichat").rglob("*") if p.is_file()]
-    return max(p.stat().st_mtime for p in paths if p.suffix not in {".so", ".c", ".html"})
+    return max(
+        p.stat().st_mtime for p in paths if p.suffix not in {".so", ".c", ".html"}
+    )
 
 
 def ensure_artifacts(arch: str, *, rebuild: bool = False) -> tuple[Path, Path]:
-    """(wheel, wheelhouse) of *arch* under dist/, rebuilt when older than the sources."""
+    """(wheel, wheelhouse) of *arch* in dist/; rebuilt when older than the sources."""
     found = wheels.artifacts(arch, DIST)
     if found and not rebuild and found[0].stat().st_mtime >= newest_source():
         return found
     start = time.monotonic()
     result = wheels.build(arch, DIST)
     console.print(
-        f"built {result.wheel.name} in {time.monotonic() - start:.1f} s {result.seconds}"
+        f"built {result.wheel.name} in {time.monotonic() - start:.1f} s "
+        f"{result.seconds}"
     )
     return result.wheel, result.wheelhouse
 
 
 @contextlib.contextmanager
-def guest(arch: str, *, wheelhouse: Path | None, name: str | None = None) -> Iterator[SSHHost]:
+def guest(
+    arch: str, *, wheelhouse: Path | None, name: str | None = None
+) -> Iterator[SSHHost]:
     """A running guest of *arch* (from ``qemu.up``) or a fresh one for this task."""
     for state in machine.running_guests(arch):
         ssh = SSHClient(
@@ -89,7 +100,7 @@ def guest(arch: str, *, wheelhouse: Path | None, name: str | None = None) -> Ite
             host_key=public_key(state["host_key"]),
             name=state["name"],
         )
-        host = SSHHost(
+        host = AttachedGuest(
             state["name"],
             arch,
             ssh,
@@ -99,7 +110,9 @@ def guest(arch: str, *, wheelhouse: Path | None, name: str | None = None) -> Ite
         )
         ssh.connect(timeout=30)
         host.run(["mkdir", "-p", GUEST_WORKDIR], timeout=30)
-        console.print(f"using running guest {state['name']} (ssh port {state['ssh_port']})")
+        console.print(
+            f"using running guest {state['name']} (ssh port {state['ssh_port']})"
+        )
         try:
             yield host
         finally:
@@ -109,7 +122,8 @@ def guest(arch: str, *, wheelhouse: Path | None, name: str | None = None) -> Ite
     lab = QemuLab([spec])
     with lab:
         console.print(
-            f"booted {spec.name} ({lab.machines[0].accel}) in {lab.boot_seconds[spec.name]:.1f} s"
+            f"booted {spec.name} ({lab.machines[0].accel}) "
+            f"in {lab.boot_seconds[spec.name]:.1f} s"
         )
         yield lab.hosts[0]
 
@@ -119,7 +133,9 @@ def push_to(host: SSHHost, wheel: Path, wheelhouse: Path) -> dict[str, Any]:
     start = time.monotonic()
     report = host.install(wheel, wheelhouse)
     check = host.run(
-        [host.python(), "-m", "plexichat.accel", "--require-compiled"], timeout=300, check=False
+        [host.python(), "-m", "plexichat.accel", "--require-compiled"],
+        timeout=300,
+        check=False,
     )
     total = time.monotonic() - start
     console.print(check.stdout.rstrip())
@@ -162,7 +178,9 @@ def run_golden(host: SSHHost, *, timeout: float = 900.0) -> tuple[int, str]:
         input=tests_tar(),
     )
     res = host.ssh.run(
-        f"cd {remote} && {host.python()} -m pytest golden -q", timeout=timeout, check=False
+        f"cd {remote} && {host.python()} -m pytest golden -q",
+        timeout=timeout,
+        check=False,
     )
     return res.returncode, res.stdout + res.stderr
 
@@ -176,7 +194,12 @@ def _show(title: str, rows: dict[str, Any]) -> None:
     console.print(table)
 
 
-@task(help={"arch": "x86_64, aarch64 or all (default all)", "rebuild": "rebuild the image"})
+@task(
+    help={
+        "arch": "x86_64, aarch64 or all (default all)",
+        "rebuild": "rebuild the image",
+    }
+)
 def image(c: Context, arch: str = "all", rebuild: bool = False) -> None:
     """Build (or show) the cached guest image."""
     _setup()
@@ -194,7 +217,13 @@ def wheel(c: Context, arch: str = "aarch64", out: str = str(DIST)) -> None:
         _show(f"wheel {a}", res.as_dict())
 
 
-@task(help={"arch": "x86_64 or aarch64", "name": "guest name", "deps": "attach the deps disk"})
+@task(
+    help={
+        "arch": "x86_64 or aarch64",
+        "name": "guest name",
+        "deps": "attach the deps disk",
+    }
+)
 def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> None:
     """Boot a guest and keep it until Ctrl-C (other qemu tasks then use it)."""
     _setup()
@@ -203,9 +232,12 @@ def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> N
     with QemuLab([spec]) as lab:
         m = lab.machines[0]
         key = lab_key()[0]
-        console.print(f"{spec.name} up in {lab.boot_seconds[spec.name]:.1f} s ({m.accel}); ssh:")
         console.print(
-            f"  ssh -i {key} -p {m.ssh_port} -o UserKnownHostsFile={m.dir / 'known_hosts'} "
+            f"{spec.name} up in {lab.boot_seconds[spec.name]:.1f} s ({m.accel}); ssh:"
+        )
+        console.print(
+            f"  ssh -i {key} -p {m.ssh_port} "
+            f"-o UserKnownHostsFile={m.dir / 'known_hosts'} "
             "root@127.0.0.1",
             soft_wrap=True,
         )
@@ -218,8 +250,16 @@ def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> N
     console.print(f"{spec.name} exited")
 
 
-@task(help={"arch": "x86_64 or aarch64", "rebuild": "rebuild the wheel", "json": "write timings"})
-def push(c: Context, arch: str = "aarch64", rebuild: bool = False, json: str = "") -> None:
+@task(
+    help={
+        "arch": "x86_64 or aarch64",
+        "rebuild": "rebuild the wheel",
+        "json": "write timings",
+    }
+)
+def push(
+    c: Context, arch: str = "aarch64", rebuild: bool = False, json: str = ""
+) -> None:
     """Push the wheel + deps to a guest, install offline, show the accel table."""
     _setup()
     results = {}
@@ -235,7 +275,7 @@ def push(c: Context, arch: str = "aarch64", rebuild: bool = False, json: str = "
 
 
 @task(help={"arch": "x86_64 or aarch64", "rebuild": "rebuild the wheel"})
-def test(c: Context, arch: str = "aarch64", rebuild: bool = False) -> None:
+def golden(c: Context, arch: str = "aarch64", rebuild: bool = False) -> None:
     """Run the golden-vector tests inside a guest against the installed wheel."""
     _setup()
     failed = []
@@ -246,15 +286,25 @@ def test(c: Context, arch: str = "aarch64", rebuild: bool = False) -> None:
             start = time.monotonic()
             code, output = run_golden(host)
         console.print(output.rstrip())
-        console.print(f"golden tests on {a}: exit {code} in {time.monotonic() - start:.1f} s")
+        console.print(
+            f"golden tests on {a}: exit {code} in {time.monotonic() - start:.1f} s"
+        )
         if code != 0:
             failed.append(a)
     if failed:
         raise Exit(f"golden-vector tests failed on {', '.join(failed)}", code=1)
 
 
-@task(help={"arch": "x86_64 or aarch64", "runs": "boots (default 5)", "accel": "auto|tcg|kvm"})
-def boot_bench(c: Context, arch: str = "x86_64", runs: int = 5, accel: str = "auto") -> None:
+@task(
+    help={
+        "arch": "x86_64 or aarch64",
+        "runs": "boots (default 5)",
+        "accel": "auto|tcg|kvm",
+    }
+)
+def boot_bench(
+    c: Context, arch: str = "x86_64", runs: int = 5, accel: str = "auto"
+) -> None:
     """Median boot-to-SSH (launch to first successful command) over several boots."""
     _setup()
     for a in _arches(arch):
@@ -291,7 +341,7 @@ def ssh(c: Context, arch: str = "x86_64", command: str = "uname -a") -> None:
 
 
 @task(help={"all": "also kill guests of live lab processes"})
-def reap(c: Context, all: bool = False) -> None:  # noqa: A002 - invoke flag name
+def reap(c: Context, all: bool = False) -> None:
     """Kill QEMU and relay processes left by dead lab runs (by recorded PID)."""
     killed = machine.reap(everything=all)
     for line in killed:
@@ -315,4 +365,5 @@ def jsonlib_dumps(data: object) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-qemu = Collection("qemu", image, wheel, up, push, test, boot_bench, ssh, reap, kvm)
+qemu = Collection("qemu", image, wheel, up, push, boot_bench, ssh, reap, kvm)
+qemu.add_task(golden, name="test")

@@ -62,10 +62,14 @@ class InventoryEntry:
         if unknown:
             raise ValueError(f"unknown inventory keys: {', '.join(sorted(unknown))}")
         values = dict(data)
-        values["lab_ports"] = {int(k): int(v) for k, v in data.get("lab_ports", {}).items()}
+        values["lab_ports"] = {
+            int(k): int(v) for k, v in data.get("lab_ports", {}).items()
+        }
         entry = cls(**values)
         if entry.host_key is None and entry.known_hosts is None:
-            raise ValueError(f"{entry.name}: set host_key or known_hosts (hosts are pinned)")
+            raise ValueError(
+                f"{entry.name}: set host_key or known_hosts (hosts are pinned)"
+            )
         return entry
 
 
@@ -85,7 +89,9 @@ class InventoryHost(SSHHost):
     def __init__(self, entry: InventoryEntry) -> None:
         key: paramiko.PKey
         if entry.key:
-            key = paramiko.Ed25519Key.from_private_key_file(str(Path(entry.key).expanduser()))
+            key = paramiko.Ed25519Key.from_private_key_file(
+                str(Path(entry.key).expanduser())
+            )
         else:
             key = lab_key()[1]
         ssh = SSHClient(
@@ -94,7 +100,9 @@ class InventoryHost(SSHHost):
             user=entry.user,
             key=key,
             host_key=public_key(entry.host_key) if entry.host_key else None,
-            known_hosts=Path(entry.known_hosts).expanduser() if entry.known_hosts else None,
+            known_hosts=Path(entry.known_hosts).expanduser()
+            if entry.known_hosts
+            else None,
             name=entry.name,
         )
         super().__init__(
@@ -120,10 +128,14 @@ class InventoryHost(SSHHost):
     def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
         if from_host is self:
             return Endpoint("127.0.0.1", self._port(index))
-        return Endpoint(self.entry.peer_address or self.entry.address, self._port(index))
+        return Endpoint(
+            self.entry.peer_address or self.entry.address, self._port(index)
+        )
 
 
-def inventory_hosts(path: Path, *, connect_timeout: float = 30.0) -> list[InventoryHost]:
+def inventory_hosts(
+    path: Path, *, connect_timeout: float = 30.0
+) -> list[InventoryHost]:
     """Connected hosts of an inventory file."""
     hosts = [InventoryHost(e) for e in load_inventory(path)]
     try:

@@ -14,7 +14,8 @@ guest.  Ports are planned before any guest starts:
 
 Usage::
 
-    with QemuLab([GuestSpec("g0", "x86_64", [0]), GuestSpec("g1", "aarch64", [1])]) as lab:
+    specs = [GuestSpec("g0", "x86_64", [0]), GuestSpec("g1", "aarch64", [1])]
+    with QemuLab(specs) as lab:
         for host in lab.hosts:
             host.install(wheel[host.arch], wheelhouse[host.arch])
         ...
@@ -29,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 
 from plexilab.hosts.base import Endpoint, Host, HostError
-from plexilab.machine import GuestLink, Machine, MachineConfig, free_port, link_address
 from plexilab.images import DEPS_MOUNT, deps_disk
+from plexilab.machine import GuestLink, Machine, MachineConfig, free_port, link_address
 from plexilab.ssh import SSHHost
 
 DEFAULT_PORT_BASE = 7100
@@ -85,7 +86,9 @@ class QemuHost(SSHHost):
     def _check(self, index: int) -> int:
         port = self.guest_port(index)
         if port not in self.machine.forwards:
-            raise HostError(f"{self.name} has no port for node {index} (nodes {self.nodes})")
+            raise HostError(
+                f"{self.name} has no port for node {index} (nodes {self.nodes})"
+            )
         return port
 
     def listen_endpoint(self, index: int) -> Endpoint:
@@ -104,7 +107,9 @@ class QemuHost(SSHHost):
                 link.address == address and link.port == port
                 for link in from_host.machine.config.links
             ):
-                raise HostError(f"{from_host.name} has no guestfwd link to {address}:{port}")
+                raise HostError(
+                    f"{from_host.name} has no guestfwd link to {address}:{port}"
+                )
             return Endpoint(address, port)
         return self.lab_endpoint(index)  # a process on the lab machine itself
 
@@ -116,14 +121,33 @@ class QemuHost(SSHHost):
         self.machine.shutdown()
 
 
-def plan(specs: Sequence[GuestSpec], port_base: int = DEFAULT_PORT_BASE) -> list[MachineConfig]:
-    """Machine configs with forwards and guestfwd links for every node of every guest."""
+class AttachedGuest(SSHHost):
+    """A guest held by another lab process (``invoke qemu.up``): commands and files.
+
+    Its node ports belong to that process, so it has no endpoints.
+    """
+
+    def listen_endpoint(self, index: int) -> Endpoint:
+        raise HostError(f"{self.name} is attached: its node ports are not known here")
+
+    lab_endpoint = listen_endpoint
+
+    def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
+        return self.listen_endpoint(index)
+
+
+def plan(
+    specs: Sequence[GuestSpec], port_base: int = DEFAULT_PORT_BASE
+) -> list[MachineConfig]:
+    """Machine configs: forwards and guestfwd links for every node of every guest."""
     seen: set[int] = set()
     host_ports: list[dict[int, int]] = []
     for spec in specs:
         dup = seen.intersection(spec.nodes)
         if dup:
-            raise ValueError(f"node indexes {sorted(dup)} appear on more than one guest")
+            raise ValueError(
+                f"node indexes {sorted(dup)} appear on more than one guest"
+            )
         seen.update(spec.nodes)
         ports = {port_base + i: free_port() for i in spec.nodes}
         ports.update({p: free_port() for p in spec.extra_ports})
@@ -131,7 +155,9 @@ def plan(specs: Sequence[GuestSpec], port_base: int = DEFAULT_PORT_BASE) -> list
     configs = []
     for slot, spec in enumerate(specs):
         links = [
-            GuestLink(link_address(other), port_base + i, host_ports[other][port_base + i])
+            GuestLink(
+                link_address(other), port_base + i, host_ports[other][port_base + i]
+            )
             for other, other_spec in enumerate(specs)
             if other != slot
             for i in other_spec.nodes
@@ -146,7 +172,9 @@ def plan(specs: Sequence[GuestSpec], port_base: int = DEFAULT_PORT_BASE) -> list
                 forwards=dict(host_ports[slot]),
                 links=links,
                 seed_files=dict(spec.seed_files),
-                deps_disk=deps_disk(spec.arch, spec.wheelhouse) if spec.wheelhouse else None,
+                deps_disk=deps_disk(spec.arch, spec.wheelhouse)
+                if spec.wheelhouse
+                else None,
             )
         )
     return configs
@@ -184,12 +212,16 @@ class QemuLab:
             for machine in self.machines:
                 machine.launch()
             with concurrent.futures.ThreadPoolExecutor(len(self.machines)) as pool:
-                seconds = list(pool.map(lambda m: m.wait_ssh(self.boot_timeout), self.machines))
+                seconds = list(
+                    pool.map(lambda m: m.wait_ssh(self.boot_timeout), self.machines)
+                )
             for machine, secs in zip(self.machines, seconds, strict=True):
                 self.boot_seconds[machine.name] = secs
             self.hosts = [
                 QemuHost(m, slot=slot, nodes=spec.nodes, port_base=self.port_base)
-                for slot, (m, spec) in enumerate(zip(self.machines, self.specs, strict=True))
+                for slot, (m, spec) in enumerate(
+                    zip(self.machines, self.specs, strict=True)
+                )
             ]
             for host in self.hosts:
                 host.prepare()
