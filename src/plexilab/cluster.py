@@ -429,7 +429,12 @@ class Cluster:
                     f"; log: {tail(dead[0])}"
                 )
             infos = stats_all([n.lab for n in self.nodes if n.node_id in expect])
-            if all(info is not None and set(info["ring"]) == expect for info in infos):
+            if all(
+                info is not None
+                and set(info["ring"]) == expect
+                and info.get("settled", True)
+                for info in infos
+            ):
                 return time.monotonic() - self.started_at
             if time.monotonic() > deadline:
                 views = {str(i and i["node_id"]): i and i["ring"] for i in infos}

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--clients", type=int, default=8, help="concurrent clients (senders)")
     add(
+        "--connections",
+        type=int,
+        default=0,
+        help="connections per node shared by the clients (0: one per client)",
+    )
+    add(
         "--mode",
         choices=("closed", "open"),
         default="closed",
@@ -98,6 +104,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         LoadConfig(
             nodes=nodes,
             clients=args.clients,
+            connections=args.connections,
             mode=args.mode,
             inflight=args.inflight,
             rate=args.rate,

@@ -61,6 +61,7 @@ class LoadConfig:
     timeout: float = 10.0
     seed: int | None = None
     channel_prefix: str = "load"
+    connections: int = 0  # per node, shared by the clients; 0: one per client
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,21 +247,28 @@ class Generator:
                 await c.close()
         loop = asyncio.get_running_loop()
         n_nodes = len(config.nodes)
-        per_client = n_nodes if config.route == "owner" else 1
-        for i in range(config.clients):
-            conns: list[_Conn] = []
-            for k in range(per_client):
-                node = k if config.route == "owner" else i % n_nodes
+        shared = config.connections > 0
+        pool: dict[tuple[int, int], _Conn] = {}  # (node, slot) -> connection
+
+        async def connection(node: int, slot: int) -> _Conn:
+            conn = pool.get((node, slot))
+            if conn is None:
                 host, port = config.nodes[node]
                 _, conn = await loop.create_connection(
                     functools.partial(_Conn, self, node), host, port
                 )
                 conn.send(T.HELLO, 0, _HELLO)
-                conns.append(conn)
                 self.conns.append(conn)
+                pool[(node, slot)] = conn
+            return conn
+
+        for i in range(config.clients):
+            slot = i % config.connections if shared else i
             if config.route == "owner":
+                conns = [await connection(node, slot) for node in range(n_nodes)]
                 by_channel = [conns[owner_index[ci]] for ci in range(config.channels)]
             else:
+                conns = [await connection(i % n_nodes, slot)]
                 by_channel = [conns[0]] * config.channels
             sender = int.from_bytes(os.urandom(8), "big") >> 1
             self.clients.append(_Client(sender, by_channel, conns))

@@ -233,6 +233,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ring_changed = asyncio.Event()
         self._handoff_base: Ring | None = None
+        self._handoff_running = False
         self._ring_file = Path(config.data_dir) / "ring.json"
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -425,8 +426,6 @@ class Node:
         if live == self.ring_members:
             return
         self.ring = Ring(live)
-        if self._handoff_base is None:  # no ring file: start from our first view
-            self._handoff_base = self.ring
         self.ring_members = dict(live)
         self.epoch += 1
         self.owner_cache.clear()
@@ -437,6 +436,16 @@ class Node:
         self._ring_changed.set()
         with contextlib.suppress(OSError):
             self._ring_file.write_text(json.dumps(live, sort_keys=True))
+
+    @property
+    def settled(self) -> bool:
+        """True once handoffs have caught up with the current ring."""
+        return (
+            self.ring is not None
+            and self._handoff_base == self.ring
+            and not self._ring_changed.is_set()
+            and not self._handoff_running
+        )
 
     def owners(self, channel: int) -> tuple[str, ...] | None:
         """Owner first, then replicas; None while fewer nodes than ``replicas`` live."""
@@ -916,6 +925,7 @@ class Node:
             "epoch": self.epoch,
             "members": self.membership.view(),
             "ring": sorted(self.ring_members),
+            "settled": self.settled,
             "incarnation": self.membership.me.incarnation,
             "counters": dict(self.counters),
             "gossip": dict(self.membership.counters),
@@ -988,14 +998,19 @@ class Node:
                     break
             new, base = self.ring, self._handoff_base
             self._handoff_base = new
+            # Without a ring file (a fresh node) the first stable ring is the
+            # starting point: nothing was placed under an earlier one.
             if new is None or base is None or base == new:
                 continue
+            self._handoff_running = True
             try:
                 await self._handoff(base, new)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("handoff failed")
+            finally:
+                self._handoff_running = False
 
     async def _handoff(self, old: Ring, new: Ring) -> None:
         channels = list(self.last_seq)

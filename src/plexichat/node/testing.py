@@ -80,10 +80,12 @@ class InProcessCluster:
         return [n for n in self.nodes if not n._stopping]
 
     async def wait_converged(self, timeout: float = 10.0) -> float:
-        """Wait until every running node's ring is exactly the running nodes."""
+        """Wait until every running node's ring is the running nodes, handoffs done."""
         ids = {n.id for n in self.running()}
         return await wait_for(
-            lambda: all(set(n.ring_members) == ids for n in self.running()),
+            lambda: all(
+                set(n.ring_members) == ids and n.settled for n in self.running()
+            ),
             timeout,
             f"convergence on {sorted(ids)}",
         )
