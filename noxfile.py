@@ -127,7 +127,9 @@ def benchmark(session: nox.Session) -> None:
     instead and fails when any benchmark got slower by more than FACTOR.
     """
     build_in_place(session)
-    session.install("-e", ".[bench,numba]", "asv", "virtualenv", env=REQUIRE_EXT)
+    session.install(
+        "-e", ".[bench,numba]", "asv", "virtualenv", "rich", env=REQUIRE_EXT
+    )  # fmt: skip
     session.run("asv", "machine", "--yes", "--machine", "lab")
     if session.posargs[:1] == ["continuous"]:
         base, head, *rest = session.posargs[1:] or ["HEAD~1", "HEAD"]
@@ -143,7 +145,10 @@ def benchmark(session: nox.Session) -> None:
         "asv", "run", "--machine", "lab", "--python=same", "--show-stderr",
         "--set-commit-hash", commit.strip(), *session.posargs,
     )  # fmt: skip
-    session.run("python", "-m", "plexilab.asvreport", "--machine", "lab")
+    session.run(
+        "python", "-m", "plexilab.asvreport", "--machine", "lab",
+        env={"PYTHONPATH": str(SRC)},
+    )  # fmt: skip
 
 
 @nox.session

@@ -57,8 +57,8 @@ def load_timings(path: Path, param_names: dict[str, list[str]]) -> list[Timing]:
     for name, row in data["results"].items():
         entry = dict(zip(columns, row, strict=False))
         values = entry.get("result")
-        if values is None:
-            continue
+        if values is None or (param_names and name not in param_names):
+            continue  # failed, or not a timing (track_/peakmem_ values)
         params: list[list[str]] = entry.get("params") or []
         names = param_names.get(name) or [f"param{i}" for i in range(len(params))]
         combos = list(itertools.product(*params)) if params else [()]
@@ -73,14 +73,14 @@ def load_timings(path: Path, param_names: dict[str, list[str]]) -> list[Timing]:
 
 
 def param_names_of(benchmarks_json: Path) -> dict[str, list[str]]:
-    """Map benchmark name -> parameter names (asv's ``benchmarks.json``)."""
+    """Map each *timing* benchmark -> its parameter names (``benchmarks.json``)."""
     if not benchmarks_json.exists():
         return {}
     data: dict[str, Any] = json.loads(benchmarks_json.read_text())
     return {
         name: list(info.get("param_names", []))
         for name, info in data.items()
-        if isinstance(info, dict)
+        if isinstance(info, dict) and info.get("type") == "time"
     }
 
 
@@ -106,29 +106,27 @@ def speedups(timings: Sequence[Timing]) -> list[dict[str, Any]]:
 
 
 def render(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:
-    """Print the speedup table."""
-    backends = sorted({b for r in rows for b in r["seconds"]})
-    table = Table(title="asv: compiled vs interpreted (speedup over python)")
+    """Print the speedup table: one column per backend/peer, time and speedup."""
+    order = ["python", "cython", "numba"]
+    seen = {b for r in rows for b in r["seconds"]}
+    backends = [b for b in order if b in seen] + sorted(seen - set(order))
+    table = Table(title="asv: compiled vs interpreted (time, speedup over python)")
     table.add_column("benchmark")
-    table.add_column("params")
     for backend in backends:
-        table.add_column(f"{backend} time", justify="right")
-    for backend in backends:
-        if backend != "python":
-            table.add_column(f"{backend} x", justify="right")
+        table.add_column(backend, justify="right")
     for row in rows:
-        cells = [
-            row["benchmark"],
-            ", ".join(f"{k}={v}" for k, v in row["params"].items()),
-        ]
-        cells += [_fmt_seconds(row["seconds"].get(b)) for b in backends]
-        cells += [
-            f"{row['speedup'][b]:.1f}x" if b in row["speedup"] else "-"
-            for b in backends
-            if b != "python"
-        ]
+        name = row["benchmark"].removeprefix("bench_").split(".", 1)[-1]
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        cells = [f"{name} ({params})" if params else name]
+        for backend in backends:
+            seconds = row["seconds"].get(backend)
+            speedup = row["speedup"].get(backend)
+            cell = _fmt_seconds(seconds)
+            if speedup is not None and backend != "python":
+                cell += f" [bold]{speedup:.1f}x[/bold]"
+            cells.append(cell)
         table.add_row(*cells)
-    (console or Console()).print(table)
+    (console or Console(width=160)).print(table)
 
 
 def _fmt_seconds(value: float | None) -> str:
