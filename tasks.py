@@ -13,10 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent / "src"))
 from invoke.collection import Collection  # noqa: E402
 
 from plexilab.cli.local import local
+from plexilab.cli.nightly import nightly
 from plexilab.cli.qemu import qemu
 from plexilab.cli.setup import setup
 
 ns = Collection()
 ns.add_collection(local)
+ns.add_collection(nightly)
 ns.add_collection(qemu)
 ns.add_collection(setup)
