@@ -60,7 +60,8 @@ ip route add default via "$GATEWAY"
 mkdir -p /run/sshd
 chmod 755 /run/sshd
 if [ -s "$seed/ssh_host_ed25519_key" ]; then
-    /usr/sbin/sshd -f /etc/plexilab/sshd_config -E /run/plexilab/sshd.log ||
+    # -r: no re-exec per connection (each exec costs a lot under TCG).
+    /usr/sbin/sshd -r -f /etc/plexilab/sshd_config -E /run/plexilab/sshd.log ||
         log "sshd failed: $(cat /run/plexilab/sshd.log)"
 else
     log "no SSH host key in the seed: sshd not started"

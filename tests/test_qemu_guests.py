@@ -7,6 +7,7 @@ wheels from dist/ (rebuilt when older than the sources).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -141,7 +142,7 @@ def test_guests_reach_each_other_and_the_lab_reaches_both(lab: QemuLab) -> None:
             assert conn.recv(100) == b"LAB" + tag.encode()
 
 
-def test_booted_guests_as_an_inventory(lab: QemuLab) -> None:
+def test_booted_guests_as_an_inventory(lab: QemuLab, tmp_path: Path) -> None:
     key_path = lab_key()[0]
     for host in lab.hosts:
         m = host.machine
@@ -157,8 +158,17 @@ def test_booted_guests_as_an_inventory(lab: QemuLab) -> None:
         inv = InventoryHost(entry)
         try:
             assert inv.run(["uname", "-m"], timeout=60).stdout.strip() == host.arch
-            proc = inv.spawn(["sh", "-c", "exit 5"], log_path="/tmp/inv.log")
+            proc = inv.spawn(
+                ["sh", "-c", "echo logged; exit 5"], log_path="/tmp/inv.log"
+            )
             assert proc.wait(30) == 5
+            inv.get("/tmp/inv.log", tmp_path / f"{host.arch}.log")
+            assert (tmp_path / f"{host.arch}.log").read_text() == "logged\n"
+            payload = tmp_path / "payload.bin"
+            payload.write_bytes(os.urandom(300_000))
+            inv.put(payload, "/tmp/payload.bin")
+            digest = inv.run(["sha256sum", "/tmp/payload.bin"], timeout=60).stdout
+            assert digest.split()[0] == hashlib.sha256(payload.read_bytes()).hexdigest()
         finally:
             inv.close()
 

@@ -309,3 +309,35 @@ def test_inventory_round_trip(tmp_path: Path) -> None:
     path.write_text('[[host]]\nname = "x"\naddress = "127.0.0.1"\narch = "x86_64"\n')
     with pytest.raises(ValueError, match="pinned"):
         load_inventory(path)
+
+
+def test_setup_without_root_prints_the_commands(monkeypatch) -> None:
+    from plexilab import setup_host
+
+    monkeypatch.setattr(setup_host.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(setup_host, "foreign_arch_enabled", lambda: False)
+    monkeypatch.setattr(setup_host, "missing_packages", lambda: ["mmdebstrap"])
+    monkeypatch.setattr(setup_host, "binfmt_enabled", lambda: False)
+    monkeypatch.setattr(setup_host, "binfmt_mounted", lambda: True)
+
+    def no_commands(argv):
+        raise AssertionError(f"ran {argv} without root")
+
+    monkeypatch.setattr(setup_host, "_run", no_commands)
+    with pytest.raises(setup_host.HostSetupError) as info:
+        setup_host.ensure(quiet=True)
+    text = str(info.value)
+    assert "sudo dpkg --add-architecture arm64" in text
+    assert "sudo apt-get update" in text
+    assert "mmdebstrap" in text
+    assert "sudo update-binfmts --enable qemu-aarch64" in text
+
+
+def test_setup_is_a_no_op_when_everything_is_there(monkeypatch) -> None:
+    from plexilab import setup_host
+
+    monkeypatch.setattr(setup_host, "foreign_arch_enabled", lambda: True)
+    monkeypatch.setattr(setup_host, "missing_packages", lambda: [])
+    monkeypatch.setattr(setup_host, "binfmt_enabled", lambda: True)
+    monkeypatch.setattr(setup_host, "_run", lambda argv: pytest.fail(f"ran {argv}"))
+    assert setup_host.ensure(quiet=True).actions == []

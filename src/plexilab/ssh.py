@@ -203,7 +203,7 @@ class SSHClient:
                 return self
             self._close_locked()
             deadline = time.monotonic() + timeout
-            delay = backoff_delays()
+            delay = backoff_delays(first=0.05, cap=0.5)
             last: BaseException | None = None
             while True:
                 remaining = deadline - time.monotonic()

@@ -138,9 +138,9 @@ def push_to(host: SSHHost, wheel: Path, wheelhouse: Path) -> dict[str, Any]:
         check=False,
     )
     total = time.monotonic() - start
-    console.print(check.stdout.rstrip())
+    print(check.stdout.rstrip(), flush=True)  # the guest's table, unwrapped
     if check.stderr.strip():
-        console.print(check.stderr.rstrip(), style="red")
+        print(check.stderr.rstrip(), file=sys.stderr)
     return {
         "bytes_sent": report.bytes_sent,
         "push_s": round(report.push_seconds, 2),
@@ -245,7 +245,7 @@ def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> N
         try:
             while m.running():
                 time.sleep(1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             console.print("powering off")
     console.print(f"{spec.name} exited")
 
@@ -285,7 +285,7 @@ def golden(c: Context, arch: str = "aarch64", rebuild: bool = False) -> None:
             push_to(host, whl, house)
             start = time.monotonic()
             code, output = run_golden(host)
-        console.print(output.rstrip())
+        print(output.rstrip(), flush=True)
         console.print(
             f"golden tests on {a}: exit {code} in {time.monotonic() - start:.1f} s"
         )
