@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -124,6 +125,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    gc.freeze()  # imported modules need no GC scans during the run
     try:
         result = asyncio.run(_run(args))
     except (OSError, ValueError, TimeoutError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -133,6 +134,7 @@ async def serve(config: NodeConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await node.start()
+    gc.freeze()  # start-up objects never need scanning again: shorter GC pauses
     print(f"ready {node.id} {config.listen_host}:{node.listen_port}", flush=True)
     await stop.wait()
     log.info("signal received, stopping", extra={"event": "stopping"})

@@ -27,6 +27,7 @@ import numpy as np
 from plexichat import accel, wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
+from plexichat.node.gcstats import GCPauses
 from plexichat.node.membership import GossipConfig, Membership
 from plexichat.node.storage import Storage, Synchronous
 from plexichat.node.transport import ConnectionLost, FrameConnection, Link, RemoteError
@@ -63,6 +64,7 @@ class NodeConfig:
     max_frame: int = wire.MAX_PAYLOAD
     max_message: int = 256 * 1024
     synchronous: Synchronous = "normal"
+    commit_interval: float = 0.002  # group commit: min seconds between commits
     cache_capacity: int = 65536
     handoff_batch: int = 512
     handoff_delay: float = 0.5  # ring must be stable this long before a handoff
@@ -181,7 +183,9 @@ class Node:
         self.config = config
         self.id = config.node_id
         self.storage = Storage(
-            Path(config.data_dir) / "messages.sqlite3", config.synchronous
+            Path(config.data_dir) / "messages.sqlite3",
+            config.synchronous,
+            commit_interval=config.commit_interval,
         )
         self.membership: Membership | None = None
         self.ring: Ring | None = None
@@ -226,6 +230,7 @@ class Node:
         )
         self.advertise: tuple[str, int] = ("", 0)
         self.ready = asyncio.Event()
+        self.gc = GCPauses()
         self.started = time.monotonic()
         self._server: asyncio.Server | None = None
         self._sends: list[SendItem] = []
@@ -285,6 +290,7 @@ class Node:
         self.membership.start()
         self._spawn(self._sweeper(), "sweeper")
         self._spawn(self._handoff_worker(), "handoff")
+        self.gc.install()
         self.started = time.monotonic()
         self.ready.set()
         log.info(
@@ -320,6 +326,7 @@ class Node:
         for link in self.links.values():
             link.close()
         await self.storage.close()
+        self.gc.uninstall()
         log.info("stopped", extra={"event": "stopped"})
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
@@ -943,6 +950,7 @@ class Node:
                 "relay_seen": self.relay_seen.stats(),
             },
             "connections": len(self.conns),
+            "gc": self.gc.as_dict(),
         }
 
     def _on_stats(self, conn: FrameConnection, rid: int, payload: bytes) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,18 @@ _STOP = object()
 class Storage:
     """SQLite message store with a group-committing writer thread."""
 
-    def __init__(self, path: Path, synchronous: Synchronous = "normal") -> None:
+    def __init__(
+        self,
+        path: Path,
+        synchronous: Synchronous = "normal",
+        *,
+        commit_interval: float = 0.002,
+        checkpoint_pages: int = 16384,
+    ) -> None:
         self.path = Path(path)
         self.synchronous: Synchronous = synchronous
+        self.commit_interval = commit_interval
+        self.checkpoint_pages = checkpoint_pages
         self.stats = StorageStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -124,6 +134,7 @@ class Storage:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA cache_size=-65536")
         conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.checkpoint_pages)}")
         conn.executescript(SCHEMA)
         rows = conn.execute("SELECT channel, MAX(seq) FROM messages GROUP BY channel")
         last = {_to_unsigned(c): int(s) for c, s in rows}
@@ -211,9 +222,16 @@ class Storage:
         assert loop is not None
         get = self._queue.get
         get_nowait = self._queue.get_nowait
+        interval = self.commit_interval
         stopping = False
+        last_commit = 0.0
         while not stopping:
             items = [get()]
+            # Group commit: let a burst accumulate for up to commit_interval
+            # after the previous commit, so each commit carries more rows.
+            pause = last_commit + interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
             while True:
                 try:
                     items.append(get_nowait())
@@ -229,6 +247,7 @@ class Storage:
                 else:
                     calls.append(item)
             results = self._write(conn, inserts) if inserts else []
+            last_commit = time.monotonic()
             call_results = [self._call(conn, c) for c in calls]
             if results or call_results:
                 try:
