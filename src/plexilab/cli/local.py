@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ COMMON_HELP = {
     "install": "dev: run from src/ (in-place builds); wheel: build the wheel "
     "once into a cached venv under .cache/ (default wheel)",
     "results": "directory for journal, load/p2p/check JSON and node logs",
+    "connections": "connections per node shared by the load clients "
+    "(default 0: one per client)",
 }
 
 
@@ -51,6 +54,7 @@ def _config(**kw: Any) -> ClusterConfig:
         inflight=kw["inflight"],
         payload=kw["payload"],
         channels=kw["channels"],
+        connections=kw["connections"],
         backend=kw["backend"],
         install=kw["install"],
         results_dir=Path(kw["results"]) if kw["results"] else None,
@@ -126,6 +130,7 @@ def cluster(
     inflight: int = 64,
     payload: int = 64,
     channels: int = 256,
+    connections: int = 0,
     install: str = "wheel",
     results: str = "",
 ) -> None:
@@ -142,7 +147,13 @@ def cluster(
         raise Exit("checker found lost, duplicated or reordered messages", code=1)
 
 
-@task(help=COMMON_HELP)
+@task(
+    help={
+        **COMMON_HELP,
+        "rounds": "alternate compiled and python runs this many times; the ratio "
+        "is taken between the median throughputs (default 1)",
+    }
+)
 def bench(
     c: Context,
     nodes: int = 3,
@@ -153,28 +164,32 @@ def bench(
     inflight: int = 64,
     payload: int = 64,
     channels: int = 256,
+    connections: int = 0,
     install: str = "wheel",
     results: str = "",
+    rounds: int = 1,
 ) -> None:
     """Run the cluster with compiled backends, then with PLEXICHAT_BACKEND=python."""
-    runs: dict[str, dict[str, Any]] = {}
-    for backend in ("auto", "python"):
-        sub = str(Path(results) / backend) if results else ""
-        config = _config(**{**locals(), "backend": backend, "results": sub})
-        runs[backend] = _run(config)
-        console.print(
-            results_table(runs[backend], f"backend={runs[backend]['backend']}")
-        )
-    fast = runs["auto"]["throughput_msgs_per_s"]
-    slow = runs["python"]["throughput_msgs_per_s"]
+    options = dict(locals())
+    runs: dict[str, list[dict[str, Any]]] = {"auto": [], "python": []}
+    for round_ in range(max(1, rounds)):
+        for backend in ("auto", "python"):
+            sub = str(Path(results) / f"{backend}-{round_}") if results else ""
+            config = _config(**{**options, "backend": backend, "results": sub})
+            res = _run(config)
+            runs[backend].append(res)
+            console.print(results_table(res, f"round {round_ + 1}: {res['backend']}"))
+    fast = statistics.median(r["throughput_msgs_per_s"] for r in runs["auto"])
+    slow = statistics.median(r["throughput_msgs_per_s"] for r in runs["python"])
     ratio = fast / slow if slow else float("inf")
+    name = runs["auto"][0]["backend"]
     console.print(
-        f"throughput: {runs['auto']['backend']} {fast:,.0f} msg/s, "
-        f"python {slow:,.0f} msg/s, "
+        f"median throughput: {name} {fast:,.0f} msg/s, python {slow:,.0f} msg/s, "
         f"ratio [bold]{ratio:.2f}x[/bold]"
     )
-    _write(json, {"ratio": ratio, "runs": runs})
-    if any(r["lost"] or r["duplicated"] or r["reordered"] for r in runs.values()):
+    _write(json, {"ratio": ratio, "compiled": fast, "python": slow, "runs": runs})
+    every = runs["auto"] + runs["python"]
+    if any(r["lost"] or r["duplicated"] or r["reordered"] for r in every):
         raise Exit("checker found lost, duplicated or reordered messages", code=1)
 
 
