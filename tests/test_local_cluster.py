@@ -174,3 +174,27 @@ def test_tail_of_a_missing_log(tmp_path):
         0, "n0", host, 0, ep, ep, ep, str(tmp_path), str(tmp_path / "none")
     )
     assert tail(node) == "(no log)"
+
+
+def test_bench_reports_the_median_ratio(tmp_path, monkeypatch, capsys):
+    speeds = iter([300.0, 100.0, 200.0, 100.0, 100.0, 100.0])
+    seen = []
+
+    def fake_run(config):
+        seen.append(config.backend)
+        return {
+            "nodes": 3, "replicas": 2, "acked": 10, "failures": 0, "lost": 0,
+            "duplicated": 0, "reordered": 0,
+            "backend": "compiled" if config.backend == "auto" else "python",
+            "throughput_msgs_per_s": next(speeds), "convergence_s": 0.1,
+            "latency_ms": {"p50": 1.0, "p99": 2.0, "p99.9": 3.0},
+            "p2p_latency_ms": {"p50": 1.0, "p99": 2.0}, "p2p_coverage": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(local_cli, "_run", fake_run)
+    out = tmp_path / "bench.json"
+    local_cli.bench(Context(), rounds=3, json=str(out), results=str(tmp_path))
+    assert seen == ["auto", "python"] * 3
+    doc = json.loads(out.read_text())
+    assert (doc["compiled"], doc["python"], doc["ratio"]) == (200.0, 100.0, 2.0)
+    assert "ratio 2.00x" in capsys.readouterr().out
