@@ -735,12 +735,22 @@ def plot_trend(runs: Sequence[dict[str, Any]], out: Path) -> Path | None:
     ax1.set_ylim(bottom=0)
     ax2.set_ylabel("p99 latency (ms)")
     ax2.set_ylim(bottom=0)
-    ax2.set_xticks(xs, [str(r["id"])[5:16] for r in points], rotation=60, fontsize=7)
+    ax2.set_xticks(
+        xs, [_short_id(str(r["id"])) for r in points], rotation=60, fontsize=7
+    )
+    ax2.set_xlim(-0.5, len(points) - 0.5)
     ax1.legend(fontsize=8)
     ax1.set_title("Cluster results across nightly runs (red: failed run)")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
     return _save(fig, out)
+
+
+def _short_id(run_id: str) -> str:
+    """``2026-01-02-030000`` -> ``01-02 03:00``."""
+    if len(run_id) >= 15 and run_id[4] == "-":
+        return f"{run_id[5:10]} {run_id[11:13]}:{run_id[13:15]}"
+    return run_id
 
 
 def build_index(reports: Path) -> Path:
