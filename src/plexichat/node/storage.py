@@ -95,6 +95,7 @@ class StorageStats:
     rows_inserted: int = 0
     rows_ignored: int = 0
     largest_group: int = 0
+    checkpoints: int = 0
     errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -111,12 +112,14 @@ class Storage:
         synchronous: Synchronous = "normal",
         *,
         commit_interval: float = 0.002,
-        checkpoint_pages: int = 16384,
+        checkpoint_interval: float = 0.25,
     ) -> None:
         self.path = Path(path)
         self.synchronous: Synchronous = synchronous
         self.commit_interval = commit_interval
-        self.checkpoint_pages = checkpoint_pages
+        self.checkpoint_interval = checkpoint_interval
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         self.stats = StorageStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -134,7 +137,9 @@ class Storage:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA cache_size=-65536")
         conn.execute("PRAGMA temp_store=MEMORY")
-        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.checkpoint_pages)}")
+        # Checkpoints run on their own thread and connection (see _checkpoints)
+        # so that copying the WAL into the database never stalls a commit.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
         rows = conn.execute("SELECT channel, MAX(seq) FROM messages GROUP BY channel")
         last = {_to_unsigned(c): int(s) for c, s in rows}
@@ -148,13 +153,23 @@ class Storage:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="storage", daemon=True)
         self._thread.start()
+        self._stop_checkpoints.clear()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name="checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     async def close(self) -> None:
         """Finish queued work, commit, checkpoint and close the database."""
+        loop = asyncio.get_running_loop()
         if self._thread is not None:
             self._queue.put(_STOP)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            await loop.run_in_executor(None, self._thread.join)
             self._thread = None
+        if self._checkpointer is not None:
+            self._stop_checkpoints.set()
+            await loop.run_in_executor(None, self._checkpointer.join)
+            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -258,6 +273,24 @@ class Storage:
                     return
         with contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _checkpoints(self) -> None:
+        """Copy the WAL into the database every ``checkpoint_interval`` seconds.
+
+        PASSIVE checkpoints never wait for the writer; once one has copied
+        everything, the writer starts the WAL over from its beginning.
+        """
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            while not self._stop_checkpoints.wait(self.checkpoint_interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.stats.checkpoints += 1
+                except sqlite3.Error:
+                    self.stats.errors += 1
+        finally:
+            conn.close()
 
     def _write(
         self, conn: sqlite3.Connection, inserts: list[_Insert]
