@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -325,3 +330,61 @@ def test_install_cron_keeps_other_entries_and_is_idempotent(tmp_path, monkeypatc
     line5 = nightly.cron_line(repo, 5)
     assert nightly.install_cron(line5, repo, str(fake)) == "replaced"
     assert store.read_text().splitlines() == ["MAILTO=root", other, line5]
+
+
+def load_yaml(path: Path) -> dict[str, object]:
+    try:
+        import yaml
+    except ImportError:  # the tests venv has invoke, which vendors PyYAML
+        from invoke.vendor import yaml  # type: ignore[no-redef]
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_hosted_ci_workflow_structure():
+    """No actionlint offline: parse the workflow and check what it relies on."""
+    wf = load_yaml(REPO / ".github" / "workflows" / "nightly.yml")
+    assert "on" in wf, "quote the 'on' key (YAML 1.1 reads a bare on as true)"
+    (cron,) = [entry["cron"] for entry in wf["on"]["schedule"]]
+    minute, hour, *rest = cron.split()
+    assert 0 <= int(minute) <= 59
+    assert 0 <= int(hour) <= 23
+    assert rest == ["*", "*", "*"]
+    assert "workflow_dispatch" in wf["on"]
+    jobs = wf["jobs"]
+    assert set(jobs) == {"wheels", "nightly"}
+    for job in jobs.values():
+        assert job["runs-on"]
+        for step in job["steps"]:
+            assert ("uses" in step) != ("run" in step), step
+            if "uses" in step:
+                assert re.fullmatch(r"[\w.-]+/[\w./-]+@v\d+(\.\d+)*", step["uses"])
+    wheels = jobs["wheels"]
+    include = wheels["strategy"]["matrix"]["include"]
+    assert {m["arch"] for m in include} == {"x86_64", "aarch64"}
+    assert wheels["runs-on"] == "${{ matrix.runner }}"
+    assert all(m["runner"].startswith("ubuntu-") for m in include)
+    (build,) = [s for s in wheels["steps"] if "cibuildwheel" in s.get("uses", "")]
+    assert build["env"]["CIBW_ARCHS_LINUX"] == "${{ matrix.arch }}"
+    cibw = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["cibuildwheel"]
+    assert set(cibw["linux"]["archs"]) == {"x86_64", "aarch64"}
+    runs = [s["run"] for s in jobs["nightly"]["steps"] if "run" in s]
+    (command,) = [r for r in runs if "nightly" in r]
+    argv = shlex.split(command)
+    assert argv[:3] == ["./lab", "invoke", "nightly"]
+    assert os.access(REPO / "lab", os.X_OK)
+    skips = [argv[i + 1] for i, a in enumerate(argv) if a == "--skip"]
+    assert nightly.expand_skip(skips) == {"wheels-x86_64", "wheels-aarch64"}
+    flags = {a.split("=")[0] for a in argv[3:] if a.startswith("--")}
+    params = set(inspect.signature(nightly_cli.run.body).parameters)
+    assert {f[2:].replace("-", "_") for f in flags} <= params
+    cached = [
+        s for s in jobs["nightly"]["steps"] if "actions/cache" in s.get("uses", "")
+    ]
+    assert {s["uses"].split("@")[0] for s in cached} == {
+        "actions/cache/restore",
+        "actions/cache/save",
+    }
+    assert all(".asv/results" in s["with"]["path"] for s in cached)
+    assert cached[-1]["if"] == "always()"
