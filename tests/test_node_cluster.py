@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import time
 
@@ -284,5 +285,55 @@ def test_bad_input_is_answered_and_other_clients_keep_working(tmp_path):
             assert node.counters["timeouts_closed"] == 1
             assert [await good_send(i) for i in range(2, 5)] == [2, 3, 4]
             await good.close()
+
+    run(scenario())
+
+
+async def unread_fetches(node, channel: int, requests: int):
+    """A raw client with a tiny receive window that sends FETCHes and reads nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", node.listen_port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    fetch = p.encode_fetch(channel, 0, 1000)
+    writer.write(
+        b"".join(wire.encode_frame(T.FETCH, i, fetch) for i in range(requests))
+    )
+    host, port = sock.getsockname()[:2]
+    name = f"{host}:{port}"
+    await wait_for(lambda: any(c.peername == name for c in node.conns), 10, "accept")
+    return reader, writer, next(c for c in node.conns if c.peername == name)
+
+
+def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, size=2) as cluster:
+            channel = key_of("bulky")
+            node = cluster.node(cluster.owners(channel)[0])
+            other = await client_for(node)
+            body = b"x" * 8192
+            sends = (
+                other.send(channel, p.message_id(4, i), 4, body) for i in range(100)
+            )
+            await asyncio.gather(*sends)
+            # ~8 MiB of replies: reading pauses, memory stays bounded, all arrive
+            reader, writer, conn = await unread_fetches(node, channel, 10)
+            await wait_for(lambda: not conn.transport.is_reading(), 10, "pause")
+            assert conn.transport.get_write_buffer_size() < 16 << 20
+            assert await other.send(channel, p.message_id(4, 100), 4, b"y") == 101
+            decoder, seen = wire.FrameDecoder(), 0
+            while seen < 10:
+                data = await asyncio.wait_for(reader.read(1 << 20), 10)
+                assert data
+                seen += len(decoder.feed(data))
+            writer.close()
+            # ~80 MiB of replies: the node drops the connection instead
+            reader, writer, conn = await unread_fetches(node, channel, 100)
+            await wait_for(lambda: conn.closed, 10, "cut-off")
+            assert node.counters["slow_readers_closed"] == 1
+            assert await other.send(channel, p.message_id(4, 101), 4, b"z") == 102
+            writer.close()
+            await other.close()
 
     run(scenario())

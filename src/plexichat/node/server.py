@@ -223,6 +223,7 @@ class Node:
                 "handoff_received",
                 "handoffs",
                 "syncs",
+                "slow_readers_closed",
                 "delivered",
                 "connections",
             ),
@@ -348,6 +349,7 @@ class Node:
             max_payload=self.config.max_frame,
             on_wire_error=self._on_wire_error,
             on_close=self._on_close,
+            server_side=True,
         )
         self.conns.add(conn)
         self.counters["connections"] += 1
@@ -355,6 +357,13 @@ class Node:
 
     def _on_close(self, conn: FrameConnection, exc: BaseException | None) -> None:
         self.conns.discard(conn)
+        if conn.overflowed:
+            self.counters["slow_readers_closed"] += 1
+            log.warning(
+                "closed %s: it does not read its replies",
+                conn.peername,
+                extra={"event": "slow_reader", "peer": conn.peername},
+            )
         for channel in conn.data.get("subs", ()):
             subs = self.subscribers.get(channel)
             if subs is not None:

@@ -26,6 +26,7 @@ FrameHandler = Callable[["FrameConnection", list[wire.Frame]], None]
 ReplyCallback = Callable[[wire.Frame | None, BaseException | None], None]
 
 MASK32 = 0xFFFFFFFF
+MAX_BUFFERED = 32 << 20  # unsent reply bytes after which a server drops a peer
 
 
 class RemoteError(Exception):
@@ -54,8 +55,11 @@ class FrameConnection(asyncio.Protocol):
         max_payload: int = wire.MAX_PAYLOAD,
         on_wire_error: Callable[[FrameConnection, wire.WireError], None] | None = None,
         on_close: Callable[[FrameConnection, BaseException | None], None] | None = None,
+        server_side: bool = False,
     ) -> None:
         self.on_frames = on_frames
+        self.server_side = server_side
+        self.overflowed = False
         self.on_wire_error = on_wire_error
         self.on_close = on_close
         self.decoder = wire.FrameDecoder(max_payload)
@@ -101,12 +105,14 @@ class FrameConnection(asyncio.Protocol):
             self.on_close(self, exc)
 
     def pause_writing(self) -> None:
-        # The peer reads slower than we answer: stop reading its requests.
-        if self.transport is not None and not self.closed:
+        # A server whose peer reads its replies slower than it sends requests
+        # stops reading requests until the replies drain (bounded memory).  A
+        # client side keeps reading: its replies are what drains the peer.
+        if self.server_side and self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.server_side and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
     # -- sending ------------------------------------------------------------
@@ -132,6 +138,11 @@ class FrameConnection(asyncio.Protocol):
         self._out.clear()
         # bytes(): the transport may keep a reference past this call.
         self.transport.write(bytes(buffer))
+        if self.server_side and self.transport.get_write_buffer_size() > MAX_BUFFERED:
+            # Replies to requests read before reading paused still pile up;
+            # a peer this far behind is cut off instead of eating memory.
+            self.overflowed = True
+            self.abort()
 
     def send_error(self, request_id: int, code: int, message: str) -> None:
         self.send(wire.MessageType.ERROR, request_id, p.encode_error(code, message))
