@@ -74,13 +74,17 @@ def newest_source() -> float:
     )
 
 
-def ensure_artifacts(arch: str, *, rebuild: bool = False) -> tuple[Path, Path]:
+def ensure_artifacts(
+    arch: str, *, rebuild: bool = False, numba: bool = False
+) -> tuple[Path, Path]:
     """(wheel, wheelhouse) of *arch* in dist/; rebuilt when older than the sources."""
     found = wheels.artifacts(arch, DIST)
-    if found and not rebuild and found[0].stat().st_mtime >= newest_source():
+    has_numba = bool(found and any(found[1].glob("numba-*.whl")))
+    fresh = found and found[0].stat().st_mtime >= newest_source()
+    if found and fresh and not rebuild and has_numba == numba:
         return found
     start = time.monotonic()
-    result = wheels.build(arch, DIST)
+    result = wheels.build(arch, DIST, numba=numba)
     console.print(
         f"built {result.wheel.name} in {time.monotonic() - start:.1f} s "
         f"{result.seconds}"
@@ -90,9 +94,12 @@ def ensure_artifacts(arch: str, *, rebuild: bool = False) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def guest(
-    arch: str, *, wheelhouse: Path | None, name: str | None = None
+    arch: str, *, deps_disk: Path | None, name: str | None = None
 ) -> Iterator[SSHHost]:
-    """A running guest of *arch* (from ``qemu.up``) or a fresh one for this task."""
+    """A running guest of *arch* (from ``qemu.up``) or a fresh one for this task.
+
+    *deps_disk* is a wheelhouse: a fresh guest gets a deps disk made from it.
+    """
     for state in machine.running_guests(arch):
         ssh = SSHClient(
             "127.0.0.1",
@@ -118,7 +125,7 @@ def guest(
         finally:
             ssh.close()
         return
-    spec = GuestSpec(name or f"{arch}-task", arch, [], wheelhouse=wheelhouse)
+    spec = GuestSpec(name or f"{arch}-task", arch, [], wheelhouse=deps_disk)
     lab = QemuLab([spec])
     with lab:
         console.print(
@@ -250,22 +257,30 @@ def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> N
     console.print(f"{spec.name} exited")
 
 
-@task(
-    help={
-        "arch": "x86_64 or aarch64",
-        "rebuild": "rebuild the wheel",
-        "json": "write timings",
-    }
-)
+PUSH_HELP = {
+    "arch": "x86_64 or aarch64 (or all)",
+    "rebuild": "rebuild the wheel",
+    "numba": "add numba (and llvmlite) to the wheelhouse",
+    "disk": "fresh guests get the deps on a disk (default); --no-disk pushes the "
+    "whole wheelhouse over SFTP and installs it in the guest",
+}
+
+
+@task(help={**PUSH_HELP, "json": "write the timings to this file"})
 def push(
-    c: Context, arch: str = "aarch64", rebuild: bool = False, json: str = ""
+    c: Context,
+    arch: str = "aarch64",
+    rebuild: bool = False,
+    json: str = "",
+    numba: bool = False,
+    disk: bool = True,
 ) -> None:
     """Push the wheel + deps to a guest, install offline, show the accel table."""
     _setup()
     results = {}
     for a in _arches(arch):
-        whl, house = ensure_artifacts(a, rebuild=rebuild)
-        with guest(a, wheelhouse=house) as host:
+        whl, house = ensure_artifacts(a, rebuild=rebuild, numba=numba)
+        with guest(a, deps_disk=house if disk else None) as host:
             results[a] = push_to(host, whl, house)
         _show(f"push {a}", results[a])
     if json:
@@ -274,14 +289,20 @@ def push(
         raise Exit("not every kernel family runs compiled code in the guest", code=1)
 
 
-@task(help={"arch": "x86_64 or aarch64", "rebuild": "rebuild the wheel"})
-def golden(c: Context, arch: str = "aarch64", rebuild: bool = False) -> None:
+@task(help=PUSH_HELP)
+def golden(
+    c: Context,
+    arch: str = "aarch64",
+    rebuild: bool = False,
+    numba: bool = False,
+    disk: bool = True,
+) -> None:
     """Run the golden-vector tests inside a guest against the installed wheel."""
     _setup()
     failed = []
     for a in _arches(arch):
-        whl, house = ensure_artifacts(a, rebuild=rebuild)
-        with guest(a, wheelhouse=house) as host:
+        whl, house = ensure_artifacts(a, rebuild=rebuild, numba=numba)
+        with guest(a, deps_disk=house if disk else None) as host:
             push_to(host, whl, house)
             start = time.monotonic()
             code, output = run_golden(host)
@@ -332,7 +353,7 @@ def boot_bench(
 def ssh(c: Context, arch: str = "x86_64", command: str = "uname -a") -> None:
     """Run a command in a running guest (``qemu.up``) or a fresh one."""
     _setup()
-    with guest(arch, wheelhouse=None) as host:
+    with guest(arch, deps_disk=None) as host:
         res = host.ssh.run(command, timeout=600, check=False)
     sys.stdout.write(res.stdout)
     sys.stderr.write(res.stderr)
