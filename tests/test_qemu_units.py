@@ -341,3 +341,15 @@ def test_setup_is_a_no_op_when_everything_is_there(monkeypatch) -> None:
     monkeypatch.setattr(setup_host, "binfmt_enabled", lambda: True)
     monkeypatch.setattr(setup_host, "_run", lambda argv: pytest.fail(f"ran {argv}"))
     assert setup_host.ensure(quiet=True).actions == []
+
+
+def test_reap_can_keep_the_logs_of_dead_runs(tmp_path: Path) -> None:
+    rundir = tmp_path / "dead"
+    (rundir / "g0").mkdir(parents=True)
+    (rundir / "owner.json").write_text(json.dumps({"pid": _dead_pid(), "starttime": 1}))
+    for name in ("g0.serial.log", "disk.qcow2", "seed.tar"):
+        (rundir / "g0" / name).write_text("x")
+    assert machine.reap(root=tmp_path, keep_logs=True) == []
+    assert sorted(p.name for p in (rundir / "g0").iterdir()) == ["g0.serial.log"]
+    machine.reap(root=tmp_path)
+    assert not rundir.exists()

@@ -122,7 +122,12 @@ def current_run_dir() -> Path:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             record(path / "owner.json", me, "owner")
             _run_dir = path
-        return _run_dir
+        else:
+            return _run_dir
+    # A lab run that was SIGKILLed could not clean up: do it now (logs stay).
+    with contextlib.suppress(OSError):
+        reap(keep_logs=True)
+    return path
 
 
 def kill_recorded(pidfile: Path, grace: float = 3.0) -> str | None:
@@ -151,11 +156,14 @@ def kill_recorded(pidfile: Path, grace: float = 3.0) -> str | None:
     return f"{data.get('kind', '?')} pid {pid}"
 
 
-def reap(*, everything: bool = False, root: Path | None = None) -> list[str]:
+def reap(
+    *, everything: bool = False, root: Path | None = None, keep_logs: bool = False
+) -> list[str]:
     """Kill leftovers of lab runs whose owner process is gone (or all of them).
 
     Returns a description of each process killed.  Run directories of dead
-    owners are removed afterwards (their logs included).
+    owners are removed afterwards; with *keep_logs* only their ``*.log``
+    files stay (disk overlays and seeds -- the node secrets -- go).
     """
     killed: list[str] = []
     root = root or run_root()
@@ -176,8 +184,14 @@ def reap(*, everything: bool = False, root: Path | None = None) -> list[str]:
             if what:
                 killed.append(f"{what} ({pidfile.relative_to(root)})")
             pidfile.unlink(missing_ok=True)
-        if not owner_alive:
+        if owner_alive:
+            continue
+        if not keep_logs:
             shutil.rmtree(rundir, ignore_errors=True)
+            continue
+        for path in rundir.rglob("*"):
+            if path.is_file() and path.suffix != ".log" and path.name != "owner.json":
+                path.unlink(missing_ok=True)
     return killed
 
 
