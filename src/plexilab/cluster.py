@@ -58,7 +58,7 @@ class ClusterConfig:
     rate: float = 20_000.0
     payload: int = 64
     channels: int = 256
-    connections: int = 0  # load connections per node shared by clients (0: own)
+    connections: int = 1  # load connections per node shared by clients (0: own)
     distribution: Literal["uniform", "zipf"] = "uniform"
     route: Literal["owner", "any"] = "owner"
     backend: Literal["auto", "python"] = "auto"

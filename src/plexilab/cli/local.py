@@ -40,8 +40,8 @@ COMMON_HELP = {
     "install": "dev: run from src/ (in-place builds); wheel: build the wheel "
     "once into a cached venv under .cache/ (default wheel)",
     "results": "directory for journal, load/p2p/check JSON and node logs",
-    "connections": "connections per node shared by the load clients "
-    "(default 0: one per client)",
+    "connections": "connections per node shared by the load clients; 0 gives "
+    "every client its own (default 1)",
 }
 
 
@@ -130,7 +130,7 @@ def cluster(
     inflight: int = 64,
     payload: int = 64,
     channels: int = 256,
-    connections: int = 0,
+    connections: int = 1,
     install: str = "wheel",
     results: str = "",
 ) -> None:
@@ -164,7 +164,7 @@ def bench(
     inflight: int = 64,
     payload: int = 64,
     channels: int = 256,
-    connections: int = 0,
+    connections: int = 1,
     install: str = "wheel",
     results: str = "",
     rounds: int = 1,
