@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite synchronous mode: normal survives a process crash, "
         "full a power loss",
     )
+    add(
+        "--commit-interval",
+        type=float,
+        default=0.002,
+        help="group commit: minimum seconds between SQLite commits (default "
+        "%(default)s); larger batches cost less CPU per message, add latency",
+    )
     add("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -123,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         idle_timeout=args.idle_timeout,
         max_message=args.max_message,
         synchronous=args.sync,
+        commit_interval=args.commit_interval,
     )
 
 
