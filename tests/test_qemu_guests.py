@@ -231,3 +231,34 @@ def test_shutdown_leaves_no_process_or_pidfile() -> None:
     assert _gone(pid, 10)
     assert not (m.dir / "qemu.pid").exists()
     assert not (m.dir / "seed.tar").exists()  # the node's secrets are gone too
+
+
+def test_invoke_tasks(artifacts, capsys) -> None:
+    """The CLI path end to end: set-up, image, KVM verdict, push + golden, reap."""
+    from invoke.context import Context
+
+    from plexilab.cli import qemu as cli
+    from plexilab.cli import setup as setup_cli
+
+    c = Context()
+    setup_cli.host(c)
+    cli.image(c, arch="x86_64")
+    cli.kvm(c, arch="x86_64")
+    cli.golden(c, arch="x86_64")
+    cli.reap(c)
+    out = capsys.readouterr().out
+    assert "golden tests on x86_64: exit 0" in out
+    assert "x86_64: tcg" in out or "x86_64: kvm" in out
+    assert "reaped" in out
+
+
+def test_wheels_main_builds_into_a_directory(artifacts, tmp_path: Path) -> None:
+    from plexilab import wheels
+
+    assert (
+        wheels.main(["--arch", "aarch64", "--out", str(tmp_path), "--no-wheelhouse"])
+        == 0
+    )
+    (wheel,) = (tmp_path / "aarch64").glob("plexichat-*.whl")
+    assert wheel.name.endswith("-cp311-cp311-linux_aarch64.whl")
+    assert len(wheels.check_wheel(wheel, "aarch64")) == len(wheels.pyx_families())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,3 +354,22 @@ def test_reap_can_keep_the_logs_of_dead_runs(tmp_path: Path) -> None:
     assert sorted(p.name for p in (rundir / "g0").iterdir()) == ["g0.serial.log"]
     machine.reap(root=tmp_path)
     assert not rundir.exists()
+
+
+def test_setup_probes(tmp_path: Path, monkeypatch, capsys) -> None:
+    from plexilab import setup_host
+
+    if shutil.which("dpkg-query") is None:
+        pytest.skip("not a Debian host")
+    missing = setup_host.missing_packages(["tar", "plexilab-no-such-package"])
+    assert missing == ["plexilab-no-such-package"]
+    monkeypatch.setattr(setup_host, "BINFMT_DIR", tmp_path)
+    assert not setup_host.binfmt_enabled()
+    assert not setup_host.binfmt_mounted()
+    (tmp_path / "qemu-aarch64").write_text("disabled\ninterpreter x\n")
+    assert not setup_host.binfmt_enabled()
+    (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter x\n")
+    assert setup_host.binfmt_enabled()
+    monkeypatch.setattr(setup_host, "ensure", lambda **kw: setup_host.Report())
+    assert setup_host.main([]) == 0
+    assert "already has everything" in capsys.readouterr().out
