@@ -68,6 +68,14 @@ class Record(NamedTuple):
     payload: bytes
 
 
+def make_record(fields: tuple[int, int, bytes, int, int, bytes]) -> Record:
+    """``Record(*fields)`` without the Python-level ``__new__`` (hot paths)."""
+    return _tuple_new(Record, fields)
+
+
+_tuple_new = tuple.__new__
+
+
 class ProtocolError(ValueError):
     """A body that does not match its layout."""
 
@@ -154,7 +162,9 @@ def decode_messages(body: bytes) -> tuple[int, list[Record], bool]:
         if pos + length > len(body):
             raise ProtocolError("MESSAGES payload truncated")
         out.append(
-            Record(channel, seq, msg_id, sender, ts_us, body[pos : pos + length])
+            _tuple_new(
+                Record, (channel, seq, msg_id, sender, ts_us, body[pos : pos + length])
+            )
         )
         pos += length
     if pos != len(body):
@@ -231,7 +241,9 @@ def decode_records(body: bytes, start: int = 0) -> list[Record]:
         stop = pos + length
         if stop > end:
             raise ProtocolError("record payload truncated")
-        out.append(Record(channel, seq, msg_id, sender, ts_us, body[pos:stop]))
+        out.append(
+            _tuple_new(Record, (channel, seq, msg_id, sender, ts_us, body[pos:stop]))
+        )
         pos = stop
     if pos != end:
         raise ProtocolError("trailing bytes after records")

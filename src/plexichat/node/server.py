@@ -620,6 +620,7 @@ class Node:
         ack_pack = p.ACK_BODY.pack
         ts = time.time_ns() // 1000
         head = p.SEND_HEAD.size
+        make = p.make_record
         single = len(self.ring_members) <= 1
         records: list[p.Record] = []
         waiters: list[tuple[FrameConnection, int, int]] = []
@@ -645,7 +646,7 @@ class Node:
                     continue
             seq = last_seq.get(channel, 0) + 1
             last_seq[channel] = seq
-            rec = p.Record(channel, seq, msg_id, sender, ts, payload[head:])
+            rec = make((channel, seq, msg_id, sender, ts, payload[head:]))
             records.append(rec)
             waiters.append((conn, rid, t0))
             for replica in owners[1:]:
