@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -388,3 +389,24 @@ def test_hosted_ci_workflow_structure():
     }
     assert all(".asv/results" in s["with"]["path"] for s in cached)
     assert cached[-1]["if"] == "always()"
+
+
+def test_compare_follows_the_commit_the_benchmark_step_recorded(tmp_path):
+    asv = tmp_path / "asv"
+    write_asv(asv, "0" * 40, date=1000, scale=1.0)
+    since = time.time()
+    write_asv(asv, "b" * 40, date=2000, scale=1.0)  # HEAD moved to b... meanwhile
+    options = nightly.NightlyOptions(reports=tmp_path / "reports", asv_results=asv)
+    run = nightly.Nightly(options, Console(file=io.StringIO()))
+    comparison = run.compare("a" * 40, True, since=since)
+    assert comparison is not None
+    assert comparison.head_commit == "b" * 40
+    assert comparison.prev_commit == "0" * 40
+    assert "HEAD moved during the run: started at aaaaaaaa" in comparison.note
+    (step,) = run.steps
+    assert step.status == "ok"
+    assert "4 compared with 00000000, 0 regression(s)" in step.note
+    assert run.reasons == []
+    # without a file written by the benchmark step, HEAD as given is compared
+    again = nightly.Nightly(options, Console(file=io.StringIO()))
+    assert again.compare("a" * 40, True).note.startswith("no asv result for HEAD")

@@ -424,9 +424,15 @@ class Nightly:
     # -- the steps ----------------------------------------------------------------
 
     def compare(
-        self, commit: str, benchmark_ok: bool
+        self, commit: str, benchmark_ok: bool, since: float | None = None
     ) -> history.BenchComparison | None:
-        """HEAD's asv result vs the previous commit's; writes ``benchmarks.json``."""
+        """HEAD's asv result vs the previous commit's; writes ``benchmarks.json``.
+
+        When the benchmark step ran (*since* = its start, wall clock), the
+        commit compared is the one asv recorded in the file that step wrote:
+        the ``benchmark`` session reads HEAD itself, and HEAD can move while a
+        nightly runs in a working tree others commit to.
+        """
         name = "compare"
         if name in self.options.skip:
             self.skipped(name)
@@ -436,7 +442,20 @@ class Nightly:
             return None
         started = time.monotonic()
         runs = history.load_runs(self.options.asv_results, self.options.machine)
+        fresh = [r for r in runs if since and r.path.stat().st_mtime >= since - 1]
+        moved = ""
+        if fresh:
+            recorded = max(fresh, key=lambda r: r.path.stat().st_mtime).commit
+            if recorded != commit:
+                moved = (
+                    f"HEAD moved during the run: started at {commit[:8]}, "
+                    f"benchmarks recorded as {recorded[:8]}"
+                )
+                self.console.print(f"[yellow]compare: {moved}", highlight=False)
+                commit = recorded
         comparison = history.compare_head(runs, commit, self.options.factor)
+        if moved:
+            comparison.note = "; ".join(filter(None, [moved, comparison.note]))
         heads = [r for r in runs if r.commit == commit]
         speedups: list[dict[str, Any]] = []
         if heads:
@@ -462,10 +481,14 @@ class Nightly:
         ran_benchmarks = "benchmark" not in self.options.skip
         missing_head = not heads and ran_benchmarks
         failed = bool(regressions) or missing_head
-        note = comparison.note or (
-            f"{len(comparison.changes)} compared with {str(comparison.prev_commit)[:8]}"
-            f", {len(comparison.regressions)} regression(s)"
-        )
+        parts = [comparison.note]
+        if comparison.prev_commit:
+            parts.append(
+                f"{len(comparison.changes)} compared with "
+                f"{comparison.prev_commit[:8]}, "
+                f"{len(comparison.regressions)} regression(s)"
+            )
+        note = "; ".join(filter(None, parts))
         status = "failed" if failed else ("ok" if heads else "skipped")
         step = StepResult(
             name,
@@ -563,8 +586,13 @@ class Nightly:
             )
         else:
             self.nox("tests", "tests")
+        bench_started = time.time()
         bench = self.nox("benchmark", "benchmark")
-        comparison = self.compare(commit, bench.status in ("ok", "skipped"))
+        comparison = self.compare(
+            commit,
+            bench.status in ("ok", "skipped"),
+            since=bench_started if bench.status == "ok" else None,
+        )
         for arch in ("x86_64", "aarch64"):
             self.nox(f"wheels-{arch}", "wheels", "--arch", arch)
         cluster_info = self.cluster()
