@@ -57,7 +57,16 @@ DPI = 110
 def _log_y(ax: Any, fmt: Any) -> None:
     """Log y axis labelled at 1-2-5 steps with *fmt* (no minor labels)."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_ylim()
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 3.0
+    subs: tuple[float, ...] = (1.0, 2.0, 5.0)
+    if decades < 1.2:
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    elif decades < 2.5:
+        subs = (1.0, 2.0, 3.0, 5.0)
+    elif decades > 4.5:
+        subs = (1.0,)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt(v)))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -352,8 +361,9 @@ def plot_bench_history(
             backends_seen[backend] = color
             xs = sorted(values)
             ax.plot(xs, [values[x] for x in xs], marker="o", ms=4, lw=1.2, color=color)
-        _log_y(ax, asvreport._fmt_seconds)
+        ax.set_yscale("log")
         ax.margins(y=0.12)
+        _log_y(ax, asvreport._fmt_seconds)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
