@@ -178,6 +178,14 @@ def test_build_image_pipeline(tmp_path: Path, monkeypatch, kernel_root: Path) ->
     ).stdout
     assert "Mode:  0755" in init
     assert images.image("x86_64") == img  # cached: no second build
+    stale = [
+        tmp_path / "cache/images/x86_64-0000",
+        tmp_path / "cache/rootfs/aarch64-0000",
+    ]
+    for path in stale:
+        path.mkdir(parents=True)
+    assert sorted(images.prune()) == sorted(stale)
+    assert images.cached("x86_64") == img
 
 
 def _tiny_wheel(directory: Path, name: str) -> Path:

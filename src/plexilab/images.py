@@ -110,9 +110,10 @@ def recipe_files() -> list[Path]:
 
 
 def image_key(arch: str) -> str:
-    """Cache key of the image: the ``qemu/`` recipe files plus the arch."""
+    """Cache key of the image: the ``qemu/`` recipe files, the arch and the rootfs."""
     parts = [(str(p.relative_to(RECIPES)), p.read_bytes()) for p in recipe_files()]
     parts.append(("arch", arch.encode()))
+    parts.append(("rootfs", rootfs_key(load_profile(arch)).encode()))
     parts.append(("format", str(IMAGE_FORMAT).encode()))
     return _digest(parts)
 
@@ -189,7 +190,13 @@ def mmdebstrap_options(profile: Profile) -> list[str]:
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         '--aptopt=Acquire::Languages "none"',
         # Host keys made by openssh-server's postinst would be shared by every
-        # guest: the seed brings a per-node key instead.
+        # guest: the seed brings a per-node key instead.  Placeholders make the
+        # postinst skip its key generation (RSA takes ~10 s under qemu-user).
+        '--essential-hook=mkdir -p "$1"/etc/ssh',
+        *(
+            f'--essential-hook=touch "$1"/etc/ssh/ssh_host_{kind}_key'
+            for kind in ("rsa", "ecdsa", "ed25519")
+        ),
         '--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*',
         '--customize-hook=rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*',
         *(foreign_python_hooks() if foreign(profile) else []),
@@ -673,6 +680,27 @@ def images_for(arches: Sequence[str]) -> list[Image]:
     missing = [a for a, img in found.items() if img is None]
     built = {img.arch: img for img in build_images(missing)} if missing else {}
     return [found[a] or built[a] for a in arches]
+
+
+def prune() -> list[Path]:
+    """Remove cached images and rootfs layers that the current recipes do not use."""
+    keep = set()
+    for arch in ARCHES:
+        keep.add(f"{arch}-{image_key(arch)}")
+        keep.add(f"{arch}-{rootfs_key(load_profile(arch))}")
+    removed = []
+    for layer in ("images", "rootfs"):
+        for path in sorted((cache_root() / layer).glob("*")):
+            stem = path.name.split(".", 1)[0]
+            if stem in keep:
+                continue
+            with locked((cache_root() / layer / stem).with_suffix(".lock")):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+                elif path.suffix == ".json":
+                    path.unlink(missing_ok=True)
+    return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,11 +205,17 @@ def _show(title: str, rows: dict[str, Any]) -> None:
     help={
         "arch": "x86_64, aarch64 or all (default all)",
         "rebuild": "rebuild the image",
+        "prune": "remove cached images/rootfs layers of older recipes",
     }
 )
-def image(c: Context, arch: str = "all", rebuild: bool = False) -> None:
+def image(
+    c: Context, arch: str = "all", rebuild: bool = False, prune: bool = False
+) -> None:
     """Build (or show) the cached guest image."""
     _setup()
+    if prune:
+        for path in images.prune():
+            console.print(f"removed {path}")
     for a in _arches(arch):
         img = images.build_image(a, rebuild=True) if rebuild else images.image(a)
         _show(f"image {a}", {"dir": img.directory, **img.manifest})
