@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
-from invoke.collection import Collection  # noqa: E402
+from invoke.collection import Collection
 
 from plexilab.cli.local import local
 from plexilab.cli.nightly import nightly

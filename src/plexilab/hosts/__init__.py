@@ -1,4 +1,4 @@
-"""Host providers: local processes now; QEMU guests, SSH inventories and containers plug in."""
+"""Host providers: local processes, QEMU guests, SSH inventories, containers."""
 
 from plexilab.hosts.base import CommandResult, Endpoint, Host, HostError, Process
 

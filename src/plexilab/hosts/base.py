@@ -106,7 +106,7 @@ class Host(abc.ABC):
         log_path: str,
         env: Mapping[str, str] | None = None,
     ) -> Process:
-        """Start a long-running process whose output goes to *log_path* (on the host)."""
+        """Start a long-running process; its output goes to *log_path* on the host."""
 
     @abc.abstractmethod
     def put(self, local: Path, remote: str) -> None:
