@@ -227,6 +227,9 @@ def test_shutdown_leaves_no_process_or_pidfile() -> None:
     m.launch()
     pid = m.pid
     assert (m.dir / "qemu.pid").exists()
+    twin = machine.Machine(machine.MachineConfig(arch="x86_64", name="short"))
+    with pytest.raises(machine.MachineError, match="already runs"):
+        twin.launch()
     m.shutdown(graceful=False)
     assert _gone(pid, 10)
     assert not (m.dir / "qemu.pid").exists()

@@ -675,6 +675,13 @@ class Machine:
         install_signal_handlers()
         if self.running():
             return self
+        pidfile = self.dir / "qemu.pid"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            other = json.loads(pidfile.read_text())
+            if alive(int(other["pid"]), other.get("starttime")):
+                raise MachineError(
+                    f"a guest named {self.name} already runs in this lab"
+                )
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "relays").mkdir(exist_ok=True)
