@@ -330,8 +330,9 @@ def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
             writer.close()
             # ~80 MiB of replies: the node drops the connection instead
             reader, writer, conn = await unread_fetches(node, channel, 100)
-            await wait_for(lambda: conn.closed, 10, "cut-off")
-            assert node.counters["slow_readers_closed"] == 1
+            await wait_for(lambda: node.counters["slow_readers_closed"] == 1, 10, "cut")
+            assert conn.closed
+            assert conn not in node.conns
             assert await other.send(channel, p.message_id(4, 101), 4, b"z") == 102
             writer.close()
             await other.close()
