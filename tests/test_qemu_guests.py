@@ -49,8 +49,13 @@ ECHO_CLIENT = (
 
 @pytest.fixture(scope="module")
 def artifacts() -> dict[str, tuple[Path, Path]]:
+    from plexilab import setup_host
     from plexilab.cli.qemu import ensure_artifacts
 
+    try:
+        setup_host.ensure()  # installs what is missing (as root) or says how
+    except setup_host.HostSetupError as exc:
+        pytest.skip(str(exc))
     return {arch: ensure_artifacts(arch) for arch in ARCHES}
 
 
@@ -201,7 +206,7 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_no_qemu_outlives_its_owner_and_reap_cleans_up() -> None:
+def test_no_qemu_outlives_its_owner_and_reap_cleans_up(lab: QemuLab) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True, env=env
@@ -222,7 +227,7 @@ def test_no_qemu_outlives_its_owner_and_reap_cleans_up() -> None:
             child.wait()
 
 
-def test_shutdown_leaves_no_process_or_pidfile() -> None:
+def test_shutdown_leaves_no_process_or_pidfile(lab: QemuLab) -> None:
     m = machine.Machine(machine.MachineConfig(arch="x86_64", name="short"))
     m.launch()
     pid = m.pid
