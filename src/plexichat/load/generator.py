@@ -6,10 +6,14 @@ SENDs are issued at ``rate`` per second in total (latency counts from the
 generator).  A run stops issuing at ``count`` messages or after ``duration``
 seconds, whichever comes first, then waits for what is in flight.
 
-Every client is one sender with its own message counter; with ``route=owner``
-it holds a connection to every node and sends each message straight to the
-channel's owner (computed with :class:`plexichat.routing.Ring` from the
-cluster view), with ``route=any`` it talks to one node that forwards.
+Every client is one sender with its own message counter and in-flight
+window; with ``route=owner`` it talks to every node and sends each message
+straight to the channel's owner (computed with :class:`plexichat.routing.Ring`
+from the cluster view), with ``route=any`` it talks to one node that forwards.
+By default every client has its own connections; ``connections=K`` makes the
+clients share K connections per node (a gateway: fewer, larger writes).  A
+sender's messages to one channel always take the same connection, so their
+order is kept.
 """
 
 from __future__ import annotations
