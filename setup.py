@@ -11,8 +11,30 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class ReplacingBuildExt(build_ext):
+    """In-place builds replace a loaded ``.so`` instead of overwriting it.
+
+    Copying over a shared object that a running process has mapped crashes
+    that process; unlinking first gives the new build a fresh inode.
+    """
+
+    def copy_file(  # type: ignore[override]
+        self, infile: str, outfile: str, *args: Any, **kwargs: Any
+    ) -> tuple[str, bool]:
+        if (
+            self.inplace
+            and outfile.endswith((".so", ".pyd"))
+            and os.path.exists(outfile)
+        ):
+            os.unlink(outfile)
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
 
 ROOT = Path(__file__).parent
 SRC = ROOT / "src"
@@ -61,4 +83,4 @@ def extensions() -> list[Extension]:
     )
 
 
-setup(ext_modules=extensions())
+setup(ext_modules=extensions(), cmdclass={"build_ext": ReplacingBuildExt})
