@@ -198,3 +198,15 @@ def test_bench_reports_the_median_ratio(tmp_path, monkeypatch, capsys):
     doc = json.loads(out.read_text())
     assert (doc["compiled"], doc["python"], doc["ratio"]) == (200.0, 100.0, 2.0)
     assert "ratio 2.00x" in capsys.readouterr().out
+
+
+def test_prune_keeps_the_newest_cache_entries(tmp_path):
+    from plexilab.cluster import prune
+
+    for age, name in enumerate(["new", "mid", "old"]):
+        entry = tmp_path / name
+        entry.mkdir()
+        os.utime(entry, (1_000_000 - age, 1_000_000 - age))
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mid", "new"]
+    prune(tmp_path / "missing")

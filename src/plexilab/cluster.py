@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,15 @@ def build_wheel(timeout: float = 1200.0) -> Path:
     return wheels[-1]
 
 
+def prune(directory: Path, keep: int = 3) -> None:
+    """Remove all but the *keep* most recent entries of a cache directory."""
+    if not directory.is_dir():
+        return
+    entries = sorted(directory.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def local_venv(wheel: Path, timeout: float = 600.0) -> str:
     """A venv under .cache/ with *wheel* installed (made once per wheel)."""
     venv = CACHE / "venvs" / wheel.parent.name
@@ -192,6 +202,8 @@ def local_venv(wheel: Path, timeout: float = 600.0) -> str:
     if proc.returncode != 0:
         raise ClusterError(f"pip install of {wheel.name} failed: {proc.stderr[-2000:]}")
     stamp.write_text(wheel.name)
+    prune(CACHE / "venvs")
+    prune(CACHE / "wheels")
     return str(python)
 
 
