@@ -224,6 +224,7 @@ class Runtime:
 
 
 Installer = Callable[[Host], None]
+StepHook = Callable[[str, "Cluster"], None]
 
 
 def is_local(host: Host) -> bool:
@@ -609,8 +610,15 @@ def run_cluster(
     *,
     install: Installer | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
+    on_step: StepHook | None = None,
 ) -> dict[str, Any]:
-    """Deploy, start, converge, run load + P2P + checker, stop; return the results."""
+    """Deploy, start, converge, run load + P2P + checker, stop; return the results.
+
+    *on_step* is called with the name of each step just finished ("prepared",
+    "started", "converged", "loaded", "p2p", "checked", "stopped") and the
+    cluster (a provider samples its VMs or times phases there).
+    """
+    step = on_step or (lambda _name, _cluster: None)
     results_dir = Path(config.results_dir or tempfile.mkdtemp(prefix="plexilab-run-"))
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -619,21 +627,27 @@ def run_cluster(
         runtime = prepare(hosts, config.install, install)
         host_backends = check_hosts(hosts, runtime, config.backend)
         with Cluster(hosts, config, runtime) as cluster:
+            step("prepared", cluster)
             progress(f"starting {config.nodes} nodes")
             cluster.start()
+            step("started", cluster)
             convergence = cluster.wait_converged()
+            step("converged", cluster)
             progress(
                 f"converged in {convergence:.2f}s; loading for {config.duration:g}s"
             )
             journal = results_dir / "journal.bin"
             load = cluster.run_load(journal, results_dir / "load.json")
+            step("loaded", cluster)
             progress(
                 f"acked {load['acked']} at "
                 f"{load['throughput_msgs_per_s']:.0f} msg/s; p2p"
             )
             p2p = cluster.run_p2p(results_dir / "p2p.json")
+            step("p2p", cluster)
             progress("checking")
             check = cluster.run_check(journal, results_dir / "check.json")
+            step("checked", cluster)
             infos = stats_all(cluster.lab_endpoints, timeout=5.0)
             per_node = []
             for node, info in zip(cluster.nodes, infos, strict=True):
@@ -646,6 +660,7 @@ def run_cluster(
                         ring=info["ring"],
                     )
                 per_node.append(row)
+        step("stopped", cluster)
     return {
         "nodes": config.nodes,
         "replicas": config.replicas,
