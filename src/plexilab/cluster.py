@@ -354,9 +354,11 @@ class Cluster:
                     node_id=f"n{i}",
                     host=host,
                     local_index=local,
-                    listen=host.listen_endpoint(local),
-                    advertise=host.peer_endpoint(local, other),
-                    lab=host.lab_endpoint(local),
+                    # endpoints take the cluster index (Host ABC): a QEMU guest
+                    # or inventory host serves node i on port_base + i
+                    listen=host.listen_endpoint(i),
+                    advertise=host.peer_endpoint(i, other),
+                    lab=host.lab_endpoint(i),
                     data_dir=f"{base}/data",
                     log_path=f"{base}/node.log",
                 )
@@ -382,7 +384,7 @@ class Cluster:
     def node_argv(self, node: NodeHandle) -> list[str]:
         config = self.config
         seeds = [
-            str(other.host.peer_endpoint(other.local_index, node.host))
+            str(other.host.peer_endpoint(other.index, node.host))
             for other in self.nodes
             if other is not node
         ]
