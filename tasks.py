@@ -12,12 +12,14 @@ sys.path.insert(0, str(Path(__file__).parent / "src"))
 
 from invoke.collection import Collection
 
+from plexilab.cli.docker import docker
 from plexilab.cli.local import local
 from plexilab.cli.nightly import nightly
 from plexilab.cli.qemu import qemu
 from plexilab.cli.setup import setup
 
 ns = Collection()
+ns.add_collection(docker)
 ns.add_collection(local)
 ns.add_collection(nightly)
 ns.add_collection(qemu)

@@ -1,0 +1,188 @@
+"""Invoke namespace ``docker``: the PlexiChat image and a cluster of containers.
+
+* ``invoke docker.base`` makes the local base images (mmdebstrap | docker
+  import; cached by recipe hash).
+* ``invoke docker.build`` builds ``Dockerfile`` offline and prints time, size
+  and cache hits (``--twice`` builds again to show the layer cache).
+* ``invoke docker.cluster --nodes=3 --duration=30 --json PATH`` runs the same
+  load, P2P scenario and checker as ``local.cluster`` against node containers
+  on host networking (127.0.0.1 ports), then removes every labelled
+  container and volume.  Exits 1 when a message was lost.
+* ``invoke docker.clean`` removes whatever a run left behind (by label);
+  ``invoke docker.engine`` starts (or ``--stop``\\s) the engine.
+
+The engine is started (and docker.io installed) when needed.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+from rich.console import Console
+from rich.table import Table
+
+from plexilab import containers
+from plexilab.cli.local import COMMON_HELP, results_table
+from plexilab.cluster import ClusterConfig
+
+console = Console()
+
+
+def _client() -> Any:
+    try:
+        return containers.ensure_engine()
+    except (containers.ContainerError, PermissionError, RuntimeError) as exc:
+        raise Exit(f"no Docker engine: {exc}", code=1) from None
+
+
+def _write(path: str, doc: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(jsonlib.dumps(doc, indent=2) + "\n")
+        console.log(f"wrote {path}")
+
+
+def build_table(results: list[containers.BuildResult]) -> Table:
+    table = Table(title=f"docker build {containers.IMAGE}")
+    for name in ("build", "seconds", "steps", "cached steps", "image size"):
+        table.add_column(name, justify="right")
+    for i, res in enumerate(results, 1):
+        table.add_row(
+            str(i),
+            f"{res.seconds:.1f}",
+            str(res.steps),
+            str(res.cached_steps),
+            f"{res.size / 1e6:.0f} MB",
+        )
+    return table
+
+
+@task(help={"rebuild": "make the base images again even if the recipe is unchanged"})
+def base(c: Context, rebuild: bool = False) -> None:
+    """Make the local Debian base images (mmdebstrap | docker import)."""
+    client = _client()
+    for kind in ("base", "build"):
+        res = containers.ensure_base(client, kind, rebuild=rebuild)
+        state = f"built in {res.seconds:.1f} s" if res.built else "cached"
+        console.print(f"{res.tag}: {res.size / 1e6:.0f} MB, {state} (recipe {res.key})")
+
+
+@task(
+    help={
+        "nocache": "ignore the layer cache",
+        "twice": "build a second time right after (shows the layer cache)",
+        "json": "write timings, size and cache hits as JSON to this path",
+        "verbose": "print the build output",
+    }
+)
+def build(
+    c: Context,
+    nocache: bool = False,
+    twice: bool = False,
+    json: str = "",
+    verbose: bool = False,
+) -> None:
+    """Build the PlexiChat image offline; report time, size and cache hits."""
+    client = _client()
+    runs = [containers.build_image(client, nocache=nocache, progress=verbose)]
+    if twice:
+        runs.append(containers.build_image(client, progress=verbose))
+    console.print(build_table(runs))
+    _write(json, {"builds": [r.as_dict() for r in runs]})
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "backend": "auto (compiled when available) or python (reference backends)",
+        "install": "how the lab side (load generator, checker) runs plexichat: dev "
+        "(src/) or wheel (default dev; the nodes always run the image)",
+        "rebuild": "build the image even when one exists",
+    }
+)
+def cluster(
+    c: Context,
+    nodes: int = 3,
+    duration: float = 30.0,
+    json: str = "",
+    replicas: int = 2,
+    backend: str = "auto",
+    clients: int = 8,
+    inflight: int = 64,
+    payload: int = 64,
+    channels: int = 256,
+    connections: int = 1,
+    install: str = "dev",
+    results: str = "",
+    rebuild: bool = False,
+) -> None:
+    """Run a PlexiChat cluster of node containers under load; check nothing was lost."""
+    from plexilab.hosts.container import run_container_cluster
+
+    if backend not in ("auto", "python") or install not in ("dev", "wheel"):
+        raise Exit("--backend must be auto|python, --install dev|wheel", code=2)
+    logging.basicConfig(level=logging.WARNING)
+    client = _client()
+    build_doc = None
+    if rebuild or not containers.image_ready(client):
+        built = containers.build_image(client)
+        console.print(build_table([built]))
+        build_doc = built.as_dict()
+    config = ClusterConfig(
+        nodes=nodes,
+        replicas=replicas,
+        duration=duration,
+        clients=clients,
+        inflight=inflight,
+        payload=payload,
+        channels=channels,
+        connections=connections,
+        backend=backend,  # type: ignore[arg-type]
+        install=install,  # type: ignore[arg-type]
+        results_dir=Path(results) if results else None,
+    )
+    res = run_container_cluster(
+        client, config, progress=lambda msg: console.log(f"[cyan]{msg}")
+    )
+    if build_doc is not None:
+        res["build"] = build_doc
+    console.print(results_table(res, f"PlexiChat cluster: {nodes} containers"))
+    info = res["containers"]
+    console.print(
+        f"health: {info['health']}\nremoved by label: {info['removed']}, "
+        f"left over: {info['leftovers']}"
+    )
+    _write(json, res)
+    if res["lost"] or res["duplicated"] or res["reordered"]:
+        raise Exit("checker found lost, duplicated or reordered messages", code=1)
+
+
+@task(help={"images": "also remove the plexichat image (bases stay)"})
+def clean(c: Context, images: bool = False) -> None:
+    """Remove every container, network and volume the lab labelled."""
+    client = _client()
+    console.print(f"removed: {containers.cleanup(client)}")
+    if images and containers.image_ready(client):
+        client.images.remove(containers.IMAGE, force=True)
+        console.print(f"removed {containers.IMAGE}")
+
+
+@task(help={"stop": "stop the dockerd this lab started"})
+def engine(c: Context, stop: bool = False) -> None:
+    """Start the Docker engine when it is not running (or --stop it)."""
+    if stop:
+        console.print("stopped" if containers.stop_engine() else "no lab dockerd")
+        return
+    client = _client()
+    version = client.version()
+    console.print(f"engine {version['Version']} (API {version['ApiVersion']}) ready")
+
+
+docker = Collection("docker", base, build, cluster, clean, engine)
