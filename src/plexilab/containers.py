@@ -24,11 +24,13 @@ through shell strings.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,7 +57,7 @@ BUILD_REQUIREMENTS = ("Cython>=3", "setuptools>=77", "wheel")
 
 # Packages of the two local bases (both --variant=essential).
 BASE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "base": ("python3", "python3-venv"),
+    "base": ("python3", "python3-venv", "libstdc++6"),  # numpy wheels need it
     "build": ("python3", "python3-venv", "python3-dev", "gcc", "libc6-dev"),
 }
 
@@ -322,6 +324,37 @@ def prepare_context() -> dict[str, float]:
     }
 
 
+CONTEXT_PATHS = (
+    "Dockerfile",
+    ".dockerignore",
+    "setup.py",
+    "pyproject.toml",
+    "README.md",
+    "src/plexichat",
+)
+
+
+def head_context(commit: str = "HEAD") -> io.BytesIO:
+    """A build context tar of *commit*'s sources plus the context wheelhouses."""
+    proc = subprocess.run(
+        ["git", "archive", "--format=tar", commit, "--", *CONTEXT_PATHS],
+        cwd=REPO,
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ContainerError(f"git archive failed: {proc.stderr.decode()[-2000:]}")
+    buf = io.BytesIO(proc.stdout)
+    with tarfile.open(fileobj=buf, mode="a") as tar:
+        for path in sorted(CONTEXT_WHEELS.rglob("*.whl")):
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(REPO)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    buf.seek(0)
+    return buf
+
+
 @dataclass
 class BuildResult:
     """One ``docker build`` of the PlexiChat image."""
@@ -352,8 +385,14 @@ def build_image(
     nocache: bool = False,
     rebuild_base: bool = False,
     progress: bool = False,
+    source: str = "head",
 ) -> BuildResult:
-    """Build ``Dockerfile`` offline (no network) into *tag*; time, size, cache hits."""
+    """Build ``Dockerfile`` offline (no network) into *tag*; time, size, cache hits.
+
+    *source* ``head`` builds the committed sources (``git archive HEAD``: other
+    people's uncommitted edits neither break nor re-key the build);
+    ``worktree`` sends the working tree (filtered by ``.dockerignore``).
+    """
     client = client or ensure_engine()
     bases = [ensure_base(client, k, rebuild=rebuild_base) for k in ("base", "build")]
     fetched = prepare_context()
@@ -361,8 +400,14 @@ def build_image(
     lines: list[str] = []
     steps = cached = 0
     image_id = ""
+    if source == "head":
+        where: dict[str, Any] = {"fileobj": head_context(), "custom_context": True}
+    elif source == "worktree":
+        where = {"path": str(REPO)}
+    else:
+        raise ValueError(f"source must be head or worktree, not {source!r}")
     stream = client.api.build(
-        path=str(REPO),
+        **where,
         dockerfile="Dockerfile",
         tag=tag,
         rm=True,

@@ -80,6 +80,8 @@ def base(c: Context, rebuild: bool = False) -> None:
         "twice": "build a second time right after (shows the layer cache)",
         "json": "write timings, size and cache hits as JSON to this path",
         "verbose": "print the build output",
+        "worktree": "build the working tree (with uncommitted edits) instead of "
+        "the committed HEAD",
     }
 )
 def build(
@@ -88,12 +90,16 @@ def build(
     twice: bool = False,
     json: str = "",
     verbose: bool = False,
+    worktree: bool = False,
 ) -> None:
     """Build the PlexiChat image offline; report time, size and cache hits."""
     client = _client()
-    runs = [containers.build_image(client, nocache=nocache, progress=verbose)]
+    source = "worktree" if worktree else "head"
+    runs = [
+        containers.build_image(client, nocache=nocache, progress=verbose, source=source)
+    ]
     if twice:
-        runs.append(containers.build_image(client, progress=verbose))
+        runs.append(containers.build_image(client, progress=verbose, source=source))
     console.print(build_table(runs))
     _write(json, {"builds": [r.as_dict() for r in runs]})
 
@@ -105,6 +111,7 @@ def build(
         "install": "how the lab side (load generator, checker) runs plexichat: dev "
         "(src/) or wheel (default dev; the nodes always run the image)",
         "rebuild": "build the image even when one exists",
+        "worktree": "with --rebuild: build the working tree, not HEAD",
     }
 )
 def cluster(
@@ -122,6 +129,7 @@ def cluster(
     install: str = "dev",
     results: str = "",
     rebuild: bool = False,
+    worktree: bool = False,
 ) -> None:
     """Run a PlexiChat cluster of node containers under load; check nothing was lost."""
     from plexilab.hosts.container import run_container_cluster
@@ -132,7 +140,8 @@ def cluster(
     client = _client()
     build_doc = None
     if rebuild or not containers.image_ready(client):
-        built = containers.build_image(client)
+        source = "worktree" if worktree else "head"
+        built = containers.build_image(client, source=source)
         console.print(build_table([built]))
         build_doc = built.as_dict()
     config = ClusterConfig(
