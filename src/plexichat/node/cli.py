@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT that peers use to reach this node (default: --listen)",
     )
     add(
+        "--source-address",
+        default=None,
+        help="local address to bind outgoing peer connections to (lets a lab "
+        "link layer tell nodes apart; default: chosen by the OS)",
+    )
+    add(
         "--seeds", default="", help="comma-separated HOST:PORT of nodes to join through"
     )
     add("--data-dir", required=True, type=Path, help="directory of the SQLite database")
@@ -116,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         listen_port=listen_port,
         advertise_host=advertise[0],
         advertise_port=advertise[1],
+        source_address=args.source_address,
         seeds=seeds,
         replicas=args.replicas,
         weight=args.weight,

@@ -52,6 +52,7 @@ class NodeConfig:
     listen_port: int = 0
     advertise_host: str | None = None
     advertise_port: int | None = None
+    source_address: str | None = None  # bind outgoing peer connections here
     seeds: list[tuple[str, int]] = field(default_factory=list)
     replicas: int = 2
     weight: float = 1.0
@@ -495,8 +496,13 @@ class Node:
             hello = p.encode_json(
                 {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": self.id}
             )
+            source = self.config.source_address
             link = Link(
-                address[0], address[1], max_payload=self.config.max_frame, hello=hello
+                address[0],
+                address[1],
+                max_payload=self.config.max_frame,
+                hello=hello,
+                local_addr=(source, 0) if source else None,
             )
             self.links[address] = link
         return link

@@ -167,7 +167,9 @@ class Link:
 
     ``request`` takes a callback (cheap, for pipelined hot paths); ``call``
     awaits one reply.  Frames whose request id matches no pending request
-    (DELIVER pushes, for example) go to *on_push*.
+    (DELIVER pushes, for example) go to *on_push*.  *local_addr* binds the
+    outgoing socket (a node's ``--source-address``: a lab link layer tells
+    nodes apart by it).
     """
 
     def __init__(
@@ -179,8 +181,10 @@ class Link:
         on_push: Callable[[wire.Frame], None] | None = None,
         on_close: Callable[[Link], None] | None = None,
         hello: bytes | None = None,
+        local_addr: tuple[str, int] | None = None,
     ) -> None:
         self.hello = hello
+        self.local_addr = local_addr
         self.host = host
         self.port = port
         self.max_payload = max_payload
@@ -219,6 +223,7 @@ class Link:
                 ),
                 self.host,
                 self.port,
+                local_addr=self.local_addr,
             ),
             timeout,
         )
