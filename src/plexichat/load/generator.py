@@ -14,6 +14,12 @@ By default every client has its own connections; ``connections=K`` makes the
 clients share K connections per node (a gateway: fewer, larger writes).  A
 sender's messages to one channel always take the same connection, so their
 order is kept.
+
+Faults: a connection that closes (its node was killed) is reopened about once
+a second; meanwhile its senders use their other connections.  In closed loop
+a failed request's slot is re-issued after ``retry_delay`` (no busy loop
+against a node that fails fast).  The report's ``timeline`` counts acked and
+failed requests per ``timeline_interval`` since ``started_unix``.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class LoadConfig:
     seed: int | None = None
     channel_prefix: str = "load"
     connections: int = 0  # per node, shared by the clients; 0: one per client
+    retry_delay: float = 0.05  # closed loop: seconds before a failed slot re-issues
+    timeline_interval: float = 1.0  # seconds per timeline bucket
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,6 +113,12 @@ class Generator:
         self.journal: JournalWriter | None = None
         self.clients: list[_Client] = []
         self.conns: list[_Conn] = []
+        self.pool: dict[tuple[int, int], _Conn] = {}  # (node, slot) -> connection
+        self.reconnects = 0
+        self.tl_acked: list[int] = []
+        self.tl_failed: list[int] = []
+        self._tl_ns = max(1, int(config.timeline_interval * 1e9))
+        self.started_unix = 0.0
         self.channel_ids = [
             key_of(f"{config.channel_prefix}-{i}") for i in range(config.channels)
         ]
@@ -170,6 +184,7 @@ class Generator:
         lat = self.latencies
         closed_loop = self.config.mode == "closed"
         unpack_ack = p.ACK_BODY.unpack
+        acked_before = self.acked
         for frame in frames:
             entry = pending.pop(frame.request_id, None)
             if entry is None:
@@ -184,8 +199,13 @@ class Generator:
                     journal.add(mid, channel, client.sender, counter, seq)
             else:
                 self._fail(frame)
+                if closed_loop:
+                    self._retry(client)
+                continue
             if closed_loop:
                 self.issue(client)
+        if self.acked != acked_before:
+            self._tick(now, self.acked - acked_before, 0)
         self.last_ack_ns = now
         if time.monotonic() >= self.deadline:
             self.stopping = True
@@ -193,8 +213,35 @@ class Generator:
             self._flush_latencies()
         self._check_done()
 
+    def _tick(self, now_ns: int, acked: int, failed: int) -> None:
+        """Add to the timeline bucket of *now_ns*."""
+        index = (
+            max(0, (now_ns - self.started_ns) // self._tl_ns) if self.started_ns else 0
+        )
+        grow = index + 1 - len(self.tl_acked)
+        if grow > 0:
+            self.tl_acked.extend([0] * grow)
+            self.tl_failed.extend([0] * grow)
+        self.tl_acked[index] += acked
+        self.tl_failed[index] += failed
+
+    def _retry(self, client: _Client) -> None:
+        """Re-issue a failed closed-loop slot after ``retry_delay``."""
+        delay = self.config.retry_delay
+        if delay <= 0:
+            self.issue(client)
+            return
+        client.inflight += 1  # the slot stays taken while it waits
+        asyncio.get_running_loop().call_later(delay, self._reissue, client)
+
+    def _reissue(self, client: _Client) -> None:
+        client.inflight -= 1
+        self.issue(client)
+        self._check_done()
+
     def _fail(self, frame: wire.Frame | None, reason: str = "") -> None:
         self.failures += 1
+        self._tick(time.perf_counter_ns(), 0, 1)
         if frame is not None:
             try:
                 code, _ = p.decode_error(frame.payload)
@@ -215,7 +262,7 @@ class Generator:
             self._fail(None, "CONNECTION_LOST")
         if pending and self.config.mode == "closed":
             for client, *_ in pending.values():
-                self.issue(client)
+                self._retry(client)
         self._check_done()
 
     def _check_done(self) -> None:
@@ -249,21 +296,14 @@ class Generator:
         finally:
             for c in controls:
                 await c.close()
-        loop = asyncio.get_running_loop()
         n_nodes = len(config.nodes)
         shared = config.connections > 0
-        pool: dict[tuple[int, int], _Conn] = {}  # (node, slot) -> connection
+        pool = self.pool
 
         async def connection(node: int, slot: int) -> _Conn:
             conn = pool.get((node, slot))
             if conn is None:
-                host, port = config.nodes[node]
-                _, conn = await loop.create_connection(
-                    functools.partial(_Conn, self, node), host, port
-                )
-                conn.send(T.HELLO, 0, _HELLO)
-                self.conns.append(conn)
-                pool[(node, slot)] = conn
+                conn = pool[(node, slot)] = await self._connect(node)
             return conn
 
         for i in range(config.clients):
@@ -276,6 +316,33 @@ class Generator:
                 by_channel = [conns[0]] * config.channels
             sender = int.from_bytes(os.urandom(8), "big") >> 1
             self.clients.append(_Client(sender, by_channel, conns))
+
+    async def _connect(self, node: int) -> _Conn:
+        host, port = self.config.nodes[node]
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(functools.partial(_Conn, self, node), host, port),
+            self.config.timeout,
+        )
+        conn.send(T.HELLO, 0, _HELLO)
+        self.conns.append(conn)
+        return conn
+
+    async def _reconnect(self) -> None:
+        """Reopen closed pool connections and hand them to their senders."""
+        for key, old in list(self.pool.items()):
+            if not old.closed or self.stopping:
+                continue
+            try:
+                new = await asyncio.wait_for(self._connect(key[0]), 1.0)
+            except (OSError, TimeoutError):
+                continue
+            self.pool[key] = new
+            self.reconnects += 1
+            for client in self.clients:
+                client.conns = [new if c is old else c for c in client.conns]
+                client.fallback = [new if c is old else c for c in client.fallback]
+        self.conns = [c for c in self.conns if not c.closed or c.pending]
 
     async def _sweeper(self) -> None:
         """Fail requests older than the timeout (a lost node must not hang the run)."""
@@ -295,6 +362,8 @@ class Generator:
                         self.issue(client)
             if time.monotonic() >= self.deadline:
                 self.stopping = True
+            else:
+                await self._reconnect()
             self._check_done()
 
     async def _open_loop(self) -> None:
@@ -325,6 +394,7 @@ class Generator:
         await self._open()
         self.deadline = time.monotonic() + config.duration
         self.started_ns = time.perf_counter_ns()
+        self.started_unix = time.time()
         sweeper = asyncio.create_task(self._sweeper())
         driver: asyncio.Task[None] | None = None
         try:
@@ -363,6 +433,11 @@ class Generator:
             content_size=float(config.payload),
         )
         pct = row["percentiles_ms"]
+        step = config.timeline_interval
+        timeline = [
+            {"t_s": round((i + 1) * step, 3), "acked": a, "failed": f}
+            for i, (a, f) in enumerate(zip(self.tl_acked, self.tl_failed, strict=True))
+        ]
         return {
             "scenario": "chat",
             "mode": config.mode,
@@ -379,6 +454,10 @@ class Generator:
             "locust": [row],
             "journal": str(config.journal) if config.journal else None,
             "load_backend": accel.summary(),
+            "reconnects": self.reconnects,
+            "started_unix": round(self.started_unix, 6),
+            "timeline_interval_s": step,
+            "timeline": timeline,
         }
 
 
