@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from plexilab import faults as faultlib
 from plexilab.hosts.base import Endpoint, Host, HostError, Process
+from plexilab.links import LinkLayer
 
 log = logging.getLogger("plexilab.cluster")
 
@@ -75,6 +77,9 @@ class ClusterConfig:
     install: InstallMode = "dev"
     results_dir: Path | None = None
     node_args: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # kinds (plexilab.faults)
+    fault_interval: float = 5.0  # seconds between fault starts
+    fault_duration: float = 0.0  # seconds a fault lasts (0: interval / 2)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class NodeHandle:
     data_dir: str
     log_path: str
     process: Process | None = None
+    source: str | None = None  # --source-address (behind a lab link layer)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -332,7 +338,11 @@ def stats_all(
 
 
 class Cluster:
-    """N nodes on a list of hosts; a context manager that always stops them."""
+    """N nodes on a list of hosts; a context manager that always stops them.
+
+    :meth:`route_through` puts a lab link layer between the nodes (before
+    :meth:`start`), so that faults can partition them.
+    """
 
     def __init__(
         self, hosts: Sequence[Host], config: ClusterConfig, runtime: Runtime
@@ -363,6 +373,7 @@ class Cluster:
                     log_path=f"{base}/node.log",
                 )
             )
+        self.links: LinkLayer | None = None
         self.started_at = 0.0
 
     def __enter__(self) -> Cluster:
@@ -370,6 +381,21 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def route_through(self, links: LinkLayer) -> None:
+        """Peer traffic through *links* (started, relaying to the lab endpoints).
+
+        Node *i* advertises relay *i* and binds its peer connections to the
+        layer's source address *i*; only local hosts can do this.
+        """
+        if len(links.endpoints) != len(self.nodes):
+            raise ClusterError("the link layer needs one started relay per node")
+        if not all(is_local(n.host) for n in self.nodes):
+            raise ClusterError("a lab link layer only fronts local nodes")
+        for node in self.nodes:
+            node.advertise = links.endpoints[node.index]
+            node.source = links.sources[node.index]
+        self.links = links
 
     @property
     def lab_endpoints(self) -> list[Endpoint]:
@@ -384,10 +410,15 @@ class Cluster:
     def node_argv(self, node: NodeHandle) -> list[str]:
         config = self.config
         seeds = [
-            str(other.host.peer_endpoint(other.index, node.host))
+            str(
+                other.advertise
+                if self.links is not None
+                else other.host.peer_endpoint(other.index, node.host)
+            )
             for other in self.nodes
             if other is not node
         ]
+        source = ["--source-address", node.source] if node.source else []
         return [
             node.host.python(),
             "-m",
@@ -410,6 +441,7 @@ class Cluster:
             str(config.ping_timeout),
             "--suspect-timeout",
             str(config.suspect_timeout),
+            *source,
             *config.node_args,
         ]
 
@@ -464,8 +496,48 @@ class Cluster:
             node.process.send_signal(signal.SIGKILL)
             node.process.wait(10.0)
 
+    def restart(self, index: int) -> None:
+        """Start node *index* again on its data dir (after :meth:`kill`)."""
+        node = self.nodes[index]
+        if node.process is not None and node.process.alive():
+            raise ClusterError(f"{node.node_id} is still running")
+        self.start_node(node)
+
+    def pause(self, index: int) -> None:
+        """Freeze node *index* (SIGSTOP; a provider may pause its machine)."""
+        node = self.nodes[index]
+        if node.process is None:
+            raise ClusterError(f"{node.node_id} was never started")
+        node.host.pause(node.process)
+
+    def resume(self, index: int) -> None:
+        """Undo :meth:`pause`."""
+        node = self.nodes[index]
+        if node.process is not None:
+            node.host.resume(node.process)
+
+    def poweroff(self, index: int) -> None:
+        """Hard power-off of node *index*'s machine (providers with machines)."""
+        node = self.nodes[index]
+        power_off = getattr(node.host, "power_off", None)
+        if power_off is None:
+            raise ClusterError(f"{node.host.name} cannot be powered off")
+        power_off()
+
+    def poweron(self, index: int) -> None:
+        """Boot node *index*'s machine again and restart the node on it."""
+        node = self.nodes[index]
+        power_on = getattr(node.host, "power_on", None)
+        if power_on is None:
+            raise ClusterError(f"{node.host.name} cannot be powered on")
+        power_on()
+        self.start_node(node)
+
     def stop(self) -> None:
         """SIGTERM every node (then SIGKILL what does not exit)."""
+        for node in self.nodes:
+            if node.process is not None and node.process.alive():
+                node.host.resume(node.process)  # a paused node cannot exit
         for node in self.nodes:
             if node.process is not None and node.process.alive():
                 node.process.send_signal(signal.SIGTERM)
@@ -606,6 +678,34 @@ def _backend_of(infos: Sequence[dict[str, Any] | None]) -> str:
     return names.pop() if len(names) == 1 else "mixed"
 
 
+def _faults_plan(
+    hosts: Sequence[Host], config: ClusterConfig, network: faultlib.Network | None
+) -> list[str]:
+    """The fault kinds of *config*, checked against what the hosts can do."""
+    kinds = faultlib.parse_kinds(
+        config.faults,
+        faultlib.supported(hosts),
+        "/".join(sorted({h.name for h in hosts})),
+    )
+    partitions = faultlib.NETWORK_KINDS.intersection(kinds)
+    if partitions and network is None and not all(is_local(h) for h in hosts):
+        raise faultlib.FaultError(
+            "partitions need a network layer: local hosts get the lab link "
+            "layer, other providers must pass theirs"
+        )
+    return kinds
+
+
+def _link_counters(links: LinkLayer | None, cluster: Cluster) -> dict[str, Any]:
+    if links is None:
+        return {}
+    ids = {n.index: n.node_id for n in cluster.nodes}
+    return {
+        f"{ids.get(src, 'lab')}->{ids.get(dst, '?')}": asdict(counters)
+        for (src, dst), counters in sorted(links.counters().items())
+    }
+
+
 def run_cluster(
     hosts: Sequence[Host],
     config: ClusterConfig,
@@ -613,22 +713,37 @@ def run_cluster(
     install: Installer | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
     on_step: StepHook | None = None,
+    network: faultlib.Network | None = None,
 ) -> dict[str, Any]:
     """Deploy, start, converge, run load + P2P + checker, stop; return the results.
 
     *on_step* is called with the name of each step just finished ("prepared",
     "started", "converged", "loaded", "p2p", "checked", "stopped") and the
     cluster (a provider samples its VMs or times phases there).
+
+    With ``config.faults`` a :class:`~plexilab.faults.Nemesis` breaks the
+    cluster during the load (partitions through *network*, or a lab link
+    layer for local hosts); everything is healed and the cluster must
+    converge again before the P2P scenario and the checker run.
     """
     step = on_step or (lambda _name, _cluster: None)
+    kinds = _faults_plan(hosts, config, network)
     results_dir = Path(config.results_dir or tempfile.mkdtemp(prefix="plexilab-run-"))
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with _terminate_as_interrupt():
+    links: LinkLayer | None = None
+    nemesis: faultlib.Nemesis | None = None
+    recovery: float | None = None
+    with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
         progress(f"preparing hosts ({config.install})")
         runtime = prepare(hosts, config.install, install)
         host_backends = check_hosts(hosts, runtime, config.backend)
         with Cluster(hosts, config, runtime) as cluster:
+            if faultlib.NETWORK_KINDS.intersection(kinds) and network is None:
+                links = LinkLayer([n.lab for n in cluster.nodes]).start()
+                stack.callback(links.close)  # after the nodes have stopped
+                cluster.route_through(links)
+                network = links
             step("prepared", cluster)
             progress(f"starting {config.nodes} nodes")
             cluster.start()
@@ -639,7 +754,34 @@ def run_cluster(
                 f"converged in {convergence:.2f}s; loading for {config.duration:g}s"
             )
             journal = results_dir / "journal.bin"
-            load = cluster.run_load(journal, results_dir / "load.json")
+            journal.unlink(missing_ok=True)
+            if kinds:
+                nemesis = faultlib.Nemesis(
+                    cluster,
+                    kinds,
+                    interval=config.fault_interval,
+                    duration=config.fault_duration,
+                    horizon=config.duration,
+                    network=network,
+                    ready=journal.exists,
+                ).start()
+                progress(
+                    f"faults: {','.join(kinds)} every {config.fault_interval:g}s "
+                    f"for {nemesis.duration:g}s"
+                )
+            try:
+                load = cluster.run_load(journal, results_dir / "load.json")
+            finally:
+                if nemesis is not None:
+                    nemesis.stop()
+            if nemesis is not None:
+                progress(
+                    f"{len(nemesis.faults)} faults injected and healed; "
+                    "waiting for the cluster to converge"
+                )
+                healed = time.monotonic()
+                cluster.wait_converged()
+                recovery = time.monotonic() - healed
             step("loaded", cluster)
             progress(
                 f"acked {load['acked']} at "
@@ -662,7 +804,11 @@ def run_cluster(
                         ring=info["ring"],
                     )
                 per_node.append(row)
+            link_counters = _link_counters(links, cluster)
         step("stopped", cluster)
+    t0 = float(load.get("started_unix") or 0.0)
+    fault_rows = nemesis.timeline(t0) if nemesis is not None and t0 else []
+    timeline = load.get("timeline") or []
     return {
         "nodes": config.nodes,
         "replicas": config.replicas,
@@ -681,6 +827,15 @@ def run_cluster(
         "p2p_latency_ms": {k: p2p["p2p_latency_ms"][k] for k in ("p50", "p99")},
         "p2p_coverage": p2p["coverage"],
         "per_node": per_node,
+        "faults": fault_rows,
+        "fault_errors": nemesis.errors if nemesis is not None else [],
+        "fault_counts": {k: sum(f["kind"] == k for f in fault_rows) for k in kinds},
+        "recovery_s": None if recovery is None else round(recovery, 3),
+        "timeline": timeline,
+        "availability": faultlib.availability(
+            timeline, fault_rows, float(load.get("timeline_interval_s") or 1.0)
+        ),
+        "links": link_counters,
         "load": load,
         "p2p": p2p,
         "check": check,

@@ -4,6 +4,9 @@
 waits for membership to converge, runs the chat load, the P2P scenario and
 the checker, stops everything and prints a results table; it exits non-zero
 when the checker found a lost, duplicated or reordered message.
+``--faults=partition,kill,pause`` (or ``default``, ``none``) injects faults
+during the load every ``--fault-interval`` seconds (see ``plexilab.faults``);
+the results then carry the fault timeline and availability numbers.
 ``invoke local.bench`` runs it twice (compiled, then PLEXICHAT_BACKEND=python)
 and prints the throughput ratio.
 """
@@ -23,6 +26,7 @@ from invoke.tasks import task
 from rich.console import Console
 from rich.table import Table
 
+from plexilab import faults as faultlib
 from plexilab.cluster import ClusterConfig, run_cluster
 from plexilab.hosts.local import LocalHost
 
@@ -43,6 +47,13 @@ COMMON_HELP = {
     "connections": "connections per node shared by the load clients; 0 gives "
     "every client its own (default 1)",
 }
+FAULT_HELP = {
+    "faults": "comma list of faults to inject during the load: "
+    f"{', '.join(LocalHost.fault_kinds & set(faultlib.KINDS))}; "
+    "default (all of them) or none (default none)",
+    "fault_interval": "seconds between fault starts (default 5)",
+    "fault_duration": "seconds each fault lasts (default: half the interval)",
+}
 
 
 def _config(**kw: Any) -> ClusterConfig:
@@ -58,6 +69,9 @@ def _config(**kw: Any) -> ClusterConfig:
         backend=kw["backend"],
         install=kw["install"],
         results_dir=Path(kw["results"]) if kw["results"] else None,
+        faults=kw.get("fault_kinds", []),
+        fault_interval=kw.get("fault_interval", 5.0),
+        fault_duration=kw.get("fault_duration", 0.0),
     )
 
 
@@ -100,9 +114,24 @@ def results_table(
         ("p2p latency p50 / p99 (ms)", f"{p2p['p50']:.2f} / {p2p['p99']:.2f}"),
         ("p2p coverage", f"{results['p2p_coverage']:.2%}"),
     ]
+    if results.get("faults"):
+        counts = results.get("fault_counts") or {}
+        rows.append(("faults", ", ".join(f"{k} x{v}" for k, v in counts.items())))
+        for window, v in (results.get("availability") or {}).items():
+            rows.append(
+                (
+                    f"{window.replace('_', ' ')}: ok / failed (acked/s)",
+                    f"{v['ok']:,} / {v['failed']:,} ({v['acked_per_s']:,.0f})",
+                )
+            )
+        rows.append(("recovery after healing (s)", f"{results['recovery_s']:.2f}"))
+    for error in results.get("fault_errors") or []:
+        rows.append(("fault error", error))
     for name, value in rows:
-        style = "red" if name.startswith("lost") and value != "0 / 0 / 0" else None
-        table.add_row(name, value, style=style)
+        bad = name == "fault error" or (
+            name.startswith("lost") and value != "0 / 0 / 0"
+        )
+        table.add_row(name, value, style="red" if bad else None)
     return table
 
 
@@ -116,6 +145,7 @@ def _write(path: str, doc: dict[str, Any]) -> None:
 @task(
     help={
         **COMMON_HELP,
+        **FAULT_HELP,
         "backend": "auto (compiled when available) or python (reference backends)",
     }
 )
@@ -133,18 +163,31 @@ def cluster(
     connections: int = 1,
     install: str = "wheel",
     results: str = "",
+    faults: str = "none",
+    fault_interval: float = 5.0,
+    fault_duration: float = 0.0,
 ) -> None:
     """Run a local PlexiChat cluster under load and check that nothing was lost."""
     if backend not in ("auto", "python"):
         raise Exit("--backend must be auto or python", code=2)
     if install not in ("dev", "wheel"):
         raise Exit("--install must be dev or wheel", code=2)
+    try:
+        fault_kinds = faultlib.parse_kinds(
+            faults, faultlib.supported([LocalHost]), "local"
+        )
+    except faultlib.FaultError as exc:
+        raise Exit(f"--faults: {exc}", code=2) from exc
+    if fault_kinds and not 0 <= fault_duration < fault_interval:
+        raise Exit("--fault-duration must be shorter than --fault-interval", code=2)
     config = _config(**locals())
     res = _run(config)
     console.print(results_table(res))
     _write(json, res)
     if res["lost"] or res["duplicated"] or res["reordered"]:
         raise Exit("checker found lost, duplicated or reordered messages", code=1)
+    if res.get("fault_errors"):
+        raise Exit("some faults could not be applied or healed", code=1)
 
 
 @task(

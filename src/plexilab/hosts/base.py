@@ -86,6 +86,9 @@ class Host(abc.ABC):
 
     name: str
     arch: str  # platform.machine() of the host: "x86_64" or "aarch64"
+    # faults this provider can inject (see plexilab.faults): process-level ones
+    # work anywhere a process takes signals
+    fault_kinds: frozenset[str] = frozenset({"kill", "pause"})
 
     @abc.abstractmethod
     def run(
@@ -135,6 +138,14 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
         """Where node *index* on this host is reached from a node on *from_host*."""
+
+    def pause(self, process: Process) -> None:
+        """Freeze a node (fault injection): SIGSTOP to its process group."""
+        process.send_signal(signal.SIGSTOP)
+
+    def resume(self, process: Process) -> None:
+        """Undo :meth:`pause` (harmless on a process that runs)."""
+        process.send_signal(signal.SIGCONT)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (and, for VMs, the machine)."""

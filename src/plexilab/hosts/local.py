@@ -79,7 +79,14 @@ class LocalProcess(Process):
 
 
 class LocalHost(Host):
-    """This machine as a host: subprocesses, file copies, loopback ports."""
+    """This machine as a host: subprocesses, file copies, loopback ports.
+
+    Partitions between its nodes go through a lab link layer
+    (:class:`plexilab.links.LinkLayer`): every node is a process on this
+    machine, so the lab can relay all of their peer traffic.
+    """
+
+    fault_kinds = frozenset({"kill", "pause", "partition", "split"})
 
     def __init__(
         self,
