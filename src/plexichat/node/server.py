@@ -3,16 +3,18 @@
 Write path (owner): SEND frames that arrive in one event-loop turn form a
 batch.  The owner assigns per-channel sequence numbers, queues the batch to
 the group-committing :class:`~plexichat.node.storage.Storage` and sends one
-REPLICATE frame per replica; the ACKs go out (in one write per connection)
-once the local commit and every replica's REPLICATE_ACK are in.  A SEND that
-reaches a node which does not own the channel is forwarded to the owner and
-the owner's reply is relayed back.
+REPLICATE frame per replica and replica set; the ACKs of a replica set go
+out (in one write per connection) once the local commit and its replicas'
+REPLICATE_ACKs are in, so an unreachable replica fails only the messages it
+was meant to hold.  A SEND that reaches a node which does not own the
+channel is forwarded to the owner and the owner's reply is relayed back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -173,6 +175,25 @@ class _WriteGroup:
     def expire(self) -> None:
         self.timer = None
         self.fail(p.ErrorCode.TIMEOUT, "replication timed out")
+
+
+def _local_done_all(
+    groups: list[_WriteGroup],
+    inserted: int,
+    corrections: dict[int, int],
+    error: BaseException | None,
+) -> None:
+    """One storage commit of several write groups: split the corrections."""
+    offset = 0
+    for group in groups:
+        size = len(group.records)
+        mine = {
+            i - offset: seq
+            for i, seq in corrections.items()
+            if offset <= i < offset + size
+        }
+        group.local_done(inserted, mine, error)
+        offset += size
 
 
 class Node:
@@ -628,9 +649,11 @@ class Node:
         head = p.SEND_HEAD.size
         make = p.make_record
         single = len(self.ring_members) <= 1
-        records: list[p.Record] = []
-        waiters: list[tuple[FrameConnection, int, int]] = []
-        by_replica: dict[str, list[p.Record]] = {}
+        # replica set -> (records, waiters): one write group each
+        sets: dict[
+            tuple[str, ...],
+            tuple[list[p.Record], list[tuple[FrameConnection, int, int]]],
+        ] = {}
         self.counters["sends"] += len(batch)
         for item in batch:
             conn, rid, channel, msg_id, sender, payload, t0, owners = item
@@ -653,22 +676,31 @@ class Node:
             seq = last_seq.get(channel, 0) + 1
             last_seq[channel] = seq
             rec = make((channel, seq, msg_id, sender, ts, payload[head:]))
-            records.append(rec)
-            waiters.append((conn, rid, t0))
-            for replica in owners[1:]:
-                lst = by_replica.get(replica)
-                if lst is None:
-                    by_replica[replica] = [rec]
-                else:
-                    lst.append(rec)
-        if not records:
+            entry = sets.get(owners)
+            if entry is None:
+                entry = sets[owners] = ([], [])
+            entry[0].append(rec)
+            entry[1].append((conn, rid, t0))
+        if not sets:
             return
-        chunks = [(r, c) for r, recs in by_replica.items() for c in self._chunks(recs)]
-        group = _WriteGroup(self, records, waiters, 1 + len(chunks))
         assert self._loop is not None
-        group.timer = self._loop.call_later(self.config.replicate_timeout, group.expire)
-        self.storage.insert(records, group.local_done)
-        for replica, chunk in chunks:
+        records: list[p.Record] = []
+        groups: list[_WriteGroup] = []
+        sends: list[tuple[str, list[p.Record], _WriteGroup]] = []
+        for owners, (recs, waiters) in sets.items():
+            chunks = [(r, c) for r in owners[1:] for c in self._chunks(recs)]
+            group = _WriteGroup(self, recs, waiters, 1 + len(chunks))
+            group.timer = self._loop.call_later(
+                self.config.replicate_timeout, group.expire
+            )
+            groups.append(group)
+            records += recs
+            sends += [(replica, chunk, group) for replica, chunk in chunks]
+        if len(groups) == 1:
+            self.storage.insert(records, groups[0].local_done)
+        else:
+            self.storage.insert(records, functools.partial(_local_done_all, groups))
+        for replica, chunk, group in sends:
             self.counters["replicate_frames"] += 1
             self._peer_request(
                 replica, T.REPLICATE, p.encode_records(chunk), group.replica_done
