@@ -11,6 +11,9 @@
 * ``invoke qemu.boot-bench --arch=x86_64 --runs=5`` measures boot-to-SSH.
 * ``invoke qemu.reap [--all]`` kills leftovers of dead lab runs (by recorded PID).
 * ``invoke qemu.kvm`` shows (or re-probes) the KVM verdict.
+* ``invoke qemu.cluster --nodes=3 [--arch=mixed]`` runs a cluster in guests
+  (one per node): load, P2P, checker, per-node/per-arch tables, JSON.
+* ``invoke qemu.p2p --nodes=3`` runs the P2P relay scenario alone.
 
 Every task runs ``invoke setup``'s checks first.
 """
@@ -26,7 +29,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from invoke.collection import Collection
 from invoke.context import Context
@@ -394,3 +397,144 @@ def jsonlib_dumps(data: object) -> str:
 
 qemu = Collection("qemu", image, wheel, up, push, boot_bench, ssh, reap, kvm)
 qemu.add_task(golden, name="test")
+
+
+# -- cluster runs in guests (src/plexilab/qemu_cluster.py) ----------------------------
+
+CLUSTER_HELP = {
+    "nodes": "number of nodes, one guest each (default 3)",
+    "arch": "mixed (x86_64, aarch64, aarch64, x86_64, ...), x86_64 or aarch64 "
+    "(default mixed)",
+    "json": "write the results as JSON to this path",
+    "results": "directory for journal, load/p2p/check JSON, node and guest logs",
+    "fallback": "local: when QEMU cannot run here, run on local processes with a "
+    "banner and record the reason (default); none: fail instead",
+    "backend": "auto (compiled when available) or python (reference backends)",
+}
+
+
+def _cluster_options(**kw: Any) -> Any:
+    from plexilab import qemu_cluster
+
+    results = kw.pop("results", "")
+    try:
+        return qemu_cluster.QemuClusterOptions(
+            results=Path(results) if results else None, **kw
+        )
+    except ValueError as exc:
+        raise Exit(str(exc), code=2) from None
+
+
+def _finish(result: dict[str, Any], json_path: str) -> None:
+    from plexilab import qemu_cluster
+
+    qemu_cluster.print_results(result, console)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        console.log(f"wrote {json_path}")
+    reasons = qemu_cluster.failed(result)
+    if reasons:
+        raise Exit("qemu cluster run failed: " + "; ".join(reasons), code=1)
+
+
+def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> dict[str, Any]:
+    from plexilab import qemu_cluster
+
+    try:
+        result: dict[str, Any] = qemu_cluster.run(
+            options, scenario=scenario, console=console
+        )
+    except qemu_cluster.QemuUnavailable as exc:
+        raise Exit(f"QEMU cannot run here: {exc}", code=1) from None
+    return result
+
+
+@task(
+    help={
+        **CLUSTER_HELP,
+        "duration": "seconds of chat load (default 30)",
+        "replicas": "copies of each message before it is acknowledged (default 2)",
+        "clients": "concurrent load clients on the host (default 4)",
+        "inflight": "requests in flight per client, closed loop (default 32)",
+        "connections": "connections per node shared by the load clients; 0 gives "
+        "every client its own (default 1)",
+        "payload": "message payload bytes (default 64)",
+        "channels": "number of channels (default 256)",
+        "p2p_count": "relays injected by the P2P scenario (default 200)",
+    }
+)
+def cluster(
+    c: Context,
+    nodes: int = 3,
+    arch: str = "mixed",
+    duration: float = 30.0,
+    json: str = "",
+    replicas: int = 2,
+    clients: int = 4,
+    inflight: int = 32,
+    connections: int = 1,
+    payload: int = 64,
+    channels: int = 256,
+    p2p_count: int = 200,
+    backend: str = "auto",
+    results: str = "",
+    fallback: str = "local",
+) -> None:
+    """Run a PlexiChat cluster in QEMU guests (one per node): load, P2P, checker."""
+    json_path = json
+    options = _cluster_options(
+        nodes=nodes,
+        arch=arch,
+        duration=duration,
+        replicas=replicas,
+        clients=clients,
+        inflight=inflight,
+        connections=connections,
+        payload=payload,
+        channels=channels,
+        p2p_count=p2p_count,
+        backend=backend,
+        results=results,
+        fallback=fallback,
+    )
+    _finish(_run_cluster(options, "cluster"), json_path)
+
+
+@task(
+    help={
+        **CLUSTER_HELP,
+        "count": "relays to inject (default 500)",
+        "rate": "relays per second (default 100)",
+        "fanout": "next hops per node in the relay tree (default 2)",
+    }
+)
+def p2p(
+    c: Context,
+    nodes: int = 3,
+    arch: str = "mixed",
+    count: int = 500,
+    rate: float = 100.0,
+    fanout: int = 2,
+    json: str = "",
+    backend: str = "auto",
+    results: str = "",
+    fallback: str = "local",
+) -> None:
+    """The P2P relay scenario alone across guests: propagation latency per arch."""
+    json_path = json
+    options = _cluster_options(
+        nodes=nodes,
+        arch=arch,
+        p2p_count=count,
+        p2p_rate=rate,
+        p2p_fanout=fanout,
+        backend=backend,
+        results=results,
+        fallback=fallback,
+    )
+    _finish(_run_cluster(options, "p2p"), json_path)
+
+
+qemu.add_task(cluster)
+qemu.add_task(p2p)
