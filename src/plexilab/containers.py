@@ -334,6 +334,20 @@ CONTEXT_PATHS = (
 )
 
 
+def resolve(commit: str = "HEAD") -> str:
+    """The full hash of *commit* (pin it when building more than once)."""
+    proc = subprocess.run(
+        ["git", "rev-parse", "--verify", commit + "^{commit}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ContainerError(f"unknown commit {commit!r}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
 def head_context(commit: str = "HEAD") -> io.BytesIO:
     """A build context tar of *commit*'s sources plus the context wheelhouses."""
     proc = subprocess.run(
@@ -386,11 +400,12 @@ def build_image(
     rebuild_base: bool = False,
     progress: bool = False,
     source: str = "head",
+    commit: str = "HEAD",
 ) -> BuildResult:
     """Build ``Dockerfile`` offline (no network) into *tag*; time, size, cache hits.
 
-    *source* ``head`` builds the committed sources (``git archive HEAD``: other
-    people's uncommitted edits neither break nor re-key the build);
+    *source* ``head`` builds the committed sources of *commit* (``git archive``:
+    other people's uncommitted edits neither break nor re-key the build);
     ``worktree`` sends the working tree (filtered by ``.dockerignore``).
     """
     client = client or ensure_engine()
@@ -401,7 +416,10 @@ def build_image(
     steps = cached = 0
     image_id = ""
     if source == "head":
-        where: dict[str, Any] = {"fileobj": head_context(), "custom_context": True}
+        where: dict[str, Any] = {
+            "fileobj": head_context(commit),
+            "custom_context": True,
+        }
     elif source == "worktree":
         where = {"path": str(REPO)}
     else:
