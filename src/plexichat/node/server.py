@@ -219,6 +219,11 @@ class Node:
         self.relay_seen: LRUCache[int, bool] = LRUCache(capacity)
         self.last_seq: dict[int, int] = {}
         self.synced: dict[int, int] = {}
+        # channel -> epoch in which another node claimed it (HANDOFF PULL)
+        self.fenced: dict[int, int] = {}
+        # channel -> lowest seq stored while the ring was in transition
+        self.transient: dict[int, int] = {}
+        self._in_transition = True
         self.gates: dict[int, list[SendItem]] = {}
         self.links: dict[tuple[str, int], Link] = {}
         self.conns: set[FrameConnection] = set()
@@ -245,6 +250,8 @@ class Node:
                 "handoff_received",
                 "handoffs",
                 "syncs",
+                "fenced",
+                "transient_pushed",
                 "slow_readers_closed",
                 "delivered",
                 "connections",
@@ -467,6 +474,8 @@ class Node:
         self.ring_members = dict(live)
         self.epoch += 1
         self.owner_cache.clear()
+        self.fenced.clear()
+        self._in_transition = True
         log.info(
             "ring changed",
             extra={"event": "ring", "members": sorted(live), "epoch": self.epoch},
@@ -641,6 +650,7 @@ class Node:
             return
         epoch = self.epoch
         synced = self.synced
+        fenced = self.fenced
         gates = self.gates
         last_seq = self.last_seq
         recent_get = self.recent.get
@@ -661,6 +671,15 @@ class Node:
             if hit is not None:
                 self.counters["dedup_hits"] += 1
                 conn.send(T.ACK, rid, ack_pack(hit[0], hit[1]))
+                continue
+            if fenced and fenced.get(channel) == epoch:
+                self.counters["fenced"] += 1
+                self._error(
+                    conn,
+                    rid,
+                    p.ErrorCode.UNAVAILABLE,
+                    "another node claimed this channel: ownership is moving",
+                )
                 continue
             gate = gates.get(channel)
             if gate is not None:
@@ -696,6 +715,8 @@ class Node:
             groups.append(group)
             records += recs
             sends += [(replica, chunk, group) for replica, chunk in chunks]
+        if self._in_transition:
+            self._mark_transient(records)
         if len(groups) == 1:
             self.storage.insert(records, groups[0].local_done)
         else:
@@ -767,9 +788,19 @@ class Node:
             if rec.seq > last_seq.get(rec.channel, 0):
                 last_seq[rec.channel] = rec.seq
 
+    def _mark_transient(self, records: Iterable[p.Record]) -> None:
+        """Remember what was stored mid-transition: the next handoff re-places it."""
+        transient = self.transient
+        for rec in records:
+            low = transient.get(rec.channel)
+            if low is None or rec.seq < low:
+                transient[rec.channel] = rec.seq
+
     def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
         records = p.decode_records(payload)
         self._note_records(records)
+        if self._in_transition:
+            self._mark_transient(records)
         t0 = time.perf_counter_ns()
 
         def done(
@@ -942,6 +973,14 @@ class Node:
     def _on_handoff(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
         kind, channel, _last, records = p.decode_handoff(payload)
         if kind is p.HandoffKind.PULL:
+            # The sender owns the channel in its view and is about to write:
+            # if this node thinks it is the owner, it stops writing the channel
+            # until its own view changes, so the two never assign the same
+            # sequence numbers.
+            if conn.role == "peer" and conn.peer_id != self.id:
+                owners = self.owners(channel)
+                if owners is not None and owners[0] == self.id:
+                    self.fenced[channel] = self.epoch
             conn.send(
                 T.HANDOFF,
                 rid,
@@ -1054,13 +1093,20 @@ class Node:
                     break
             new, base = self.ring, self._handoff_base
             self._handoff_base = new
+            self._in_transition = False
+            dirty, self.transient = self.transient, {}
             # Without a ring file (a fresh node) the first stable ring is the
             # starting point: nothing was placed under an earlier one.
-            if new is None or base is None or base == new:
+            moved = new is not None and base is not None and base != new
+            if new is None or not (moved or dirty):
                 continue
             self._handoff_running = True
             try:
-                await self._handoff(base, new)
+                if moved:
+                    assert base is not None
+                    await self._handoff(base, new)
+                if dirty:
+                    await self._push_transient(new, dirty)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -1075,6 +1121,7 @@ class Node:
         live = set(new.node_ids)
         plan = self._moves(old, new, channels)
         pushes = 0
+        failed: set[str] = set()  # a target that fails is not waited for again
         for channel, before, after in plan:
             if self.id not in before:
                 continue
@@ -1083,7 +1130,13 @@ class Node:
                 continue
             for target in after:
                 if target not in before and target != self.id:
-                    pushes += await self._push_channel(channel, target)
+                    ok = False
+                    if target not in failed:
+                        sent, ok = await self._push_channel(channel, target)
+                        pushes += sent
+                    if not ok:
+                        failed.add(target)
+                        self._retry_handoff(channel, 1)
         if plan:
             self.counters["handoffs"] += 1
             log.info(
@@ -1091,18 +1144,56 @@ class Node:
                 extra={"event": "handoff", "moved": len(plan), "pushed": pushes},
             )
 
-    async def _push_channel(self, channel: int, target: str) -> int:
+    def _retry_handoff(self, channel: int, low: int) -> None:
+        """A push failed: push *channel* from *low* on again at the next handoff."""
+        current = self.transient.get(channel)
+        if current is None or low < current:
+            self.transient[channel] = low
+        self._ring_changed.set()  # another round after ``handoff_delay``
+
+    async def _push_transient(self, ring: Ring, dirty: dict[int, int]) -> None:
+        """Push what was stored mid-transition to the owners under *ring*.
+
+        Writes accepted while views of the ring disagreed can sit on nodes
+        that are not owners once the ring settles (a handoff from the old
+        stable ring to the new one does not see them).  A target that fails
+        is skipped for the rest of this round; its channels stay dirty for
+        the next handoff.
+        """
+        replicas = min(self.config.replicas, len(ring.node_ids))
+        failed: set[str] = set()
+        pushed = 0
+        for channel, low in dirty.items():
+            for target in ring.owners(channel, replicas):
+                if target == self.id:
+                    continue
+                ok = False
+                if target not in failed:
+                    sent, ok = await self._push_channel(channel, target, low - 1)
+                    pushed += sent
+                if not ok:
+                    failed.add(target)
+                    self._retry_handoff(channel, low)
+        self.counters["transient_pushed"] += pushed
+        log.info(
+            "transient handoff",
+            extra={"event": "handoff", "channels": len(dirty), "pushed": pushed},
+        )
+
+    async def _push_channel(
+        self, channel: int, target: str, after: int = 0
+    ) -> tuple[int, bool]:
+        """Stream *channel* (``seq > after``) to *target*: (records sent, ok)."""
         assert self.membership is not None
         address = self.membership.address(target)
         if address is None:
-            return 0
+            return 0, False
         link = self._link(address)
-        after = 0
         sent = 0
         while True:
             rows = await self.storage.fetch(channel, after, self.config.handoff_batch)
             if not rows:
-                return sent
+                return sent, True
             for chunk in self._chunks(rows):
                 try:
                     await link.call(
@@ -1112,7 +1203,7 @@ class Node:
                     )
                 except (OSError, TimeoutError, RemoteError, ConnectionLost) as exc:
                     log.warning("handoff of %d to %s failed: %s", channel, target, exc)
-                    return sent
+                    return sent, False
                 sent += len(chunk)
                 self.counters["handoff_sent"] += len(chunk)
             after = rows[-1].seq

@@ -1,0 +1,130 @@
+"""Node behaviour that fault runs depend on (in-process clusters, frozen views).
+
+The failure detectors are stopped so that each test sets the membership
+views itself: a node that briefly believes a peer dead, then learns better.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from plexichat import wire
+from plexichat.load.client import NodeClient
+from plexichat.node import protocol as p
+from plexichat.node.server import Node
+from plexichat.node.testing import InProcessCluster, wait_for
+from plexichat.node.transport import Link, RemoteError
+from plexichat.routing import Ring, key_of
+
+T = wire.MessageType
+
+
+def run(coro, timeout: float = 60.0):
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+async def freeze(cluster: InProcessCluster) -> None:
+    """Stop every failure detector: views change only when a test says so."""
+    for node in cluster.nodes:
+        task = node.membership._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            node.membership._task = None
+
+
+def set_status(node: Node, about: Node, status: str, bump: int = 0) -> None:
+    """Tell *node* that *about* has *status* (at its incarnation + *bump*)."""
+    update = about.membership.me.update()
+    update[3] += bump
+    update[4] = status
+    node.membership.merge([update])
+
+
+async def client_for(node: Node) -> NodeClient:
+    client = NodeClient("127.0.0.1", node.listen_port, timeout=5.0)
+    await client.connect()
+    return client
+
+
+def test_a_write_under_a_transient_view_reaches_the_settled_owners(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            _, n1, n2 = cluster.nodes
+            full = Ring({"n0": 1.0, "n1": 1.0, "n2": 1.0})
+            partial = Ring({"n0": 1.0, "n1": 1.0})
+            # owned by n2 (then n1) in the real ring, by n1 (then n0) while n1
+            # thinks n2 is dead: the write lands on n1 and n0, not on n2
+            channel = next(
+                c
+                for c in (key_of(f"transient-{i}") for i in range(10_000))
+                if full.owners(c, 2) == ["n2", "n1"]
+                and partial.owners(c, 2) == ["n1", "n0"]
+            )
+            set_status(n1, n2, "dead")
+            assert sorted(n1.ring_members) == ["n0", "n1"]
+            client = await client_for(n1)
+            seq = await client.send(channel, p.message_id(7, 1), 7, b"while-split")
+            await client.close()
+            assert [r.seq for r in await n1.storage.fetch(channel, 0, 10)] == [seq]
+            assert await n2.storage.fetch(channel, 0, 10) == []
+            # n2 refutes: n1's ring is the full ring again, as at its last
+            # handoff, so only the transient push can place the message
+            set_status(n1, n2, "alive", bump=1)
+            assert sorted(n1.ring_members) == ["n0", "n1", "n2"]
+            await wait_for(
+                lambda: n1.settled and n1.counters["transient_pushed"] > 0,
+                10,
+                "n1's transient handoff",
+            )
+            rows = await n2.storage.fetch(channel, 0, 10)
+            assert [(r.seq, r.payload) for r in rows] == [(seq, b"while-split")]
+
+    run(scenario())
+
+
+def test_a_pull_from_a_new_owner_fences_the_old_one(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            n0, _, n2 = cluster.nodes
+            channel = next(
+                c
+                for c in (key_of(f"fence-{i}") for i in range(10_000))
+                if n0.owners(c) == ("n0", "n1")
+            )
+            client = await client_for(n0)
+            assert await client.send(channel, p.message_id(9, 1), 9, b"a") == 1
+            # n2 claims the channel (as after a view change on its side)
+            hello = p.encode_json(
+                {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": "n2"}
+            )
+            peer = Link("127.0.0.1", n0.listen_port, hello=hello)
+            reply = await peer.call(T.HANDOFF, p.encode_handoff_pull(channel))
+            kind, _, last, _ = p.decode_handoff(reply.payload)
+            assert (kind, last) == (p.HandoffKind.SEQ, 1)
+            with pytest.raises(RemoteError, match="claimed") as info:
+                await client.send(channel, p.message_id(9, 2), 9, b"b")
+            assert info.value.code == p.ErrorCode.UNAVAILABLE
+            assert n0.counters["fenced"] == 1
+            # other channels are not affected
+            other = next(
+                c
+                for c in (key_of(f"free-{i}") for i in range(10_000))
+                if n0.owners(c) == ("n0", "n1")
+            )
+            assert await client.send(other, p.message_id(9, 3), 9, b"c") == 1
+            # once n0's own view changes it owns the channel again, after a sync
+            set_status(n0, n2, "dead")
+            set_status(n0, n2, "alive", bump=1)
+            assert await client.send(channel, p.message_id(9, 4), 9, b"d") == 2
+            peer.close()
+            await client.close()
+
+    run(scenario())
