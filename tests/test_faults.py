@@ -58,6 +58,7 @@ def test_availability_splits_buckets_by_fault_windows():
     assert out["outside_faults"]["ok"] == 190
     assert out["outside_faults"]["failed"] == 5
     assert out["outside_faults"]["acked_per_s"] == 95.0
+    assert out["during_kill"] == out["during_faults"]
     none = faults.availability(timeline, [])
     assert none["during_faults"]["ok"] == 0
     assert none["outside_faults"]["ok"] == 220

@@ -293,24 +293,28 @@ def availability(
     """Requests acked/failed in timeline buckets inside and outside fault windows.
 
     A bucket (``t_s - interval .. t_s``) belongs to the faults when its middle
-    lies in a window ``start_s .. end_s``.
+    lies in a window ``start_s .. end_s``.  Besides ``during_faults`` and
+    ``outside_faults`` there is one ``during_<kind>`` entry per fault kind.
     """
     windows = [
-        (float(f["start_s"]), float(f["end_s"]))
+        (float(f["start_s"]), float(f["end_s"]), str(f.get("kind", "?")))
         for f in faults
         if f.get("end_s") is not None
     ]
-    out = {
-        "during_faults": {"ok": 0.0, "failed": 0.0, "seconds": 0.0},
-        "outside_faults": {"ok": 0.0, "failed": 0.0, "seconds": 0.0},
-    }
+    names = ["during_faults", "outside_faults"]
+    names += [f"during_{k}" for k in dict.fromkeys(w[2] for w in windows)]
+    out = {name: {"ok": 0.0, "failed": 0.0, "seconds": 0.0} for name in names}
     for row in timeline_rows:
         middle = float(row["t_s"]) - interval / 2
-        inside = any(start <= middle < end for start, end in windows)
-        bucket = out["during_faults" if inside else "outside_faults"]
-        bucket["ok"] += int(row.get("acked", 0))
-        bucket["failed"] += int(row.get("failed", 0))
-        bucket["seconds"] += interval
+        kind = next((k for start, end, k in windows if start <= middle < end), None)
+        targets = ["outside_faults"] if kind is None else ["during_faults"]
+        if kind is not None:
+            targets.append(f"during_{kind}")
+        for name in targets:
+            bucket = out[name]
+            bucket["ok"] += int(row.get("acked", 0))
+            bucket["failed"] += int(row.get("failed", 0))
+            bucket["seconds"] += interval
     for bucket in out.values():
         total = bucket["ok"] + bucket["failed"]
         bucket["ok_share"] = round(bucket["ok"] / total, 4) if total else 0.0
