@@ -141,6 +141,11 @@ def test_node_container_passes_its_health_check(
         status = wait_healthy([node, idle], timeout=60)
         assert status == {node.name: "healthy", idle.name: "unhealthy"}
         assert node.alive()
+        host.pause(node)  # the fault injector's pause: docker pause
+        assert node.state()["Status"] == "paused"
+        assert node.alive()
+        host.resume(node)
+        assert node.state()["Status"] == "running"
         node.stop(timeout=10)
         assert not node.alive()
     finally:

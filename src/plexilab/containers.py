@@ -53,6 +53,7 @@ RECIPE_LABEL = "io.plexilab.recipe"
 BASE_FORMAT = 1  # bump when the base build steps (not the package lists) change
 SOCKET = Path("/var/run/docker.sock")
 ENGINE_PACKAGES = ("docker.io",)
+BASE_TOOLS = ("mmdebstrap",)
 BUILD_REQUIREMENTS = ("Cython>=3", "setuptools>=77", "wheel")
 
 # Packages of the two local bases (both --variant=essential).
@@ -94,21 +95,26 @@ def engine_running() -> bool:
         return False
 
 
-def install_engine() -> list[str]:
-    """Install ``docker.io`` with apt when missing (root only); return actions."""
-    missing = setup_host.missing_packages(ENGINE_PACKAGES)
+def install_packages(names: tuple[str, ...]) -> list[str]:
+    """Install the missing Debian packages of *names* (root only); return actions."""
+    missing = setup_host.missing_packages(names)
     if not missing:
         return []
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
     if os.geteuid() != 0:
         raise setup_host.HostSetupError(
-            f"Docker is not installed; run as root:\n    sudo {' '.join(install)}"
+            f"missing {', '.join(missing)}; run as root:\n    sudo {' '.join(install)}"
         )
     proc = setup_host._run(install)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # stale lists are the usual cause: refresh, retry
         setup_host._check(["apt-get", "update", "-q"])
         setup_host._check(install)
     return [" ".join(install)]
+
+
+def install_engine() -> list[str]:
+    """Install ``docker.io`` with apt when missing (root only); return actions."""
+    return install_packages(ENGINE_PACKAGES)
 
 
 def _engine_pid() -> int | None:
@@ -267,7 +273,7 @@ def ensure_base(
             return BaseResult(tag, key, False, 0.0, size)
         if os.geteuid() != 0:
             raise PermissionError("mmdebstrap --mode=root needs root: rerun with sudo")
-        setup_host.ensure(quiet=True, binfmt=False)  # mmdebstrap & co.
+        install_packages(BASE_TOOLS)
         images.console.log(f"making {tag} ({key}) with mmdebstrap | docker import")
         proc = subprocess.Popen(
             mmdebstrap_argv(kind),
