@@ -173,14 +173,24 @@ def cluster(
         raise Exit("checker found lost, duplicated or reordered messages", code=1)
 
 
-@task(help={"images": "also remove the plexichat image (bases stay)"})
-def clean(c: Context, images: bool = False) -> None:
+@task(
+    help={
+        "images": "also remove the plexichat image (bases stay)",
+        "prune": "also prune dangling images: old builds' layers, including the "
+        "builder-stage cache (the next build compiles again)",
+    }
+)
+def clean(c: Context, images: bool = False, prune: bool = False) -> None:
     """Remove every container, network and volume the lab labelled."""
     client = _client()
     console.print(f"removed: {containers.cleanup(client)}")
     if images and containers.image_ready(client):
         client.images.remove(containers.IMAGE, force=True)
         console.print(f"removed {containers.IMAGE}")
+    if prune:
+        pruned = client.images.prune(filters={"dangling": True})
+        freed = (pruned.get("SpaceReclaimed") or 0) / 1e6
+        console.print(f"pruned dangling images: {freed:.0f} MB")
 
 
 @task(help={"stop": "stop the dockerd this lab started"})
