@@ -428,7 +428,11 @@ class VmSampler:
             self._thread.join(10)
 
     def summary(self, name: str) -> dict[str, Any]:
-        """Figures of one guest (MiB, CPU seconds; ``load_*`` between the steps)."""
+        """Figures of one guest (MiB, CPU seconds).
+
+        ``load_*`` cover the workload: from convergence to the end of the chat
+        load, or (P2P scenario alone) to the end of the relays.
+        """
         with self._lock:
             samples = list(self.samples.get(name, []))
         if not samples:
@@ -441,7 +445,7 @@ class VmSampler:
             "qemu_cpu_s": round(last.cpu_s, 2),
             "rss_mib_max": round(max(s.rss_bytes for s in samples) / 2**20, 1),
         }
-        a, b = tagged.get("converged"), tagged.get("loaded")
+        a, b = tagged.get("converged"), tagged.get("loaded", tagged.get("p2p"))
         if a is not None and b is not None and b.time > a.time:
             wall = b.time - a.time
             out.update(
@@ -549,7 +553,7 @@ class RunState:
         self.cluster = cluster
         if step == "prepared":
             make_node_dirs(cluster)
-        if self.sampler is not None and step in ("converged", "loaded"):
+        if self.sampler is not None and step in ("converged", "loaded", "p2p"):
             self.sampler.sample(step)
         if step == "loaded":
             self.send_hists = node_histograms(cluster.lab_endpoints)
@@ -967,6 +971,8 @@ def _table(title: str, columns: Sequence[str]) -> Table:
 
 def node_table(result: Mapping[str, Any]) -> Table:
     """Per node: where it ran, what it did, its latencies (ms)."""
+    if result.get("scenario") == "p2p":
+        return p2p_node_table(result)
     table = _table(
         "per node (latencies in ms, node-side)",
         ["node", "guest", "arch", "boot s", "acked", "send p50", "send p99",
@@ -988,10 +994,30 @@ def node_table(result: Mapping[str, Any]) -> Table:
     return table
 
 
+def p2p_node_table(result: Mapping[str, Any]) -> Table:
+    table = _table(
+        "per node (relay propagation from injection, ms)",
+        ["node", "guest", "arch", "boot s", "relays", "p50", "p99", "max"],
+    )
+    for row in result["per_node"]:
+        relay = row.get("relay_latency_ms")
+        table.add_row(
+            row["node_id"],
+            row["host"],
+            row.get("arch", "?"),
+            _num(row.get("boot_s"), "{:.1f}"),
+            f"{(row.get('counters') or {}).get('relays', 0):,}",
+            _ms(relay, "p50"),
+            _ms(relay, "p99"),
+            _ms(relay, "max"),
+        )
+    return table
+
+
 def vm_table(result: Mapping[str, Any]) -> Table:
     """Per guest: QMP-sampled CPU and memory, clock offset."""
     table = _table(
-        "per guest VM (QMP samples; load = between convergence and end of load)",
+        "per guest VM (QMP samples; load = from convergence to the end of the load)",
         ["guest", "accel", "load vCPU s", "vCPU use", "QEMU CPU s", "RSS MiB",
          "RSS max", "clock ms"],
     )  # fmt: skip
@@ -1013,6 +1039,22 @@ def vm_table(result: Mapping[str, Any]) -> Table:
 
 def arch_table(result: Mapping[str, Any]) -> Table:
     """Per arch: the nodes' SEND and RELAY histograms merged (ms)."""
+    if result.get("scenario") == "p2p":
+        table = _table(
+            "per architecture (relay propagation, ms)",
+            ["arch", "nodes", "relays", "p50", "p99", "p99.9", "max"],
+        )
+        for arch, r in sorted((result.get("p2p_latency_by_arch") or {}).items()):
+            table.add_row(
+                arch,
+                str(r["nodes"]),
+                f"{r['count']:,}",
+                _ms(r, "p50"),
+                _ms(r, "p99"),
+                _ms(r, "p99.9"),
+                _ms(r, "max"),
+            )
+        return table
     table = _table(
         "per architecture (node-side histograms merged, ms)",
         ["arch", "nodes", "acked", "send p50", "send p99", "send p99.9",
