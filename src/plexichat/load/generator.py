@@ -16,7 +16,9 @@ sender's messages to one channel always take the same connection, so their
 order is kept.
 
 Faults: a connection that closes (its node was killed) is reopened about once
-a second; meanwhile its senders use their other connections.  In closed loop
+a second; meanwhile its senders use their other connections.  A sender moves
+a channel to another connection only when none of its messages to that
+channel is in flight, so its order is kept across the switch.  In closed loop
 a failed request's slot is re-issued after ``retry_delay`` (no busy loop
 against a node that fails fast).  The report's ``timeline`` counts acked and
 failed requests per ``timeline_interval`` since ``started_unix``.
@@ -83,7 +85,8 @@ class _Conn(FrameConnection):
     def __init__(self, gen: Generator, index: int) -> None:
         super().__init__(gen.on_frames, on_close=gen.on_close)
         self.index = index
-        self.pending: dict[int, tuple[_Client, int, int, bytes, int]] = {}
+        # rid -> (client, channel, counter, msg id, t0, channel index)
+        self.pending: dict[int, tuple[_Client, int, int, bytes, int, int]] = {}
         self.rid = 0
 
 
@@ -94,6 +97,10 @@ class _Client:
     fallback: list[_Conn]
     counter: int = 0
     inflight: int = 0
+    # per channel index: the connection its messages take now, and how many
+    # of them are in flight there (a channel switches only when idle)
+    route: list[_Conn | None] = field(default_factory=list)
+    busy: list[int] = field(default_factory=list)
 
 
 class Generator:
@@ -158,6 +165,13 @@ class Generator:
                 self.stopping = True
                 return False
             conn = alive[ci % len(alive)]
+        current = client.route[ci]
+        if current is not conn:
+            if current is not None and client.busy[ci] and not current.closed:
+                conn = current  # drain the old path first: order is kept
+            else:
+                client.route[ci] = conn
+        client.busy[ci] += 1
         counter = client.counter = client.counter + 1
         mid = _MID.pack(client.sender, counter)
         channel = self.channel_ids[ci]
@@ -168,6 +182,7 @@ class Generator:
             counter,
             mid,
             t0 or time.perf_counter_ns(),
+            ci,
         )
         conn.send(
             T.SEND, rid, p.SEND_HEAD.pack(channel, mid, client.sender) + self.body
@@ -189,8 +204,9 @@ class Generator:
             entry = pending.pop(frame.request_id, None)
             if entry is None:
                 continue  # WELCOME of the pipelined HELLO
-            client, channel, counter, mid, t0 = entry
+            client, channel, counter, mid, t0, ci = entry
             client.inflight -= 1
+            client.busy[ci] -= 1
             if frame.type == T.ACK:
                 _, seq = unpack_ack(frame.payload)
                 self.acked += 1
@@ -257,8 +273,10 @@ class Generator:
     def on_close(self, conn: FrameConnection, exc: BaseException | None) -> None:
         assert isinstance(conn, _Conn)
         pending, conn.pending = conn.pending, {}
-        for client, *_ in pending.values():
+        for entry in pending.values():
+            client = entry[0]
             client.inflight -= 1
+            client.busy[entry[5]] -= 1
             self._fail(None, "CONNECTION_LOST")
         if pending and self.config.mode == "closed":
             for client, *_ in pending.values():
@@ -315,7 +333,16 @@ class Generator:
                 conns = [await connection(i % n_nodes, slot)]
                 by_channel = [conns[0]] * config.channels
             sender = int.from_bytes(os.urandom(8), "big") >> 1
-            self.clients.append(_Client(sender, by_channel, conns))
+            channels = config.channels
+            self.clients.append(
+                _Client(
+                    sender,
+                    by_channel,
+                    conns,
+                    route=[None] * channels,
+                    busy=[0] * channels,
+                )
+            )
 
     async def _connect(self, node: int) -> _Conn:
         host, port = self.config.nodes[node]
@@ -355,8 +382,10 @@ class Generator:
                     rid for rid, e in conn.pending.items() if now - e[4] > timeout_ns
                 ]
                 for rid in expired:
-                    client = conn.pending.pop(rid)[0]
+                    entry = conn.pending.pop(rid)
+                    client = entry[0]
                     client.inflight -= 1
+                    client.busy[entry[5]] -= 1
                     self._fail(None, "TIMEOUT")
                     if self.config.mode == "closed":
                         self.issue(client)
