@@ -221,9 +221,15 @@ class Node:
         self.synced: dict[int, int] = {}
         # channel -> epoch in which another node claimed it (HANDOFF PULL)
         self.fenced: dict[int, int] = {}
-        # channel -> lowest seq stored while the ring was in transition
-        self.transient: dict[int, int] = {}
+        # Placement: rows up to row id ``placed_rowid`` are known to sit on their
+        # owners; later ones are pushed to the owners at the next handoff round
+        # unless the ring was stable while they were stored.  ``retry`` holds
+        # channels (-> lowest seq) whose last push failed.  Both persist in
+        # ``placed.json`` so that a kill does not forget them.
+        self.placed_rowid = 0
+        self.retry: dict[int, int] = {}
         self._in_transition = True
+        self._placed_file = Path(config.data_dir) / "placed.json"
         self.gates: dict[int, list[SendItem]] = {}
         self.links: dict[tuple[str, int], Link] = {}
         self.conns: set[FrameConnection] = set()
@@ -292,6 +298,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self.last_seq = self.storage.open()
         self._load_ring_file()
+        self._load_placed()
         self.storage.start(self._loop)
         self._server = await self._loop.create_server(
             self._new_connection,
@@ -320,6 +327,7 @@ class Node:
         self.membership.start()
         self._spawn(self._sweeper(), "sweeper")
         self._spawn(self._handoff_worker(), "handoff")
+        self._spawn(self._placement_tracker(), "placement")
         self.gc.install()
         self.started = time.monotonic()
         self.ready.set()
@@ -715,8 +723,6 @@ class Node:
             groups.append(group)
             records += recs
             sends += [(replica, chunk, group) for replica, chunk in chunks]
-        if self._in_transition:
-            self._mark_transient(records)
         if len(groups) == 1:
             self.storage.insert(records, groups[0].local_done)
         else:
@@ -788,19 +794,9 @@ class Node:
             if rec.seq > last_seq.get(rec.channel, 0):
                 last_seq[rec.channel] = rec.seq
 
-    def _mark_transient(self, records: Iterable[p.Record]) -> None:
-        """Remember what was stored mid-transition: the next handoff re-places it."""
-        transient = self.transient
-        for rec in records:
-            low = transient.get(rec.channel)
-            if low is None or rec.seq < low:
-                transient[rec.channel] = rec.seq
-
     def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
         records = p.decode_records(payload)
         self._note_records(records)
-        if self._in_transition:
-            self._mark_transient(records)
         t0 = time.perf_counter_ns()
 
         def done(
@@ -1094,10 +1090,23 @@ class Node:
             new, base = self.ring, self._handoff_base
             self._handoff_base = new
             self._in_transition = False
-            dirty, self.transient = self.transient, {}
+            epoch = self.epoch
+            dirty, top = await self.storage.stored_since(self.placed_rowid)
+            for channel, low in self.retry.items():
+                dirty[channel] = min(low, dirty.get(channel, low))
+            self.retry = {}
             # Without a ring file (a fresh node) the first stable ring is the
             # starting point: nothing was placed under an earlier one.
             moved = new is not None and base is not None and base != new
+            log.debug(
+                "handoff round",
+                extra={
+                    "event": "handoff_round",
+                    "base": None if base is None else list(base.node_ids),
+                    "new": None if new is None else list(new.node_ids),
+                    "dirty": len(dirty),
+                },
+            )
             if new is None or not (moved or dirty):
                 continue
             self._handoff_running = True
@@ -1107,12 +1116,17 @@ class Node:
                     await self._handoff(base, new)
                 if dirty:
                     await self._push_transient(new, dirty)
+                if self.epoch == epoch:
+                    self.placed_rowid = max(self.placed_rowid, top)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("handoff failed")
+                for channel, low in dirty.items():
+                    self._retry_handoff(channel, low)
             finally:
                 self._handoff_running = False
+                self._save_placed()
 
     async def _handoff(self, old: Ring, new: Ring) -> None:
         channels = list(self.last_seq)
@@ -1146,19 +1160,58 @@ class Node:
 
     def _retry_handoff(self, channel: int, low: int) -> None:
         """A push failed: push *channel* from *low* on again at the next handoff."""
-        current = self.transient.get(channel)
+        current = self.retry.get(channel)
         if current is None or low < current:
-            self.transient[channel] = low
+            self.retry[channel] = low
         self._ring_changed.set()  # another round after ``handoff_delay``
 
+    def _load_placed(self) -> None:
+        try:
+            doc = json.loads(self._placed_file.read_text())
+            self.placed_rowid = int(doc["rowid"])
+            self.retry = {int(c): int(s) for c, s in doc.get("retry", {}).items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            self.placed_rowid, self.retry = 0, {}
+
+    def _save_placed(self) -> None:
+        doc = {"rowid": self.placed_rowid, "retry": self.retry}
+        tmp = self._placed_file.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self._placed_file)
+
+    async def _placement_tracker(self, period: float = 0.5) -> None:
+        """While the ring is stable, everything stored so far is placed."""
+        while True:
+            await asyncio.sleep(period)
+            if self._unsettled_placement():
+                continue
+            epoch = self.epoch
+            top = await self.storage.max_rowid()
+            # rows stored after a ring change that happened meanwhile may be
+            # counted in *top*: then it is not a clean point
+            clean = epoch == self.epoch and not self._unsettled_placement()
+            if clean and top > self.placed_rowid:
+                self.placed_rowid = top
+                self._save_placed()
+
+    def _unsettled_placement(self) -> bool:
+        return (
+            self._in_transition
+            or self._handoff_running
+            or self._ring_changed.is_set()
+            or bool(self.retry)
+        )
+
     async def _push_transient(self, ring: Ring, dirty: dict[int, int]) -> None:
-        """Push what was stored mid-transition to the owners under *ring*.
+        """Push what was stored since the last clean point to the owners.
 
         Writes accepted while views of the ring disagreed can sit on nodes
         that are not owners once the ring settles (a handoff from the old
-        stable ring to the new one does not see them).  A target that fails
-        is skipped for the rest of this round; its channels stay dirty for
-        the next handoff.
+        stable ring to the new one does not see them), so a node pushes
+        every channel stored since its ring was last stable (from the lowest
+        such seq) to the channel's owners under *ring*.  A target that fails
+        is skipped for the rest of this round; its channels are retried.
         """
         replicas = min(self.config.replicas, len(ring.node_ids))
         failed: set[str] = set()
@@ -1171,6 +1224,14 @@ class Node:
                 if target not in failed:
                     sent, ok = await self._push_channel(channel, target, low - 1)
                     pushed += sent
+                    log.debug(
+                        "pushed %d records of %d (seq >= %d) to %s: %s",
+                        sent,
+                        channel,
+                        low,
+                        target,
+                        "ok" if ok else "failed",
+                    )
                 if not ok:
                     failed.add(target)
                     self._retry_handoff(channel, low)

@@ -216,6 +216,34 @@ class Storage:
 
         return await self.call(run)
 
+    async def max_rowid(self) -> int:
+        """Row id of the last stored message (0 when empty); ids only grow."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            (top,) = conn.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM messages"
+            ).fetchone()
+            return int(top)
+
+        return await self.call(run)
+
+    async def stored_since(self, rowid: int) -> tuple[dict[int, int], int]:
+        """Channels with messages stored after row id *rowid*.
+
+        Returns ``{channel: lowest seq among them}`` and the highest row id.
+        """
+
+        def run(conn: sqlite3.Connection) -> tuple[dict[int, int], int]:
+            rows = conn.execute(
+                "SELECT channel, MIN(seq), MAX(id) FROM messages WHERE id > ? "
+                "GROUP BY channel",
+                (rowid,),
+            ).fetchall()
+            top = max((int(r[2]) for r in rows), default=rowid)
+            return {_to_unsigned(c): int(s) for c, s, _ in rows}, top
+
+        return await self.call(run)
+
     async def count(self) -> tuple[int, int]:
         """``(messages, channels)`` stored."""
 
