@@ -319,3 +319,15 @@ def test_an_interrupted_run_powers_every_guest_off(
     assert len(seen) == 1
     assert qc.leftover_pids(seen, timeout=5) == []
     assert _our_qemus(prefix) == []
+
+
+@pytest.mark.parametrize("name", ["cluster", "p2p"])
+def test_every_task_option_has_help_and_a_type(name: str) -> None:
+    from plexilab.cli import qemu as cli
+
+    task = cli.qemu.tasks[name]
+    args = {a.name: a for a in task.get_arguments()}
+    assert not [n for n, a in args.items() if not a.help]
+    assert args["nodes"].kind is int
+    assert args["arch"].default == "mixed"
+    assert args["fallback"].default == "local"

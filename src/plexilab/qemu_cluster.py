@@ -941,6 +941,9 @@ def run(
 
     try:
         return run_qemu(options, scenario=scenario, progress=progress)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted: the nodes and guests were shut down")
+        raise
     except QemuUnavailable as exc:
         reason = str(exc)
         if options.fallback != "local":
