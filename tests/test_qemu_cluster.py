@@ -228,6 +228,47 @@ def test_without_qemu_the_run_falls_back_to_local_and_records_why(
     assert {"load", "p2p", "check", "convergence"} <= set(res["phases_s"])
 
 
+def test_guests_that_do_not_boot_fall_back_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from plexilab import images, machine
+    from plexilab.cli import qemu as cli
+
+    class BrokenLab:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.machines: list[Any] = []
+            self.hosts: list[Any] = []
+            self.closed = False
+
+        def start(self) -> None:
+            raise machine.MachineError("g0: no SSH within 180 s (test)")
+
+        def close(self) -> None:
+            self.closed = True
+
+    labs: list[BrokenLab] = []
+
+    def make_lab(*args: Any, **kwargs: Any) -> BrokenLab:
+        labs.append(BrokenLab())
+        return labs[-1]
+
+    monkeypatch.setattr(qc, "qemu_unavailable", lambda arches: None)
+    monkeypatch.setattr(cli, "ensure_artifacts", lambda a: (tmp_path, tmp_path))
+    monkeypatch.setattr(images, "images_for", lambda arches: [])
+    monkeypatch.setattr(qc, "QemuLab", make_lab)
+    calls: list[str] = []
+    monkeypatch.setattr(
+        qc, "run_local", lambda options, reason, **kw: calls.append(reason) or {}
+    )
+    qc.run(qc.QemuClusterOptions(results=tmp_path))
+    assert len(calls) == 1
+    assert "did not boot" in calls[0]
+    assert "no SSH within 180 s (test)" in calls[0]
+    assert labs[0].closed
+    with pytest.raises(qc.QemuUnavailable, match="did not boot"):
+        qc.run(qc.QemuClusterOptions(results=tmp_path, fallback="none"))
+
+
 # -- real guests -----------------------------------------------------------------------
 
 
