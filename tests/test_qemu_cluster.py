@@ -260,13 +260,15 @@ def test_guests_that_do_not_boot_fall_back_with_the_reason(
     monkeypatch.setattr(
         qc, "run_local", lambda options, reason, **kw: calls.append(reason) or {}
     )
-    qc.run(qc.QemuClusterOptions(results=tmp_path))
+    qc.run(qc.QemuClusterOptions(results=tmp_path, lab_install="dev"))
     assert len(calls) == 1
     assert "did not boot" in calls[0]
     assert "no SSH within 180 s (test)" in calls[0]
     assert labs[0].closed
     with pytest.raises(qc.QemuUnavailable, match="did not boot"):
-        qc.run(qc.QemuClusterOptions(results=tmp_path, fallback="none"))
+        qc.run(
+            qc.QemuClusterOptions(results=tmp_path, fallback="none", lab_install="dev")
+        )
 
 
 # -- real guests -----------------------------------------------------------------------

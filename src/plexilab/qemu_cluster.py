@@ -57,7 +57,9 @@ from plexilab.cluster import (
     ClusterConfig,
     InstallMode,
     NodeHandle,
+    build_wheel,
     check_hosts,
+    local_venv,
     prepare,
     run_cluster,
     stats_all,
@@ -786,6 +788,8 @@ def run_qemu(
     progress(f"artifacts for {', '.join(needed)} (images, wheels)")
     with phases("artifacts"):
         artifacts = {a: ensure_artifacts(a) for a in needed}
+        if options.lab_install == "wheel":
+            local_venv(build_wheel())  # the lab's load tools (cached per source)
         try:
             images.images_for(needed)
         except Exception as exc:
