@@ -128,3 +128,39 @@ def test_a_pull_from_a_new_owner_fences_the_old_one(tmp_path):
             await client.close()
 
     run(scenario())
+
+
+def test_forwards_queued_behind_a_reconnect_keep_their_order(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            channel = key_of("order")
+            owner, replica = cluster.owners(channel)
+            other = next(n for n in cluster.nodes if n.id not in (owner, replica))
+            address = other.membership.address(owner)
+            sender = 5
+            acks: list[tuple[int, int]] = []
+            client = await client_for(other)
+            for round_ in range(20):
+                # the forwarding link to the owner is gone: the next forward
+                # reconnects while more SENDs keep arriving
+                other.links.pop(address).close()
+                futures = []
+                for i in range(20):
+                    counter = round_ * 100 + i
+                    futures.append(
+                        asyncio.ensure_future(
+                            client.send(
+                                channel, p.message_id(sender, counter), sender, b"x"
+                            )
+                        )
+                    )
+                    await asyncio.sleep(0)
+                for i, fut in enumerate(futures):
+                    acks.append((round_ * 100 + i, await fut))
+            await client.close()
+            seqs = [seq for _, seq in sorted(acks)]
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == len(seqs)
+
+    run(scenario())

@@ -32,7 +32,13 @@ from plexichat.node import protocol as p
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.membership import GossipConfig, Membership
 from plexichat.node.storage import Storage, Synchronous
-from plexichat.node.transport import ConnectionLost, FrameConnection, Link, RemoteError
+from plexichat.node.transport import (
+    ConnectionLost,
+    FrameConnection,
+    Link,
+    RemoteError,
+    ReplyCallback,
+)
 from plexichat.routing import Ring
 from plexichat.stats import Histogram
 
@@ -232,6 +238,8 @@ class Node:
         self._placed_file = Path(config.data_dir) / "placed.json"
         self.gates: dict[int, list[SendItem]] = {}
         self.links: dict[tuple[str, int], Link] = {}
+        # requests waiting for a link to connect, in the order they were made
+        self._connect_queue: dict[Link, list[tuple[int, bytes, ReplyCallback]]] = {}
         self.conns: set[FrameConnection] = set()
         self.subscribers: dict[int, set[FrameConnection]] = {}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
@@ -559,17 +567,26 @@ class Node:
             callback(None, ConnectionLost(f"unknown member {node_id}"))
             return
         link = self._link(address)
+        queued = self._connect_queue.get(link)
+        if queued is not None:  # keep the order of requests behind a connect
+            queued.append((type, payload, callback))
+            return
         if link.connected:
             link.request(type, payload, callback)
             return
+        self._connect_queue[link] = [(type, payload, callback)]
 
         async def connect_then_send() -> None:
+            error: BaseException | None = None
             try:
                 await link.connect(self.config.forward_timeout)
             except (OSError, TimeoutError, ConnectionLost) as exc:
-                callback(None, exc)
-                return
-            link.request(type, payload, callback)
+                error = exc
+            for item in self._connect_queue.pop(link, []):
+                if error is None:
+                    link.request(*item)
+                else:
+                    item[2](None, error)
 
         self._spawn(connect_then_send(), f"connect-{node_id}")
 
