@@ -7,6 +7,7 @@ views itself: a node that briefly believes a peer dead, then learns better.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -31,11 +32,13 @@ def run(coro, timeout: float = 60.0):
 async def freeze(cluster: InProcessCluster) -> None:
     """Stop every failure detector: views change only when a test says so."""
     for node in cluster.nodes:
+        node.membership._running = False  # the loop ends at its next round
         task = node.membership._task
-        if task is not None:
+        # (asyncio.wait_for in 3.11 can swallow a cancel: repeat until done)
+        while task is not None and not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            node.membership._task = None
+            await asyncio.wait([task], timeout=0.1)
+        node.membership._task = None
 
 
 def set_status(node: Node, about: Node, status: str, bump: int = 0) -> None:
@@ -162,5 +165,47 @@ def test_forwards_queued_behind_a_reconnect_keep_their_order(tmp_path):
             seqs = [seq for _, seq in sorted(acks)]
             assert seqs == sorted(seqs)
             assert len(set(seqs)) == len(seqs)
+
+    run(scenario())
+
+
+def test_sends_held_for_a_sync_are_routed_again_after_a_ring_change(tmp_path):
+    async def scenario() -> None:
+        ghost = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            n0, _, n2 = cluster.nodes
+            with_ghost = Ring({"n0": 1.0, "n1": 1.0, "ghost": 1.0})
+            full = Ring({"n0": 1.0, "n1": 1.0, "n2": 1.0})
+            channel = next(
+                c
+                for c in (key_of(f"reroute-{i}") for i in range(10_000))
+                if with_ghost.owners(c, 2) == ["n0", "n1"]
+                and full.owners(c, 1) == ["n2"]
+            )
+            # n0's view: n2 gone, a member that never answers in its place
+            set_status(n0, n2, "dead")
+            n0.membership.merge(
+                [["ghost", "127.0.0.1", ghost.getsockname()[1], 1, "alive", 1.0]]
+            )
+            assert sorted(n0.ring_members) == ["ghost", "n0", "n1"]
+            client = await client_for(n0)
+            send = asyncio.ensure_future(
+                client.send(channel, p.message_id(3, 1), 3, b"held")
+            )
+            # the SEND waits for the ghost's HANDOFF SEQ (sync_timeout); the
+            # ring changes meanwhile: n2 owns the channel now
+            await wait_for(lambda: channel in n0.gates, 5, "the SEND to be held")
+            n0.membership.merge(
+                [["ghost", "127.0.0.1", ghost.getsockname()[1], 1, "dead", 1.0]]
+            )
+            set_status(n0, n2, "alive", bump=1)
+            assert n0.owners(channel)[0] == "n2"
+            seq = await send
+            await client.close()
+            rows = await n2.storage.fetch(channel, 0, 10)
+            assert [(r.seq, r.payload) for r in rows] == [(seq, b"held")]
+            assert n2.counters["acked"] == 1
+        ghost.close()
 
     run(scenario())

@@ -279,6 +279,7 @@ class Node:
         self._server: asyncio.Server | None = None
         self._sends: list[SendItem] = []
         self._flush_scheduled = False
+        self._sends_epoch = 0  # epoch when the queued SENDs were routed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ring_changed = asyncio.Event()
         self._handoff_base: Ring | None = None
@@ -633,8 +634,16 @@ class Node:
         self._sends.append((conn, rid, channel, msg_id, sender, payload, now, owners))
         if not self._flush_scheduled:
             self._flush_scheduled = True
+            self._sends_epoch = self.epoch
             assert self._loop is not None
             self._loop.call_soon(self._flush_sends)
+
+    def _reroute(self, items: list[SendItem]) -> None:
+        """Route SENDs again, in order: the ring changed since their owners were
+        computed (an old owner must not assign sequence numbers any more)."""
+        for conn, rid, _channel, _msg_id, _sender, payload, t0, _owners in items:
+            if not conn.closed:
+                self._on_send(conn, rid, payload, t0)
 
     def _forward(
         self, conn: FrameConnection, rid: int, payload: bytes, owner: str, t0: int
@@ -674,6 +683,9 @@ class Node:
         if not batch:
             return
         epoch = self.epoch
+        if self._sends_epoch != epoch:
+            self._reroute(batch)
+            return
         synced = self.synced
         fenced = self.fenced
         gates = self.gates
@@ -797,7 +809,10 @@ class Node:
             self.last_seq[channel] = best
         self.synced[channel] = epoch
         pending = self.gates.pop(channel, [])
-        if pending:
+        if pending and self.epoch != epoch:
+            batch, self._sends = pending + self._sends, []
+            self._reroute(batch)
+        elif pending:
             self._sends = pending + self._sends
             if not self._flush_scheduled:
                 self._flush_scheduled = True
