@@ -84,7 +84,10 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def mypy(session: nox.Session) -> None:
     """Type-check src/ with mypy --strict (stubs cover the compiled modules)."""
-    session.install("mypy", "numpy", "types-paramiko", "rich", "invoke")
+    session.install(
+        "mypy", "types-paramiko", "types-requests", "rich", "invoke", "docker",
+        "matplotlib", "qemu.qmp", *RUNTIME_DEPS, "numba",
+    )  # fmt: skip
     session.run("mypy", *(session.posargs or ["src"]))
 
 
