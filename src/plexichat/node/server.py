@@ -1122,11 +1122,9 @@ class Node:
             new, base = self.ring, self._handoff_base
             self._handoff_base = new
             self._in_transition = False
-            epoch = self.epoch
-            dirty, top = await self.storage.stored_since(self.placed_rowid)
-            for channel, low in self.retry.items():
-                dirty[channel] = min(low, dirty.get(channel, low))
-            self.retry = {}
+            since = self.placed_rowid
+            top = await self.storage.max_rowid()
+            retry, self.retry = self.retry, {}
             # Without a ring file (a fresh node) the first stable ring is the
             # starting point: nothing was placed under an earlier one.
             moved = new is not None and base is not None and base != new
@@ -1136,26 +1134,31 @@ class Node:
                     "event": "handoff_round",
                     "base": None if base is None else list(base.node_ids),
                     "new": None if new is None else list(new.node_ids),
-                    "dirty": len(dirty),
+                    "unplaced": top - since,
+                    "retry": len(retry),
                 },
             )
-            if new is None or not (moved or dirty):
+            if new is None or not (moved or retry or top > since):
                 continue
             self._handoff_running = True
             try:
                 if moved:
                     assert base is not None
                     await self._handoff(base, new)
-                if dirty:
-                    await self._push_transient(new, dirty)
-                if self.epoch == epoch:
-                    self.placed_rowid = max(self.placed_rowid, top)
+                if retry:
+                    await self._push_retries(new, retry)
+                if top > since:
+                    reached = await self._push_stored(new, since, top)
+                    self.placed_rowid = max(self.placed_rowid, reached)
+                    if reached < top:
+                        self._ring_changed.set()  # again after handoff_delay
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("handoff failed")
-                for channel, low in dirty.items():
+                for channel, low in retry.items():
                     self._retry_handoff(channel, low)
+                self._ring_changed.set()
             finally:
                 self._handoff_running = False
                 self._save_placed()
@@ -1235,68 +1238,111 @@ class Node:
             or bool(self.retry)
         )
 
-    async def _push_transient(self, ring: Ring, dirty: dict[int, int]) -> None:
-        """Push what was stored since the last clean point to the owners.
-
-        Writes accepted while views of the ring disagreed can sit on nodes
-        that are not owners once the ring settles (a handoff from the old
-        stable ring to the new one does not see them), so a node pushes
-        every channel stored since its ring was last stable (from the lowest
-        such seq) to the channel's owners under *ring*.  A target that fails
-        is skipped for the rest of this round; its channels are retried.
-        """
+    async def _push_retries(self, ring: Ring, retry: dict[int, int]) -> None:
+        """Push channels whose earlier push failed (``seq >= low``) to their owners."""
         replicas = min(self.config.replicas, len(ring.node_ids))
         failed: set[str] = set()
-        pushed = 0
-        for channel, low in dirty.items():
+        for channel, low in retry.items():
             for target in ring.owners(channel, replicas):
                 if target == self.id:
                     continue
                 ok = False
                 if target not in failed:
-                    sent, ok = await self._push_channel(channel, target, low - 1)
-                    pushed += sent
-                    log.debug(
-                        "pushed %d records of %d (seq >= %d) to %s: %s",
-                        sent,
-                        channel,
-                        low,
-                        target,
-                        "ok" if ok else "failed",
-                    )
+                    ok = (await self._push_channel(channel, target, low - 1))[1]
                 if not ok:
                     failed.add(target)
                     self._retry_handoff(channel, low)
+
+    async def _push_stored(self, ring: Ring, since: int, top: int) -> int:
+        """Push the rows stored after row id *since* (up to *top*) to their owners.
+
+        Writes accepted while views of the ring disagreed can sit on nodes
+        that are not owners once the ring settles (a handoff from the old
+        stable ring to the new one does not see them), so a node pushes
+        every row stored since its ring was last stable to the row's owners
+        under *ring*, page by page in row-id order, one HANDOFF DATA stream
+        per target.  Returns the row id up to which every push succeeded.
+        """
+        replicas = min(self.config.replicas, len(ring.node_ids))
+        owners: dict[int, list[str]] = {}
+        failed: set[str] = set()
+        reached: int | None = None
+        pushed = 0
+        after = since
+        while after < top:
+            page = await self.storage.rows_after(
+                after, top, self.config.handoff_batch * 8
+            )
+            if not page:
+                break
+            by_target: dict[str, list[p.Record]] = {}
+            for _, rec in page:
+                targets = owners.get(rec.channel)
+                if targets is None:
+                    targets = owners[rec.channel] = [
+                        t for t in ring.owners(rec.channel, replicas) if t != self.id
+                    ]
+                for target in targets:
+                    by_target.setdefault(target, []).append(rec)
+            page_ok = True
+            for target, records in by_target.items():
+                ok = False
+                if target not in failed:
+                    sent, ok = await self._send_records(target, records)
+                    pushed += sent
+                if not ok:
+                    failed.add(target)
+                    page_ok = False
+            if not page_ok and reached is None:
+                reached = after  # rows up to here went everywhere
+            after = page[-1][0]
         self.counters["transient_pushed"] += pushed
         log.info(
             "transient handoff",
-            extra={"event": "handoff", "channels": len(dirty), "pushed": pushed},
+            extra={
+                "event": "handoff",
+                "rows": top - since,
+                "pushed": pushed,
+                "failed": sorted(failed),
+            },
         )
+        return top if reached is None else reached
 
-    async def _push_channel(
-        self, channel: int, target: str, after: int = 0
+    async def _send_records(
+        self, target: str, records: list[p.Record]
     ) -> tuple[int, bool]:
-        """Stream *channel* (``seq > after``) to *target*: (records sent, ok)."""
+        """HANDOFF DATA of *records* to *target*: (records sent, ok)."""
         assert self.membership is not None
         address = self.membership.address(target)
         if address is None:
             return 0, False
         link = self._link(address)
         sent = 0
+        for chunk in self._chunks(records):
+            try:
+                await link.call(
+                    T.HANDOFF,
+                    p.encode_handoff_data(chunk),
+                    self.config.replicate_timeout,
+                )
+            except (OSError, TimeoutError, RemoteError, ConnectionLost) as exc:
+                log.warning("handoff to %s failed: %s", target, exc)
+                return sent, False
+            sent += len(chunk)
+            self.counters["handoff_sent"] += len(chunk)
+        return sent, True
+
+    async def _push_channel(
+        self, channel: int, target: str, after: int = 0
+    ) -> tuple[int, bool]:
+        """Stream *channel* (``seq > after``) to *target*: (records sent, ok)."""
+        sent = 0
         while True:
             rows = await self.storage.fetch(channel, after, self.config.handoff_batch)
             if not rows:
                 return sent, True
-            for chunk in self._chunks(rows):
-                try:
-                    await link.call(
-                        T.HANDOFF,
-                        p.encode_handoff_data(chunk),
-                        self.config.replicate_timeout,
-                    )
-                except (OSError, TimeoutError, RemoteError, ConnectionLost) as exc:
-                    log.warning("handoff of %d to %s failed: %s", channel, target, exc)
-                    return sent, False
-                sent += len(chunk)
-                self.counters["handoff_sent"] += len(chunk)
+            count, ok = await self._send_records(target, rows)
+            sent += count
+            if not ok:
+                return sent, False
             after = rows[-1].seq

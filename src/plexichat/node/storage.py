@@ -227,20 +227,26 @@ class Storage:
 
         return await self.call(run)
 
-    async def stored_since(self, rowid: int) -> tuple[dict[int, int], int]:
-        """Channels with messages stored after row id *rowid*.
+    async def rows_after(
+        self, rowid: int, upto: int, limit: int
+    ) -> list[tuple[int, Record]]:
+        """``(row id, record)`` of messages with ``rowid < id <= upto``, by id."""
 
-        Returns ``{channel: lowest seq among them}`` and the highest row id.
-        """
-
-        def run(conn: sqlite3.Connection) -> tuple[dict[int, int], int]:
+        def run(conn: sqlite3.Connection) -> list[tuple[int, Record]]:
             rows = conn.execute(
-                "SELECT channel, MIN(seq), MAX(id) FROM messages WHERE id > ? "
-                "GROUP BY channel",
-                (rowid,),
+                "SELECT id, channel, seq, msg_id, sender, ts_us, payload FROM messages "
+                "WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (rowid, upto, limit),
             ).fetchall()
-            top = max((int(r[2]) for r in rows), default=rowid)
-            return {_to_unsigned(c): int(s) for c, s, _ in rows}, top
+            return [
+                (
+                    int(i),
+                    Record(
+                        _to_unsigned(c), s, bytes(m), _to_unsigned(snd), ts, bytes(p)
+                    ),
+                )
+                for i, c, s, m, snd, ts, p in rows
+            ]
 
         return await self.call(run)
 
