@@ -96,7 +96,9 @@ def tests(session: nox.Session) -> None:
     """Run the suite on the compiled backends, then on PLEXICHAT_BACKEND=python."""
     build_in_place(session)
     session.install("-e", ".[test,bench,numba]", env=REQUIRE_EXT)
-    session.install("paramiko", "qemu.qmp", "rich", "invoke", "matplotlib", "build")
+    session.install(
+        "paramiko", "qemu.qmp", "rich", "invoke", "matplotlib", "build", "docker"
+    )  # fmt: skip
     session.run("python", "-m", "plexichat.accel", "--require-compiled")
     coverage_file = {"COVERAGE_FILE": str(ROOT / ".coverage")}
     session.run("coverage", "erase", env=coverage_file)

@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
-docker = pytest.importorskip("docker")
-
-from plexilab import containers  # noqa: E402
-from plexilab.cluster import ClusterConfig  # noqa: E402
-from plexilab.hosts.base import HostError  # noqa: E402
-from plexilab.hosts.container import (  # noqa: E402
+from plexilab import containers
+from plexilab.cluster import ClusterConfig
+from plexilab.hosts.base import HostError
+from plexilab.hosts.container import (
     ContainerHost,
     run_container_cluster,
     wait_healthy,

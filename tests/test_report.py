@@ -275,10 +275,12 @@ def test_report_from_a_real_local_cluster_run(tmp_path):
         json.dumps({"id": run.name, "status": "ok", "cluster": {"provider": "local"}})
     )
     made = report.build(run)
-    assert made["plots"] == {"latency": "latency.png"}
-    assert_png(run / "latency.png")
+    assert result["timeline"], "the load generator records a per-second timeline"
+    assert made["plots"] == {"latency": "latency.png", "timeline": "timeline.png"}
+    for name in made["plots"].values():
+        assert_png(run / name)
     series, _ = report.latency_series(result)
     assert len(series[0]["points"]) >= 3  # the load generator's percentiles
     page = (run / "index.html").read_text()
     assert f"{result['acked']:,}" in page
-    assert "no throughput time series" in page
+    assert "no throughput time series" not in page
