@@ -123,13 +123,17 @@ async def _ping(ep, timeout):
         await client.close()
 
 
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_pause_stops_answers_until_resumed(cluster):
     ep = cluster.nodes[1].lab
     asyncio.run(_ping(ep, 2.0))
     cluster.pause(1)
     try:
-        with open(f"/proc/{cluster.nodes[1].process.pid}/stat") as fh:
-            assert fh.read().rsplit(")", 1)[1].split()[0] == "T"  # stopped
+        _wait(lambda: _state(cluster.nodes[1].process.pid) == "T", what="SIGSTOP")
         with pytest.raises(TimeoutError):
             asyncio.run(_ping(ep, 0.5))
     finally:

@@ -806,6 +806,8 @@ def run_cluster(
                 per_node.append(row)
             link_counters = _link_counters(links, cluster)
         step("stopped", cluster)
+    # with faults: the fault windows, the load's per-second counts (also in
+    # load["timeline"] for any run) and availability inside/outside them
     t0 = float(load.get("started_unix") or 0.0)
     fault_rows = nemesis.timeline(t0) if nemesis is not None and t0 else []
     timeline = load.get("timeline") or []
@@ -827,15 +829,23 @@ def run_cluster(
         "p2p_latency_ms": {k: p2p["p2p_latency_ms"][k] for k in ("p50", "p99")},
         "p2p_coverage": p2p["coverage"],
         "per_node": per_node,
-        "faults": fault_rows,
-        "fault_errors": nemesis.errors if nemesis is not None else [],
-        "fault_counts": {k: sum(f["kind"] == k for f in fault_rows) for k in kinds},
-        "recovery_s": None if recovery is None else round(recovery, 3),
         "timeline": timeline,
-        "availability": faultlib.availability(
-            timeline, fault_rows, float(load.get("timeline_interval_s") or 1.0)
+        **(
+            {
+                "faults": fault_rows,
+                "fault_errors": nemesis.errors,
+                "fault_counts": {
+                    k: sum(f["kind"] == k for f in fault_rows) for k in kinds
+                },
+                "recovery_s": None if recovery is None else round(recovery, 3),
+                "availability": faultlib.availability(
+                    timeline, fault_rows, float(load.get("timeline_interval_s") or 1)
+                ),
+                "links": link_counters,
+            }
+            if nemesis is not None
+            else {}
         ),
-        "links": link_counters,
         "load": load,
         "p2p": p2p,
         "check": check,
