@@ -687,12 +687,6 @@ def _faults_plan(
         faultlib.supported(hosts),
         "/".join(sorted({h.name for h in hosts})),
     )
-    partitions = faultlib.NETWORK_KINDS.intersection(kinds)
-    if partitions and network is None and not all(is_local(h) for h in hosts):
-        raise faultlib.FaultError(
-            "partitions need a network layer: local hosts get the lab link "
-            "layer, other providers must pass theirs"
-        )
     return kinds
 
 
@@ -740,10 +734,20 @@ def run_cluster(
         host_backends = check_hosts(hosts, runtime, config.backend)
         with Cluster(hosts, config, runtime) as cluster:
             if faultlib.NETWORK_KINDS.intersection(kinds) and network is None:
-                links = LinkLayer([n.lab for n in cluster.nodes]).start()
-                stack.callback(links.close)  # after the nodes have stopped
-                cluster.route_through(links)
-                network = links
+                if all(is_local(h) for h in hosts):
+                    links = LinkLayer([n.lab for n in cluster.nodes]).start()
+                    stack.callback(links.close)  # after the nodes have stopped
+                    cluster.route_through(links)
+                    network = links
+                else:
+                    network = hosts[0].network_for(
+                        [(n.host, n.index) for n in cluster.nodes]
+                    )
+                    if network is None:
+                        raise faultlib.FaultError(
+                            f"{hosts[0].name} has no way to partition its nodes"
+                        )
+                    stack.callback(network.heal)
             step("prepared", cluster)
             progress(f"starting {config.nodes} nodes")
             cluster.start()

@@ -405,10 +405,29 @@ RELAY_SOURCE = r'''
 
 slirp starts one relay per guest connection (GLib double-forks it, so its
 parent is not QEMU): the relay watches QEMU's pidfile and exits when QEMU is
-gone; it records itself in PIDDIR for the reaper.
+gone; it records itself in PIDDIR for the reaper.  Fault injection: while
+PORT is listed in the file "blocked" next to PIDDIR, the relay refuses to
+connect and cuts a live connection (a network partition between guests).
 """
-import json, os, select, socket, sys
+import json, os, select, socket, sys, time
 port, piddir, qemu_pidfile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+blocked_file = os.path.join(os.path.dirname(piddir), "blocked")
+_seen = [None, False]
+
+
+def blocked():
+    try:
+        stamp = os.stat(blocked_file).st_mtime_ns
+    except OSError:
+        return False
+    if stamp != _seen[0]:
+        try:
+            with open(blocked_file) as fh:
+                _seen[1] = str(port) in fh.read().split()
+        except OSError:
+            return False
+        _seen[0] = stamp
+    return _seen[1]
 devnull = os.open(os.devnull, os.O_RDWR)
 os.dup2(devnull, 2)  # stderr is the guest's connection: never write to it
 
@@ -441,7 +460,7 @@ try:
 except OSError:
     pidfile = None
 try:
-    if not qemu_alive():
+    if not qemu_alive() or blocked():
         sys.exit(1)
     up = socket.create_connection(("127.0.0.1", port), timeout=10)
     up.settimeout(None)
@@ -452,11 +471,16 @@ try:
         down = None
         down_r, down_w = 0, 1
     open_in, open_out = True, True  # guest->lab, lab->guest
+    checked = time.monotonic()
     while open_in or open_out:
         watch = ([down_r] if open_in else []) + ([up.fileno()] if open_out else [])
-        ready, _, _ = select.select(watch, [], [], 2.0)
-        if not ready and not qemu_alive():
+        ready, _, _ = select.select(watch, [], [], 0.25)
+        if blocked():
             break
+        if not ready and time.monotonic() - checked > 2.0:
+            if not qemu_alive():
+                break
+            checked = time.monotonic()
         for fd in ready:
             if fd == down_r:
                 data = os.read(down_r, 65536)

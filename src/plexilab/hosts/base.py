@@ -12,6 +12,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class HostError(RuntimeError):
@@ -146,6 +147,14 @@ class Host(abc.ABC):
     def resume(self, process: Process) -> None:
         """Undo :meth:`pause` (harmless on a process that runs)."""
         process.send_signal(signal.SIGCONT)
+
+    def network_for(self, nodes: Sequence[tuple[Host, int]]) -> Any:
+        """A partition layer for *nodes* (``(host, node index)``), or None.
+
+        Providers that can cut links between their nodes return an object with
+        ``partition(*groups)`` and ``heal()`` (see ``plexilab.faults.Network``).
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (and, for VMs, the machine)."""

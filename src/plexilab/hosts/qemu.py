@@ -12,6 +12,11 @@ guest.  Ports are planned before any guest starts:
   ``guestfwd`` address whose relay bridges to that same 127.0.0.1 host port
   (``peer_endpoint``).  A node on the same guest uses ``127.0.0.1``.
 
+Faults (``plexilab.faults``): ``pause`` is QMP stop/cont of the guest,
+``poweroff`` a QMP stop + system_reset (no guest shutdown: what the guest had
+not written to its disk is lost) until ``power_on`` boots it again, and
+partitions are made by the guestfwd relays (:class:`RelayNetwork`).
+
 Usage::
 
     specs = [GuestSpec("g0", "x86_64", [0]), GuestSpec("g1", "aarch64", [1])]
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from plexilab.hosts.base import Endpoint, Host, HostError
+from plexilab.hosts.base import Endpoint, Host, HostError, Process
 from plexilab.images import DEPS_MOUNT, deps_disk
 from plexilab.machine import GuestLink, Machine, MachineConfig, free_port, link_address
 from plexilab.ssh import SSHHost
@@ -56,6 +61,8 @@ class GuestSpec:
 
 class QemuHost(SSHHost):
     """A booted guest (a :class:`Machine`) reached over SSH."""
+
+    fault_kinds = frozenset({"kill", "pause", "poweroff", "partition", "split"})
 
     def __init__(
         self,
@@ -117,8 +124,85 @@ class QemuHost(SSHHost):
         """Create the work directory."""
         self.ssh.run(["mkdir", "-p", self._workdir], timeout=30)
 
+    # -- faults ------------------------------------------------------------
+
+    def pause(self, process: Process) -> None:
+        """Freeze the whole guest (QMP stop)."""
+        self.machine.qmp("stop")
+
+    def resume(self, process: Process) -> None:
+        """QMP cont (harmless on a running guest)."""
+        self.machine.qmp("cont")
+
+    def power_off(self) -> None:
+        """Pull the plug: the guest stops at once and is reset, without a shutdown.
+
+        It stays off (stopped in reset) until :meth:`power_on`.
+        """
+        self.machine.qmp("stop")
+        self.machine.qmp("system_reset")
+
+    def power_on(self, timeout: float = 300.0) -> None:
+        """Boot the guest again after :meth:`power_off`; return once SSH answers."""
+        self.machine.qmp("cont")
+        self.ssh.close()  # the old session died with the guest
+        self.ssh.connect(timeout=timeout)
+        self.ssh.run(["true"], timeout=timeout)
+
+    def network_for(self, nodes: Sequence[tuple[Host, int]]) -> RelayNetwork:
+        """Partitions between the guests of *nodes* (``(host, node index)``)."""
+        return RelayNetwork(nodes)
+
     def close(self) -> None:
         self.machine.shutdown()
+
+
+class RelayNetwork:
+    """Partitions between QEMU guests through their guestfwd relays.
+
+    Every guest-to-guest connection goes through a relay on the lab machine
+    (one process per connection, started by the connecting guest's QEMU);
+    the relay refuses and cuts connections to the host ports listed in its
+    machine's ``blocked`` file.  Nodes on one guest talk over the guest's
+    loopback and cannot be separated.
+    """
+
+    def __init__(self, nodes: Sequence[tuple[Host, int]]) -> None:
+        self.nodes: list[tuple[QemuHost, int]] = []
+        for host, index in nodes:
+            if not isinstance(host, QemuHost):
+                raise HostError(f"{host.name} is not a QEMU guest: no relays")
+            self.nodes.append((host, index))
+
+    def _port(self, i: int) -> int:
+        host, index = self.nodes[i]
+        return host.machine.forwards[host.guest_port(index)]
+
+    def _write(self, blocked: Mapping[QemuHost, set[int]]) -> None:
+        for host, ports in blocked.items():
+            path = host.machine.dir / "blocked"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(f"{p}\n" for p in sorted(ports)))
+            tmp.replace(path)
+
+    def partition(self, *groups: Sequence[int]) -> int:
+        """Nodes in different *groups* cannot reach each other (both ways)."""
+        group_of = {i: g for g, members in enumerate(groups) for i in members}
+        blocked: dict[QemuHost, set[int]] = {h: set() for h, _ in self.nodes}
+        for a, (host_a, _) in enumerate(self.nodes):
+            for b, (host_b, _) in enumerate(self.nodes):
+                if group_of.get(a, -1) == group_of.get(b, -1):
+                    continue
+                if host_a is host_b:
+                    raise HostError(
+                        f"nodes {a} and {b} share {host_a.name}: cannot partition them"
+                    )
+                blocked[host_a].add(self._port(b))
+        self._write(blocked)
+        return sum(len(p) for p in blocked.values())
+
+    def heal(self) -> None:
+        self._write({h: set() for h, _ in self.nodes})
 
 
 class AttachedGuest(SSHHost):
