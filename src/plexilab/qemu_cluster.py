@@ -118,6 +118,11 @@ class QemuClusterOptions:
     name_prefix: str = "qc"
     clock_sync: bool = True
     lab_install: InstallMode = "wheel"  # lab-side tools (and local fallback nodes)
+    # plexilab.faults kinds ("default": what the provider can do); a fault
+    # every fault_interval s, lasting fault_duration s (0: half the interval)
+    faults: list[str] = field(default_factory=list)
+    fault_interval: float = 20.0
+    fault_duration: float = 0.0
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -151,6 +156,9 @@ class QemuClusterOptions:
             converge_timeout=120.0,
             install=self.lab_install,
             results_dir=results_dir,
+            faults=list(self.faults),
+            fault_interval=self.fault_interval,
+            fault_duration=self.fault_duration,
         )
 
 
@@ -1149,4 +1157,5 @@ def failed(result: Mapping[str, Any]) -> list[str]:
             reasons.append(f"{result[what]} {what} message(s)")
     if result.get("leftover_qemu_pids"):
         reasons.append(f"QEMU processes left: {result['leftover_qemu_pids']}")
+    reasons += [f"fault {e}" for e in result.get("fault_errors") or []]
     return reasons

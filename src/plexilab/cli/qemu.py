@@ -462,6 +462,11 @@ def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> dict[str,
         "payload": "message payload bytes (default 64)",
         "channels": "number of channels (default 256)",
         "p2p_count": "relays injected by the P2P scenario (default 200)",
+        "faults": "comma list of faults to inject during the load: partition, "
+        "split, kill, pause (QMP stop/cont), poweroff (hard reset and reboot); "
+        "default (all that the provider can do) or none (default none)",
+        "fault_interval": "seconds between fault starts (default 20)",
+        "fault_duration": "seconds each fault lasts (default: half the interval)",
     }
 )
 def cluster(
@@ -480,9 +485,23 @@ def cluster(
     backend: str = "auto",
     results: str = "",
     fallback: str = "local",
+    faults: str = "none",
+    fault_interval: float = 20.0,
+    fault_duration: float = 0.0,
 ) -> None:
     """Run a PlexiChat cluster in QEMU guests (one per node): load, P2P, checker."""
+    from plexilab import faults as faultlib
+    from plexilab.hosts.qemu import QemuHost
+
     json_path = json
+    try:  # "default" is resolved by the provider that runs (QEMU or the fallback)
+        kinds = (
+            ["default"]
+            if faults.strip() == "default"
+            else faultlib.parse_kinds(faults, faultlib.supported([QemuHost]), "qemu")
+        )
+    except faultlib.FaultError as exc:
+        raise Exit(f"--faults: {exc}", code=2) from None
     options = _cluster_options(
         nodes=nodes,
         arch=arch,
@@ -497,6 +516,9 @@ def cluster(
         backend=backend,
         results=results,
         fallback=fallback,
+        faults=kinds,
+        fault_interval=fault_interval,
+        fault_duration=fault_duration,
     )
     _finish(_run_cluster(options, "cluster"), json_path)
 
