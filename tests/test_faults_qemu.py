@@ -171,7 +171,15 @@ def test_qemu_pause_and_poweroff_use_qmp_and_reconnect(tmp_path):
     guest.resume(None)  # type: ignore[arg-type]
     guest.power_off()
     guest.power_on(timeout=5)
-    assert guest.machine.calls == ["stop", "cont", "stop", "system_reset", "cont"]
+    assert guest.machine.calls == [
+        "stop",
+        "cont",
+        "set-action",  # a reset must not end QEMU (-no-reboot)
+        "stop",
+        "system_reset",
+        "cont",
+        "set-action",
+    ]
     assert guest.ssh.calls == ["close", "connect", "true"]
     assert faults.supported([QemuHost]) == list(faults.KINDS)
     assert isinstance(guest.network_for([(guest, 0)]), RelayNetwork)

@@ -749,6 +749,11 @@ def run_cluster(
                         )
                     stack.callback(network.heal)
             step("prepared", cluster)
+            if "poweroff" in kinds:
+                # what the lab installed must survive a power cut; the nodes'
+                # own writes are what the fault puts to the test
+                for host in hosts:
+                    host.run(["sync"], timeout=300)
             progress(f"starting {config.nodes} nodes")
             cluster.start()
             step("started", cluster)

@@ -137,8 +137,11 @@ class QemuHost(SSHHost):
     def power_off(self) -> None:
         """Pull the plug: the guest stops at once and is reset, without a shutdown.
 
-        It stays off (stopped in reset) until :meth:`power_on`.
+        It stays off (stopped in reset) until :meth:`power_on`.  Guests run
+        with ``-no-reboot`` (QEMU exits on a reset): the reset action is
+        switched to a reset for this.
         """
+        self.machine.qmp("set-action", {"reboot": "reset"})
         self.machine.qmp("stop")
         self.machine.qmp("system_reset")
 
@@ -148,6 +151,7 @@ class QemuHost(SSHHost):
         self.ssh.close()  # the old session died with the guest
         self.ssh.connect(timeout=timeout)
         self.ssh.run(["true"], timeout=timeout)
+        self.machine.qmp("set-action", {"reboot": "shutdown"})  # -no-reboot again
 
     def network_for(self, nodes: Sequence[tuple[Host, int]]) -> RelayNetwork:
         """Partitions between the guests of *nodes* (``(host, node index)``)."""
