@@ -498,8 +498,6 @@ class Node:
             extra={"event": "ring", "members": sorted(live), "epoch": self.epoch},
         )
         self._ring_changed.set()
-        with contextlib.suppress(OSError):
-            self._ring_file.write_text(json.dumps(live, sort_keys=True))
 
     @property
     def settled(self) -> bool:
@@ -1101,8 +1099,20 @@ class Node:
                 out.append((channel, before, after))
         return out
 
+    def _save_ring(self, ring: Ring) -> None:
+        """Persist the ring whose handoff is complete (the base after a restart).
+
+        Written only once every push of the round succeeded: a node killed in
+        the middle of a handoff redoes it from the previous base when it
+        comes back.
+        """
+        tmp = self._ring_file.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(ring.as_dict(), sort_keys=True))
+            os.replace(tmp, self._ring_file)
+
     def _load_ring_file(self) -> None:
-        """The ring of the previous run: a restart does not re-push what it had."""
+        """The last ring whose handoff completed: a restart redoes only the rest."""
         try:
             members = json.loads(self._ring_file.read_text())
             self._handoff_base = Ring({str(k): float(v) for k, v in members.items()})
@@ -1138,20 +1148,26 @@ class Node:
                     "retry": len(retry),
                 },
             )
-            if new is None or not (moved or retry or top > since):
+            if new is None:
+                continue
+            if not (moved or retry or top > since):
+                self._save_ring(new)
                 continue
             self._handoff_running = True
+            complete = False
             try:
                 if moved:
                     assert base is not None
                     await self._handoff(base, new)
                 if retry:
                     await self._push_retries(new, retry)
+                reached = top
                 if top > since:
                     reached = await self._push_stored(new, since, top)
                     self.placed_rowid = max(self.placed_rowid, reached)
                     if reached < top:
                         self._ring_changed.set()  # again after handoff_delay
+                complete = reached >= top and not self.retry
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -1162,6 +1178,8 @@ class Node:
             finally:
                 self._handoff_running = False
                 self._save_placed()
+                if complete:
+                    self._save_ring(new)
 
     async def _handoff(self, old: Ring, new: Ring) -> None:
         channels = list(self.last_seq)
