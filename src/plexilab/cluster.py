@@ -789,7 +789,8 @@ def run_cluster(
                     "waiting for the cluster to converge"
                 )
                 healed = time.monotonic()
-                cluster.wait_converged()
+                # handoffs after long faults can stream whole channels again
+                cluster.wait_converged(timeout=10 * config.converge_timeout)
                 recovery = time.monotonic() - healed
             step("loaded", cluster)
             progress(
