@@ -209,3 +209,45 @@ def test_sends_held_for_a_sync_are_routed_again_after_a_ring_change(tmp_path):
         ghost.close()
 
     run(scenario())
+
+
+def test_the_minority_side_refuses_writes_and_the_majority_keeps_them(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, size=5) as cluster:
+            await wait_for(lambda: all(len(n.ring_members) == 5 for n in cluster.nodes))
+            await freeze(cluster)
+            minority, majority = cluster.nodes[:2], cluster.nodes[2:]
+            for node in minority:  # the split as each side's detector sees it
+                for other in majority:
+                    set_status(node, other, "dead")
+            for node in majority:
+                for other in minority:
+                    set_status(node, other, "dead")
+            # two live nodes are enough for R=2 but not a majority of five
+            assert all(len(n.ring_members) == 2 for n in minority)
+            assert all(not n.has_quorum for n in minority)
+            assert all(n.has_quorum for n in majority)
+            channels = [key_of(f"split-{i}") for i in range(40)]
+            small = await client_for(minority[0])
+            for i, channel in enumerate(channels):
+                with pytest.raises(RemoteError, match="no quorum: 2 of 5") as info:
+                    await small.send(channel, p.message_id(5, i + 1), 5, b"x")
+                assert info.value.code == p.ErrorCode.UNAVAILABLE
+            await small.close()
+            for node in minority:
+                for channel in channels:
+                    assert await node.storage.fetch(channel, 0, 5) == []
+            large = await client_for(majority[0])
+            for i, channel in enumerate(channels):
+                assert await large.send(channel, p.message_id(6, i + 1), 6, b"y") >= 1
+            await large.close()
+            # healed: the minority regains its quorum and serves again
+            for node in minority:
+                for other in majority:
+                    set_status(node, other, "alive", bump=1)
+            assert all(n.has_quorum for n in minority)
+            small = await client_for(minority[0])
+            assert await small.send(channels[0], p.message_id(5, 99), 5, b"z") >= 1
+            await small.close()
+
+    run(scenario())

@@ -19,7 +19,6 @@ tombstone without having to learn it first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -155,6 +154,22 @@ class Membership:
         """``{id: weight}`` of alive and suspect members (the routing set)."""
         return {m.id: m.weight for m in self.members.values() if m.status in LIVE}
 
+    def quorum(self) -> tuple[int, int]:
+        """``(live, voters)``: live members and members that have not left.
+
+        A node may own channels only while ``2 * live > voters``: the minority
+        side of a partition stops accepting writes instead of forking history.
+        """
+        voters = [m for m in self.members.values() if m.status != "left"]
+        return sum(m.status in LIVE for m in voters), len(voters)
+
+    def _routing_state(self) -> tuple[dict[str, float], tuple[int, int]]:
+        return self.live(), self.quorum()
+
+    def has_quorum(self) -> bool:
+        live, voters = self.quorum()
+        return 2 * live > voters
+
     def view(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in sorted(self.members.values(), key=lambda m: m.id)]
 
@@ -192,12 +207,12 @@ class Membership:
         """Apply a list of updates; return True if the routing set changed."""
         if not isinstance(updates, list):
             return False
-        before = self.live()
+        before = self._routing_state()
         for raw in updates:
             member = parse_update(raw)
             if member is not None:
                 self._apply(member)
-        changed = self.live() != before
+        changed = self._routing_state() != before
         if changed and self.on_change is not None:
             self.on_change()
         return changed
@@ -236,14 +251,14 @@ class Membership:
         self._queue(current)
 
     def _set_status(self, member: Member, status: Status) -> None:
-        before = self.live()
+        before = self._routing_state()
         member.status = status
         member.since = time.monotonic()
         self._queue(member)
         log.info(
             "member %s is %s (incarnation %d)", member.id, status, member.incarnation
         )
-        if self.live() != before and self.on_change is not None:
+        if self._routing_state() != before and self.on_change is not None:
             self.on_change()
 
     # -- handlers (called by the node for incoming frames) --------------------
@@ -407,8 +422,12 @@ class Membership:
         self._running = False
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our caller was cancelled too: do not swallow it
             self._task = None
         if not leave:
             return

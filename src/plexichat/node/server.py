@@ -218,6 +218,7 @@ class Node:
         self.membership: Membership | None = None
         self.ring: Ring | None = None
         self.ring_members: dict[str, float] = {}
+        self.quorum: tuple[int, int] = (0, 0)  # (live, voters) of the last change
         self.epoch = 0
         capacity = config.cache_capacity
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
@@ -484,6 +485,17 @@ class Node:
 
     def _membership_changed(self) -> None:
         assert self.membership is not None
+        quorum = self.membership.quorum()
+        if quorum != self.quorum:
+            had = self.has_quorum
+            self.quorum = quorum
+            self.owner_cache.clear()
+            if had != self.has_quorum:
+                log.warning(
+                    "quorum %s",
+                    "regained" if self.has_quorum else "lost",
+                    extra={"event": "quorum", "live": quorum[0], "voters": quorum[1]},
+                )
         live = self.membership.live()
         if live == self.ring_members:
             return
@@ -509,14 +521,21 @@ class Node:
             and not self._handoff_running
         )
 
+    @property
+    def has_quorum(self) -> bool:
+        """True while this node sees a majority of the members that have not left."""
+        live, voters = self.quorum
+        return 2 * live > voters
+
     def owners(self, channel: int) -> tuple[str, ...] | None:
-        """Owner first, then replicas; None while fewer nodes than ``replicas`` live."""
+        """Owner first, then replicas; None while fewer nodes than ``replicas``
+        live or while this node is on the minority side of a partition."""
         cached: tuple[str, ...] | None = self.owner_cache.get(channel)
         if cached is not None:
             return cached
         ring = self.ring
         replicas = self.config.replicas
-        if ring is None or len(self.ring_members) < replicas:
+        if ring is None or len(self.ring_members) < replicas or not self.has_quorum:
             return None
         result = tuple(ring.owners(channel, replicas))
         self.owner_cache.put(channel, result)
@@ -615,7 +634,7 @@ class Node:
                 conn,
                 rid,
                 p.ErrorCode.UNAVAILABLE,
-                f"{len(self.ring_members)} nodes live, {self.config.replicas} needed",
+                self._unavailable_reason(),
             )
             return
         if owners[0] != self.id:
@@ -635,6 +654,12 @@ class Node:
             self._sends_epoch = self.epoch
             assert self._loop is not None
             self._loop.call_soon(self._flush_sends)
+
+    def _unavailable_reason(self) -> str:
+        live, voters = self.quorum
+        if not self.has_quorum:
+            return f"no quorum: {live} of {voters} members reachable"
+        return f"{len(self.ring_members)} nodes live, {self.config.replicas} needed"
 
     def _reroute(self, items: list[SendItem]) -> None:
         """Route SENDs again, in order: the ring changed since their owners were
