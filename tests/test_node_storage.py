@@ -110,3 +110,38 @@ def test_start_requires_open(tmp_path):
             Storage(tmp_path / "m.sqlite3").start(loop)
     finally:
         loop.close()
+
+
+def test_pages_never_split_a_sequence_number(tmp_path):
+    async def scenario() -> None:
+        storage = Storage(tmp_path / "m.sqlite3")
+        storage.open()
+        storage.start(asyncio.get_running_loop())
+        # seq 3 is held by two messages (an old owner's unacknowledged write
+        # and the new owner's acknowledged one)
+        rows = [rec(7, 1, 1), rec(7, 2, 2), rec(7, 3, 3), rec(7, 3, 4), rec(7, 4, 5)]
+        assert (await insert(storage, rows))[0] == 5
+        seen: list[bytes] = []
+        after = 0
+        while page := await storage.fetch(7, after, 3):
+            seen += [r.msg_id for r in page]
+            after = page[-1].seq
+        assert sorted(seen) == sorted(r.msg_id for r in rows)
+        assert len(seen) == 5
+        first = await storage.fetch(7, 0, 3)
+        assert [r.seq for r in first] == [1, 2, 3, 3]
+        await storage.close()
+
+    asyncio.run(scenario())
+
+
+def test_whole_seqs_cuts_between_sequence_numbers():
+    from plexichat.node.server import whole_seqs
+
+    rows = [rec(1, s, i) for i, s in enumerate([1, 2, 2, 2, 3, 4])]
+    assert [r.seq for r in whole_seqs(rows, 3)] == [1]
+    assert [r.seq for r in whole_seqs(rows, 4)] == [1, 2, 2, 2]
+    assert [r.seq for r in whole_seqs(rows, 10)] == [1, 2, 2, 2, 3, 4]
+    # a first sequence number larger than the limit is still returned whole
+    assert [r.seq for r in whole_seqs(rows[1:], 1)] == [2, 2, 2]
+    assert whole_seqs([], 5) == []

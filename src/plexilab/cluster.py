@@ -66,8 +66,8 @@ class ClusterConfig:
     route: Literal["owner", "any"] = "owner"
     backend: Literal["auto", "python"] = "auto"
     gossip_interval: float = 0.2
-    ping_timeout: float = 0.5
-    suspect_timeout: float = 3.0
+    ping_timeout: float = 0.3
+    suspect_timeout: float = 1.0
     p2p_count: int = 200
     p2p_rate: float = 200.0
     p2p_fanout: int = 2
@@ -78,7 +78,7 @@ class ClusterConfig:
     results_dir: Path | None = None
     node_args: list[str] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)  # kinds (plexilab.faults)
-    fault_interval: float = 5.0  # seconds between fault starts
+    fault_interval: float = 10.0  # seconds between fault starts
     fault_duration: float = 0.0  # seconds a fault lasts (0: interval / 2)
 
 
@@ -849,6 +849,9 @@ def run_cluster(
                 },
                 "recovery_s": None if recovery is None else round(recovery, 3),
                 "availability": faultlib.availability(
+                    timeline, fault_rows, float(load.get("timeline_interval_s") or 1)
+                ),
+                "fault_service": faultlib.service(
                     timeline, fault_rows, float(load.get("timeline_interval_s") or 1)
                 ),
                 "links": link_counters,

@@ -111,6 +111,7 @@ class Fault:
         row: dict[str, Any] = {
             "kind": self.kind,
             "target": self.target,
+            "nodes": list(self.nodes),
             "start_s": round(self.start - t0, 3),
             "end_s": None if self.end is None else round(self.end - t0, 3),
         }
@@ -285,6 +286,31 @@ class Nemesis:
         return [f.as_dict(t0) for f in self.faults]
 
 
+def _windows(
+    faults: Sequence[dict[str, Any]],
+) -> list[tuple[float, float, str, set[int]]]:
+    return [
+        (
+            float(f["start_s"]),
+            float(f["end_s"]),
+            str(f.get("kind", "?")),
+            {int(i) for i in f.get("nodes") or []},
+        )
+        for f in faults
+        if f.get("end_s") is not None
+    ]
+
+
+def _side_counts(row: dict[str, Any], targets: set[int]) -> tuple[int, int]:
+    """Acked and failed requests *row* sent to nodes outside *targets*."""
+    by_node = row.get("by_node")
+    if not by_node:
+        return 0, 0
+    ok = sum(int(c[0]) for i, c in enumerate(by_node) if i not in targets)
+    failed = sum(int(c[1]) for i, c in enumerate(by_node) if i not in targets)
+    return ok, failed
+
+
 def availability(
     timeline_rows: Sequence[dict[str, Any]],
     faults: Sequence[dict[str, Any]],
@@ -294,26 +320,34 @@ def availability(
 
     A bucket (``t_s - interval .. t_s``) belongs to the faults when its middle
     lies in a window ``start_s .. end_s``.  Besides ``during_faults`` and
-    ``outside_faults`` there is one ``during_<kind>`` entry per fault kind.
+    ``outside_faults`` there is one ``during_<kind>`` entry per fault kind and,
+    when the timeline counts requests per node (``by_node``), one
+    ``during_<kind>_healthy_side`` entry: requests sent to the nodes the fault
+    did not touch (for a partition: the majority side).
     """
-    windows = [
-        (float(f["start_s"]), float(f["end_s"]), str(f.get("kind", "?")))
-        for f in faults
-        if f.get("end_s") is not None
-    ]
+    windows = _windows(faults)
+    kinds = list(dict.fromkeys(w[2] for w in windows))
     names = ["during_faults", "outside_faults"]
-    names += [f"during_{k}" for k in dict.fromkeys(w[2] for w in windows)]
+    names += [f"during_{k}" for k in kinds]
+    per_node = any(row.get("by_node") for row in timeline_rows)
+    if per_node:
+        names += [f"during_{k}_healthy_side" for k in kinds]
     out = {name: {"ok": 0.0, "failed": 0.0, "seconds": 0.0} for name in names}
     for row in timeline_rows:
         middle = float(row["t_s"]) - interval / 2
-        kind = next((k for start, end, k in windows if start <= middle < end), None)
-        targets = ["outside_faults"] if kind is None else ["during_faults"]
-        if kind is not None:
-            targets.append(f"during_{kind}")
-        for name in targets:
+        window = next((w for w in windows if w[0] <= middle < w[1]), None)
+        counts = [(int(row.get("acked", 0)), int(row.get("failed", 0)))]
+        targets = ["outside_faults"]
+        if window is not None:
+            targets = ["during_faults", f"during_{window[2]}"]
+            counts.append(counts[0])
+            if per_node:
+                targets.append(f"during_{window[2]}_healthy_side")
+                counts.append(_side_counts(row, window[3]))
+        for name, (ok, failed) in zip(targets, counts, strict=True):
             bucket = out[name]
-            bucket["ok"] += int(row.get("acked", 0))
-            bucket["failed"] += int(row.get("failed", 0))
+            bucket["ok"] += ok
+            bucket["failed"] += failed
             bucket["seconds"] += interval
     for bucket in out.values():
         total = bucket["ok"] + bucket["failed"]
@@ -322,4 +356,48 @@ def availability(
             round(bucket["ok"] / bucket["seconds"], 1) if bucket["seconds"] else 0.0
         )
         bucket["ok"], bucket["failed"] = int(bucket["ok"]), int(bucket["failed"])
+    return out
+
+
+def service(
+    timeline_rows: Sequence[dict[str, Any]],
+    faults: Sequence[dict[str, Any]],
+    interval: float = 1.0,
+    *,
+    threshold: float = 0.99,
+) -> list[dict[str, Any]]:
+    """Per fault: how its healthy side was served while it lasted.
+
+    ``healthy_ok_share`` counts requests sent to the nodes the fault did not
+    touch; ``served_after_s`` is the time from the fault's start to the end of
+    the first bucket inside the window in which at least *threshold* of those
+    requests succeeded (None: never during the fault).
+    """
+    rows = sorted(timeline_rows, key=lambda r: float(r["t_s"]))
+    out: list[dict[str, Any]] = []
+    for start, end, kind, nodes in _windows(faults):
+        ok = failed = 0
+        served: float | None = None
+        for row in rows:
+            t_end = float(row["t_s"])
+            if not (start <= t_end - interval / 2 < end):
+                continue
+            r_ok, r_failed = _side_counts(row, nodes)
+            ok += r_ok
+            failed += r_failed
+            total = r_ok + r_failed
+            if served is None and total and r_ok / total >= threshold:
+                served = round(max(0.0, t_end - start), 3)
+        total = ok + failed
+        out.append(
+            {
+                "kind": kind,
+                "nodes": sorted(nodes),
+                "start_s": start,
+                "healthy_ok": ok,
+                "healthy_failed": failed,
+                "healthy_ok_share": round(ok / total, 4) if total else None,
+                "served_after_s": served,
+            }
+        )
     return out

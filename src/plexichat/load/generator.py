@@ -16,12 +16,17 @@ sender's messages to one channel always take the same connection, so their
 order is kept.
 
 Faults: a connection that closes (its node was killed) is reopened about once
-a second; meanwhile its senders use their other connections.  A sender moves
-a channel to another connection only when none of its messages to that
-channel is in flight, so its order is kept across the switch.  In closed loop
+a second; meanwhile its senders use their other connections.  A request that
+fails (an error, a timeout, a lost connection) sends that channel's next
+messages to the next node for ``detour`` seconds (it forwards to whoever owns
+the channel now), as a client of a real cluster tries another server; then the
+channel goes back to its owner.  A sender moves a channel to another
+connection only when none of its messages to that channel is in flight, so
+its order is kept across the switch.  In closed loop
 a failed request's slot is re-issued after ``retry_delay`` (no busy loop
 against a node that fails fast).  The report's ``timeline`` counts acked and
-failed requests per ``timeline_interval`` since ``started_unix``.
+failed requests per ``timeline_interval`` since ``started_unix``, in total
+and per node the requests were sent to (``by_node``).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class LoadConfig:
     channel_prefix: str = "load"
     connections: int = 0  # per node, shared by the clients; 0: one per client
     retry_delay: float = 0.05  # closed loop: seconds before a failed slot re-issues
+    detour: float = 2.0  # seconds a failed channel is sent through another node
     timeline_interval: float = 1.0  # seconds per timeline bucket
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +107,11 @@ class _Client:
     # of them are in flight there (a channel switches only when idle)
     route: list[_Conn | None] = field(default_factory=list)
     busy: list[int] = field(default_factory=list)
+    # per channel index: failures in a row (0: the owner's connection) and
+    # the monotonic time the detour ends
+    detour: list[int] = field(default_factory=list)
+    detour_until: list[float] = field(default_factory=list)
+    detour_s: float = 2.0
 
 
 class Generator:
@@ -124,6 +135,7 @@ class Generator:
         self.reconnects = 0
         self.tl_acked: list[int] = []
         self.tl_failed: list[int] = []
+        self.tl_node: list[list[list[int]]] = []  # bucket -> node -> [acked, failed]
         self._tl_ns = max(1, int(config.timeline_interval * 1e9))
         self.started_unix = 0.0
         self.channel_ids = [
@@ -159,12 +171,16 @@ class Generator:
             return False
         ci = self.pick()
         conn = client.conns[ci]
-        if conn.closed:
+        detour = client.detour[ci]
+        if detour and time.monotonic() >= client.detour_until[ci]:
+            detour = client.detour[ci] = 0
+        if conn.closed or detour:
             alive = [c for c in client.fallback if not c.closed]
             if not alive:
                 self.stopping = True
                 return False
-            conn = alive[ci % len(alive)]
+            start = alive.index(conn) if conn in alive else ci
+            conn = alive[(start + detour) % len(alive)]
         current = client.route[ci]
         if current is not conn:
             if current is not None and client.busy[ci] and not current.closed:
@@ -214,14 +230,15 @@ class Generator:
                 if journal is not None:
                     journal.add(mid, channel, client.sender, counter, seq)
             else:
-                self._fail(frame)
+                self._fail(frame, node=conn.index)
+                self._detour(client, ci)
                 if closed_loop:
                     self._retry(client)
                 continue
             if closed_loop:
                 self.issue(client)
         if self.acked != acked_before:
-            self._tick(now, self.acked - acked_before, 0)
+            self._tick(now, self.acked - acked_before, 0, conn.index)
         self.last_ack_ns = now
         if time.monotonic() >= self.deadline:
             self.stopping = True
@@ -229,8 +246,8 @@ class Generator:
             self._flush_latencies()
         self._check_done()
 
-    def _tick(self, now_ns: int, acked: int, failed: int) -> None:
-        """Add to the timeline bucket of *now_ns*."""
+    def _tick(self, now_ns: int, acked: int, failed: int, node: int) -> None:
+        """Add to the timeline bucket of *now_ns* (requests sent to *node*)."""
         index = (
             max(0, (now_ns - self.started_ns) // self._tl_ns) if self.started_ns else 0
         )
@@ -238,8 +255,19 @@ class Generator:
         if grow > 0:
             self.tl_acked.extend([0] * grow)
             self.tl_failed.extend([0] * grow)
+            n = len(self.config.nodes)
+            self.tl_node.extend([[0, 0] for _ in range(n)] for _ in range(grow))
         self.tl_acked[index] += acked
         self.tl_failed[index] += failed
+        counts = self.tl_node[index][node]
+        counts[0] += acked
+        counts[1] += failed
+
+    @staticmethod
+    def _detour(client: _Client, ci: int) -> None:
+        """Send channel *ci* of *client* through the next node for a while."""
+        client.detour[ci] += 1
+        client.detour_until[ci] = time.monotonic() + client.detour_s
 
     def _retry(self, client: _Client) -> None:
         """Re-issue a failed closed-loop slot after ``retry_delay``."""
@@ -255,9 +283,9 @@ class Generator:
         self.issue(client)
         self._check_done()
 
-    def _fail(self, frame: wire.Frame | None, reason: str = "") -> None:
+    def _fail(self, frame: wire.Frame | None, reason: str = "", *, node: int) -> None:
         self.failures += 1
-        self._tick(time.perf_counter_ns(), 0, 1)
+        self._tick(time.perf_counter_ns(), 0, 1, node)
         if frame is not None:
             try:
                 code, _ = p.decode_error(frame.payload)
@@ -277,7 +305,8 @@ class Generator:
             client = entry[0]
             client.inflight -= 1
             client.busy[entry[5]] -= 1
-            self._fail(None, "CONNECTION_LOST")
+            self._fail(None, "CONNECTION_LOST", node=conn.index)
+            self._detour(client, entry[5])
         if pending and self.config.mode == "closed":
             for client, *_ in pending.values():
                 self._retry(client)
@@ -341,6 +370,9 @@ class Generator:
                     conns,
                     route=[None] * channels,
                     busy=[0] * channels,
+                    detour=[0] * channels,
+                    detour_until=[0.0] * channels,
+                    detour_s=config.detour,
                 )
             )
 
@@ -386,7 +418,8 @@ class Generator:
                     client = entry[0]
                     client.inflight -= 1
                     client.busy[entry[5]] -= 1
-                    self._fail(None, "TIMEOUT")
+                    self._fail(None, "TIMEOUT", node=conn.index)
+                    self._detour(client, entry[5])
                     if self.config.mode == "closed":
                         self.issue(client)
             if time.monotonic() >= self.deadline:
@@ -464,8 +497,15 @@ class Generator:
         pct = row["percentiles_ms"]
         step = config.timeline_interval
         timeline = [
-            {"t_s": round((i + 1) * step, 3), "acked": a, "failed": f}
-            for i, (a, f) in enumerate(zip(self.tl_acked, self.tl_failed, strict=True))
+            {
+                "t_s": round((i + 1) * step, 3),
+                "acked": a,
+                "failed": f,
+                "by_node": by_node,
+            }
+            for i, (a, f, by_node) in enumerate(
+                zip(self.tl_acked, self.tl_failed, self.tl_node, strict=True)
+            )
         ]
         return {
             "scenario": "chat",

@@ -183,6 +183,22 @@ class _WriteGroup:
         self.fail(p.ErrorCode.TIMEOUT, "replication timed out")
 
 
+def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
+    """The longest prefix of at most *limit* rows that ends between two sequence
+    numbers (at least the first sequence number's rows): a page a reader can
+    continue with ``after = last seq`` without skipping anything."""
+    if len(rows) <= limit:
+        cut = len(rows)
+    else:
+        cut = max(0, limit)
+        while 0 < cut < len(rows) and rows[cut - 1].seq == rows[cut].seq:
+            cut -= 1
+    if cut == 0 and rows:
+        first = rows[0].seq
+        cut = next((i for i, r in enumerate(rows) if r.seq != first), len(rows))
+    return rows[:cut]
+
+
 def _local_done_all(
     groups: list[_WriteGroup],
     inserted: int,
@@ -490,7 +506,7 @@ class Node:
             had = self.has_quorum
             self.quorum = quorum
             self.owner_cache.clear()
-            if had != self.has_quorum:
+            if had != self.has_quorum and not self._stopping:
                 log.warning(
                     "quorum %s",
                     "regained" if self.has_quorum else "lost",
@@ -904,15 +920,16 @@ class Node:
         except Exception as exc:
             self._error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
             return
-        more = len(rows) > limit
-        rows = rows[:limit]
+        total = len(rows)
+        rows = whole_seqs(rows, limit)
         budget = self.config.max_frame - 4096
         size = 0
         for index, rec in enumerate(rows):
             size += p.MESSAGE_RECORD.size + len(rec.payload)
             if size > budget:
-                rows, more = rows[: max(1, index)], True
+                rows = whole_seqs(rows, index)
                 break
+        more = len(rows) < total
         conn.send(T.MESSAGES, rid, p.encode_messages(channel, rows, more))
         self.hist["fetch"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
 
@@ -1154,6 +1171,11 @@ class Node:
                 await asyncio.sleep(self.config.handoff_delay)
                 if epoch == self.epoch:
                     break
+            if not self.has_quorum:
+                # The minority side of a partition keeps its last completed
+                # ring as the base: when the partition heals, only what
+                # changed meanwhile moves (not every channel to and fro).
+                continue
             new, base = self.ring, self._handoff_base
             self._handoff_base = new
             self._in_transition = False

@@ -56,6 +56,10 @@ FETCH = (
     "SELECT channel, seq, msg_id, sender, ts_us, payload FROM messages "
     "WHERE channel = ? AND seq > ? ORDER BY seq, id LIMIT ?"
 )
+FETCH_SEQ = (
+    "SELECT channel, seq, msg_id, sender, ts_us, payload FROM messages "
+    "WHERE channel = ? AND seq = ? ORDER BY id"
+)
 
 # (inserted rows, {index in batch: stored seq} for ids stored before, error)
 InsertResult = tuple[int, dict[int, int], BaseException | None]
@@ -205,10 +209,26 @@ class Storage:
         return future
 
     async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
-        """Messages of *channel* with ``seq > after``, in sequence order."""
+        """Messages of *channel* with ``seq > after``, in sequence order.
+
+        A page never ends inside a sequence number: two messages can share one
+        (an owner's unacknowledged write and the acknowledged one a new owner
+        gave the same number during a partition), and a reader that goes on
+        with ``after = last seq`` must not skip the second.  So the last
+        sequence number's messages are all returned, even beyond *limit*.
+        """
 
         def run(conn: sqlite3.Connection) -> list[Record]:
-            rows = conn.execute(FETCH, (_to_signed(channel), after, limit)).fetchall()
+            signed = _to_signed(channel)
+            rows = conn.execute(FETCH, (signed, after, limit)).fetchall()
+            if rows and len(rows) >= limit:
+                last = rows[-1][1]
+                have = {r[2] for r in rows if r[1] == last}
+                rows += [
+                    r
+                    for r in conn.execute(FETCH_SEQ, (signed, last)).fetchall()
+                    if r[2] not in have
+                ]
             return [
                 Record(_to_unsigned(c), s, bytes(m), _to_unsigned(snd), ts, bytes(p))
                 for c, s, m, snd, ts, p in rows

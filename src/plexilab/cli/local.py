@@ -51,7 +51,7 @@ FAULT_HELP = {
     "faults": "comma list of faults to inject during the load: "
     f"{', '.join(LocalHost.fault_kinds & set(faultlib.KINDS))}; "
     "default (all of them) or none (default none)",
-    "fault_interval": "seconds between fault starts (default 5)",
+    "fault_interval": "seconds between fault starts (default 10)",
     "fault_duration": "seconds each fault lasts (default: half the interval)",
 }
 
@@ -70,8 +70,10 @@ def _config(**kw: Any) -> ClusterConfig:
         install=kw["install"],
         results_dir=Path(kw["results"]) if kw["results"] else None,
         faults=kw.get("fault_kinds", []),
-        fault_interval=kw.get("fault_interval", 5.0),
+        fault_interval=kw.get("fault_interval", 10.0),
         fault_duration=kw.get("fault_duration", 0.0),
+        ping_timeout=kw.get("ping_timeout", 0.3),
+        suspect_timeout=kw.get("suspect_timeout", 1.0),
     )
 
 
@@ -124,6 +126,13 @@ def results_table(
                     f"{v['ok']:,} / {v['failed']:,} ({v['acked_per_s']:,.0f})",
                 )
             )
+        for kind, (served, total, worst) in _served_by_kind(results).items():
+            rows.append(
+                (
+                    f"{kind}: healthy side fully served within the fault",
+                    f"{served} of {total} faults (slowest after {worst})",
+                )
+            )
         rows.append(("recovery after healing (s)", f"{results['recovery_s']:.2f}"))
     for error in results.get("fault_errors") or []:
         rows.append(("fault error", error))
@@ -133,6 +142,20 @@ def results_table(
         )
         table.add_row(name, value, style="red" if bad else None)
     return table
+
+
+def _served_by_kind(results: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
+    """Per fault kind: faults whose healthy side was served, of all, slowest."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for row in results.get("fault_service") or []:
+        served, total, worst = out.get(row["kind"], (0, 0, "-"))
+        after = row.get("served_after_s")
+        if after is not None:
+            served += 1
+            if worst == "-" or after > float(worst.rstrip("s")):
+                worst = f"{after:g}s"
+        out[row["kind"]] = (served, total + 1, worst)
+    return out
 
 
 def _write(path: str, doc: dict[str, Any]) -> None:
@@ -147,6 +170,10 @@ def _write(path: str, doc: dict[str, Any]) -> None:
         **COMMON_HELP,
         **FAULT_HELP,
         "backend": "auto (compiled when available) or python (reference backends)",
+        "ping_timeout": "failure detector: seconds a node waits for a PONG "
+        "(default 0.3)",
+        "suspect_timeout": "failure detector: seconds a suspected node has to "
+        "refute before the others route around it (default 1)",
     }
 )
 def cluster(
@@ -164,8 +191,10 @@ def cluster(
     install: str = "wheel",
     results: str = "",
     faults: str = "none",
-    fault_interval: float = 5.0,
+    fault_interval: float = 10.0,
     fault_duration: float = 0.0,
+    ping_timeout: float = 0.3,
+    suspect_timeout: float = 1.0,
 ) -> None:
     """Run a local PlexiChat cluster under load and check that nothing was lost."""
     if backend not in ("auto", "python"):
