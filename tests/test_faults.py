@@ -64,6 +64,43 @@ def test_availability_splits_buckets_by_fault_windows():
     assert none["outside_faults"]["ok"] == 220
 
 
+def test_healthy_side_and_service_use_the_per_node_counts():
+    # node 0 is cut off from 1.0 to 4.0; requests to nodes 1 and 2 fail in
+    # the first second of the partition (detection), then succeed
+    timeline = [
+        {"t_s": 1.0, "acked": 90, "failed": 0, "by_node": [[30, 0]] * 3},
+        {"t_s": 2.0, "acked": 10, "failed": 60, "by_node": [[0, 20], [5, 20], [5, 20]]},
+        {"t_s": 3.0, "acked": 80, "failed": 10, "by_node": [[0, 10], [40, 0], [40, 0]]},
+        {"t_s": 4.0, "acked": 81, "failed": 9, "by_node": [[1, 9], [40, 0], [40, 0]]},
+        {"t_s": 5.0, "acked": 90, "failed": 0, "by_node": [[30, 0]] * 3},
+    ]
+    windows = [
+        {"kind": "partition", "nodes": [0], "start_s": 1.0, "end_s": 4.0},
+    ]
+    out = faults.availability(timeline, windows)
+    side = out["during_partition_healthy_side"]
+    assert (side["ok"], side["failed"]) == (170, 40)
+    assert out["during_partition"]["ok"] == 171
+    rows = faults.service(timeline, windows)
+    assert rows == [
+        {
+            "kind": "partition",
+            "nodes": [0],
+            "start_s": 1.0,
+            "healthy_ok": 170,
+            "healthy_failed": 40,
+            "healthy_ok_share": round(170 / 210, 4),
+            "served_after_s": 2.0,
+        }
+    ]
+    # never served within the window: None, not a number
+    bad = [dict(r, by_node=[[0, 5], [0, 5], [0, 5]]) for r in timeline]
+    assert faults.service(bad, windows)[0]["served_after_s"] is None
+    # a timeline without per-node counts has no healthy-side entry
+    plain = [{k: v for k, v in r.items() if k != "by_node"} for r in timeline]
+    assert "during_partition_healthy_side" not in faults.availability(plain, windows)
+
+
 @dataclass
 class _Node:
     index: int

@@ -188,3 +188,67 @@ def test_tools_report_unreachable_nodes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "plexichat-load" in err
     assert "plexichat-check" in err
+
+
+def test_a_failed_channel_detours_through_the_next_node_then_returns():
+    import time
+
+    from plexichat import wire
+    from plexichat.load.generator import _Client, _Conn
+    from plexichat.node import protocol as p
+
+    async def scenario() -> None:
+        config = LoadConfig(
+            nodes=[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
+            channels=1,
+            mode="open",
+            detour=30.0,
+        )
+        gen = Generator(config)
+        sent: list[int] = []
+        conns = [_Conn(gen, i) for i in range(3)]
+        for conn in conns:
+            conn.send = lambda t, rid, body, i=conn.index: sent.append(i)
+        client = _Client(
+            1,
+            [conns[0]],
+            conns,
+            route=[None],
+            busy=[0],
+            detour=[0],
+            detour_until=[0.0],
+            detour_s=config.detour,
+        )
+        gen.clients.append(client)
+        assert gen.issue(client)
+        assert sent == [0]  # the owner's connection first
+        (rid,) = conns[0].pending
+        error = p.encode_error(p.ErrorCode.UNAVAILABLE, "replica: cut")
+        gen.on_frames(conns[0], [wire.Frame(wire.MessageType.ERROR, rid, error)])
+        # every message until the detour ends goes to the next node
+        assert gen.issue(client)
+        assert sent[-1] == 1
+        (rid,) = conns[1].pending
+        ack = p.ACK_BODY.pack(1, 1)
+        gen.on_frames(conns[1], [wire.Frame(wire.MessageType.ACK, rid, ack)])
+        assert gen.issue(client)
+        assert sent[-1] == 1
+        # a second failure moves it on again; once the detour is over the
+        # channel is back on its owner
+        (rid,) = conns[1].pending
+        gen.on_frames(conns[1], [wire.Frame(wire.MessageType.ERROR, rid, error)])
+        for conn in conns:
+            conn.pending.clear()
+        client.busy[0] = 0
+        assert gen.issue(client)
+        assert sent[-1] == 2
+        conns[2].pending.clear()
+        client.busy[0] = 0
+        client.detour_until[0] = time.monotonic() - 1
+        assert gen.issue(client)
+        assert sent[-1] == 0
+        # per-node counts: one failure on node 0 and node 1, one ack on node 1
+        bucket = gen.tl_node[0]
+        assert bucket == [[0, 1], [1, 1], [0, 0]]
+
+    asyncio.run(scenario())
