@@ -253,8 +253,16 @@ def test_cluster_plan_passes_only_options_the_task_has(tmp_path):
     plan = nightly.cluster_plan(tasks, opts, tmp_path)
     assert plan["argv"][3] == "qemu.cluster"
     assert "--faults=kill" in plan["argv"]
-    assert "--duration=10" in plan["argv"]
+    assert "--duration=40" in plan["argv"]
+    assert not any(a.startswith("--fault-interval") for a in plan["argv"])
     assert not plan["fallback"]
+    tasks["qemu.cluster"].add("fault-interval")
+    plan = nightly.cluster_plan(tasks, opts, tmp_path)
+    assert "--fault-interval=9" in plan["argv"]
+    full = nightly.NightlyOptions(faults="kill", fault_interval=12.5)
+    plan = nightly.cluster_plan(tasks, full, tmp_path)
+    assert "--fault-interval=12.5" in plan["argv"]
+    assert "--duration=120" in plan["argv"]
 
 
 def test_run_command_times_out_and_kills_the_group(tmp_path):

@@ -74,8 +74,9 @@ class NightlyOptions:
     factor: float = 1.1
     skip: frozenset[str] = frozenset()
     nodes: int = 3
-    duration: float = 0.0  # 0: 10 s quick, 30 s full
+    duration: float = 0.0  # 0: 40 s quick, 120 s full
     faults: str = DEFAULT_FAULTS
+    fault_interval: float = 0.0  # 0: 9 s quick, 15 s full (4 / 8 faults)
     asv_results: Path = REPO / ".asv" / "results"
     machine: str = "lab"
     repo: Path = REPO
@@ -84,7 +85,11 @@ class NightlyOptions:
 
     @property
     def cluster_duration(self) -> float:
-        return self.duration or (10.0 if self.quick else 30.0)
+        return self.duration or (40.0 if self.quick else 120.0)
+
+    @property
+    def cluster_fault_interval(self) -> float:
+        return self.fault_interval or (9.0 if self.quick else 15.0)
 
 
 def expand_skip(values: Sequence[str]) -> frozenset[str]:
@@ -273,6 +278,9 @@ def cluster_plan(
         if "faults" in accepted:
             args.append(f"--faults={options.faults}")
             plan["faults"] = options.faults
+            if "fault-interval" in accepted:
+                args.append(f"--fault-interval={options.cluster_fault_interval:g}")
+                plan["fault_interval_s"] = options.cluster_fault_interval
         else:
             plan["faults_note"] = (
                 f"`invoke {task}` has no --faults option yet: ran without faults "

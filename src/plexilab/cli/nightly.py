@@ -30,15 +30,17 @@ console = Console()
     default=True,
     iterable=["skip"],
     help={
-        "quick": 'tests with -m "not qemu and not docker" and a 10 s cluster run',
+        "quick": 'tests with -m "not qemu and not docker" and a 40 s cluster run',
         "reports": "reports directory (default reports/ in the repo)",
         "factor": "slowdown factor counted as a regression (default 1.1)",
         "skip": f"step to skip, repeatable or comma-separated: "
         f"{', '.join(nightly_mod.STEPS)}, wheels",
         "nodes": "cluster nodes (default 3)",
-        "duration": "cluster load seconds (default 10 quick, 30 full)",
+        "duration": "cluster load seconds (default 40 quick, 120 full)",
         "faults": "fault plan passed as --faults to a cluster task that has it "
         f"(default {nightly_mod.DEFAULT_FAULTS!r}; '' for none)",
+        "fault_interval": "seconds between faults in the cluster run "
+        "(default 9 quick, 15 full)",
         "asv_results": "asv results directory (default .asv/results)",
     },
 )
@@ -51,6 +53,7 @@ def run(
     nodes: int = 3,
     duration: float = 0.0,
     faults: str = nightly_mod.DEFAULT_FAULTS,
+    fault_interval: float = 0.0,
     asv_results: str = "",
 ) -> None:
     """Run the nightly: build, tests, benchmarks, wheels, cluster; write the report."""
@@ -64,6 +67,7 @@ def run(
             nodes=nodes,
             duration=float(duration),
             faults=faults,
+            fault_interval=float(fault_interval),
         )
         if reports:
             options.reports = Path(reports).resolve()
