@@ -251,3 +251,47 @@ def test_the_minority_side_refuses_writes_and_the_majority_keeps_them(tmp_path):
             await small.close()
 
     run(scenario())
+
+
+def test_an_owner_without_a_lease_stops_writing_then_resyncs(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            n0, n1, n2 = cluster.nodes
+            channel = next(
+                c
+                for c in (key_of(f"lease-{i}") for i in range(10_000))
+                if n0.owners(c) == ("n0", "n1")
+                and Ring({"n1": 1.0, "n2": 1.0}).owners(c, 2)[0] == "n1"
+            )
+            client0 = await client_for(n0)
+            assert await client0.send(channel, p.message_id(8, 1), 8, b"a") == 1
+            # n0 stalls (a pause): n1 and n2 route around it and n1 writes
+            for node in (n1, n2):
+                set_status(node, n0, "dead")
+            client1 = await client_for(n1)
+            assert await client1.send(channel, p.message_id(8, 2), 8, b"b") == 2
+            # n0 wakes up without a recent answer from a majority: no write
+            keeper = next(t for t in n0._tasks if t.get_name() == "n0-lease")
+            keeper.cancel()
+            n0.answered.clear()
+            with pytest.raises(RemoteError, match="lease lapsed"):
+                await client0.send(channel, p.message_id(8, 3), 8, b"c")
+            assert n0.counters["lease_lapses"] == 1
+            # a fresh answer renews the lease; n0 syncs the channel first, and
+            # n1 refuses the copy of a node it believes dead
+            assert await n0.membership.ping("n1")
+            with pytest.raises(RemoteError, match="n0 is dead here"):
+                await client0.send(channel, p.message_id(8, 4), 8, b"d")
+            assert n1.counters["replicate_refused"] == 1
+            # n0 refutes: it is the owner again and numbers after n1's write
+            for node in (n1, n2):
+                set_status(node, n0, "alive", bump=1)
+            assert await client0.send(channel, p.message_id(8, 5), 8, b"e") >= 3
+            rows = await n1.storage.fetch(channel, 0, 10)
+            seqs = [r.seq for r in rows if r.msg_id != p.message_id(8, 4)]
+            assert seqs == sorted(set(seqs)), "no sequence number given twice"
+            await client0.close()
+            await client1.close()
+
+    run(scenario())

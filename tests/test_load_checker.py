@@ -55,6 +55,16 @@ def test_loss_duplicate_reorder_and_mismatch_are_counted():
     assert result.seq_mismatch == 2
 
 
+def test_a_sequence_number_shared_with_an_unacknowledged_write_is_reported():
+    acked = [entry(1, i) for i in range(1, 4)]
+    stored = rows(*acked)
+    stored[1].append((2, p.message_id(9, 1)))  # an old owner's unacked write
+    result = check(acked, stored)
+    assert result.shared_seq == 1
+    assert result.ok  # informational: every acknowledged message is there once
+    assert check(acked, rows(*acked)).shared_seq == 0
+
+
 def test_replica_copies_are_checked_when_given():
     acked = [entry(1, i) for i in range(1, 4)]
     result = check(acked, rows(*acked), [rows(*acked[:2])])

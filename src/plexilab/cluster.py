@@ -833,6 +833,7 @@ def run_cluster(
         "duplicated": check["duplicated"],
         "reordered": check["reordered"],
         "seq_mismatch": check["seq_mismatch"],
+        "shared_seq": check.get("shared_seq", 0),
         "throughput_msgs_per_s": load["throughput_msgs_per_s"],
         "latency_ms": load["latency_ms"],
         "convergence_s": round(convergence, 3),

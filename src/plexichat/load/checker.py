@@ -10,6 +10,9 @@ reports:
   whose stored sequence numbers do not increase with the sender's counter;
 * ``seq_mismatch``: messages stored under another sequence number than the
   one in their ACK (informational);
+* ``shared_seq``: acknowledged messages whose sequence number the owner also
+  stores for another message (an unacknowledged write of an old owner;
+  informational);
 * ``replica_missing``: with ``--replicas``, copies missing on replicas.
 
 Exit status: 0 when nothing is lost, duplicated or reordered, 1 otherwise,
@@ -45,6 +48,7 @@ class CheckResult:
     duplicated: int = 0
     reordered: int = 0
     seq_mismatch: int = 0
+    shared_seq: int = 0
     channels: int = 0
     replica_missing: int = 0
     replicas_checked: bool = False
@@ -80,8 +84,10 @@ def check(
     result.channels = len(by_channel)
     for channel, acked in by_channel.items():
         occurrences: dict[bytes, list[int]] = defaultdict(list)
+        holders: dict[int, int] = defaultdict(int)
         for seq, msg_id in owner_rows.get(channel, ()):
             occurrences[msg_id].append(seq)
+            holders[seq] += 1
         stored_seq: dict[bytes, int] = {}
         for entry in acked:
             seqs = occurrences.get(entry.msg_id)
@@ -100,6 +106,8 @@ def check(
                     result, "duplicated", f"{entry.msg_id.hex()} at seqs {sorted(seqs)}"
                 )
             stored_seq[entry.msg_id] = min(seqs)
+            if holders[min(seqs)] > 1:
+                result.shared_seq += 1
             if entry.seq not in seqs:
                 result.seq_mismatch += 1
         by_sender: dict[int, list[jr.Entry]] = defaultdict(list)

@@ -301,6 +301,17 @@ class Membership:
         self.merge(reply.get("updates"))
         return True
 
+    async def ping(self, node_id: str) -> bool:
+        """PING one member now (outside the probe rotation); True if it answered."""
+        member = self.members.get(node_id)
+        if member is None or member.id == self.id:
+            return False
+        return await self._ping(member)
+
+    def status(self, node_id: str) -> Status | None:
+        member = self.members.get(node_id)
+        return None if member is None else member.status
+
     def _next_target(self) -> Member | None:
         while self._order:
             member = self.members.get(self._order.pop())

@@ -77,6 +77,11 @@ class NodeConfig:
     cache_capacity: int = 65536
     handoff_batch: int = 512
     handoff_delay: float = 0.5  # ring must be stable this long before a handoff
+    # An owner assigns sequence numbers only while a majority answered it
+    # within this many seconds (0: 3/4 of the suspicion timeout: the others
+    # declare a node dead at least a suspicion timeout after it stopped
+    # answering, so they never take a channel over while it still writes it)
+    lease: float = 0.0
     fetch_limit: int = 1000
 
 
@@ -139,7 +144,11 @@ class _WriteGroup:
         if error is not None or frame is None:
             self.fail(p.ErrorCode.UNAVAILABLE, f"replica: {error}")
         elif frame.type != T.REPLICATE_ACK:
-            self.fail(p.ErrorCode.UNAVAILABLE, "replica refused the write")
+            try:
+                reason = p.decode_error(frame.payload)[1]
+            except p.ProtocolError:
+                reason = f"frame type {frame.type}"
+            self.fail(p.ErrorCode.UNAVAILABLE, f"replica refused the write: {reason}")
         else:
             self._part_done()
 
@@ -236,6 +245,10 @@ class Node:
         self.ring_members: dict[str, float] = {}
         self.quorum: tuple[int, int] = (0, 0)  # (live, voters) of the last change
         self.epoch = 0
+        # peer address -> monotonic time a request that it answered was sent
+        self.answered: dict[tuple[str, int], float] = {}
+        self.lease = config.lease or config.gossip.suspect_timeout * 0.75
+        self._lease_lapsed = False
         capacity = config.cache_capacity
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
@@ -286,6 +299,9 @@ class Node:
                 "slow_readers_closed",
                 "delivered",
                 "connections",
+                "lease_lapses",
+                "lease_refused",
+                "replicate_refused",
             ),
             0,
         )
@@ -354,6 +370,7 @@ class Node:
         self._spawn(self._sweeper(), "sweeper")
         self._spawn(self._handoff_worker(), "handoff")
         self._spawn(self._placement_tracker(), "placement")
+        self._spawn(self._lease_keeper(), "lease")
         self.gc.install()
         self.started = time.monotonic()
         self.ready.set()
@@ -564,11 +581,53 @@ class Node:
         if self._stopping and body.get("kind") != "leave":
             return None
         link = self._link((host, port))
+        sent = time.monotonic()
         try:
             frame = await link.call(type, p.encode_json(body), timeout)
+            self._answered((host, port), sent)
             return p.decode_json(frame.payload)
         except (OSError, TimeoutError, RemoteError, p.ProtocolError, ConnectionLost):
             return None
+
+    def _answered(self, address: tuple[str, int], sent: float) -> None:
+        if self.answered.get(address, 0.0) < sent:
+            self.answered[address] = sent
+
+    def lease_valid(self, now: float | None = None) -> bool:
+        """True while a majority (this node included) answered within the lease.
+
+        Requests count from the time they were *sent*: a reply that waited
+        in a buffer while this node was paused does not renew the lease.
+        """
+        need = self.quorum[1] // 2
+        if need == 0:
+            return True
+        since = (time.monotonic() if now is None else now) - self.lease
+        fresh = 0
+        for at in self.answered.values():
+            if at >= since:
+                fresh += 1
+                if fresh >= need:
+                    return True
+        return False
+
+    async def _lease_keeper(self) -> None:
+        """Ping live peers that have not answered lately (an idle node keeps its
+        lease; a busy one renews it through its REPLICATE round trips)."""
+        assert self.membership is not None
+        period = self.lease / 3
+        while True:
+            await asyncio.sleep(period)
+            since = time.monotonic() - period
+            stale = [
+                node_id
+                for node_id in self.ring_members
+                if node_id != self.id
+                and self.answered.get(self.membership.address(node_id) or ("", 0), 0.0)
+                < since
+            ]
+            for node_id in stale:
+                self._spawn(self.membership.ping(node_id), "lease-ping")
 
     def _link(self, address: tuple[str, int]) -> Link:
         link = self.links.get(address)
@@ -601,14 +660,22 @@ class Node:
             callback(None, ConnectionLost(f"unknown member {node_id}"))
             return
         link = self._link(address)
+        sent = time.monotonic()
+        answered = self.answered
+
+        def noted(frame: wire.Frame | None, error: BaseException | None) -> None:
+            if frame is not None and answered.get(address, 0.0) < sent:
+                answered[address] = sent
+            callback(frame, error)
+
         queued = self._connect_queue.get(link)
         if queued is not None:  # keep the order of requests behind a connect
-            queued.append((type, payload, callback))
+            queued.append((type, payload, noted))
             return
         if link.connected:
-            link.request(type, payload, callback)
+            link.request(type, payload, noted)
             return
-        self._connect_queue[link] = [(type, payload, callback)]
+        self._connect_queue[link] = [(type, payload, noted)]
 
         async def connect_then_send() -> None:
             error: BaseException | None = None
@@ -725,6 +792,10 @@ class Node:
         if self._sends_epoch != epoch:
             self._reroute(batch)
             return
+        if len(self.ring_members) > 1 and not self.lease_valid():
+            self._refuse_without_lease(batch)
+            return
+        self._lease_lapsed = False
         synced = self.synced
         fenced = self.fenced
         gates = self.gates
@@ -801,6 +872,21 @@ class Node:
                 replica, T.REPLICATE, p.encode_records(chunk), group.replica_done
             )
 
+    def _refuse_without_lease(self, batch: list[SendItem]) -> None:
+        """No majority answered lately (this node was paused or cut off): the
+        others may have taken its channels over, so it writes nothing and
+        syncs every channel again before its next write."""
+        if not self._lease_lapsed:
+            self._lease_lapsed = True
+            self.epoch += 1  # every channel syncs again before its next write
+            self.owner_cache.clear()
+            self.counters["lease_lapses"] += 1
+            log.warning("lease lapsed", extra={"event": "lease", "lease_s": self.lease})
+        self.counters["lease_refused"] += len(batch)
+        message = f"lease lapsed: no majority answered within {self.lease:g}s"
+        for conn, rid, *_ in batch:
+            self._error(conn, rid, p.ErrorCode.UNAVAILABLE, message)
+
     @staticmethod
     def _chunks(records: list[p.Record]) -> Iterable[list[p.Record]]:
         size = 0
@@ -866,6 +952,19 @@ class Node:
                 last_seq[rec.channel] = rec.seq
 
     def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
+        membership = self.membership
+        if (
+            conn.peer_id
+            and membership is not None
+            and membership.status(conn.peer_id) in ("dead", "left")
+        ):
+            # written by an owner the cluster has routed around (it was
+            # paused or cut off): its channels may have a new owner already
+            self.counters["replicate_refused"] += 1
+            self._error(
+                conn, rid, p.ErrorCode.NOT_OWNER, f"{conn.peer_id} is dead here"
+            )
+            return
         records = p.decode_records(payload)
         self._note_records(records)
         t0 = time.perf_counter_ns()

@@ -107,6 +107,10 @@ def results_table(
             "lost / duplicated / reordered",
             f"{results['lost']} / {results['duplicated']} / {results['reordered']}",
         ),
+        (
+            "acked sharing a seq with an unacked write",
+            f"{results.get('shared_seq', 0):,}",
+        ),
         ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
         (
             "latency p50 / p99 / p99.9 (ms)",
