@@ -15,6 +15,13 @@ none).  A build has two layers:
 The kernel comes from Debian's ``linux-image-cloud-<debarch>`` package,
 fetched with ``apt-get download`` and unpacked with ``dpkg -x`` (no install).
 Per-node secrets never enter an image: they travel in the seed (fw_cfg).
+
+**Variants** add to the plain recipe from their own folder ``qemu/<variant>/``
+(``packages.txt``, ``modules.txt``, ``variant.toml`` machine overrides, extra
+files): ``docker`` adds Debian's ``docker.io``, the ``overlay`` module and
+``/usr/local/sbin/plexilab-dockerd``.  A variant has its own cache keys (its
+files are hashed on top of the plain recipe's); the plain image's key ignores
+the variant folders, so adding or editing a variant never rebuilds it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from rich.console import Console
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "qemu"
 ARCHES = ("x86_64", "aarch64")
+VARIANTS = ("docker",)  # folders under qemu/ that are variants, not plain recipe
 IMAGE_FORMAT = 1  # bump when the build steps (not the recipes) change
 console = Console(stderr=True, highlight=False)
 
@@ -81,11 +89,28 @@ class Image:
         return str(self.manifest["kernel_version"])
 
 
-def load_profile(arch: str) -> Profile:
-    """Read ``qemu/<arch>.toml``."""
+def check_variant(variant: str) -> str:
+    """*variant* ("" is the plain image); ValueError when unknown."""
+    if variant and variant not in VARIANTS:
+        raise ValueError(
+            f"unknown image variant {variant!r} (known: {', '.join(VARIANTS)})"
+        )
+    return variant
+
+
+def load_profile(arch: str, variant: str = "") -> Profile:
+    """Read ``qemu/<arch>.toml`` (with ``qemu/<variant>/variant.toml`` on top)."""
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHES)})")
     data = tomllib.loads((RECIPES / f"{arch}.toml").read_text())
+    if check_variant(variant):
+        overrides = RECIPES / variant / "variant.toml"
+        if overrides.is_file():
+            extra = tomllib.loads(overrides.read_text())
+            append = extra.pop("cmdline_append", "")
+            data.update(extra)
+            if append:
+                data["cmdline"] = f"{data['cmdline']} {append}"
     return Profile(**data)
 
 
@@ -104,38 +129,63 @@ def _digest(parts: Sequence[tuple[str, bytes]]) -> str:
     return h.hexdigest()[:16]
 
 
-def recipe_files() -> list[Path]:
-    """Every file under ``qemu/`` (sorted)."""
-    return sorted(p for p in RECIPES.rglob("*") if p.is_file())
+def recipe_files(variant: str = "") -> list[Path]:
+    """Files of the plain recipe under ``qemu/`` (sorted), or of *variant*'s folder."""
+    if check_variant(variant):
+        return sorted(p for p in (RECIPES / variant).rglob("*") if p.is_file())
+    return sorted(
+        p
+        for p in RECIPES.rglob("*")
+        if p.is_file() and p.relative_to(RECIPES).parts[0] not in VARIANTS
+    )
 
 
-def image_key(arch: str) -> str:
-    """Cache key of the image: the ``qemu/`` recipe files, the arch and the rootfs."""
+def image_key(arch: str, variant: str = "") -> str:
+    """Cache key of the image: the ``qemu/`` recipe files, the arch and the rootfs.
+
+    A variant's key adds its folder's files to the plain recipe's; the plain
+    key does not depend on any variant.
+    """
     parts = [(str(p.relative_to(RECIPES)), p.read_bytes()) for p in recipe_files()]
     parts.append(("arch", arch.encode()))
-    parts.append(("rootfs", rootfs_key(load_profile(arch)).encode()))
+    profile = load_profile(arch, variant)
+    parts.append(("rootfs", rootfs_key(profile, variant).encode()))
     parts.append(("format", str(IMAGE_FORMAT).encode()))
+    if variant:
+        parts.append(("variant", variant.encode()))
+        parts += [
+            (f"variant:{p.relative_to(RECIPES)}", p.read_bytes())
+            for p in recipe_files(variant)
+        ]
     return _digest(parts)
 
 
-def packages() -> list[str]:
-    """Package names of ``qemu/packages.txt``."""
+def image_name(arch: str, key: str, variant: str = "") -> str:
+    """``<arch>-<key>`` or ``<arch>-<variant>-<key>`` (cache directory name)."""
+    return f"{arch}-{variant}-{key}" if variant else f"{arch}-{key}"
+
+
+def _names(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
     names = []
-    for line in (RECIPES / "packages.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(line)
     return names
 
 
-def kernel_modules() -> list[str]:
-    """Module names of ``qemu/modules.txt``."""
-    out = []
-    for line in (RECIPES / "modules.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            out.append(line)
-    return out
+def packages(variant: str = "") -> list[str]:
+    """Package names of ``qemu/packages.txt`` (+ ``qemu/<variant>/packages.txt``)."""
+    extra = _names(RECIPES / variant / "packages.txt") if check_variant(variant) else []
+    return _names(RECIPES / "packages.txt") + extra
+
+
+def kernel_modules(variant: str = "") -> list[str]:
+    """Module names of ``qemu/modules.txt`` (+ ``qemu/<variant>/modules.txt``)."""
+    extra = _names(RECIPES / variant / "modules.txt") if check_variant(variant) else []
+    return _names(RECIPES / "modules.txt") + extra
 
 
 def host_suite() -> str:
@@ -160,17 +210,17 @@ def host_sources() -> Path:
     raise RuntimeError("no apt sources file found (set PLEXILAB_APT_SOURCES)")
 
 
-def rootfs_key(profile: Profile) -> str:
+def rootfs_key(profile: Profile, variant: str = "") -> str:
     parts = [
-        ("packages", "\n".join(packages()).encode()),
+        ("packages", "\n".join(packages(variant)).encode()),
         ("debian_arch", profile.debian_arch.encode()),
         ("suite", host_suite().encode()),
-        ("options", " ".join(mmdebstrap_options(profile)).encode()),
+        ("options", " ".join(mmdebstrap_options(profile, variant)).encode()),
     ]
     return _digest(parts)
 
 
-def mmdebstrap_options(profile: Profile) -> list[str]:
+def mmdebstrap_options(profile: Profile, variant: str = "") -> list[str]:
     excludes = [
         "/usr/share/man/*",
         "/usr/share/doc/*",
@@ -184,7 +234,7 @@ def mmdebstrap_options(profile: Profile) -> list[str]:
         f"--arch={profile.debian_arch}",
         "--mode=root",
         "--format=directory",
-        "--include=" + ",".join(packages()),
+        "--include=" + ",".join(packages(variant)),
         "--dpkgopt=force-unsafe-io",
         *(f"--dpkgopt=path-exclude={p}" for p in excludes),
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
@@ -395,10 +445,10 @@ def module_closure(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
     return ordered
 
 
-def build_rootfs(profile: Profile, *, rebuild: bool = False) -> Path:
+def build_rootfs(profile: Profile, *, rebuild: bool = False, variant: str = "") -> Path:
     """The cached mmdebstrap directory for *profile* (built when missing)."""
-    key = rootfs_key(profile)
-    final = cache_root() / "rootfs" / f"{profile.arch}-{key}"
+    key = rootfs_key(profile, variant)
+    final = cache_root() / "rootfs" / image_name(profile.arch, key, variant)
     with locked(final.with_suffix(".lock")):
         if final.is_dir() and not rebuild:
             return final
@@ -414,7 +464,7 @@ def build_rootfs(profile: Profile, *, rebuild: bool = False) -> Path:
             argv = [
                 "mmdebstrap",
                 "--quiet",
-                *mmdebstrap_options(profile),
+                *mmdebstrap_options(profile, variant),
                 host_suite(),
                 str(tmp),
                 str(host_sources()),
@@ -441,8 +491,19 @@ def _install(src: Path | bytes, dest: Path, mode: int) -> None:
     dest.chmod(mode)
 
 
+# Files a variant adds to its image: recipe file -> (path in the guest, mode).
+VARIANT_FILES: dict[str, dict[str, tuple[str, int]]] = {
+    "docker": {"dockerd.sh": ("usr/local/sbin/plexilab-dockerd", 0o755)},
+}
+
+
 def assemble(
-    profile: Profile, rootfs: Path, kernel_root: Path, version: str, root: Path
+    profile: Profile,
+    rootfs: Path,
+    kernel_root: Path,
+    version: str,
+    root: Path,
+    variant: str = "",
 ) -> None:
     """Copy the rootfs to *root* and add init, sshd config and kernel modules."""
     run(["cp", "-a", "--reflink=auto", f"{rootfs}/.", str(root)])
@@ -456,7 +517,9 @@ def assemble(
     _install(RECIPES / "sshd_config", root / "etc/plexilab/sshd_config", 0o644)
     mod_src = kernel_root / "lib/modules" / version
     order = []
-    for path in module_closure(mod_src, kernel_modules()):
+    for name, (dest, mode) in VARIANT_FILES.get(variant, {}).items():
+        _install(RECIPES / variant / name, root / dest, mode)
+    for path in module_closure(mod_src, kernel_modules(variant)):
         rel = path.relative_to(kernel_root)
         _install(path, root / rel, 0o644)
         order.append("/" + str(rel))
@@ -474,27 +537,38 @@ def assemble(
 
 
 def build_image(
-    arch: str, *, rebuild: bool = False, rebuild_rootfs: bool = False
+    arch: str,
+    *,
+    rebuild: bool = False,
+    rebuild_rootfs: bool = False,
+    variant: str = "",
 ) -> Image:
     """Build the image of *arch* into the cache (reused if another process just did)."""
     from plexilab import setup_host
 
     setup_host.ensure()
-    key = image_key(arch)
-    final = cache_root() / "images" / f"{arch}-{key}"
+    key = image_key(arch, variant)
+    final = cache_root() / "images" / image_name(arch, key, variant)
     final.parent.mkdir(parents=True, exist_ok=True)
     with locked(final.with_suffix(".lock")):  # one builder; the others wait and reuse
         if not rebuild and (final / "manifest.json").is_file():
             return _load(arch, key, final)
-        return _build_image(arch, key, final, rebuild_rootfs=rebuild_rootfs)
+        return _build_image(
+            arch, key, final, rebuild_rootfs=rebuild_rootfs, variant=variant
+        )
 
 
-def _build_image(arch: str, key: str, final: Path, *, rebuild_rootfs: bool) -> Image:
-    profile = load_profile(arch)
+def _build_image(
+    arch: str, key: str, final: Path, *, rebuild_rootfs: bool, variant: str = ""
+) -> Image:
+    profile = load_profile(arch, variant)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    console.rule(f"guest image {arch} ({key})")
-    rootfs = build_rootfs(profile, rebuild=rebuild_rootfs)
+    console.rule(f"guest image {image_name(arch, key, variant)}")
+    if variant:
+        rootfs = build_rootfs(profile, rebuild=rebuild_rootfs, variant=variant)
+    else:  # (plain builds keep the old call: tests stub build_rootfs)
+        rootfs = build_rootfs(profile, rebuild=rebuild_rootfs)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"image-{arch}-", dir=final.parent) as t:
         work = Path(t)
@@ -506,7 +580,7 @@ def _build_image(arch: str, key: str, final: Path, *, rebuild_rootfs: bool) -> I
         shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{version}", out / "vmlinuz")
         root = work / "root"
         with Step("assemble rootfs", timings) as step:
-            assemble(profile, rootfs, kernel_root, version, root)
+            assemble(profile, rootfs, kernel_root, version, root, variant)
             step.note = mb(du(root))
         raw = work / "disk.raw"
         with Step("mke2fs -d", timings) as step:
@@ -528,9 +602,10 @@ def _build_image(arch: str, key: str, final: Path, *, rebuild_rootfs: bool) -> I
         manifest: dict[str, object] = {
             "arch": arch,
             "key": key,
+            "variant": variant,
             "kernel_version": version,
             "python3": py[1] if len(py) > 1 else "?",
-            "packages": packages(),
+            "packages": packages(variant),
             "modules": (root / "etc/plexilab/modules.order").read_text().split(),
             "rootfs_bytes": du(root),
             "disk_bytes": disk.stat().st_size,
@@ -560,21 +635,23 @@ def _load(arch: str, key: str, directory: Path) -> Image:
     )
 
 
-def cached(arch: str) -> Image | None:
+def cached(arch: str, variant: str = "") -> Image | None:
     """The cached image of the current recipes, or None."""
-    key = image_key(arch)
-    directory = cache_root() / "images" / f"{arch}-{key}"
+    key = image_key(arch, variant)
+    directory = cache_root() / "images" / image_name(arch, key, variant)
     if (directory / "manifest.json").is_file():
         return _load(arch, key, directory)
     return None
 
 
-def image(arch: str, *, rebuild: bool = False) -> Image:
-    """The image of *arch* for the current recipes (built when absent)."""
+def image(arch: str, *, rebuild: bool = False, variant: str = "") -> Image:
+    """The image of *arch* and *variant* for the current recipes (built if absent)."""
     if not rebuild:
-        found = cached(arch)
+        found = cached(arch, variant)
         if found is not None:
             return found
+    if variant:
+        return build_image(arch, rebuild=rebuild, variant=variant)
     return build_image(arch, rebuild=rebuild)
 
 
@@ -659,26 +736,34 @@ def deps_disk(arch: str, wheelhouse: Path) -> Path:
 
 
 def build_images(
-    arches: Sequence[str], *, rebuild: bool = False, rebuild_rootfs: bool = False
+    arches: Sequence[str],
+    *,
+    rebuild: bool = False,
+    rebuild_rootfs: bool = False,
+    variant: str = "",
 ) -> list[Image]:
     """Build several images in parallel (each is mostly one long subprocess)."""
     import concurrent.futures
 
+    kw: dict[str, Any] = {"rebuild": rebuild, "rebuild_rootfs": rebuild_rootfs}
+    if variant:
+        kw["variant"] = variant
     if len(arches) == 1:
-        return [build_image(arches[0], rebuild=rebuild, rebuild_rootfs=rebuild_rootfs)]
+        return [build_image(arches[0], **kw)]
     with concurrent.futures.ThreadPoolExecutor(len(arches)) as pool:
-        futures = [
-            pool.submit(build_image, a, rebuild=rebuild, rebuild_rootfs=rebuild_rootfs)
-            for a in arches
-        ]
+        futures = [pool.submit(build_image, a, **kw) for a in arches]
         return [f.result() for f in futures]
 
 
-def images_for(arches: Sequence[str]) -> list[Image]:
+def images_for(arches: Sequence[str], variant: str = "") -> list[Image]:
     """Images of *arches*, building the missing ones in parallel."""
-    found = {a: cached(a) for a in arches}
+    found = {a: cached(a, variant) for a in arches}
     missing = [a for a, img in found.items() if img is None]
-    built = {img.arch: img for img in build_images(missing)} if missing else {}
+    built = (
+        {img.arch: img for img in build_images(missing, variant=variant)}
+        if missing
+        else {}
+    )
     return [found[a] or built[a] for a in arches]
 
 
@@ -686,8 +771,10 @@ def prune() -> list[Path]:
     """Remove cached images and rootfs layers that the current recipes do not use."""
     keep = set()
     for arch in ARCHES:
-        keep.add(f"{arch}-{image_key(arch)}")
-        keep.add(f"{arch}-{rootfs_key(load_profile(arch))}")
+        for variant in ("", *VARIANTS):
+            profile = load_profile(arch, variant)
+            keep.add(image_name(arch, image_key(arch, variant), variant))
+            keep.add(image_name(arch, rootfs_key(profile, variant), variant))
     removed = []
     for layer in ("images", "rootfs"):
         for path in sorted((cache_root() / layer).glob("*")):
@@ -708,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m plexilab.images", description=__doc__
     )
     parser.add_argument("--arch", choices=[*ARCHES, "all"], default="all")
+    parser.add_argument("--variant", choices=["", *VARIANTS], default="")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the image")
     parser.add_argument(
         "--rebuild-rootfs", action="store_true", help="re-bootstrap too"
@@ -716,9 +804,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     arches = ARCHES if args.arch == "all" else (args.arch,)
     start = time.monotonic()
     if args.rebuild or args.rebuild_rootfs:
-        built = build_images(arches, rebuild=True, rebuild_rootfs=args.rebuild_rootfs)
+        built = build_images(
+            arches,
+            rebuild=True,
+            rebuild_rootfs=args.rebuild_rootfs,
+            variant=args.variant,
+        )
     else:
-        built = images_for(arches)
+        built = images_for(arches, args.variant)
     for img in built:
         print(json.dumps({"arch": img.arch, "dir": str(img.directory), **img.manifest}))
     console.log(f"images {', '.join(arches)}: {time.monotonic() - start:.1f} s")

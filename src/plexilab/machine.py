@@ -557,6 +557,7 @@ class MachineConfig:
     extra_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     deps_disk: Path | None = None  # read-only disk mounted at images.DEPS_MOUNT
+    variant: str = ""  # guest image variant ("" plain, "docker")
 
 
 class Machine:
@@ -566,7 +567,7 @@ class Machine:
         self.config = config
         self.name = config.name
         self.arch = config.arch
-        self.profile = images.load_profile(config.arch)
+        self.profile = images.load_profile(config.arch, config.variant)
         self._image = image
         self.host_key = HostKeyPair.generate()
         self.forwards: dict[int, int] = {}
@@ -585,7 +586,7 @@ class Machine:
     @property
     def image(self) -> Image:
         if self._image is None:
-            self._image = images.image(self.arch)
+            self._image = images.image(self.arch, variant=self.config.variant)
         return self._image
 
     @property

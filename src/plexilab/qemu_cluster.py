@@ -24,6 +24,14 @@ binary, no image, guests failing to boot under TCG) the run falls back to
 local processes with a loud banner (``--fallback=local``, the default) and
 records ``"provider": "local"`` and ``"fallback_reason"``; with
 ``--fallback=none`` it fails with the reason instead.
+
+``runtime="docker"`` (``--runtime=docker``) boots the ``docker`` image variant
+instead, starts each guest's engine, loads the PlexiChat image built on the
+lab host (``docker save`` | gzip | ``docker load`` over SSH) and runs the
+nodes as containers on the guests' host networks (:mod:`plexilab.guest_docker`):
+same ports, load, P2P and checker; every container and volume is removed
+before the guests shut down.  x86_64 guests only (the image is built for the
+lab host's arch).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich import box
 from rich.console import Console
@@ -69,11 +77,15 @@ from plexilab.hosts.local import LocalHost
 from plexilab.hosts.qemu import GuestSpec, QemuHost, QemuLab
 from plexilab.ssh import SSHHost
 
+if TYPE_CHECKING:  # the docker SDK is only imported by --runtime=docker runs
+    from plexilab.guest_docker import DockerGuests, SavedImage
+
 log = logging.getLogger("plexilab.qemu_cluster")
 
 MIXED_CYCLE = ("x86_64", "aarch64", "aarch64")
 ArchMode = Literal["mixed", "x86_64", "aarch64"]
 Fallback = Literal["local", "none"]
+Runtime = Literal["process", "docker"]
 Artifacts = Mapping[str, tuple[Path, Path]]
 Progress = Callable[[str], None]
 
@@ -123,6 +135,9 @@ class QemuClusterOptions:
     faults: list[str] = field(default_factory=list)
     fault_interval: float = 20.0
     fault_duration: float = 0.0
+    # process: nodes are processes of the pushed wheel; docker: containers of
+    # the lab host's PlexiChat image in the guests' engines (docker variant)
+    runtime: Runtime = "process"
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -135,6 +150,18 @@ class QemuClusterOptions:
             raise ValueError(f"--fallback must be local or none, not {self.fallback}")
         if self.backend not in ("auto", "python"):
             raise ValueError("--backend must be auto or python")
+        if self.runtime not in ("process", "docker"):
+            raise ValueError(f"--runtime must be process or docker, not {self.runtime}")
+        if self.runtime == "docker":
+            from plexilab.wheels import host_arch
+
+            foreign = sorted(set(node_arches(self.nodes, self.arch)) - {host_arch()})
+            if foreign:
+                raise ValueError(
+                    f"--runtime=docker runs the PlexiChat image built for this "
+                    f"host ({host_arch()}); no {', '.join(foreign)} image: use "
+                    f"--arch={host_arch()}"
+                )
 
     def cluster_config(self, results_dir: Path) -> ClusterConfig:
         return ClusterConfig(
@@ -174,10 +201,17 @@ def clock_port(port_base: int) -> int:
     return port_base - 1
 
 
-def guest_specs(options: QemuClusterOptions, artifacts: Artifacts) -> list[GuestSpec]:
-    """One guest per node, with the clock port forwarded and the deps disk attached."""
+def guest_specs(
+    options: QemuClusterOptions, artifacts: Artifacts | None
+) -> list[GuestSpec]:
+    """One guest per node, with the clock port forwarded and the deps disk attached.
+
+    With the docker runtime (*artifacts* None) the guests boot the docker
+    image variant and get no deps disk.
+    """
     arches = node_arches(options.nodes, options.arch)
     extra = [clock_port(options.port_base)] if options.clock_sync else []
+    docker = options.runtime == "docker"
     return [
         GuestSpec(
             f"{options.name_prefix}{i}-{'x86' if arch == 'x86_64' else 'arm'}",
@@ -185,7 +219,8 @@ def guest_specs(options: QemuClusterOptions, artifacts: Artifacts) -> list[Guest
             nodes=[i],
             memory_mib=options.memory_mib,
             extra_ports=list(extra),
-            wheelhouse=artifacts[arch][1],
+            wheelhouse=artifacts[arch][1] if artifacts is not None else None,
+            variant="docker" if docker else "",
         )
         for i, arch in enumerate(arches)
     ]
@@ -775,6 +810,33 @@ def leftover_pids(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
         time.sleep(0.1)
 
 
+def docker_artifacts(progress: Progress) -> tuple[SavedImage, dict[str, Any]]:
+    """The PlexiChat image on the lab host's engine (built from HEAD, layer
+    cache), saved and gzip-compressed for the guests (cached per image id)."""
+    from docker.errors import DockerException
+
+    from plexilab import containers
+    from plexilab.guest_docker import saved_image
+
+    try:
+        client = containers.ensure_engine()
+    except (containers.ContainerError, DockerException, PermissionError) as exc:
+        raise QemuUnavailable(f"no Docker engine on the lab host: {exc}") from exc
+    try:
+        progress(f"docker build {containers.IMAGE} (HEAD, layer cache)")
+        built = containers.build_image(client, source="head")
+        saved = saved_image(client, containers.IMAGE)
+    finally:
+        client.close()
+    return saved, {
+        "seconds": built.seconds,
+        "size": built.size,
+        "steps": built.steps,
+        "cached_steps": built.cached_steps,
+        "save_s": saved.seconds,
+    }
+
+
 def run_qemu(
     options: QemuClusterOptions,
     *,
@@ -794,12 +856,21 @@ def run_qemu(
     if reason:
         raise QemuUnavailable(reason)
     progress(f"artifacts for {', '.join(needed)} (images, wheels)")
+    artifacts: Artifacts | None = None
+    saved: SavedImage | None = None
+    docker_build: dict[str, Any] = {}
     with phases("artifacts"):
-        artifacts = {a: ensure_artifacts(a) for a in needed}
+        if options.runtime == "docker":
+            saved, docker_build = docker_artifacts(progress)
+        else:
+            artifacts = {a: ensure_artifacts(a) for a in needed}
         if options.lab_install == "wheel":
             local_venv(build_wheel())  # the lab's load tools (cached per source)
         try:
-            images.images_for(needed)
+            if options.runtime == "docker":
+                images.images_for(needed, "docker")
+            else:
+                images.images_for(needed)
         except Exception as exc:
             raise QemuUnavailable(f"no guest image: {exc}") from exc
     specs = guest_specs(options, artifacts)
@@ -812,6 +883,7 @@ def run_qemu(
     pids: list[int] = []
     left: list[int] = []
     sampler: VmSampler | None = None
+    engines: DockerGuests | None = None
     try:
         progress(f"booting {len(specs)} guests in parallel")
         with phases("boot"):
@@ -835,8 +907,24 @@ def run_qemu(
             with phases("clock_sync"):
                 _parallel(lambda h: start_clock_server(h, port), lab.hosts)
                 clocks = {h.name: clock_endpoint(h, port) for h in lab.hosts}
+        hosts: Sequence[Host] = lab.hosts
+        if saved is not None:
+            from plexilab.guest_docker import DockerGuests
+
+            engines = DockerGuests(lab.hosts, saved)
+            with phases("docker"):
+                hosts = engines.start(progress)
+            progress(
+                "engines ready: "
+                + ", ".join(
+                    f"{n} dockerd {g['dockerd_s']:.1f}s, "
+                    f"load {g['load']['seconds']:.1f}s "
+                    f"({g['load']['mb_per_s']:.2f} MB/s)"
+                    for n, g in engines.report()["guests"].items()
+                )
+            )
         result = run_on_hosts(
-            lab.hosts,
+            hosts,
             options,
             artifacts=artifacts,
             phases=phases,
@@ -852,6 +940,8 @@ def run_qemu(
             sampler.stop()
         progress("tearing down the guests")
         start = time.monotonic()
+        if engines is not None:
+            engines.close()  # containers and volumes first, then the guests
         lab.close()
         left = leftover_pids(pids) if pids else []
         phases.add("teardown", time.monotonic() - start)
@@ -879,8 +969,11 @@ def run_qemu(
             boot_s=guest.get("boot_s"),
             vm=guest.get("vm", {}),
         )
+    if engines is not None:
+        result["docker"] = {**engines.report(), "build": docker_build}
     result.update(
         provider="qemu",
+        runtime=options.runtime,
         fallback_reason=None,
         arch_mode=options.arch,
         guests=guests,

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -183,6 +184,29 @@ class SSHClient:
         self.connect_attempts = 0
 
     # -- connection -------------------------------------------------------
+    def new_paramiko_client(self) -> paramiko.SSHClient:
+        """An unconnected paramiko client that trusts only this client's host keys.
+
+        For other libraries that drive paramiko themselves (the Docker SDK's
+        ``ssh://`` adapter): no system or user known_hosts, ``RejectPolicy``.
+        """
+        return self._new_client()
+
+    def connect_kwargs(self, timeout: float = 30.0) -> dict[str, Any]:
+        """``paramiko.SSHClient.connect`` arguments: lab key only, no agent/keys."""
+        return {
+            "hostname": self.host,
+            "port": self.port,
+            "username": self.user,
+            "pkey": self.key,
+            "timeout": timeout,
+            "banner_timeout": timeout,
+            "auth_timeout": timeout,
+            "allow_agent": False,
+            "look_for_keys": False,
+            "disabled_algorithms": self.disabled_algorithms or None,
+        }
+
     def _new_client(self) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         if self.known_hosts is not None:

@@ -13,6 +13,8 @@
 * ``invoke qemu.kvm`` shows (or re-probes) the KVM verdict.
 * ``invoke qemu.cluster --nodes=3 [--arch=mixed]`` runs a cluster in guests
   (one per node): load, P2P, checker, per-node/per-arch tables, JSON.
+* ``invoke qemu.cluster --runtime=docker --arch=x86_64`` runs the nodes as
+  containers in the guests' Docker engines (docker image variant).
 * ``invoke qemu.p2p --nodes=3`` runs the P2P relay scenario alone.
 
 Every task runs ``invoke setup``'s checks first.
@@ -39,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plexilab import images, machine, setup_host, wheels
+from plexilab.hosts.base import Host
 from plexilab.hosts.qemu import (
     GUEST_VENV_PYTHON,
     GUEST_WORKDIR,
@@ -209,18 +212,30 @@ def _show(title: str, rows: dict[str, Any]) -> None:
         "arch": "x86_64, aarch64 or all (default all)",
         "rebuild": "rebuild the image",
         "prune": "remove cached images/rootfs layers of older recipes",
+        "variant": "image variant: docker (adds Debian's docker.io); default plain",
     }
 )
 def image(
-    c: Context, arch: str = "all", rebuild: bool = False, prune: bool = False
+    c: Context,
+    arch: str = "all",
+    rebuild: bool = False,
+    prune: bool = False,
+    variant: str = "",
 ) -> None:
     """Build (or show) the cached guest image."""
     _setup()
+    try:
+        images.check_variant(variant)
+    except ValueError as exc:
+        raise Exit(str(exc), code=2) from None
     if prune:
         for path in images.prune():
             console.print(f"removed {path}")
     for a in _arches(arch):
-        img = images.build_image(a, rebuild=True) if rebuild else images.image(a)
+        if rebuild:
+            img = images.build_image(a, rebuild=True, variant=variant)
+        else:
+            img = images.image(a, variant=variant)
         _show(f"image {a}", {"dir": img.directory, **img.manifest})
 
 
@@ -467,6 +482,9 @@ def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> dict[str,
         "default (all that the provider can do) or none (default none)",
         "fault_interval": "seconds between fault starts (default 20)",
         "fault_duration": "seconds each fault lasts (default: half the interval)",
+        "runtime": "process: nodes run the pushed wheel as processes (default); "
+        "docker: nodes run as containers of the lab host's PlexiChat image in "
+        "the guests' Docker engines (docker image variant; x86_64 guests only)",
     }
 )
 def cluster(
@@ -488,17 +506,23 @@ def cluster(
     faults: str = "none",
     fault_interval: float = 20.0,
     fault_duration: float = 0.0,
+    runtime: str = "process",
 ) -> None:
     """Run a PlexiChat cluster in QEMU guests (one per node): load, P2P, checker."""
     from plexilab import faults as faultlib
     from plexilab.hosts.qemu import QemuHost
 
     json_path = json
+    provider: type[Host] = QemuHost
+    if runtime == "docker":
+        from plexilab.guest_docker import GuestContainerHost
+
+        provider = GuestContainerHost
     try:  # "default" is resolved by the provider that runs (QEMU or the fallback)
         kinds = (
             ["default"]
             if faults.strip() == "default"
-            else faultlib.parse_kinds(faults, faultlib.supported([QemuHost]), "qemu")
+            else faultlib.parse_kinds(faults, faultlib.supported([provider]), "qemu")
         )
     except faultlib.FaultError as exc:
         raise Exit(f"--faults: {exc}", code=2) from None
@@ -519,6 +543,7 @@ def cluster(
         faults=kinds,
         fault_interval=fault_interval,
         fault_duration=fault_duration,
+        runtime=runtime,
     )
     _finish(_run_cluster(options, "cluster"), json_path)
 

@@ -57,6 +57,7 @@ class GuestSpec:
     seed_files: dict[str, bytes] = field(default_factory=dict)
     extra_ports: list[int] = field(default_factory=list)  # more guest ports to forward
     wheelhouse: Path | None = None  # attach a deps disk made from this wheelhouse
+    variant: str = ""  # guest image variant ("docker": Debian's docker.io)
 
 
 class QemuHost(SSHHost):
@@ -263,6 +264,7 @@ def plan(
                 deps_disk=deps_disk(spec.arch, spec.wheelhouse)
                 if spec.wheelhouse
                 else None,
+                variant=spec.variant,
             )
         )
     return configs
