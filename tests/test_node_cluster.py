@@ -12,6 +12,7 @@ import pytest
 from plexichat import wire
 from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
+from plexichat.node.membership import GossipConfig
 from plexichat.node.testing import InProcessCluster, wait_for
 from plexichat.node.transport import RemoteError
 from plexichat.routing import key_of
@@ -308,7 +309,10 @@ async def unread_fetches(node, channel: int, requests: int):
 
 def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
     async def scenario() -> None:
-        async with InProcessCluster(tmp_path, size=2) as cluster:
+        # a slow detector: encoding ~80 MiB of replies keeps the shared event
+        # loop busy for longer than the fast test lease
+        calm = GossipConfig(interval=0.05, ping_timeout=0.5, suspect_timeout=3.0)
+        async with InProcessCluster(tmp_path, size=2, gossip=calm) as cluster:
             channel = key_of("bulky")
             node = cluster.node(cluster.owners(channel)[0])
             other = await client_for(node)

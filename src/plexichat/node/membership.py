@@ -143,6 +143,7 @@ class Membership:
             "indirect": 0,
             "suspected": 0,
             "declared_dead": 0,
+            "held_suspect": 0,
             "refuted": 0,
             "joins": 0,
         }
@@ -359,12 +360,24 @@ class Membership:
             self._set_status(target, "suspect")
 
     def expire_suspects(self) -> None:
+        """Declare dead the suspects that did not refute in time.
+
+        Never below a majority: a node that has lost most of its peers is more
+        likely the one cut off, so it keeps them as suspects (its ring stays
+        as it was and its lease lapses) instead of declaring the majority dead
+        and spreading that after the partition heals.
+        """
         now = time.monotonic()
         for member in list(self.members.values()):
             if (
                 member.status == "suspect"
                 and now - member.since >= self.config.suspect_timeout
             ):
+                voters = [m for m in self.members.values() if m.status != "left"]
+                alive = sum(m.status == "alive" for m in voters)
+                if 2 * alive <= len(voters):  # no majority answers this node
+                    self.counters["held_suspect"] += 1
+                    continue
                 self.counters["declared_dead"] += 1
                 self._set_status(member, "dead")
 

@@ -208,6 +208,38 @@ def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
     return rows[:cut]
 
 
+def add_interval(
+    intervals: list[tuple[int, int]], lo: int, hi: int
+) -> list[tuple[int, int]]:
+    """*intervals* (sorted, disjoint ``(lo, hi]``) with ``(lo, hi]`` added."""
+    if hi <= lo:
+        return intervals
+    out: list[tuple[int, int]] = []
+    for a, b in intervals:
+        if b < lo or a > hi:
+            out.append((a, b))
+        else:  # overlapping or touching: merge
+            lo, hi = min(lo, a), max(hi, b)
+    out.append((lo, hi))
+    out.sort()
+    return out
+
+
+def gaps(intervals: list[tuple[int, int]], top: int) -> list[tuple[int, int]]:
+    """The ``(lo, hi]`` stretches of ``(0, top]`` that *intervals* do not cover."""
+    out: list[tuple[int, int]] = []
+    at = 0
+    for a, b in intervals:
+        if a >= top:
+            break
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < top:
+        out.append((at, top))
+    return out
+
+
 def _local_done_all(
     groups: list[_WriteGroup],
     inserted: int,
@@ -257,12 +289,13 @@ class Node:
         self.synced: dict[int, int] = {}
         # channel -> epoch in which another node claimed it (HANDOFF PULL)
         self.fenced: dict[int, int] = {}
-        # Placement: rows up to row id ``placed_rowid`` are known to sit on their
-        # owners; later ones are pushed to the owners at the next handoff round
-        # unless the ring was stable while they were stored.  ``retry`` holds
-        # channels (-> lowest seq) whose last push failed.  Both persist in
-        # ``placed.json`` so that a kill does not forget them.
-        self.placed_rowid = 0
+        # Placement: rows whose row id lies in ``placed`` (sorted, disjoint
+        # ``(lo, hi]`` intervals) are known to sit on their owners: they were
+        # stored while the ring was settled, or pushed to the owners since.
+        # Rows in the gaps are pushed at the next handoff round.  ``retry``
+        # holds channels (-> lowest seq) whose last push failed.  Both persist
+        # in ``placed.json`` so that a kill does not forget them.
+        self.placed: list[tuple[int, int]] = []
         self.retry: dict[int, int] = {}
         self._in_transition = True
         self._placed_file = Path(config.data_dir) / "placed.json"
@@ -1278,8 +1311,8 @@ class Node:
             new, base = self.ring, self._handoff_base
             self._handoff_base = new
             self._in_transition = False
-            since = self.placed_rowid
             top = await self.storage.max_rowid()
+            unplaced = gaps(self.placed, top)
             retry, self.retry = self.retry, {}
             # Without a ring file (a fresh node) the first stable ring is the
             # starting point: nothing was placed under an earlier one.
@@ -1290,13 +1323,13 @@ class Node:
                     "event": "handoff_round",
                     "base": None if base is None else list(base.node_ids),
                     "new": None if new is None else list(new.node_ids),
-                    "unplaced": top - since,
+                    "unplaced": sum(hi - lo for lo, hi in unplaced),
                     "retry": len(retry),
                 },
             )
             if new is None:
                 continue
-            if not (moved or retry or top > since):
+            if not (moved or retry or unplaced):
                 self._save_ring(new)
                 continue
             self._handoff_running = True
@@ -1307,13 +1340,16 @@ class Node:
                     await self._handoff(base, new)
                 if retry:
                     await self._push_retries(new, retry)
-                reached = top
-                if top > since:
-                    reached = await self._push_stored(new, since, top)
-                    self.placed_rowid = max(self.placed_rowid, reached)
-                    if reached < top:
-                        self._ring_changed.set()  # again after handoff_delay
-                complete = reached >= top and not self.retry
+                placed_all = True
+                failed: set[str] = set()
+                for lo, hi in unplaced:
+                    reached = await self._push_stored(new, lo, hi, failed)
+                    if reached > lo:
+                        self.placed = add_interval(self.placed, lo, reached)
+                    placed_all = placed_all and reached >= hi
+                if not placed_all:
+                    self._ring_changed.set()  # again after handoff_delay
+                complete = placed_all and not self.retry
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -1367,32 +1403,40 @@ class Node:
     def _load_placed(self) -> None:
         try:
             doc = json.loads(self._placed_file.read_text())
-            self.placed_rowid = int(doc["rowid"])
+            if "placed" in doc:
+                self.placed = [(int(lo), int(hi)) for lo, hi in doc["placed"]]
+            else:  # written by an older version: a placed prefix
+                self.placed = add_interval([], 0, int(doc["rowid"]))
             self.retry = {int(c): int(s) for c, s in doc.get("retry", {}).items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            self.placed_rowid, self.retry = 0, {}
+            self.placed, self.retry = [], {}
 
     def _save_placed(self) -> None:
-        doc = {"rowid": self.placed_rowid, "retry": self.retry}
+        doc = {"placed": self.placed, "retry": self.retry}
         tmp = self._placed_file.with_suffix(".tmp")
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(doc))
             os.replace(tmp, self._placed_file)
 
     async def _placement_tracker(self, period: float = 0.5) -> None:
-        """While the ring is stable, everything stored so far is placed."""
+        """Rows stored between two settled moments of one ring are placed."""
+        previous: tuple[int, int] | None = None  # (epoch, top) when last settled
         while True:
             await asyncio.sleep(period)
             if self._unsettled_placement():
+                previous = None
                 continue
             epoch = self.epoch
             top = await self.storage.max_rowid()
             # rows stored after a ring change that happened meanwhile may be
             # counted in *top*: then it is not a clean point
-            clean = epoch == self.epoch and not self._unsettled_placement()
-            if clean and top > self.placed_rowid:
-                self.placed_rowid = top
+            if epoch != self.epoch or self._unsettled_placement():
+                previous = None
+                continue
+            if previous is not None and previous[0] == epoch and top > previous[1]:
+                self.placed = add_interval(self.placed, previous[1], top)
                 self._save_placed()
+            previous = (epoch, top)
 
     def _unsettled_placement(self) -> bool:
         return (
@@ -1417,7 +1461,9 @@ class Node:
                     failed.add(target)
                     self._retry_handoff(channel, low)
 
-    async def _push_stored(self, ring: Ring, since: int, top: int) -> int:
+    async def _push_stored(
+        self, ring: Ring, since: int, top: int, failed: set[str] | None = None
+    ) -> int:
         """Push the rows stored after row id *since* (up to *top*) to their owners.
 
         Writes accepted while views of the ring disagreed can sit on nodes
@@ -1429,7 +1475,7 @@ class Node:
         """
         replicas = min(self.config.replicas, len(ring.node_ids))
         owners: dict[int, list[str]] = {}
-        failed: set[str] = set()
+        failed = set() if failed is None else failed
         reached: int | None = None
         pushed = 0
         after = since
