@@ -143,8 +143,28 @@ def test_full_report_has_every_plot_and_escapes_html(tmp_path):
         "during_faults": {"ok": 900, "failed": 30},
         "outside_faults": {"ok": 20000, "failed": 0},
     }
+    service = [
+        {
+            "kind": "kill",
+            "start_s": 4.0,
+            "healthy_ok_share": 0.8125,
+            "served_after_s": 2.5,
+        },
+        {
+            "kind": "partition",
+            "start_s": 10.0,
+            "healthy_ok_share": None,
+            "served_after_s": None,
+        },
+    ]
     write_run(
-        run, cluster_result(faults=FAULTS, timeline=TIMELINE, availability=availability)
+        run,
+        cluster_result(
+            faults=FAULTS,
+            timeline=TIMELINE,
+            availability=availability,
+            fault_service=service,
+        ),
     )
     made = report.build(run)
     assert set(made["plots"]) == {"latency", "timeline", "speedup", "bench_history"}
@@ -159,6 +179,7 @@ def test_full_report_has_every_plot_and_escapes_html(tmp_path):
     assert "partition" in page
     assert "n0|n2" in page
     assert "96.77%" in page  # 900 ok of 930 during the fault windows
+    assert "81.25%" in page and "served again after" in page  # fault_service
     assert 'href="logs/tests.log"' in page
     assert "class='regression'" in page
 

@@ -538,18 +538,40 @@ def _cluster_html(
     faults = cluster.get("faults") or []
     if faults:
         parts.append("<h3>Fault timeline</h3>")
+        # per fault: how the nodes it did not touch were served meanwhile
+        service = cluster.get("fault_service") or []
+        served = {
+            (row.get("kind"), row.get("start_s")): row
+            for row in service
+            if isinstance(row, dict)
+        }
+        rows1 = []
+        for f in faults:
+            row = served.get((f.get("kind"), f.get("start_s")), {})
+            share = row.get("healthy_ok_share")
+            rows1.append(
+                [
+                    _td(f.get("kind")),
+                    _td(f.get("target")),
+                    _td(_fmt_num(f.get("start_s"), ".1f"), "num"),
+                    _td(_fmt_num(f.get("end_s"), ".1f"), "num"),
+                    _td("-" if share is None else f"{share:.2%}", "num"),
+                    _td(_fmt_num(row.get("served_after_s"), ".1f"), "num"),
+                    _td(f.get("error") or ""),
+                ]
+            )
         parts.append(
             _table(
-                ["kind", "target", "start (s)", "end (s)"],
                 [
-                    [
-                        _td(f.get("kind")),
-                        _td(f.get("target")),
-                        _td(_fmt_num(f.get("start_s"), ".1f"), "num"),
-                        _td(_fmt_num(f.get("end_s"), ".1f"), "num"),
-                    ]
-                    for f in faults
+                    "kind",
+                    "target",
+                    "start (s)",
+                    "end (s)",
+                    "healthy side ok",
+                    "served again after (s)",
+                    "error",
                 ],
+                rows1,
             )
         )
     availability = cluster.get("availability")
