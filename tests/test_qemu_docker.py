@@ -240,7 +240,7 @@ def test_cli_has_the_runtime_option() -> None:
 
     args = {a.name: a for a in cli.qemu.tasks["cluster"].get_arguments()}
     assert args["runtime"].default == "process"
-    assert "docker" in args["runtime"].help
+    assert args["runtime"].kind is str  # (its help: test_qemu_cluster checks all)
 
 
 # -- a real run ------------------------------------------------------------------------
