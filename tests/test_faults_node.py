@@ -295,3 +295,38 @@ def test_an_owner_without_a_lease_stops_writing_then_resyncs(tmp_path):
             await client1.close()
 
     run(scenario())
+
+
+def test_a_write_no_replica_received_is_rolled_back(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            n0, n1, _ = cluster.nodes
+            channel = next(
+                c
+                for c in (key_of(f"undo-{i}") for i in range(10_000))
+                if n0.owners(c) == ("n0", "n1")
+            )
+            client = await client_for(n0)
+            assert await client.send(channel, p.message_id(3, 1), 3, b"a") == 1
+            # n1 becomes unreachable from n0: nothing listens at its address
+            spare = socket.socket()
+            spare.bind(("127.0.0.1", 0))
+            nowhere = spare.getsockname()
+            spare.close()
+            member = n0.membership.members["n1"]
+            real = (member.host, member.port)
+            member.host, member.port = nowhere
+            n0.links.pop(real).close()
+            with pytest.raises(RemoteError, match="replica"):
+                await client.send(channel, p.message_id(3, 2), 3, b"b")
+            await wait_for(lambda: n0.counters["rolled_back"] == 1)
+            await n0.storage.call(lambda conn: None)  # the delete has run
+            rows = await n0.storage.fetch(channel, 0, 10)
+            assert [r.msg_id for r in rows] == [p.message_id(3, 1)]
+            # reachable again: the next write gets a fresh number
+            member.host, member.port = real
+            assert await client.send(channel, p.message_id(3, 3), 3, b"c") == 3
+            await client.close()
+
+    run(scenario())

@@ -80,6 +80,18 @@ class ClusterConfig:
     faults: list[str] = field(default_factory=list)  # kinds (plexilab.faults)
     fault_interval: float = 10.0  # seconds between fault starts
     fault_duration: float = 0.0  # seconds a fault lasts (0: interval / 2)
+    # seconds before the load gives a request up (and sends its channel
+    # through another node); 0: 10 s, or with faults twice the suspicion
+    # timeout within 2..10 s (a client does not wait out a paused node)
+    request_timeout: float = 0.0
+
+    @property
+    def load_timeout(self) -> float:
+        if self.request_timeout > 0:
+            return self.request_timeout
+        if self.faults:
+            return min(10.0, max(2.0, 2 * self.suspect_timeout))
+        return 10.0
 
 
 @dataclass
@@ -585,6 +597,8 @@ class Cluster:
             c.distribution,
             "--route",
             c.route,
+            "--timeout",
+            f"{c.load_timeout:g}",
             "--journal",
             str(journal),
             "--json",

@@ -43,6 +43,12 @@ from plexichat.routing import Ring
 from plexichat.stats import Histogram
 
 log = logging.getLogger("plexichat.node")
+
+
+class NotSent(ConnectionLost):
+    """A peer request that never left this node (no connection could be made)."""
+
+
 T = wire.MessageType
 HISTOGRAMS: Final = ("send", "forward", "replicate", "fetch", "relay")
 CHUNK_BYTES: Final = 512 * 1024
@@ -105,10 +111,13 @@ class _WriteGroup:
 
     __slots__ = (
         "corrections",
+        "failed",
         "finished",
+        "maybe_copied",
         "node",
         "parts",
         "records",
+        "replicas_left",
         "timer",
         "waiters",
     )
@@ -124,6 +133,9 @@ class _WriteGroup:
         self.records = records
         self.waiters = waiters
         self.parts = parts
+        self.replicas_left = parts - 1
+        self.maybe_copied = False  # a replica may hold the records
+        self.failed = False
         self.finished = False
         self.corrections: dict[int, int] = {}
         self.timer: asyncio.TimerHandle | None = None
@@ -139,6 +151,20 @@ class _WriteGroup:
         self._part_done()
 
     def replica_done(
+        self, frame: wire.Frame | None, error: BaseException | None
+    ) -> None:
+        self.replicas_left -= 1
+        if frame is not None and frame.type == T.REPLICATE_ACK:
+            self.maybe_copied = True
+        elif not isinstance(error, NotSent) and frame is None:
+            self.maybe_copied = True  # lost in flight or timed out: unknown
+        self._replica_result(frame, error)
+        if self.failed and self.replicas_left == 0 and not self.maybe_copied:
+            # no replica has them and the writer was told they failed: take
+            # them back, so that a new owner's numbers do not collide with them
+            self.node.roll_back(self.records)
+
+    def _replica_result(
         self, frame: wire.Frame | None, error: BaseException | None
     ) -> None:
         if error is not None or frame is None:
@@ -181,6 +207,7 @@ class _WriteGroup:
         if self.finished:
             return
         self.finished = True
+        self.failed = True
         if self.timer is not None:
             self.timer.cancel()
         self.node.counters["send_failed"] += len(self.waiters)
@@ -189,6 +216,7 @@ class _WriteGroup:
 
     def expire(self) -> None:
         self.timer = None
+        self.maybe_copied = True  # replies still out: they may have arrived
         self.fail(p.ErrorCode.TIMEOUT, "replication timed out")
 
 
@@ -335,6 +363,7 @@ class Node:
                 "lease_lapses",
                 "lease_refused",
                 "replicate_refused",
+                "rolled_back",
             ),
             0,
         )
@@ -690,7 +719,7 @@ class Node:
         assert self.membership is not None
         address = self.membership.address(node_id)
         if address is None:
-            callback(None, ConnectionLost(f"unknown member {node_id}"))
+            callback(None, NotSent(f"unknown member {node_id}"))
             return
         link = self._link(address)
         sent = time.monotonic()
@@ -720,7 +749,7 @@ class Node:
                 if error is None:
                     link.request(*item)
                 else:
-                    item[2](None, error)
+                    item[2](None, NotSent(f"connect to {node_id}: {error}"))
 
         self._spawn(connect_then_send(), f"connect-{node_id}")
 
@@ -904,6 +933,13 @@ class Node:
             self._peer_request(
                 replica, T.REPLICATE, p.encode_records(chunk), group.replica_done
             )
+
+    def roll_back(self, records: list[p.Record]) -> None:
+        """Delete this node's copy of writes that failed before any replica got
+        them (their sequence numbers stay used: a new owner numbers after them
+        or, not knowing them, reuses them without a collision)."""
+        self.counters["rolled_back"] += len(records)
+        self._spawn(self.storage.delete_exact(records), "roll-back")
 
     def _refuse_without_lease(self, batch: list[SendItem]) -> None:
         """No majority answered lately (this node was paused or cut off): the
@@ -1423,14 +1459,14 @@ class Node:
         previous: tuple[int, int] | None = None  # (epoch, top) when last settled
         while True:
             await asyncio.sleep(period)
-            if self._unsettled_placement():
+            if not self._ring_settled():
                 previous = None
                 continue
             epoch = self.epoch
             top = await self.storage.max_rowid()
             # rows stored after a ring change that happened meanwhile may be
             # counted in *top*: then it is not a clean point
-            if epoch != self.epoch or self._unsettled_placement():
+            if epoch != self.epoch or not self._ring_settled():
                 previous = None
                 continue
             if previous is not None and previous[0] == epoch and top > previous[1]:
@@ -1438,13 +1474,11 @@ class Node:
                 self._save_placed()
             previous = (epoch, top)
 
-    def _unsettled_placement(self) -> bool:
-        return (
-            self._in_transition
-            or self._handoff_running
-            or self._ring_changed.is_set()
-            or bool(self.retry)
-        )
+    def _ring_settled(self) -> bool:
+        """This node's ring is the one its last handoff round started from:
+        what it stores now goes to the owners under that ring (a handoff or a
+        retry still running concerns older rows only)."""
+        return not (self._in_transition or self._ring_changed.is_set())
 
     async def _push_retries(self, ring: Ring, retry: dict[int, int]) -> None:
         """Push channels whose earlier push failed (``seq >= low``) to their owners."""

@@ -236,6 +236,26 @@ class Storage:
 
         return await self.call(run)
 
+    async def delete_exact(self, records: Sequence[Record]) -> int:
+        """Delete exactly these rows (channel, seq and message id all match);
+        an earlier copy of the same message under another seq stays."""
+        keys = [(_to_signed(r.channel), r.seq, r.msg_id) for r in records]
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN")
+            try:
+                cursor = conn.executemany(
+                    "DELETE FROM messages WHERE channel = ? AND seq = ? AND msg_id = ?",
+                    keys,
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                conn.execute("ROLLBACK")
+                raise
+            return int(cursor.rowcount)
+
+        return await self.call(run)
+
     async def max_rowid(self) -> int:
         """Row id of the last stored message (0 when empty); ids only grow."""
 
