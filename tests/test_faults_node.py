@@ -301,7 +301,7 @@ def test_a_write_no_replica_received_is_rolled_back(tmp_path):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
-            n0, n1, _ = cluster.nodes
+            n0, _, _ = cluster.nodes
             channel = next(
                 c
                 for c in (key_of(f"undo-{i}") for i in range(10_000))
@@ -330,3 +330,49 @@ def test_a_write_no_replica_received_is_rolled_back(tmp_path):
             await client.close()
 
     run(scenario())
+
+
+def test_a_returning_owner_gets_only_the_blocks_it_lacks(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, handoff_block=4) as cluster:
+            await freeze(cluster)
+            n0, n1, _ = cluster.nodes
+            channel = key_of("digest")
+            recs = [
+                p.make_record((channel, s, p.message_id(2, s), 2, s, b"m"))
+                for s in range(1, 13)
+            ]
+
+            def insert(node: Node, records: list[p.Record]) -> asyncio.Future[None]:
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                node.storage.insert(
+                    records, lambda *_: done.done() or done.set_result(None)
+                )
+                return done
+
+            await insert(n0, recs)
+            # n1 has blocks 0 and 2 (seqs 1-4, 9-12) but lacks seq 6 of block 1
+            await insert(n1, recs[:5] + recs[6:])
+            sent, ok = await n0._push_channel(channel, "n1")
+            assert ok
+            assert sent == 4  # block 1 only (seqs 5-8), idempotent on msg_id
+            assert n0.counters["handoff_blocks_same"] == 2
+            assert n0.counters["handoff_blocks_pushed"] == 1
+            have = await n1.storage.fetch(channel, 0, 100)
+            assert sorted(r.seq for r in have) == list(range(1, 13))
+            # nothing differs any more: nothing is sent
+            assert await n0._push_channel(channel, "n1") == (0, True)
+
+    run(scenario())
+
+
+def test_handoff_blocks_round_trip_and_bad_bodies():
+    digest = {0: (3, (1 << 127) | 5), 7: (1, 9)}
+    body = p.encode_handoff_blocks(42, digest)
+    assert p.decode_handoff_blocks(body) == (42, digest)
+    with pytest.raises(p.ProtocolError):
+        p.decode_handoff_blocks(body[:-1])
+    with pytest.raises(p.ProtocolError):
+        p.decode_handoff_blocks(p.encode_handoff_pull(42))
+    kind, channel, block, _ = p.decode_handoff(p.encode_handoff_digest(42, 256))
+    assert (kind, channel, block) == (p.HandoffKind.DIGEST, 42, 256)

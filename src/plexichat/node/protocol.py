@@ -55,6 +55,8 @@ class HandoffKind(IntEnum):
     DATA = 1  # records, answered with REPLICATE_ACK
     PULL = 2  # channel: ask for the sender's last sequence (answered with SEQ)
     SEQ = 3  # channel, last sequence
+    DIGEST = 4  # channel, block size: ask for the receiver's block digests
+    BLOCKS = 5  # channel, then (block, count, xor of message ids) per block
 
 
 class Record(NamedTuple):
@@ -273,6 +275,40 @@ def encode_handoff_seq(channel: int, last_seq: int) -> bytes:
     return HANDOFF_SEQ.pack(HandoffKind.SEQ, channel, last_seq)
 
 
+HANDOFF_BLOCKS_HEAD: Final = struct.Struct(">BQI")  # kind, channel, count
+HANDOFF_BLOCK: Final = struct.Struct(">QIQQ")  # block, rows, xor hi, xor lo
+
+# block index -> (rows, xor of the 128-bit message ids) of one channel
+Digest = dict[int, tuple[int, int]]
+
+
+def encode_handoff_digest(channel: int, block: int) -> bytes:
+    return HANDOFF_SEQ.pack(HandoffKind.DIGEST, channel, block)
+
+
+def encode_handoff_blocks(channel: int, digest: Digest) -> bytes:
+    parts = [HANDOFF_BLOCKS_HEAD.pack(HandoffKind.BLOCKS, channel, len(digest))]
+    mask = (1 << 64) - 1
+    for block, (rows, xor) in sorted(digest.items()):
+        parts.append(HANDOFF_BLOCK.pack(block, rows, xor >> 64, xor & mask))
+    return b"".join(parts)
+
+
+def decode_handoff_blocks(body: bytes) -> tuple[int, Digest]:
+    """``(channel, digest)`` of a HANDOFF BLOCKS reply."""
+    if len(body) < HANDOFF_BLOCKS_HEAD.size or body[0] != HandoffKind.BLOCKS:
+        raise ProtocolError("not a HANDOFF BLOCKS body")
+    _, channel, count = HANDOFF_BLOCKS_HEAD.unpack_from(body)
+    if len(body) != HANDOFF_BLOCKS_HEAD.size + count * HANDOFF_BLOCK.size:
+        raise ProtocolError(f"HANDOFF BLOCKS body of {len(body)} bytes for {count}")
+    digest: Digest = {}
+    for i in range(count):
+        offset = HANDOFF_BLOCKS_HEAD.size + i * HANDOFF_BLOCK.size
+        block, rows, hi, lo = HANDOFF_BLOCK.unpack_from(body, offset)
+        digest[block] = (rows, (hi << 64) | lo)
+    return channel, digest
+
+
 def decode_handoff(body: bytes) -> tuple[HandoffKind, int, int, list[Record]]:
     """``(kind, channel, last_seq, records)``; unused fields are 0 / empty."""
     if not body:
@@ -284,7 +320,7 @@ def decode_handoff(body: bytes) -> tuple[HandoffKind, int, int, list[Record]]:
     if kind is HandoffKind.DATA:
         return kind, 0, 0, decode_records(body, 1)
     if len(body) != HANDOFF_SEQ.size:
-        raise ProtocolError("HANDOFF PULL/SEQ body must be 17 bytes")
+        raise ProtocolError("HANDOFF PULL/SEQ/DIGEST body must be 17 bytes")
     _, channel, last_seq = HANDOFF_SEQ.unpack(body)
     return kind, channel, last_seq, []
 

@@ -82,6 +82,7 @@ class NodeConfig:
     commit_interval: float = 0.002  # group commit: min seconds between commits
     cache_capacity: int = 65536
     handoff_batch: int = 512
+    handoff_block: int = 256  # seqs per digest block (0: always push whole channels)
     handoff_delay: float = 0.5  # ring must be stable this long before a handoff
     # An owner assigns sequence numbers only while a majority answered it
     # within this many seconds (0: 3/4 of the suspicion timeout: the others
@@ -364,6 +365,8 @@ class Node:
                 "lease_refused",
                 "replicate_refused",
                 "rolled_back",
+                "handoff_blocks_same",
+                "handoff_blocks_pushed",
             ),
             0,
         )
@@ -1223,8 +1226,21 @@ class Node:
                 p.encode_handoff_seq(channel, self.last_seq.get(channel, 0)),
             )
             return
-        if kind is p.HandoffKind.SEQ:
-            raise p.ProtocolError("HANDOFF SEQ is a reply, not a request")
+        if kind is p.HandoffKind.DIGEST:
+            block = max(1, _last)
+
+            async def reply() -> None:
+                try:
+                    digest = await self.storage.digest(channel, block)
+                except Exception as exc:
+                    self._error(conn, rid, p.ErrorCode.INTERNAL, f"digest: {exc}")
+                    return
+                conn.send(T.HANDOFF, rid, p.encode_handoff_blocks(channel, digest))
+
+            self._spawn(reply(), "digest")
+            return
+        if kind in (p.HandoffKind.SEQ, p.HandoffKind.BLOCKS):
+            raise p.ProtocolError(f"HANDOFF {kind.name} is a reply, not a request")
         self._note_records(records)
 
         def done(
@@ -1579,10 +1595,59 @@ class Node:
     async def _push_channel(
         self, channel: int, target: str, after: int = 0
     ) -> tuple[int, bool]:
-        """Stream *channel* (``seq > after``) to *target*: (records sent, ok)."""
+        """Stream *channel* (``seq > after``) to *target*: (records sent, ok).
+
+        A whole channel (``after == 0``) goes block by block: the target's
+        digest of each block of ``handoff_block`` sequence numbers is compared
+        with this node's and only the blocks that differ are sent (a node that
+        comes back after a partition lacks only what was written meanwhile).
+        """
+        block = self.config.handoff_block
+        if after == 0 and block > 0:
+            theirs = await self._target_digest(channel, target, block)
+            if theirs is not None:
+                mine = await self.storage.digest(channel, block)
+                differ = sorted(b for b, d in mine.items() if theirs.get(b) != d)
+                self.counters["handoff_blocks_same"] += len(mine) - len(differ)
+                self.counters["handoff_blocks_pushed"] += len(differ)
+                sent = 0
+                for b in differ:
+                    count, ok = await self._push_range(
+                        channel, target, b * block, (b + 1) * block
+                    )
+                    sent += count
+                    if not ok:
+                        return sent, False
+                return sent, True
+        return await self._push_range(channel, target, after, None)
+
+    async def _target_digest(
+        self, channel: int, target: str, block: int
+    ) -> p.Digest | None:
+        """*target*'s block digests of *channel* (None: ask failed, push all)."""
+        assert self.membership is not None
+        address = self.membership.address(target)
+        if address is None:
+            return None
+        try:
+            frame = await self._link(address).call(
+                T.HANDOFF,
+                p.encode_handoff_digest(channel, block),
+                self.config.replicate_timeout,
+            )
+            return p.decode_handoff_blocks(frame.payload)[1]
+        except (OSError, TimeoutError, RemoteError, ConnectionLost, p.ProtocolError):
+            return None
+
+    async def _push_range(
+        self, channel: int, target: str, after: int, upto: int | None
+    ) -> tuple[int, bool]:
+        """Stream *channel*'s rows with ``after < seq <= upto`` to *target*."""
         sent = 0
         while True:
             rows = await self.storage.fetch(channel, after, self.config.handoff_batch)
+            if upto is not None:
+                rows = [r for r in rows if r.seq <= upto]
             if not rows:
                 return sent, True
             count, ok = await self._send_records(target, rows)

@@ -236,6 +236,24 @@ class Storage:
 
         return await self.call(run)
 
+    async def digest(self, channel: int, block: int) -> dict[int, tuple[int, int]]:
+        """Per block of *block* sequence numbers (``(seq - 1) // block``): rows
+        and the xor of their 128-bit message ids (equal digests: same rows)."""
+
+        def run(conn: sqlite3.Connection) -> dict[int, tuple[int, int]]:
+            out: dict[int, tuple[int, int]] = {}
+            rows = conn.execute(
+                "SELECT seq, msg_id FROM messages WHERE channel = ?",
+                (_to_signed(channel),),
+            )
+            for seq, msg_id in rows:
+                key = (seq - 1) // block
+                count, xor = out.get(key, (0, 0))
+                out[key] = (count + 1, xor ^ int.from_bytes(msg_id, "big"))
+            return out
+
+        return await self.call(run)
+
     async def delete_exact(self, records: Sequence[Record]) -> int:
         """Delete exactly these rows (channel, seq and message id all match);
         an earlier copy of the same message under another seq stays."""
