@@ -179,7 +179,8 @@ def test_full_report_has_every_plot_and_escapes_html(tmp_path):
     assert "partition" in page
     assert "n0|n2" in page
     assert "96.77%" in page  # 900 ok of 930 during the fault windows
-    assert "81.25%" in page and "served again after" in page  # fault_service
+    assert "81.25%" in page  # fault_service: the kill's healthy side
+    assert "served again after" in page
     assert 'href="logs/tests.log"' in page
     assert "class='regression'" in page
 
