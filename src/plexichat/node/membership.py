@@ -376,7 +376,10 @@ class Membership:
                 voters = [m for m in self.members.values() if m.status != "left"]
                 alive = sum(m.status == "alive" for m in voters)
                 if 2 * alive <= len(voters):  # no majority answers this node
+                    # and when one does again, the suspect gets a full
+                    # timeout to refute (not the time spent cut off)
                     self.counters["held_suspect"] += 1
+                    member.since = now
                     continue
                 self.counters["declared_dead"] += 1
                 self._set_status(member, "dead")

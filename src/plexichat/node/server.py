@@ -317,7 +317,8 @@ class Node:
         self.last_seq: dict[int, int] = {}
         self.synced: dict[int, int] = {}
         # channel -> epoch in which another node claimed it (HANDOFF PULL)
-        self.fenced: dict[int, int] = {}
+        # (until the view changes or the fence expires: then it syncs again)
+        self.fenced: dict[int, tuple[int, float]] = {}
         # Placement: rows whose row id lies in ``placed`` (sorted, disjoint
         # ``(lo, hi]`` intervals) are known to sit on their owners: they were
         # stored while the ring was settled, or pushed to the owners since.
@@ -327,6 +328,7 @@ class Node:
         self.placed: list[tuple[int, int]] = []
         self.retry: dict[int, int] = {}
         self._in_transition = True
+        self._ring_changed_at = 0.0  # monotonic time of the last ring change
         self._placed_file = Path(config.data_dir) / "placed.json"
         self.gates: dict[int, list[SendItem]] = {}
         self.links: dict[tuple[str, int], Link] = {}
@@ -599,6 +601,7 @@ class Node:
             return
         self.ring = Ring(live)
         self.ring_members = dict(live)
+        self._ring_changed_at = time.monotonic()
         self.epoch += 1
         self.owner_cache.clear()
         self.fenced.clear()
@@ -863,6 +866,7 @@ class Node:
         self._lease_lapsed = False
         synced = self.synced
         fenced = self.fenced
+        now_s = time.monotonic()
         gates = self.gates
         last_seq = self.last_seq
         recent_get = self.recent.get
@@ -884,7 +888,13 @@ class Node:
                 self.counters["dedup_hits"] += 1
                 conn.send(T.ACK, rid, ack_pack(hit[0], hit[1]))
                 continue
-            if fenced and fenced.get(channel) == epoch:
+            fence = fenced.get(channel) if fenced else None
+            if fence is not None and fence[0] == epoch and fence[1] <= now_s:
+                # the claim is old: learn the channel's state again first
+                del fenced[channel]
+                synced.pop(channel, None)
+                fence = None
+            if fence is not None and fence[0] == epoch:
                 self.counters["fenced"] += 1
                 self._error(
                     conn,
@@ -975,7 +985,15 @@ class Node:
     async def _sync_channel(self, channel: int, epoch: int) -> None:
         """Learn the channel's last sequence from every live peer before writing."""
         self.counters["syncs"] += 1
-        peers = [n for n in self.ring_members if n != self.id]
+        # every member that has not left, not only the ring: a node this one
+        # believes dead may be alive and still think it owns the channel (the
+        # PULL fences it); an unreachable one costs at most sync_timeout
+        assert self.membership is not None
+        peers = [
+            m.id
+            for m in self.membership.members.values()
+            if m.id != self.id and m.status != "left"
+        ]
         body = p.encode_handoff_pull(channel)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[wire.Frame | None]] = []
@@ -1219,7 +1237,8 @@ class Node:
             if conn.role == "peer" and conn.peer_id != self.id:
                 owners = self.owners(channel)
                 if owners is not None and owners[0] == self.id:
-                    self.fenced[channel] = self.epoch
+                    until = time.monotonic() + 2 * self.lease
+                    self.fenced[channel] = (self.epoch, until)
             conn.send(
                 T.HANDOFF,
                 rid,
@@ -1491,10 +1510,13 @@ class Node:
             previous = (epoch, top)
 
     def _ring_settled(self) -> bool:
-        """This node's ring is the one its last handoff round started from:
-        what it stores now goes to the owners under that ring (a handoff or a
-        retry still running concerns older rows only)."""
-        return not (self._in_transition or self._ring_changed.is_set())
+        """This node's ring has not changed for ``handoff_delay``: what it
+        stores now goes to the owners under that ring (handoff rounds, even
+        long ones still catching up with older changes, concern older rows)."""
+        return (
+            self.ring is not None
+            and time.monotonic() - self._ring_changed_at >= self.config.handoff_delay
+        )
 
     async def _push_retries(self, ring: Ring, retry: dict[int, int]) -> None:
         """Push channels whose earlier push failed (``seq >= low``) to their owners."""
