@@ -103,10 +103,13 @@ def tests(session: nox.Session) -> None:
     coverage_file = {"COVERAGE_FILE": str(ROOT / ".coverage")}
     session.run("coverage", "erase", env=coverage_file)
     pytest_args = session.posargs or ["tests"]
+    # long end-to-end runs (marker "nightly") only when given arguments
+    nightly = [] if session.posargs else ["-m", "not nightly"]
     session.run(
         "pytest",
         "--cov",
         "--cov-report=",
+        *nightly,
         *pytest_args,
         env={**coverage_file, "PLEXICHAT_BACKEND": "auto"},
     )

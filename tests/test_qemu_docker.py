@@ -270,6 +270,7 @@ def _bounded(fn: Any) -> Any:
 @pytest.mark.qemu
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.nightly  # ~8 min warm: docker load of the image under TCG
 @pytest.mark.usefixtures("ready")
 def test_node_containers_in_docker_guests_lose_nothing(tmp_path: Path) -> None:
     from plexilab import containers

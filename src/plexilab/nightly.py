@@ -593,7 +593,7 @@ class Nightly:
                 "tests", "tests", "-m", QUICK_MARKERS, note="quick: " + QUICK_MARKERS
             )
         else:
-            self.nox("tests", "tests")
+            self.nox("tests", "tests", "tests")  # with the nightly-marked runs
         bench_started = time.time()
         bench = self.nox("benchmark", "benchmark")
         comparison = self.compare(
