@@ -376,3 +376,38 @@ def test_handoff_blocks_round_trip_and_bad_bodies():
         p.decode_handoff_blocks(p.encode_handoff_pull(42))
     kind, channel, block, _ = p.decode_handoff(p.encode_handoff_digest(42, 256))
     assert (kind, channel, block) == (p.HandoffKind.DIGEST, 42, 256)
+
+
+def test_rows_written_under_a_ring_no_handoff_started_from_still_reach_owners(
+    tmp_path,
+):
+    async def scenario() -> None:
+        # the handoff worker waits 4 s of a stable ring: the short view below
+        # never becomes a handoff base, yet writes land under it
+        async with InProcessCluster(tmp_path, handoff_delay=4.0) as cluster:
+            await wait_for(lambda: all(n.settled for n in cluster.nodes), 20)
+            await freeze(cluster)
+            n0, n1, n2 = cluster.nodes
+            short = Ring({"n0": 1.0, "n1": 1.0})
+            full = Ring({"n0": 1.0, "n1": 1.0, "n2": 1.0})
+            channel = next(
+                c
+                for c in (key_of(f"unbased-{i}") for i in range(10_000))
+                if short.owners(c, 2) == ["n0", "n1"] and full.owners(c, 2)[0] == "n2"
+            )
+            for node in (n0, n1):
+                set_status(node, n2, "dead")
+            client = await client_for(n0)
+            await asyncio.sleep(1.2)  # the placement tracker sees it settle
+            seq = await client.send(channel, p.message_id(4, 1), 4, b"short")
+            await asyncio.sleep(1.2)  # and marks what was written since
+            for node in (n0, n1):
+                set_status(node, n2, "alive", bump=1)
+            await client.close()
+            await wait_for(
+                lambda: all(n.settled for n in cluster.nodes), 20, "handoffs"
+            )
+            stored = await n2.storage.fetch(channel, 0, 10)
+            assert [r.seq for r in stored] == [seq]
+
+    run(scenario(), timeout=90)

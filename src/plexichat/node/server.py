@@ -328,7 +328,6 @@ class Node:
         self.placed: list[tuple[int, int]] = []
         self.retry: dict[int, int] = {}
         self._in_transition = True
-        self._ring_changed_at = 0.0  # monotonic time of the last ring change
         self._placed_file = Path(config.data_dir) / "placed.json"
         self.gates: dict[int, list[SendItem]] = {}
         self.links: dict[tuple[str, int], Link] = {}
@@ -601,7 +600,6 @@ class Node:
             return
         self.ring = Ring(live)
         self.ring_members = dict(live)
-        self._ring_changed_at = time.monotonic()
         self.epoch += 1
         self.owner_cache.clear()
         self.fenced.clear()
@@ -619,6 +617,7 @@ class Node:
             self.ring is not None
             and self._handoff_base == self.ring
             and not self._ring_changed.is_set()
+            and not self._in_transition  # a round is due, still waiting
             and not self._handoff_running
         )
 
@@ -1510,13 +1509,13 @@ class Node:
             previous = (epoch, top)
 
     def _ring_settled(self) -> bool:
-        """This node's ring has not changed for ``handoff_delay``: what it
-        stores now goes to the owners under that ring (handoff rounds, even
-        long ones still catching up with older changes, concern older rows)."""
-        return (
-            self.ring is not None
-            and time.monotonic() - self._ring_changed_at >= self.config.handoff_delay
-        )
+        """This node's ring is the base of its handoff rounds: what it stores
+        now goes to the owners under that ring, and a later ring change is
+        compared with it (a handoff or retry still running concerns older
+        rows).  Not merely "unchanged for a while": rows written under a ring
+        that no round started from would never be pushed on its next change.
+        """
+        return not (self._in_transition or self._ring_changed.is_set())
 
     async def _push_retries(self, ring: Ring, retry: dict[int, int]) -> None:
         """Push channels whose earlier push failed (``seq >= low``) to their owners."""
