@@ -252,3 +252,44 @@ def test_a_failed_channel_detours_through_the_next_node_then_returns():
         assert bucket == [[0, 1], [1, 1], [0, 0]]
 
     asyncio.run(scenario())
+
+
+def test_a_node_that_stopped_answering_is_avoided_by_every_channel():
+    import time
+
+    from plexichat.load.generator import _Client, _Conn
+
+    async def scenario() -> None:
+        config = LoadConfig(
+            nodes=[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
+            channels=2,
+            mode="open",
+            detour=30.0,
+        )
+        gen = Generator(config)
+        sent: list[int] = []
+        conns = [_Conn(gen, i) for i in range(3)]
+        for conn in conns:
+            conn.send = lambda t, rid, body, i=conn.index: sent.append(i)
+        client = _Client(
+            1,
+            [conns[0], conns[0]],  # node 0 owns both channels
+            conns,
+            route=[None, None],
+            busy=[0, 0],
+            detour=[0, 0],
+            detour_until=[0.0, 0.0],
+            detour_s=config.detour,
+        )
+        gen._mark_down(0)  # e.g. its requests timed out: it is paused
+        for _ in range(6):
+            assert gen.issue(client)
+            for conn in conns:
+                conn.pending.clear()
+            client.busy = [0, 0]
+        assert set(sent) == {1}
+        gen.node_down[0] = gen.down_until = time.monotonic() - 1  # over
+        assert gen.issue(client)
+        assert sent[-1] == 0
+
+    asyncio.run(scenario())

@@ -16,9 +16,11 @@ sender's messages to one channel always take the same connection, so their
 order is kept.
 
 Faults: a connection that closes (its node was killed) is reopened about once
-a second; meanwhile its senders use their other connections.  A request that
-fails (an error, a timeout, a lost connection) sends that channel's next
-messages to the next node for ``detour`` seconds (it forwards to whoever owns
+a second; meanwhile its senders use their other connections.  A node whose
+requests time out or whose connection drops is avoided by every channel for
+``detour`` seconds.  A request that fails (an error, a timeout, a lost
+connection) sends that channel's next messages to the next node for
+``detour`` seconds (it forwards to whoever owns
 the channel now), as a client of a real cluster tries another server; then the
 channel goes back to its owner.  A sender moves a channel to another
 connection only when none of its messages to that channel is in flight, so
@@ -136,6 +138,11 @@ class Generator:
         self.tl_acked: list[int] = []
         self.tl_failed: list[int] = []
         self.tl_node: list[list[list[int]]] = []  # bucket -> node -> [acked, failed]
+        # per node: monotonic time until which requests avoid it (it timed out
+        # or dropped the connection: paused, killed or cut off); down_until is
+        # the latest of them (0: none, the fast path)
+        self.node_down = [0.0] * len(config.nodes)
+        self.down_until = 0.0
         self._tl_ns = max(1, int(config.timeline_interval * 1e9))
         self.started_unix = 0.0
         self.channel_ids = [
@@ -181,6 +188,8 @@ class Generator:
                 return False
             start = alive.index(conn) if conn in alive else ci
             conn = alive[(start + detour) % len(alive)]
+        if self.down_until and self.node_down[conn.index] > time.monotonic():
+            conn = self._around_down(client, conn)
         current = client.route[ci]
         if current is not conn:
             if current is not None and client.busy[ci] and not current.closed:
@@ -263,6 +272,27 @@ class Generator:
         counts[0] += acked
         counts[1] += failed
 
+    def _mark_down(self, node: int) -> None:
+        """*node* stopped answering: send around it for ``detour`` seconds."""
+        until = time.monotonic() + self.config.detour
+        self.node_down[node] = until
+        self.down_until = max(self.down_until, until)
+
+    def _around_down(self, client: _Client, conn: _Conn) -> _Conn:
+        """The next open connection of *client* to a node that is not down."""
+        now = time.monotonic()
+        if now >= self.down_until:
+            self.down_until = 0.0
+            return conn
+        options = [c for c in client.fallback if not c.closed]
+        if conn in options:
+            start = options.index(conn)
+            options = options[start + 1 :] + options[:start]
+        for other in options:
+            if self.node_down[other.index] <= now:
+                return other
+        return conn  # every node is down: try the one chosen
+
     @staticmethod
     def _detour(client: _Client, ci: int) -> None:
         """Send channel *ci* of *client* through the next node for a while."""
@@ -307,6 +337,8 @@ class Generator:
             client.busy[entry[5]] -= 1
             self._fail(None, "CONNECTION_LOST", node=conn.index)
             self._detour(client, entry[5])
+        if pending:
+            self._mark_down(conn.index)
         if pending and self.config.mode == "closed":
             for client, *_ in pending.values():
                 self._retry(client)
@@ -420,6 +452,8 @@ class Generator:
                     client.busy[entry[5]] -= 1
                     self._fail(None, "TIMEOUT", node=conn.index)
                     self._detour(client, entry[5])
+                    if expired[0] == rid:
+                        self._mark_down(conn.index)
                     if self.config.mode == "closed":
                         self.issue(client)
             if time.monotonic() >= self.deadline:
