@@ -190,36 +190,44 @@ def test_tools_report_unreachable_nodes(tmp_path, capsys):
     assert "plexichat-check" in err
 
 
+def offline_generator(channels: int) -> tuple[Generator, list[int], list, object]:
+    """A generator on three fake connections (no sockets): node 0 owns every
+    channel; ``sent`` records the node index of every SEND."""
+    from plexichat.load.generator import _Client, _Conn
+
+    config = LoadConfig(
+        nodes=[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
+        channels=channels,
+        mode="open",
+        detour=30.0,
+    )
+    gen = Generator(config)
+    sent: list[int] = []
+    conns = [_Conn(gen, i) for i in range(3)]
+    for conn in conns:
+        conn.send = lambda t, rid, body, i=conn.index: sent.append(i)
+    client = _Client(
+        1,
+        [conns[0]] * channels,
+        conns,
+        route=[None] * channels,
+        busy=[0] * channels,
+        detour=[0] * channels,
+        detour_until=[0.0] * channels,
+        detour_s=config.detour,
+    )
+    gen.clients.append(client)
+    return gen, sent, conns, client
+
+
 def test_a_failed_channel_detours_through_the_next_node_then_returns():
     import time
 
     from plexichat import wire
-    from plexichat.load.generator import _Client, _Conn
     from plexichat.node import protocol as p
 
     async def scenario() -> None:
-        config = LoadConfig(
-            nodes=[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
-            channels=1,
-            mode="open",
-            detour=30.0,
-        )
-        gen = Generator(config)
-        sent: list[int] = []
-        conns = [_Conn(gen, i) for i in range(3)]
-        for conn in conns:
-            conn.send = lambda t, rid, body, i=conn.index: sent.append(i)
-        client = _Client(
-            1,
-            [conns[0]],
-            conns,
-            route=[None],
-            busy=[0],
-            detour=[0],
-            detour_until=[0.0],
-            detour_s=config.detour,
-        )
-        gen.clients.append(client)
+        gen, sent, conns, client = offline_generator(1)
         assert gen.issue(client)
         assert sent == [0]  # the owner's connection first
         (rid,) = conns[0].pending
@@ -257,30 +265,8 @@ def test_a_failed_channel_detours_through_the_next_node_then_returns():
 def test_a_node_that_stopped_answering_is_avoided_by_every_channel():
     import time
 
-    from plexichat.load.generator import _Client, _Conn
-
     async def scenario() -> None:
-        config = LoadConfig(
-            nodes=[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
-            channels=2,
-            mode="open",
-            detour=30.0,
-        )
-        gen = Generator(config)
-        sent: list[int] = []
-        conns = [_Conn(gen, i) for i in range(3)]
-        for conn in conns:
-            conn.send = lambda t, rid, body, i=conn.index: sent.append(i)
-        client = _Client(
-            1,
-            [conns[0], conns[0]],  # node 0 owns both channels
-            conns,
-            route=[None, None],
-            busy=[0, 0],
-            detour=[0, 0],
-            detour_until=[0.0, 0.0],
-            detour_s=config.detour,
-        )
+        gen, sent, conns, client = offline_generator(2)
         gen._mark_down(0)  # e.g. its requests timed out: it is paused
         for _ in range(6):
             assert gen.issue(client)
