@@ -411,3 +411,36 @@ def test_rows_written_under_a_ring_no_handoff_started_from_still_reach_owners(
             assert [r.seq for r in stored] == [seq]
 
     run(scenario(), timeout=90)
+
+
+def test_no_write_before_the_replicas_told_their_last_sequence(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            n0, _, _ = cluster.nodes
+            channel = next(
+                c
+                for c in (key_of(f"blind-{i}") for i in range(10_000))
+                if n0.owners(c) == ("n0", "n1")
+            )
+            # n1 cannot be reached, and n0 has not synced the channel yet (as
+            # after a restart that lost its last commits in a power cut)
+            spare = socket.socket()
+            spare.bind(("127.0.0.1", 0))
+            nowhere = spare.getsockname()
+            spare.close()
+            member = n0.membership.members["n1"]
+            real = (member.host, member.port)
+            member.host, member.port = nowhere
+            n0.links.pop(real, None)
+            n0.synced.clear()
+            client = await client_for(n0)
+            with pytest.raises(RemoteError, match="no answer from replica n1"):
+                await client.send(channel, p.message_id(5, 1), 5, b"a")
+            assert n0.counters["sync_failed"] == 1
+            assert await n0.storage.fetch(channel, 0, 10) == []
+            member.host, member.port = real
+            assert await client.send(channel, p.message_id(5, 2), 5, b"b") == 1
+            await client.close()
+
+    run(scenario())

@@ -431,6 +431,13 @@ class Cluster:
             if other is not node
         ]
         source = ["--source-address", node.source] if node.source else []
+        # a power cut loses the commits SQLite has not fsynced yet
+        # (synchronous=normal): runs that cut power make every commit durable
+        durability = (
+            ["--sync", "full"]
+            if "poweroff" in config.faults and "--sync" not in config.node_args
+            else []
+        )
         return [
             node.host.python(),
             "-m",
@@ -454,6 +461,7 @@ class Cluster:
             "--suspect-timeout",
             str(config.suspect_timeout),
             *source,
+            *durability,
             *config.node_args,
         ]
 

@@ -366,6 +366,7 @@ class Node:
                 "lease_refused",
                 "replicate_refused",
                 "rolled_back",
+                "sync_failed",
                 "handoff_blocks_same",
                 "handoff_blocks_pushed",
             ),
@@ -996,6 +997,8 @@ class Node:
         body = p.encode_handoff_pull(channel)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[wire.Frame | None]] = []
+        owners = self.owners(channel) or ()
+        required: dict[asyncio.Future[wire.Frame | None], str] = {}
         for peer in peers:
             future: asyncio.Future[wire.Frame | None] = loop.create_future()
 
@@ -1008,10 +1011,14 @@ class Node:
                     future.set_result(frame)
 
             futures.append(future)
+            if peer in owners[1:]:
+                required[future] = peer
             self._peer_request(peer, T.HANDOFF, body, done)
         best = self.last_seq.get(channel, 0)
+        timeout = max(self.config.sync_timeout, 2 * self.config.gossip.ping_timeout)
+        answered: set[asyncio.Future[wire.Frame | None]] = set()
         if futures:
-            done_set, _ = await asyncio.wait(futures, timeout=self.config.sync_timeout)
+            done_set, _ = await asyncio.wait(futures, timeout=timeout)
             for fut in done_set:
                 frame = fut.result()
                 if frame is not None and frame.type == T.HANDOFF:
@@ -1019,8 +1026,23 @@ class Node:
                         kind, _, last, _ = p.decode_handoff(frame.payload)
                         if kind is p.HandoffKind.SEQ:
                             best = max(best, last)
+                            answered.add(fut)
         if best > self.last_seq.get(channel, 0):
             self.last_seq[channel] = best
+        silent = sorted(peer for fut, peer in required.items() if fut not in answered)
+        if silent:
+            # a replica holds every acknowledged write of the channel: without
+            # its last sequence number this node could hand out used numbers
+            # (after a power cut took its own last commits, for one)
+            self.counters["sync_failed"] += 1
+            for conn, rid, *_ in self.gates.pop(channel, []):
+                self._error(
+                    conn,
+                    rid,
+                    p.ErrorCode.UNAVAILABLE,
+                    f"channel sync: no answer from replica {', '.join(silent)}",
+                )
+            return
         self.synced[channel] = epoch
         pending = self.gates.pop(channel, [])
         if pending and self.epoch != epoch:
