@@ -119,7 +119,8 @@ def tests(session: nox.Session) -> None:
         "--cov",
         "--cov-append",
         "--cov-report=term:skip-covered",
-        "--cov-fail-under=80",
+        # the 80% gate is for the whole suite; a subset (posargs) only reports
+        *([] if session.posargs else ["--cov-fail-under=80"]),
         "-m",
         "not qemu and not docker",
         *pytest_args,
