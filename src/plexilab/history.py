@@ -375,13 +375,19 @@ def cluster_summary(
 def cluster_regressions(
     summary: dict[str, Any], previous: dict[str, Any] | None, factor: float
 ) -> list[str]:
-    """Checker findings, and a throughput drop beyond *factor* vs *previous*."""
+    """Checker findings, and a throughput drop beyond *factor* vs *previous*.
+
+    The throughput gate applies to runs without faults only: under faults the
+    throughput measures when the faults hit and how long recovery took (two
+    quick nightlies of one commit in QEMU: 182 and 117 msg/s), not speed; the
+    report still shows it next to the previous run's.
+    """
     reasons = []
     for what in ("lost", "duplicated", "reordered"):
         count = summary.get(what) or 0
         if count:
             reasons.append(f"cluster checker: {count} {what} message(s)")
-    if previous is not None:
+    if previous is not None and not summary.get("faults"):
         before = (previous.get("cluster") or {}).get("throughput_msgs_per_s") or 0.0
         now = summary.get("throughput_msgs_per_s") or 0.0
         if before > 0 and now * factor < before:
