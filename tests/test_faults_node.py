@@ -49,6 +49,22 @@ def set_status(node: Node, about: Node, status: str, bump: int = 0) -> None:
     node.membership.merge([update])
 
 
+def cut_off(node: Node, peer: str):
+    """Point *node*'s view of *peer* at a port nothing listens on (its link
+    closed); returns the member and its real address to restore it."""
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    nowhere = spare.getsockname()
+    spare.close()
+    member = node.membership.members[peer]
+    real = (member.host, member.port)
+    member.host, member.port = nowhere
+    link = node.links.pop(real, None)
+    if link is not None:
+        link.close()
+    return member, real
+
+
 async def client_for(node: Node) -> NodeClient:
     client = NodeClient("127.0.0.1", node.listen_port, timeout=5.0)
     await client.connect()
@@ -310,14 +326,7 @@ def test_a_write_no_replica_received_is_rolled_back(tmp_path):
             client = await client_for(n0)
             assert await client.send(channel, p.message_id(3, 1), 3, b"a") == 1
             # n1 becomes unreachable from n0: nothing listens at its address
-            spare = socket.socket()
-            spare.bind(("127.0.0.1", 0))
-            nowhere = spare.getsockname()
-            spare.close()
-            member = n0.membership.members["n1"]
-            real = (member.host, member.port)
-            member.host, member.port = nowhere
-            n0.links.pop(real).close()
+            member, real = cut_off(n0, "n1")
             with pytest.raises(RemoteError, match="replica"):
                 await client.send(channel, p.message_id(3, 2), 3, b"b")
             await wait_for(lambda: n0.counters["rolled_back"] == 1)
@@ -425,14 +434,7 @@ def test_no_write_before_the_replicas_told_their_last_sequence(tmp_path):
             )
             # n1 cannot be reached, and n0 has not synced the channel yet (as
             # after a restart that lost its last commits in a power cut)
-            spare = socket.socket()
-            spare.bind(("127.0.0.1", 0))
-            nowhere = spare.getsockname()
-            spare.close()
-            member = n0.membership.members["n1"]
-            real = (member.host, member.port)
-            member.host, member.port = nowhere
-            n0.links.pop(real, None)
+            member, real = cut_off(n0, "n1")
             n0.synced.clear()
             client = await client_for(n0)
             with pytest.raises(RemoteError, match="no answer from replica n1"):
