@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from plexilab.cli import local as local_cli
-from plexilab.cluster import ClusterConfig, run_cluster, run_lab, tail
+from plexilab.cluster import SRC, ClusterConfig, run_cluster, run_lab, tail
 from plexilab.hosts.base import HostError
 from plexilab.hosts.local import LocalHost, free_ports
 
@@ -82,6 +83,56 @@ def test_local_host_runs_spawns_and_copies(tmp_path):
     assert len(set(free_ports(5))) == 5
 
 
+def expected_backend() -> str:
+    """What every node must report under the environment this test runs in.
+
+    ``PLEXICHAT_BACKEND=python`` (no per-family override): python; auto or
+    unset on a build with every compiled extension: compiled; anything else:
+    what ``plexichat.accel`` picks in a fresh process with the same environment.
+    """
+    wanted = os.environ.get("PLEXICHAT_BACKEND", "").strip().lower() or "auto"
+    overrides = [
+        k for k, v in os.environ.items() if k.startswith("PLEXICHAT_BACKEND_") and v
+    ]
+    code = "from plexichat import accel; print(accel.summary())"
+    if not overrides and wanted == "python":
+        return "python"
+    if not overrides and wanted == "auto":
+        code = (
+            "from plexichat import accel; "
+            "print('compiled' if all(accel.available(f)[0] == 'cython' "
+            "for f in accel.FAMILIES) else accel.summary())"
+        )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_backend_follows_the_lab_environment(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("PLEXICHAT_BACKEND")]:
+        monkeypatch.delenv(key)
+    assert ClusterConfig().backend_env() == {"PLEXICHAT_BACKEND": "auto"}
+    assert ClusterConfig().requested_backend == "auto"
+    monkeypatch.setenv("PLEXICHAT_BACKEND", "python")
+    monkeypatch.setenv("PLEXICHAT_BACKEND_WIRE", "cython")
+    config = ClusterConfig()
+    assert config.backend_env() == {
+        "PLEXICHAT_BACKEND": "python",
+        "PLEXICHAT_BACKEND_WIRE": "cython",
+    }
+    assert config.requested_backend == "python (wire=cython)"
+    # an explicit backend wins over the environment, overrides included
+    explicit = ClusterConfig(backend="auto")
+    assert explicit.backend_env() == {
+        "PLEXICHAT_BACKEND": "auto",
+        "PLEXICHAT_BACKEND_WIRE": "",
+    }
+    assert explicit.requested_backend == "auto"
+
+
 def test_run_lab_kills_the_group_on_timeout():
     import subprocess
 
@@ -126,7 +177,11 @@ def test_cluster_run_reports_zero_loss_and_stops_every_node(tmp_path):
     assert res["convergence_s"] > 0
     assert res["p2p_coverage"] == 1.0
     assert res["p2p_latency_ms"]["p50"] > 0
-    assert res["backend"] in ("compiled", "python", "mixed")
+    # the nodes run what the environment asked for (the nox python pass too)
+    backend = expected_backend()
+    assert res["backend"] == backend
+    assert [n["backend"] for n in res["per_node"]] == [backend] * 3
+    assert set(res["host_backends"].values()) == {backend}
     assert set(res["host_backends"]) == {"local"}
     assert len(res["per_node"]) == 3
     assert sum(n["counters"]["acked"] for n in res["per_node"]) == res["acked"]

@@ -41,6 +41,17 @@ SRC = ROOT / "src"
 CACHE = ROOT / ".cache" / "local"
 
 InstallMode = Literal["dev", "wheel"]
+BACKEND_VAR = "PLEXICHAT_BACKEND"  # and PLEXICHAT_BACKEND_<FAMILY> (plexichat.accel)
+
+
+def lab_backend_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``PLEXICHAT_BACKEND*`` variables of the lab's environment."""
+    env = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in env.items()
+        if k == BACKEND_VAR or k.startswith(f"{BACKEND_VAR}_")
+    }
 
 
 class ClusterError(RuntimeError):
@@ -64,7 +75,9 @@ class ClusterConfig:
     connections: int = 1  # load connections per node shared by clients (0: own)
     distribution: Literal["uniform", "zipf"] = "uniform"
     route: Literal["owner", "any"] = "owner"
-    backend: Literal["auto", "python"] = "auto"
+    # None: what the lab's environment asks for (PLEXICHAT_BACKEND and the
+    # PLEXICHAT_BACKEND_<FAMILY> overrides); auto or python replaces all of it
+    backend: Literal["auto", "python"] | None = None
     gossip_interval: float = 0.2
     ping_timeout: float = 0.3
     suspect_timeout: float = 1.0
@@ -84,6 +97,27 @@ class ClusterConfig:
     # through another node); 0: 10 s, or with faults twice the suspicion
     # timeout within 2..10 s (a client does not wait out a paused node)
     request_timeout: float = 0.0
+
+    def backend_env(self) -> dict[str, str]:
+        """``PLEXICHAT_BACKEND*`` for the nodes and lab tools of this run."""
+        return {BACKEND_VAR: self.backend or "auto"}  # OLD BEHAVIOUR (temporary)
+        inherited = lab_backend_env()
+        if self.backend is None:
+            return {BACKEND_VAR: "auto", **inherited}
+        # blank the per-family overrides (empty means unset to plexichat.accel)
+        return {**dict.fromkeys(inherited, ""), BACKEND_VAR: self.backend}
+
+    @property
+    def requested_backend(self) -> str:
+        """The backend the run asks for: ``python``, ``auto``, or with overrides."""
+        env = self.backend_env()
+        wanted = env.pop(BACKEND_VAR).strip().lower() or "auto"
+        families = [
+            f"{k.removeprefix(BACKEND_VAR + '_').lower()}={v.strip().lower()}"
+            for k, v in sorted(env.items())
+            if v.strip()
+        ]
+        return f"{wanted} ({', '.join(families)})" if families else wanted
 
     @property
     def load_timeout(self) -> float:
@@ -276,12 +310,12 @@ def prepare(
 
 
 def check_hosts(
-    hosts: Sequence[Host], runtime: Runtime, backend: str
+    hosts: Sequence[Host], runtime: Runtime, backend_env: Mapping[str, str]
 ) -> dict[str, str]:
     """``plexichat.accel.summary()`` on every host (fails if plexichat is missing)."""
     out = {}
     for host in hosts:
-        env = {**runtime.env_for(host), "PLEXICHAT_BACKEND": backend}
+        env = {**runtime.env_for(host), **backend_env}
         result = host.run(
             [
                 host.python(),
@@ -414,10 +448,7 @@ class Cluster:
         return [n.lab for n in self.nodes]
 
     def node_env(self, node: NodeHandle) -> dict[str, str]:
-        return {
-            **self.runtime.env_for(node.host),
-            "PLEXICHAT_BACKEND": self.config.backend,
-        }
+        return {**self.runtime.env_for(node.host), **self.config.backend_env()}
 
     def node_argv(self, node: NodeHandle) -> list[str]:
         config = self.config
@@ -570,7 +601,7 @@ class Cluster:
     def _tool(
         self, module: str, args: list[str], timeout: float
     ) -> subprocess.CompletedProcess[str]:
-        env = {**self.runtime.lab_env, "PLEXICHAT_BACKEND": self.config.backend}
+        env = {**self.runtime.lab_env, **self.config.backend_env()}
         return run_lab(
             [self.runtime.lab_python, "-m", module, *args], timeout=timeout, env=env
         )
@@ -753,7 +784,7 @@ def run_cluster(
     with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
         progress(f"preparing hosts ({config.install})")
         runtime = prepare(hosts, config.install, install)
-        host_backends = check_hosts(hosts, runtime, config.backend)
+        host_backends = check_hosts(hosts, runtime, config.backend_env())
         with Cluster(hosts, config, runtime) as cluster:
             if faultlib.NETWORK_KINDS.intersection(kinds) and network is None:
                 if all(is_local(h) for h in hosts):
@@ -847,7 +878,7 @@ def run_cluster(
         "nodes": config.nodes,
         "replicas": config.replicas,
         "backend": _backend_of(infos),
-        "requested_backend": config.backend,
+        "requested_backend": config.requested_backend,
         "host_backends": host_backends,
         "acked": load["acked"],
         "failures": load["failures"],

@@ -115,7 +115,8 @@ class QemuClusterOptions:
     connections: int = 1
     payload: int = 64
     channels: int = 256
-    backend: Literal["auto", "python"] = "auto"
+    # None: follow the lab's PLEXICHAT_BACKEND* environment (ClusterConfig)
+    backend: Literal["auto", "python"] | None = None
     p2p_count: int = 200
     p2p_rate: float = 100.0
     p2p_fanout: int = 2
@@ -148,7 +149,7 @@ class QemuClusterOptions:
             )
         if self.fallback not in ("local", "none"):
             raise ValueError(f"--fallback must be local or none, not {self.fallback}")
-        if self.backend not in ("auto", "python"):
+        if self.backend not in (None, "auto", "python"):
             raise ValueError("--backend must be auto or python")
         if self.runtime not in ("process", "docker"):
             raise ValueError(f"--runtime must be process or docker, not {self.runtime}")
@@ -756,7 +757,7 @@ def run_p2p_only(
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     runtime = prepare(hosts, config.install, None)
-    host_backends = check_hosts(hosts, runtime, config.backend)
+    host_backends = check_hosts(hosts, runtime, config.backend_env())
     with Cluster(hosts, config, runtime) as cluster:
         step("prepared", cluster)
         progress(f"starting {config.nodes} nodes")

@@ -66,7 +66,7 @@ def _config(**kw: Any) -> ClusterConfig:
         payload=kw["payload"],
         channels=kw["channels"],
         connections=kw["connections"],
-        backend=kw["backend"],
+        backend=kw["backend"] or None,  # "": follow the lab's environment
         install=kw["install"],
         results_dir=Path(kw["results"]) if kw["results"] else None,
         faults=kw.get("fault_kinds", []),
@@ -173,7 +173,8 @@ def _write(path: str, doc: dict[str, Any]) -> None:
     help={
         **COMMON_HELP,
         **FAULT_HELP,
-        "backend": "auto (compiled when available) or python (reference backends)",
+        "backend": "auto (compiled when available) or python (reference backends); "
+        "default: what PLEXICHAT_BACKEND and PLEXICHAT_BACKEND_<FAMILY> ask for",
         "ping_timeout": "failure detector: seconds a node waits for a PONG "
         "(default 0.3)",
         "suspect_timeout": "failure detector: seconds a suspected node has to "
@@ -186,7 +187,7 @@ def cluster(
     duration: float = 30.0,
     json: str = "",
     replicas: int = 2,
-    backend: str = "auto",
+    backend: str = "",
     clients: int = 8,
     inflight: int = 64,
     payload: int = 64,
@@ -201,7 +202,7 @@ def cluster(
     suspect_timeout: float = 1.0,
 ) -> None:
     """Run a local PlexiChat cluster under load and check that nothing was lost."""
-    if backend not in ("auto", "python"):
+    if backend not in ("", "auto", "python"):
         raise Exit("--backend must be auto or python", code=2)
     if install not in ("dev", "wheel"):
         raise Exit("--install must be dev or wheel", code=2)
