@@ -5,7 +5,8 @@
 # `invoke docker.base` (mmdebstrap of the host's Debian release from the host's
 # own apt sources, imported through the Docker SDK).  Python dependencies come
 # from wheelhouses in the build context (build/docker/wheels/, filled by
-# `invoke docker.build` with `pip download`), so the build needs no network.
+# `invoke docker.build` with `pip download` at the versions pinned in
+# constraints.txt), so the build needs no network.
 ARG BASE=plexilab/debian-base:bookworm
 ARG BUILD_BASE=plexilab/debian-build:bookworm
 
@@ -13,11 +14,11 @@ ARG BUILD_BASE=plexilab/debian-build:bookworm
 FROM ${BUILD_BASE} AS builder
 ENV PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Build tools first: this layer only changes with the wheelhouse.
+# Build tools first (the `build` group at the locked versions, downloaded by
+# `invoke docker.build`): this layer only changes with the wheelhouse.
 COPY build/docker/wheels/build /wheels/build
 RUN python3 -m venv /opt/build \
- && /opt/build/bin/pip install -q --find-links /wheels/build \
-        "Cython>=3" "setuptools>=77" wheel
+ && /opt/build/bin/pip install -q /wheels/build/*.whl
 WORKDIR /src
 COPY setup.py pyproject.toml README.md ./
 COPY src/plexichat ./src/plexichat
@@ -35,7 +36,8 @@ RUN echo 'plexichat:x:10001:10001:PlexiChat node:/var/lib/plexichat:/usr/sbin/no
  && echo 'plexichat:x:10001:' >> /etc/group \
  && mkdir -p /var/lib/plexichat \
  && chown 10001:10001 /var/lib/plexichat
-# Runtime dependencies (xxhash, numpy): cached until that wheelhouse changes.
+# Runtime dependencies (the `runtime` group, pinned): cached until that
+# wheelhouse changes.
 COPY build/docker/wheels/runtime /wheels/runtime
 RUN python3 -m venv /opt/plexichat \
  && /opt/plexichat/bin/pip install -q /wheels/runtime/*.whl \

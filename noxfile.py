@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import nox
 
 ROOT = Path(__file__).parent
 SRC = ROOT / "src"
-BUILD_DEPS = ["setuptools>=77", "wheel", "Cython>=3.0"]
-RUNTIME_DEPS = ["xxhash>=3.4", "numpy>=1.26"]
-PEERS = ["msgpack>=1.0", "lru-dict>=1.3"]
+sys.path.insert(0, str(SRC))
+
+from plexilab import deps  # noqa: E402  (stdlib only: groups and the lock)
+
+LOCK = str(deps.LOCK)
 REQUIRE_EXT = {"PLEXICHAT_REQUIRE_EXTENSIONS": "1"}
+# pip's isolated build environments (python -m build, pip wheel) take the pins too
+PINNED_BUILDS = {"PIP_CONSTRAINT": LOCK}
 
 nox.options.sessions = ["lint", "mypy", "tests"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 
+def install(session: nox.Session, *groups: str) -> None:
+    """Install the dependency *groups* of pyproject.toml at the locked versions."""
+    session.install("-c", LOCK, *deps.requirements(*groups))
+
+
+def install_project(session: nox.Session) -> None:
+    """This checkout, editable, built with the session's (pinned) build tools."""
+    session.install(
+        "--no-deps", "--no-build-isolation", "-e", ".", env=REQUIRE_EXT
+    )  # fmt: skip
+
+
 def build_in_place(session: nox.Session) -> None:
     """Compile every Cython extension into src/ (a no-op when up to date)."""
-    session.install(*BUILD_DEPS, *RUNTIME_DEPS)
+    install(session, "build", "runtime")
     session.run("python", "setup.py", "-q", "build_ext", "--inplace", env=REQUIRE_EXT)
 
 
@@ -29,7 +46,7 @@ def build_in_place(session: nox.Session) -> None:
 def compile(session: nox.Session) -> None:
     """Build the Cython extensions in place and show the backend of each kernel."""
     build_in_place(session)
-    session.install("numba")
+    install(session, "numba")
     session.run(
         "python",
         "-m",
@@ -45,8 +62,11 @@ def build(session: nox.Session) -> None:
     """Build sdist and wheel, then import the compiled modules from the wheel."""
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
-    session.install("build")
-    session.run("python", "-m", "build", "--outdir", str(dist), env=REQUIRE_EXT)
+    install(session, "lab")
+    session.run(
+        "python", "-m", "build", "--outdir", str(dist),
+        env={**REQUIRE_EXT, **PINNED_BUILDS},
+    )  # fmt: skip
     wheels = sorted(dist.glob("plexichat-*.whl"))
     sdists = sorted(dist.glob("plexichat-*.tar.gz"))
     if len(wheels) != 1 or len(sdists) != 1:
@@ -57,7 +77,10 @@ def build(session: nox.Session) -> None:
     venv = Path(check) / "wheel-venv"
     session.run("python", "-m", "venv", "--clear", str(venv))
     python = str(venv / "bin" / "python")
-    session.run(python, "-m", "pip", "install", "-q", str(wheels[0]), external=True)
+    session.run(
+        python, "-m", "pip", "install", "-q", "-c", LOCK, str(wheels[0]),
+        external=True,
+    )  # fmt: skip
     # Import from outside the source tree so the installed wheel is what runs.
     with session.chdir(check):
         session.run(
@@ -69,7 +92,7 @@ def build(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """Run ruff (lint and format check)."""
-    session.install("ruff")
+    install(session, "lint")
     targets = session.posargs or [
         "src",
         "tests",
@@ -84,10 +107,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def mypy(session: nox.Session) -> None:
     """Type-check src/ with mypy --strict (stubs cover the compiled modules)."""
-    session.install(
-        "mypy", "types-paramiko", "types-requests", "rich", "invoke", "docker",
-        "matplotlib", "qemu.qmp", *RUNTIME_DEPS, "numba",
-    )  # fmt: skip
+    install(session, "typecheck", "runtime", "numba", "lab")
     session.run("mypy", *(session.posargs or ["src"]))
 
 
@@ -95,10 +115,8 @@ def mypy(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the suite on the compiled backends, then on PLEXICHAT_BACKEND=python."""
     build_in_place(session)
-    session.install("-e", ".[test,bench,numba]", env=REQUIRE_EXT)
-    session.install(
-        "paramiko", "qemu.qmp", "rich", "invoke", "matplotlib", "build", "docker"
-    )  # fmt: skip
+    install(session, "test", "bench", "numba", "lab")
+    install_project(session)
     session.run("python", "-m", "plexichat.accel", "--require-compiled")
     coverage_file = {"COVERAGE_FILE": str(ROOT / ".coverage")}
     session.run("coverage", "erase", env=coverage_file)
@@ -136,9 +154,8 @@ def benchmark(session: nox.Session) -> None:
     instead and fails when any benchmark got slower by more than FACTOR.
     """
     build_in_place(session)
-    session.install(
-        "-e", ".[bench,numba]", "asv", "virtualenv", "rich", env=REQUIRE_EXT
-    )  # fmt: skip
+    install(session, "bench", "numba", "lab")
+    install_project(session)
     session.run("asv", "machine", "--yes", "--machine", "lab")
     if session.posargs[:1] == ["continuous"]:
         base, head, *rest = session.posargs[1:] or ["HEAD~1", "HEAD"]
@@ -163,7 +180,7 @@ def benchmark(session: nox.Session) -> None:
 @nox.session
 def wheels(session: nox.Session) -> None:
     """Build the wheel and a runtime wheelhouse per arch (-- --arch aarch64)."""
-    session.install(*BUILD_DEPS, "build", "rich", "packaging")
+    install(session, "build", "lab")
     session.run(
         "python",
         "-m",

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent / "src"))
 
 from invoke.collection import Collection
 
+from plexilab.cli.deps import deps
 from plexilab.cli.docker import docker
 from plexilab.cli.local import local
 from plexilab.cli.nightly import nightly
@@ -19,6 +20,7 @@ from plexilab.cli.qemu import qemu
 from plexilab.cli.setup import setup
 
 ns = Collection()
+ns.add_collection(deps)
 ns.add_collection(docker)
 ns.add_collection(local)
 ns.add_collection(nightly)

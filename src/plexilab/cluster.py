@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from plexilab import deps, wheels
 from plexilab import faults as faultlib
 from plexilab.hosts.base import Endpoint, Host, HostError, Process
 from plexilab.links import LinkLayer
@@ -221,41 +222,46 @@ def prune(directory: Path, keep: int = 3) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def local_venv(wheel: Path, timeout: float = 600.0) -> str:
-    """A venv under .cache/ with *wheel* installed (made once per wheel)."""
-    venv = CACHE / "venvs" / wheel.parent.name
+def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
+    """A venv under .cache/ with *wheel* and its locked runtime dependencies.
+
+    Hermetic: the venv does not see the system site-packages, and the
+    dependencies are installed offline from a wheelhouse of the host's arch
+    downloaded at the versions of ``constraints.txt`` (made once per wheel and
+    lock).  The lab's load generator and checker run from it, and local nodes in
+    ``wheel`` mode.
+    """
+    arch = wheels.host_arch()
+    house = cache / "wheelhouse" / arch
+    wheels.download_wheelhouse(arch, house, deps.requirements("runtime"))
+    venv = cache / "venvs" / wheel.parent.name
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
-    if python.exists() and stamp.exists() and stamp.read_text() == wheel.name:
+    want = f"{wheel.name} {hashlib.sha256(deps.LOCK.read_bytes()).hexdigest()}"
+    if python.exists() and stamp.exists() and stamp.read_text() == want:
         return str(python)
     subprocess.run(
-        [sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(venv)],
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
         check=True,
         timeout=timeout,
         capture_output=True,
     )
     proc = subprocess.run(
         [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            "--force-reinstall",
+            str(python), "-I", "-m", "pip", "install", "-q",
+            "--disable-pip-version-check", "--no-index", "--find-links", str(house),
             str(wheel),
         ],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-    )
+    )  # fmt: skip
     if proc.returncode != 0:
         raise ClusterError(f"pip install of {wheel.name} failed: {proc.stderr[-2000:]}")
-    stamp.write_text(wheel.name)
-    prune(CACHE / "venvs")
-    prune(CACHE / "wheels")
+    stamp.write_text(want)
+    prune(cache / "venvs")
+    prune(cache / "wheels")
     return str(python)
 
 

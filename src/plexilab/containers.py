@@ -41,7 +41,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from plexilab import images, setup_host, wheels
+from plexilab import deps, images, setup_host, wheels
 
 REPO = Path(__file__).resolve().parents[2]
 CONTEXT_WHEELS = REPO / "build" / "docker" / "wheels"
@@ -54,7 +54,6 @@ BASE_FORMAT = 1  # bump when the base build steps (not the package lists) change
 SOCKET = Path("/var/run/docker.sock")
 ENGINE_PACKAGES = ("docker.io",)
 BASE_TOOLS = ("mmdebstrap",)
-BUILD_REQUIREMENTS = ("Cython>=3", "setuptools>=77", "wheel")
 
 # Packages of the two local bases (both --variant=essential).
 BASE_PACKAGES: dict[str, tuple[str, ...]] = {
@@ -180,6 +179,17 @@ def stop_engine(timeout: float = 30.0) -> bool:
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
     return True
+
+
+def stop_engine_started_since(*, was_running: bool) -> bool:
+    """Stop the lab's dockerd unless an engine already ran before (*was_running*).
+
+    For a caller that noted :func:`engine_running` when it began (the test
+    suite): an engine that was there before is someone else's and stays.
+    """
+    if was_running:
+        return False
+    return stop_engine()
 
 
 def ensure_engine(timeout: float = 600.0) -> docker.DockerClient:
@@ -322,10 +332,10 @@ def prepare_context() -> dict[str, float]:
     arch = wheels.host_arch()
     return {
         "build": wheels.download_wheelhouse(
-            arch, CONTEXT_WHEELS / "build", list(BUILD_REQUIREMENTS)
+            arch, CONTEXT_WHEELS / "build", deps.requirements("build")
         ),
         "runtime": wheels.download_wheelhouse(
-            arch, CONTEXT_WHEELS / "runtime", wheels.runtime_requirements()
+            arch, CONTEXT_WHEELS / "runtime", deps.requirements("runtime")
         ),
     }
 

@@ -12,9 +12,10 @@ session calls exactly this) writes ``dist/<arch>/plexichat-*.whl`` and
   the building interpreter must be a CPython 3.11: the wheel is
   ``cp311-cp311-linux_<arch>``.
 * The wheelhouse comes from ``pip download --only-binary=:all: --platform ...
-  --python-version 3.11`` of the project's runtime dependencies plus
-  ``pytest`` (golden tests in guests) and ``installer`` (fast offline installs
-  in guests); ``--numba`` adds numba (left out by default).
+  --python-version 3.11`` of the ``runtime`` and ``guest`` dependency groups
+  (``pytest`` for the golden tests in guests, ``installer`` for fast offline
+  installs), at the versions of ``constraints.txt`` (``plexilab.deps``);
+  ``--numba`` adds the ``numba`` group (left out by default).
 * Every wheel is checked: its extension modules must be ELF files for the
   target machine and every ``src/plexichat/*/_speedups.pyx`` must be in it.
 
@@ -33,11 +34,12 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from plexilab import deps
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
@@ -51,7 +53,6 @@ CROSS = {
     }
 }
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
-EXTRA_GUEST_WHEELS = ("pytest", "installer")
 MANYLINUX_GLIBC = range(17, 37)  # guests run Debian 12: glibc 2.36
 
 
@@ -82,17 +83,6 @@ def log(message: str) -> None:
 
 def host_arch() -> str:
     return platform.machine()
-
-
-def runtime_requirements() -> list[str]:
-    """``[project].dependencies`` of pyproject.toml."""
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return list(data["project"]["dependencies"])
-
-
-def optional_requirements(extra: str) -> list[str]:
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return list(data["project"].get("optional-dependencies", {}).get(extra, []))
 
 
 def pyx_families() -> list[str]:
@@ -205,10 +195,19 @@ def platform_tags(arch: str) -> list[str]:
 
 
 def download_wheelhouse(arch: str, dest: Path, requirements: Sequence[str]) -> float:
-    """``pip download`` binary wheels of *requirements* for *arch* (stamp-cached)."""
+    """``pip download`` binary wheels of *requirements* for *arch* (stamp-cached).
+
+    Versions come from the lock (``constraints.txt``); the stamp covers it.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     platforms = platform_tags(arch)
-    stamp_data = json.dumps({"reqs": sorted(requirements), "platforms": platforms})
+    stamp_data = json.dumps(
+        {
+            "reqs": sorted(requirements),
+            "platforms": platforms,
+            "lock": hashlib.sha256(deps.LOCK.read_bytes()).hexdigest(),
+        }
+    )
     stamp = dest / ".stamp"
     digest = hashlib.sha256(stamp_data.encode()).hexdigest()
     if stamp.is_file() and stamp.read_text() == digest and any(dest.glob("*.whl")):
@@ -221,7 +220,7 @@ def download_wheelhouse(arch: str, dest: Path, requirements: Sequence[str]) -> f
         "--only-binary=:all:", "--python-version", PYTHON_VERSION,
         "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
         *(f"--platform={p}" for p in platforms),
-        "-d", str(dest), *requirements,
+        "-c", str(deps.LOCK), "-d", str(dest), *requirements,
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -250,9 +249,7 @@ def build(
         f"{len(result.extensions)} extensions"
     )
     if wheelhouse:
-        reqs = [*runtime_requirements(), *EXTRA_GUEST_WHEELS]
-        if numba:
-            reqs += optional_requirements("numba")
+        reqs = deps.requirements("runtime", "guest", *(["numba"] if numba else []))
         seconds = download_wheelhouse(arch, result.wheelhouse, reqs)
         result.seconds["wheelhouse"] = round(seconds, 2)
         names = sorted(p.name for p in result.wheelhouse.glob("*.whl"))
