@@ -101,7 +101,6 @@ class ClusterConfig:
 
     def backend_env(self) -> dict[str, str]:
         """``PLEXICHAT_BACKEND*`` for the nodes and lab tools of this run."""
-        return {BACKEND_VAR: self.backend or "auto"}  # OLD BEHAVIOUR (temporary)
         inherited = lab_backend_env()
         if self.backend is None:
             return {BACKEND_VAR: "auto", **inherited}
