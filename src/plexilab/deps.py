@@ -43,32 +43,36 @@ class LockError(RuntimeError):
     """The lock is missing, stale or cannot be regenerated."""
 
 
-def _project() -> dict[str, object]:
-    return tomllib.loads(PYPROJECT.read_text())
+def _tables() -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Build requires, runtime dependencies and extras of pyproject.toml."""
+    data = tomllib.loads(PYPROJECT.read_text())
+    project = data["project"]
+    return (
+        list(data["build-system"]["requires"]),
+        list(project["dependencies"]),
+        dict(project["optional-dependencies"]),
+    )
 
 
 def groups() -> list[str]:
     """Every group name: ``build``, ``runtime`` and each optional extra."""
-    extras = _project()["project"]["optional-dependencies"]  # type: ignore[index]
-    return ["build", "runtime", *sorted(extras)]
+    return ["build", "runtime", *sorted(_tables()[2])]
 
 
 def requirements(*names: str) -> list[str]:
     """Requirement strings of the groups *names*, in order, without repeats."""
-    data = _project()
-    project: dict[str, object] = data["project"]  # type: ignore[assignment]
-    extras: dict[str, list[str]] = project["optional-dependencies"]  # type: ignore[assignment]
+    build, runtime, extras = _tables()
     found: list[str] = []
     for name in names:
         if name == "build":
-            group = data["build-system"]["requires"]  # type: ignore[index]
+            group = build
         elif name == "runtime":
-            group = project["dependencies"]
+            group = runtime
         elif name in extras:
             group = extras[name]
         else:
             raise KeyError(f"no dependency group {name!r}; groups: {groups()}")
-        found += [r for r in group if r not in found]  # type: ignore[attr-defined]
+        found += [r for r in group if r not in found]
     return found
 
 
