@@ -54,14 +54,11 @@ def describe(host: QemuHost) -> InventoryEntry:
     )
 
 
-def test_inventory_hosts_run_the_cluster(tmp_path: Path) -> None:
+def test_inventory_hosts_run_the_cluster(tmp_path: Path, skips) -> None:
     from plexilab import images, setup_host
     from plexilab.cli.qemu import ensure_artifacts
 
-    try:
-        setup_host.ensure()
-    except setup_host.HostSetupError as exc:
-        pytest.skip(str(exc))
+    skips.setup("QEMU host set-up", setup_host.ensure)
     artifacts = {a: ensure_artifacts(a) for a in ARCHES}
     images.images_for(ARCHES)
     prefix = f"inv{os.getpid() % 100000}-"

@@ -287,13 +287,10 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def qemu_ready() -> None:
+def qemu_ready(skips) -> None:
     from plexilab import setup_host
 
-    try:
-        setup_host.ensure()
-    except setup_host.HostSetupError as exc:
-        pytest.skip(str(exc))
+    skips.setup("QEMU host set-up", setup_host.ensure)
 
 
 @qemu_test

@@ -208,11 +208,11 @@ def test_engine_client_mounts_the_lab_adapter(
 
 
 @pytest.mark.parametrize("arch", ["aarch64", "mixed"])
-def test_docker_runtime_refuses_foreign_guests(arch: str) -> None:
+def test_docker_runtime_refuses_foreign_guests(arch: str, skips) -> None:
     from plexilab.wheels import host_arch
 
     if host_arch() == "aarch64":
-        pytest.skip("checks the x86_64 lab host's refusal of aarch64 guests")
+        skips.skip("not-x86_64", "checks the lab host's refusal of aarch64 guests")
     with pytest.raises(ValueError, match=r"--runtime=docker.*aarch64"):
         qc.QemuClusterOptions(nodes=3, arch=arch, runtime="docker")  # type: ignore[arg-type]
 
@@ -247,17 +247,11 @@ def test_cli_has_the_runtime_option() -> None:
 
 
 @pytest.fixture
-def ready() -> None:
+def ready(skips) -> None:
     from plexilab import containers, setup_host
 
-    try:
-        setup_host.ensure()
-    except setup_host.HostSetupError as exc:
-        pytest.skip(str(exc))
-    try:
-        containers.ensure_engine().close()
-    except Exception as exc:  # the reason is the skip message
-        pytest.skip(f"no Docker engine can be started here: {exc}")
+    skips.setup("QEMU host set-up", setup_host.ensure)
+    skips.setup("Docker engine", containers.ensure_engine).close()
 
 
 def _bounded(fn: Any) -> Any:

@@ -356,11 +356,11 @@ def test_reap_can_keep_the_logs_of_dead_runs(tmp_path: Path) -> None:
     assert not rundir.exists()
 
 
-def test_setup_probes(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_setup_probes(tmp_path: Path, monkeypatch, capsys, skips) -> None:
     from plexilab import setup_host
 
     if shutil.which("dpkg-query") is None:
-        pytest.skip("not a Debian host")
+        skips.skip("not-debian-12", "no dpkg-query")
     missing = setup_host.missing_packages(["tar", "plexilab-no-such-package"])
     assert missing == ["plexilab-no-such-package"]
     monkeypatch.setattr(setup_host, "BINFMT_DIR", tmp_path)
