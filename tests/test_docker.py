@@ -1,12 +1,16 @@
 """The container path against a real Docker engine (marker ``docker``).
 
-The engine is started when it is installed but not running; the tests skip
-(with the reason) only where none can be started.  The local base images are
-reused when their recipe is unchanged (making them takes ~1.5 min once).
+The engine is installed and started when needed; on the lab host (root,
+Debian 12) an engine that cannot be set up fails the tests, elsewhere they skip
+for a listed reason.  The local base images are reused when their recipe is
+unchanged (making them takes ~1.5 min once).  The tests build their own image
+tag and remove only what they created (by run id): a user's lab images,
+containers and volumes on the same engine are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,31 +29,38 @@ from plexilab.hosts.container import (
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 COMMIT = containers.resolve("HEAD")  # both builds use the same sources
+TAG = f"plexilab/plexichat:test-{containers.new_run_id()}"  # this run's own image
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    try:
-        engine = containers.ensure_engine()
-    except (
-        containers.ContainerError,
-        PermissionError,
-        RuntimeError,
-        docker.errors.DockerException,
-    ) as exc:
-        pytest.skip(f"no Docker engine can be started here: {exc}")
+def client(skips: Any) -> Iterator[Any]:
+    engine = skips.setup("Docker engine", containers.ensure_engine)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
-def built(client: Any) -> containers.BuildResult:
-    """The image built from a clean state: no plexichat image or lab containers."""
-    containers.cleanup(client)
-    if containers.image_ready(client):
-        client.images.remove(containers.IMAGE, force=True)
-    assert not containers.image_ready(client)
-    return containers.build_image(client, commit=COMMIT)
+def user_lab(client: Any) -> Iterator[str]:
+    """A volume of another lab run on the same engine; the tests must keep it."""
+    rid = containers.new_run_id()
+    volume = client.volumes.create(
+        name=f"plexilab-{rid}-user", labels=containers.labels(rid)
+    )
+    yield str(volume.name)
+    containers.cleanup(client, rid)
+
+
+@pytest.fixture(scope="module")
+def built(client: Any, user_lab: str) -> Iterator[containers.BuildResult]:
+    """The image built into this run's own tag, untagged again at the end.
+
+    Nothing else on the engine is touched: other tags of the image, the parent
+    layers (the layer cache) and every container of other runs stay.
+    """
+    assert not containers.image_ready(client, TAG)
+    yield containers.build_image(client, tag=TAG, commit=COMMIT)
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        client.images.remove(TAG, noprune=True)
 
 
 @pytest.fixture
@@ -60,9 +71,9 @@ def run_id(client: Any) -> Iterator[str]:
 
 
 def test_image_builds_offline_from_local_bases(
-    client: Any, built: containers.BuildResult
+    client: Any, built: containers.BuildResult, run_id: str
 ) -> None:
-    image = client.images.get(containers.IMAGE)
+    image = client.images.get(TAG)
     config = image.attrs["Config"]
     assert config["User"] == "10001:10001"
     assert config["Healthcheck"]["Test"][0] == "CMD"
@@ -76,7 +87,7 @@ def test_image_builds_offline_from_local_bases(
     assert built.size == image.attrs["Size"]
     # The runtime stage has the wheel's compiled kernels but no compiler.
     out = client.containers.run(
-        containers.IMAGE,
+        TAG,
         entrypoint=["sh", "-c"],
         command=[
             "python -m plexichat.accel --require-compiled >/dev/null && echo ok;"
@@ -84,7 +95,7 @@ def test_image_builds_offline_from_local_bases(
         ],
         network_mode="none",
         remove=True,
-        labels=containers.labels("test"),
+        labels=containers.labels(run_id),
     ).decode()
     assert out.split() == ["ok", "no-gcc", "10001"]
 
@@ -92,7 +103,7 @@ def test_image_builds_offline_from_local_bases(
 def test_second_build_reuses_the_layer_cache(
     client: Any, built: containers.BuildResult
 ) -> None:
-    again = containers.build_image(client, commit=COMMIT)
+    again = containers.build_image(client, tag=TAG, commit=COMMIT)
     assert again.image_id == built.image_id
     # Every step that can be cached came from the cache: all but FROM and the
     # ARGs before the first FROM (those never print "Using cache").
@@ -114,7 +125,7 @@ def test_second_build_reuses_the_layer_cache(
 def test_node_container_passes_its_health_check(
     client: Any, built: containers.BuildResult, run_id: str
 ) -> None:
-    host = ContainerHost(client, "h", run_id)
+    host = ContainerHost(client, "h", run_id, image=TAG)
     try:
         ep = host.listen_endpoint(0)
         node = host.spawn(
@@ -154,7 +165,7 @@ def test_node_container_passes_its_health_check(
 def test_host_run_put_get(
     client: Any, built: containers.BuildResult, run_id: str, tmp_path: Path
 ) -> None:
-    host = ContainerHost(client, "files", run_id)
+    host = ContainerHost(client, "files", run_id, image=TAG)
     try:
         assert host.arch
         src = tmp_path / "in.txt"
@@ -180,7 +191,7 @@ def test_cleanup_by_label_after_a_failure(
 
     def failing_run() -> None:
         with containers.cleaned(client, run_id):
-            ContainerHost(client, "doomed", run_id)
+            ContainerHost(client, "doomed", run_id, image=TAG)
             seen.append(containers.leftovers(client, run_id))
             raise RuntimeError("boom")
 
@@ -196,7 +207,7 @@ def test_three_container_cluster_loses_nothing(
     config = ClusterConfig(
         nodes=3, duration=5.0, p2p_count=50, results_dir=tmp_path / "run"
     )
-    res = run_container_cluster(client, config)
+    res = run_container_cluster(client, config, image=TAG)
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
     assert res["p2p_coverage"] == 1.0
@@ -204,3 +215,10 @@ def test_three_container_cluster_loses_nothing(
     assert sorted(info["health"].values()) == ["healthy"] * 3
     assert info["leftovers"] == 0
     assert {row["host"] for row in res["per_node"]} == {"c0", "c1", "c2"}
+
+
+def test_a_users_lab_on_the_same_engine_survives(
+    client: Any, built: containers.BuildResult, user_lab: str
+) -> None:
+    """Runs last: the builds and every run's clean-up left the other lab alone."""
+    assert client.volumes.get(user_lab).attrs["Labels"][containers.OWNER_LABEL]

@@ -48,14 +48,12 @@ ECHO_CLIENT = (
 
 
 @pytest.fixture(scope="module")
-def artifacts() -> dict[str, tuple[Path, Path]]:
+def artifacts(skips) -> dict[str, tuple[Path, Path]]:
     from plexilab import setup_host
     from plexilab.cli.qemu import ensure_artifacts
 
-    try:
-        setup_host.ensure()  # installs what is missing (as root) or says how
-    except setup_host.HostSetupError as exc:
-        pytest.skip(str(exc))
+    # installs what is missing (as root); fails on the lab host if it cannot
+    skips.setup("QEMU host set-up", setup_host.ensure)
     return {arch: ensure_artifacts(arch) for arch in ARCHES}
 
 
@@ -189,7 +187,10 @@ def test_resources_are_sampled_over_qmp(lab: QemuLab) -> None:
 
 CHILD = """
 import sys, time
+from pathlib import Path
+from plexilab import machine
 from plexilab.machine import Machine, MachineConfig
+machine.run_root = lambda: Path(sys.argv[1])  # a private run root, not the lab's
 m = Machine(MachineConfig(arch="x86_64", name="orphan"))
 m.launch()
 print(m.pid, m.dir, flush=True)
@@ -206,10 +207,18 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_no_qemu_outlives_its_owner_and_reap_cleans_up(lab: QemuLab) -> None:
+def test_no_qemu_outlives_its_owner_and_reap_cleans_up(
+    lab: QemuLab, tmp_path: Path
+) -> None:
+    """Reaps only the child's private run root: other labs' runs are not touched."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    root = tmp_path / "run"
+    root.mkdir()
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", CHILD, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert child.stdout is not None
@@ -219,7 +228,8 @@ def test_no_qemu_outlives_its_owner_and_reap_cleans_up(lab: QemuLab) -> None:
         child.send_signal(signal.SIGKILL)  # no finally block runs in the owner
         child.wait(10)
         assert _gone(qemu_pid, 15), "QEMU survived its owner"
-        machine.reap()
+        assert Path(rundir).parent.parent == root
+        machine.reap(root=root)
         assert not Path(rundir).parent.exists()
     finally:
         if child.poll() is None:
@@ -241,8 +251,12 @@ def test_shutdown_leaves_no_process_or_pidfile(lab: QemuLab) -> None:
     assert not (m.dir / "seed.tar").exists()  # the node's secrets are gone too
 
 
-def test_invoke_tasks(artifacts, capsys) -> None:
-    """The CLI path end to end: set-up, image, KVM verdict, push + golden, reap."""
+def test_invoke_tasks(artifacts, capsys, tmp_path: Path, monkeypatch) -> None:
+    """The CLI path end to end: set-up, image, KVM verdict, push + golden, reap.
+
+    ``qemu.reap`` runs on a private run root: other labs' dead runs (and their
+    logs) on this host are theirs to reap.
+    """
     from invoke.context import Context
 
     from plexilab.cli import qemu as cli
@@ -253,7 +267,9 @@ def test_invoke_tasks(artifacts, capsys) -> None:
     cli.image(c, arch="x86_64")
     cli.kvm(c, arch="x86_64")
     cli.golden(c, arch="x86_64")
-    cli.reap(c)
+    with monkeypatch.context() as patch:
+        patch.setattr(machine, "run_root", lambda: tmp_path)
+        cli.reap(c)
     out = capsys.readouterr().out
     assert "golden tests on x86_64: exit 0" in out
     assert "x86_64: tcg" in out or "x86_64: kvm" in out
