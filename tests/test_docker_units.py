@@ -3,28 +3,45 @@
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("docker")
-
-from plexilab import containers
+from plexilab import containers, images
 
 
-def test_base_key_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Debian bookworm host whose apt sources file is ours (not the machine's)."""
+    sources = tmp_path / "lab.sources"
+    sources.write_text("Types: deb\nURIs: http://deb.example/debian\n")
+    monkeypatch.setenv("PLEXILAB_APT_SOURCES", str(sources))
+    monkeypatch.setattr(images, "host_suite", lambda: "bookworm")
+    return sources
+
+
+def test_base_key_follows_the_recipe(
+    monkeypatch: pytest.MonkeyPatch, host: Path, tmp_path: Path
+) -> None:
     key = containers.base_key("base")
     assert key == containers.base_key("base")
     assert key != containers.base_key("build")
+    other = tmp_path / "sources.list"  # where the mirror list lives is no recipe
+    other.write_text("deb http://deb.example/debian bookworm main\n")
+    monkeypatch.setenv("PLEXILAB_APT_SOURCES", str(other))
+    assert containers.base_key("base") == key
+    monkeypatch.setattr(images, "host_suite", lambda: "trixie")
+    assert containers.base_key("base") != key
+    monkeypatch.setattr(images, "host_suite", lambda: "bookworm")
     changed = {**containers.BASE_PACKAGES, "base": ("python3",)}
     monkeypatch.setattr(containers, "BASE_PACKAGES", changed)
     assert containers.base_key("base") != key
 
 
-def test_mmdebstrap_streams_a_tarball_from_the_host_sources() -> None:
+def test_mmdebstrap_streams_a_tarball_from_the_host_sources(host: Path) -> None:
     argv = containers.mmdebstrap_argv("build")
     assert "--format=tar" in argv
-    assert argv[-2] == "-"  # the tarball goes to stdout, into docker import
-    assert argv[-1].endswith(("debian.sources", "sources.list"))
+    assert argv[-3:] == ["bookworm", "-", str(host)]  # tarball to stdout
     assert not any("http" in a for a in argv)  # no mirror URL in code
     assert "gcc" in next(a for a in argv if a.startswith("--include="))
 
