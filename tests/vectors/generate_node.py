@@ -1,0 +1,497 @@
+"""Write tests/vectors/node.json: byte vectors of the node operation bodies.
+
+Every body is built by hand from docs/protocol.md ("Operations"): fields are
+packed with ``int.to_bytes(size, "big")`` in the order and sizes the spec
+gives.  Nothing here imports ``plexichat``, so a codec that drifts from the
+document fails tests/golden/test_node.py instead of regenerating its vectors.
+
+    python tests/vectors/generate_node.py           # rewrite node.json
+    python tests/vectors/generate_node.py --check   # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+OUTPUT = HERE / "node.json"
+
+# docs/protocol.md, "Message types", "ERROR (12)" and "HANDOFF (16)"
+MESSAGE_TYPES = {
+    "HELLO": 1, "WELCOME": 2, "SEND": 3, "ACK": 4, "FETCH": 5, "MESSAGES": 6,
+    "SUBSCRIBE": 7, "DELIVER": 8, "RELAY": 9, "STATS": 10, "STATS_REPLY": 11,
+    "ERROR": 12, "GOSSIP": 13, "REPLICATE": 14, "REPLICATE_ACK": 15,
+    "HANDOFF": 16, "PING": 17, "PONG": 18,
+}  # fmt: skip
+ERROR_CODES = {
+    "BAD_VERSION": 1, "MALFORMED": 2, "UNKNOWN_OP": 3, "TOO_LARGE": 4,
+    "UNAVAILABLE": 5, "TIMEOUT": 6, "NOT_OWNER": 7, "INTERNAL": 8,
+    "SHUTTING_DOWN": 9,
+}  # fmt: skip
+HANDOFF_KINDS = {"DATA": 1, "PULL": 2, "SEQ": 3, "DIGEST": 4, "BLOCKS": 5}
+
+U64_MAX = 2**64 - 1
+
+
+def u8(n: int) -> bytes:
+    return n.to_bytes(1, "big")
+
+
+def u16(n: int) -> bytes:
+    return n.to_bytes(2, "big")
+
+
+def u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def msg_id(sender: int, counter: int) -> bytes:
+    """The conventional message id: sender u64 then the sender's counter u64."""
+    return u64(sender) + u64(counter)
+
+
+def record(r: dict[str, Any]) -> bytes:
+    """A record: seq u64, msg_id bytes[16], sender u64, ts_us u64, len u32, payload."""
+    payload = bytes.fromhex(r["payload"])
+    mid = bytes.fromhex(r["msg_id"])
+    assert len(mid) == 16
+    return (
+        u64(r["seq"])
+        + mid
+        + u64(r["sender"])
+        + u64(r["ts_us"])
+        + u32(len(payload))
+        + payload
+    )
+
+
+def replica_record(r: dict[str, Any]) -> bytes:
+    """A replica record: channel u64 followed by a record."""
+    return u64(r["channel"]) + record(r)
+
+
+def rec(
+    seq: int, sender: int, counter: int, ts_us: int, payload: bytes
+) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "msg_id": msg_id(sender, counter).hex(),
+        "sender": sender,
+        "ts_us": ts_us,
+        "payload": payload.hex(),
+    }
+
+
+CHANNEL = 0xFEDCBA9876543210  # high bit set: catches signed packing
+TS = 1_796_000_000_123_456  # microseconds since the epoch (2026)
+BINARY = bytes(range(256))[::37] + b"\x00\xff\x80"  # not UTF-8
+
+RECORDS = [
+    rec(1, 7, 1, TS, b"hello"),
+    rec(2, 0x8000000000000001, U64_MAX, TS + 1, b""),
+    rec(U64_MAX, U64_MAX, 0, U64_MAX, BINARY),
+]
+REPLICA_RECORDS = [
+    {"channel": CHANNEL, **RECORDS[0]},
+    {"channel": 0, **RECORDS[1]},
+    {"channel": U64_MAX, **RECORDS[2]},
+]
+
+
+def binary_bodies() -> list[dict[str, Any]]:
+    """Fixed-layout bodies: (op, name, fields, body)."""
+    out: list[tuple[str, str, dict[str, Any], bytes]] = []
+
+    def add(op: str, name: str, fields: dict[str, Any], body: bytes) -> None:
+        out.append((op, name, fields, body))
+
+    # SEND: channel u64, msg_id bytes[16], sender u64, payload (rest)
+    for name, channel, sender, counter, payload in [
+        ("send", CHANNEL, 7, 42, b"hello, world"),
+        ("send-empty-payload", 0, U64_MAX, U64_MAX, b""),
+        ("send-binary-payload", U64_MAX, 1, 2, BINARY * 3),
+    ]:
+        mid = msg_id(sender, counter)
+        add(
+            "SEND",
+            name,
+            {
+                "channel": channel,
+                "msg_id": mid.hex(),
+                "sender": sender,
+                "payload": payload.hex(),
+            },
+            u64(channel) + mid + u64(sender) + payload,
+        )
+    # ACK: channel u64, seq u64 (also the SUBSCRIBE and RELAY replies)
+    for name, channel, seq in [
+        ("ack", CHANNEL, 12345),
+        ("ack-zero", 0, 0),
+        ("ack-max", U64_MAX, U64_MAX),
+    ]:
+        add("ACK", name, {"channel": channel, "seq": seq}, u64(channel) + u64(seq))
+    # FETCH: channel u64, after u64, limit u32
+    for name, channel, after, limit in [
+        ("fetch", CHANNEL, 0, 1000),
+        ("fetch-max", U64_MAX, U64_MAX, 2**32 - 1),
+    ]:
+        add(
+            "FETCH",
+            name,
+            {"channel": channel, "after": after, "limit": limit},
+            u64(channel) + u64(after) + u32(limit),
+        )
+    # MESSAGES: channel u64, count u32, more u8, then count records
+    for name, channel, records, more in [
+        ("messages-empty", CHANNEL, [], False),
+        ("messages-one-more", CHANNEL, RECORDS[:1], True),
+        ("messages-three", U64_MAX, RECORDS, False),
+    ]:
+        add(
+            "MESSAGES",
+            name,
+            {"channel": channel, "records": records, "more": more},
+            u64(channel)
+            + u32(len(records))
+            + u8(1 if more else 0)
+            + b"".join(record(r) for r in records),
+        )
+    # SUBSCRIBE: channel u64
+    for name, channel in [("subscribe", CHANNEL), ("subscribe-zero", 0)]:
+        add("SUBSCRIBE", name, {"channel": channel}, u64(channel))
+    # DELIVER: channel u64 + record
+    for name, channel, r in [
+        ("deliver", CHANNEL, RECORDS[0]),
+        ("deliver-empty-payload", 0, RECORDS[1]),
+        ("deliver-binary", U64_MAX, RECORDS[2]),
+    ]:
+        add("DELIVER", name, {"channel": channel, **r}, u64(channel) + record(r))
+    # RELAY: relay_id u64, sent_ns u64, ttl u8, fanout u8, root_len u8, root, payload
+    for name, relay_id, sent_ns, ttl, fanout, root, payload in [
+        ("relay-injected", 1, 1_796_000_000_123_456_789, 3, 2, "", b"ping"),
+        ("relay-forwarded", U64_MAX, U64_MAX, 0, 255, "node-é-1", BINARY),
+        ("relay-long-root", 2**63, 0, 255, 1, "r" * 255, b""),
+    ]:
+        raw = root.encode("utf-8")
+        add(
+            "RELAY",
+            name,
+            {
+                "relay_id": relay_id,
+                "sent_ns": sent_ns,
+                "ttl": ttl,
+                "fanout": fanout,
+                "root": root,
+                "payload": payload.hex(),
+            },
+            u64(relay_id) + u64(sent_ns) + u8(ttl) + u8(fanout) + u8(len(raw)) + raw
+            + payload,
+        )  # fmt: skip
+    # ERROR: code u16 then a UTF-8 message
+    for name, code, message in [
+        ("error-bad-version", ERROR_CODES["BAD_VERSION"], "protocol version 2"),
+        ("error-empty-message", ERROR_CODES["SHUTTING_DOWN"], ""),
+        ("error-utf8", ERROR_CODES["NOT_OWNER"], "owner is nœud-2 ✓"),
+    ]:
+        add(
+            "ERROR",
+            name,
+            {"code": code, "message": message},
+            u16(code) + message.encode("utf-8"),
+        )
+    # REPLICATE: count u32 then count replica records
+    for name, records in [
+        ("replicate-empty", []),
+        ("replicate-one", REPLICA_RECORDS[:1]),
+        ("replicate-three", REPLICA_RECORDS),
+    ]:
+        add(
+            "REPLICATE",
+            name,
+            {"records": records},
+            u32(len(records)) + b"".join(replica_record(r) for r in records),
+        )
+    # REPLICATE_ACK: received u32, inserted u32
+    for name, received, inserted in [
+        ("replicate-ack", 3, 2),
+        ("replicate-ack-max", 2**32 - 1, 2**32 - 1),
+    ]:
+        add(
+            "REPLICATE_ACK",
+            name,
+            {"received": received, "inserted": inserted},
+            u32(received) + u32(inserted),
+        )
+    # HANDOFF: first byte kind
+    for name, records in [
+        ("handoff-data-empty", []),
+        ("handoff-data", REPLICA_RECORDS),
+    ]:
+        add(
+            "HANDOFF",
+            name,
+            {"kind": "DATA", "records": records},
+            u8(HANDOFF_KINDS["DATA"])
+            + u32(len(records))
+            + b"".join(replica_record(r) for r in records),
+        )
+    add(
+        "HANDOFF",
+        "handoff-pull",
+        {"kind": "PULL", "channel": CHANNEL},
+        u8(HANDOFF_KINDS["PULL"]) + u64(CHANNEL) + u64(0),
+    )
+    for name, channel, last_seq in [
+        ("handoff-seq", CHANNEL, 77),
+        ("handoff-seq-none", U64_MAX, 0),
+    ]:
+        add(
+            "HANDOFF",
+            name,
+            {"kind": "SEQ", "channel": channel, "last_seq": last_seq},
+            u8(HANDOFF_KINDS["SEQ"]) + u64(channel) + u64(last_seq),
+        )
+    add(
+        "HANDOFF",
+        "handoff-digest",
+        {"kind": "DIGEST", "channel": CHANNEL, "block": 256},
+        u8(HANDOFF_KINDS["DIGEST"]) + u64(CHANNEL) + u64(256),
+    )
+    entries = [
+        {"block": 0, "rows": 256, "hi": 0x0123456789ABCDEF, "lo": U64_MAX},
+        {"block": 1, "rows": 1, "hi": 0, "lo": 1},
+        {"block": U64_MAX // 256, "rows": 2**32 - 1, "hi": U64_MAX, "lo": 0},
+    ]
+    for name, channel, blocks in [
+        ("handoff-blocks-empty", 5, []),
+        ("handoff-blocks", CHANNEL, entries),
+    ]:
+        add(
+            "HANDOFF",
+            name,
+            {"kind": "BLOCKS", "channel": channel, "blocks": blocks},
+            u8(HANDOFF_KINDS["BLOCKS"])
+            + u64(channel)
+            + u32(len(blocks))
+            + b"".join(
+                u64(e["block"]) + u32(e["rows"]) + u64(e["hi"]) + u64(e["lo"])
+                for e in blocks
+            ),
+        )
+    # STATS_REPLY: json_len u32, JSON, then name_len u8, name, blob_len u32, blob
+    info = {
+        "node_id": "n0",
+        "address": "127.0.0.1:7000",
+        "backend": "compiled",
+        "members": [
+            {
+                "id": "n0",
+                "address": "127.0.0.1:7000",
+                "incarnation": 0,
+                "status": "alive",
+                "weight": 1.0,
+            }
+        ],
+        "ring": ["n0"],
+    }
+    doc = json.dumps(info, ensure_ascii=False).encode("utf-8")
+    hists = [["send", (b"\x00\x01" * 20).hex()], ["relay", ""], ["é", "ff"]]
+    add(
+        "STATS_REPLY",
+        "stats-reply",
+        {"info": info, "histograms": hists},
+        u32(len(doc))
+        + doc
+        + b"".join(
+            u8(len(n.encode())) + n.encode() + u32(len(b) // 2) + bytes.fromhex(b)
+            for n, b in hists
+        ),
+    )
+    empty = b"{}"
+    add(
+        "STATS_REPLY",
+        "stats-reply-no-histograms",
+        {"info": {}, "histograms": []},
+        u32(len(empty)) + empty,
+    )
+    return [
+        {
+            "op": op,
+            "type": MESSAGE_TYPES[op],
+            "name": name,
+            "fields": f,
+            "body": b.hex(),
+        }
+        for op, name, f, b in out
+    ]
+
+
+def update(node: str, port: int, inc: int, status: str, weight: float) -> list[Any]:
+    """A member update: [id, host, port, incarnation, status, weight]."""
+    return [node, "127.0.0.1", port, inc, status, weight]
+
+
+def json_bodies() -> list[dict[str, Any]]:
+    """JSON bodies (written with spaces: any JSON formatting must decode)."""
+    n1 = update("n1", 7001, 3, "alive", 1.0)
+    n2 = update("n2", 7002, 0, "suspect", 2.5)
+    cases: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("HELLO", "hello-client", {"version": 1, "role": "client"}),
+        ("HELLO", "hello-peer", {"version": 1, "role": "peer", "node_id": "n1"}),
+        (
+            "WELCOME",
+            "welcome",
+            {
+                "version": 1,
+                "node_id": "n0",
+                "address": "10.0.2.15:7000",
+                "replicas": 2,
+                "backend": "python",
+            },
+        ),
+        ("STATS", "stats-empty", None),
+        ("STATS", "stats-reset", {"reset": ["relay", "send"]}),
+        ("PING", "ping-empty", None),
+        ("PING", "ping-probe", {"from": "n1", "updates": [n1, n2]}),
+        ("PONG", "pong-empty", None),
+        ("PONG", "pong", {"from": "n2", "updates": []}),
+        ("GOSSIP", "gossip-join", {"kind": "join", "member": n1}),
+        ("GOSSIP", "gossip-members", {"members": [n1, n2]}),
+        ("GOSSIP", "gossip-sync", {"kind": "sync", "members": [n1, n2]}),
+        ("GOSSIP", "gossip-ping-req", {"kind": "ping-req", "target": "n2"}),
+        ("GOSSIP", "gossip-ping-req-reply", {"ok": False}),
+        (
+            "GOSSIP",
+            "gossip-leave",
+            {"kind": "leave", "member": update("n1", 7001, 4, "left", 1.0)},
+        ),
+        ("GOSSIP", "gossip-leave-reply", {"ok": True}),
+    ]
+    return [
+        {
+            "op": op,
+            "type": MESSAGE_TYPES[op],
+            "name": name,
+            "fields": obj or {},
+            "body": b"" if obj is None else json.dumps(obj).encode("utf-8"),
+        }
+        for op, name, obj in cases
+    ]
+
+
+def bad_bodies() -> list[dict[str, Any]]:
+    """Bodies that do not match their layout; the decoder must reject them."""
+    r0 = record(RECORDS[0])
+    rr = replica_record(REPLICA_RECORDS[0])
+    seq17 = u8(HANDOFF_KINDS["SEQ"]) + u64(1) + u64(2)
+    stats = u32(2) + b"{}"
+    cases: list[tuple[str, str, bytes]] = [
+        ("SEND", "send-short", bytes(31)),
+        ("ACK", "ack-short", bytes(15)),
+        ("ACK", "ack-long", bytes(17)),
+        ("FETCH", "fetch-short", bytes(19)),
+        ("FETCH", "fetch-long", bytes(21)),
+        ("SUBSCRIBE", "subscribe-short", bytes(7)),
+        ("SUBSCRIBE", "subscribe-long", bytes(9)),
+        ("MESSAGES", "messages-head-short", bytes(12)),
+        ("MESSAGES", "messages-record-missing", u64(1) + u32(1) + u8(0)),
+        ("MESSAGES", "messages-record-cut", u64(1) + u32(1) + u8(0) + r0[:40]),
+        ("MESSAGES", "messages-payload-cut", u64(1) + u32(1) + u8(0) + r0[:-1]),
+        ("MESSAGES", "messages-trailing", u64(1) + u32(1) + u8(0) + r0 + b"\x00"),
+        ("DELIVER", "deliver-short", u64(1) + r0[:43]),
+        ("DELIVER", "deliver-payload-cut", u64(1) + r0[:-1]),
+        ("DELIVER", "deliver-trailing", u64(1) + r0 + b"\x00"),
+        ("RELAY", "relay-short", bytes(18)),
+        ("RELAY", "relay-root-cut", bytes(18) + u8(5) + b"ab"),
+        ("RELAY", "relay-root-not-utf8", bytes(18) + u8(1) + b"\xff"),
+        ("ERROR", "error-short", b"\x00"),
+        ("REPLICATE", "replicate-short", bytes(3)),
+        ("REPLICATE", "replicate-record-cut", u32(1) + rr[:51]),
+        ("REPLICATE", "replicate-payload-cut", u32(1) + rr[:-1]),
+        ("REPLICATE", "replicate-count-high", u32(2) + rr),
+        ("REPLICATE", "replicate-trailing", u32(1) + rr + b"\x00"),
+        ("REPLICATE_ACK", "replicate-ack-short", bytes(7)),
+        ("REPLICATE_ACK", "replicate-ack-long", bytes(9)),
+        ("HANDOFF", "handoff-empty", b""),
+        ("HANDOFF", "handoff-kind-0", u8(0) + bytes(16)),
+        ("HANDOFF", "handoff-kind-6", u8(6) + bytes(16)),
+        ("HANDOFF", "handoff-seq-short", seq17[:-1]),
+        ("HANDOFF", "handoff-seq-long", seq17 + b"\x00"),
+        ("HANDOFF", "handoff-pull-short", u8(HANDOFF_KINDS["PULL"]) + bytes(15)),
+        ("HANDOFF", "handoff-digest-short", u8(HANDOFF_KINDS["DIGEST"]) + bytes(8)),
+        ("HANDOFF", "handoff-data-cut", u8(HANDOFF_KINDS["DATA"]) + u32(1) + rr[:-1]),
+        ("HANDOFF", "handoff-data-no-count", u8(HANDOFF_KINDS["DATA"]) + bytes(3)),
+        (
+            "HANDOFF_BLOCKS",
+            "blocks-count-high",
+            u8(HANDOFF_KINDS["BLOCKS"]) + u64(1) + u32(1),
+        ),
+        (
+            "HANDOFF_BLOCKS",
+            "blocks-trailing",
+            u8(HANDOFF_KINDS["BLOCKS"]) + u64(1) + u32(0) + b"\x00",
+        ),
+        ("HANDOFF_BLOCKS", "blocks-wrong-kind", u8(HANDOFF_KINDS["SEQ"]) + bytes(12)),
+        ("HANDOFF_BLOCKS", "blocks-short", u8(HANDOFF_KINDS["BLOCKS"]) + bytes(11)),
+        ("STATS_REPLY", "stats-reply-short", bytes(3)),
+        ("STATS_REPLY", "stats-reply-json-cut", u32(10) + b"{}"),
+        ("STATS_REPLY", "stats-reply-json-array", u32(2) + b"[]"),
+        ("STATS_REPLY", "stats-reply-name-cut", stats + u8(4) + b"se"),
+        ("STATS_REPLY", "stats-reply-size-cut", stats + u8(1) + b"s" + b"\x00\x00"),
+        ("STATS_REPLY", "stats-reply-blob-cut", stats + u8(1) + b"s" + u32(3) + b"ab"),
+        ("JSON", "json-array", b"[1]"),
+        ("JSON", "json-string", b'"x"'),
+        ("JSON", "json-cut", b'{"version": 1'),
+        ("JSON", "json-not-utf8", b'{"a": "\xff"}'),
+    ]
+    return [{"op": op, "name": name, "body": body.hex()} for op, name, body in cases]
+
+
+def build() -> dict[str, Any]:
+    json_cases = json_bodies()
+    for case in json_cases:
+        case["body"] = case["body"].hex()
+    return {
+        "description": "Operation bodies of docs/protocol.md, built by hand from "
+        "the document (not from plexichat.node.protocol)",
+        "generator": "tests/vectors/generate_node.py",
+        "message_types": MESSAGE_TYPES,
+        "error_codes": ERROR_CODES,
+        "handoff_kinds": HANDOFF_KINDS,
+        "bodies": binary_bodies(),
+        "json_bodies": json_cases,
+        "bad": bad_bodies(),
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=1, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check node.json")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
+        if current != text:
+            print(f"{OUTPUT} is stale: run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        print(f"{OUTPUT} is up to date")
+        return 0
+    OUTPUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
