@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from plexichat.node import protocol as p
@@ -116,3 +120,12 @@ def test_stats_reply_round_trip():
     for cut in (1, 3, 8):
         with pytest.raises(p.ProtocolError):
             p.decode_stats_reply(body[: len(body) - cut])
+
+
+def test_node_vectors_are_what_the_spec_generator_writes():
+    """tests/vectors/node.json is fresh (the golden tests check the codec)."""
+    script = Path(__file__).parent / "vectors" / "generate_node.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
