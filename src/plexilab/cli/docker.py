@@ -107,7 +107,8 @@ def build(
 @task(
     help={
         **COMMON_HELP,
-        "backend": "auto (compiled when available) or python (reference backends)",
+        "backend": "auto (compiled when available) or python (reference backends); "
+        "default: the lab's PLEXICHAT_BACKEND* environment",
         "install": "how the lab side (load generator, checker) runs plexichat: dev "
         "(src/) or wheel (default dev; the nodes always run the image)",
         "rebuild": "build the image even when one exists",
@@ -120,7 +121,7 @@ def cluster(
     duration: float = 30.0,
     json: str = "",
     replicas: int = 2,
-    backend: str = "auto",
+    backend: str = "",
     clients: int = 8,
     inflight: int = 64,
     payload: int = 64,
@@ -134,7 +135,7 @@ def cluster(
     """Run a PlexiChat cluster of node containers under load; check nothing was lost."""
     from plexilab.hosts.container import run_container_cluster
 
-    if backend not in ("auto", "python") or install not in ("dev", "wheel"):
+    if backend not in ("", "auto", "python") or install not in ("dev", "wheel"):
         raise Exit("--backend must be auto|python, --install dev|wheel", code=2)
     logging.basicConfig(level=logging.WARNING)
     client = _client()
@@ -153,7 +154,7 @@ def cluster(
         payload=payload,
         channels=channels,
         connections=connections,
-        backend=backend,  # type: ignore[arg-type]
+        backend=backend or None,  # type: ignore[arg-type]
         install=install,  # type: ignore[arg-type]
         results_dir=Path(results) if results else None,
     )

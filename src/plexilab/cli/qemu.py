@@ -424,7 +424,8 @@ CLUSTER_HELP = {
     "results": "directory for journal, load/p2p/check JSON, node and guest logs",
     "fallback": "local: when QEMU cannot run here, run on local processes with a "
     "banner and record the reason (default); none: fail instead",
-    "backend": "auto (compiled when available) or python (reference backends)",
+    "backend": "auto (compiled when available) or python (reference backends); "
+    "default: the lab's PLEXICHAT_BACKEND* environment",
 }
 
 
@@ -500,7 +501,7 @@ def cluster(
     payload: int = 64,
     channels: int = 256,
     p2p_count: int = 200,
-    backend: str = "auto",
+    backend: str = "",
     results: str = "",
     fallback: str = "local",
     faults: str = "none",
@@ -537,7 +538,7 @@ def cluster(
         payload=payload,
         channels=channels,
         p2p_count=p2p_count,
-        backend=backend,
+        backend=backend or None,  # "": follow the lab's environment
         results=results,
         fallback=fallback,
         faults=kinds,
@@ -564,7 +565,7 @@ def p2p(
     rate: float = 100.0,
     fanout: int = 2,
     json: str = "",
-    backend: str = "auto",
+    backend: str = "",
     results: str = "",
     fallback: str = "local",
 ) -> None:
@@ -576,7 +577,7 @@ def p2p(
         p2p_count=count,
         p2p_rate=rate,
         p2p_fanout=fanout,
-        backend=backend,
+        backend=backend or None,  # "": follow the lab's environment
         results=results,
         fallback=fallback,
     )
