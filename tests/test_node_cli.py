@@ -96,6 +96,38 @@ def test_logs_are_json_lines():
     logs.setup("warning")
 
 
+async def first_ack(port: int, timeout: float) -> int:
+    """The sequence number a node on *port* gives one message.
+
+    Retries only while nothing listens yet; a node that never listens, or that
+    takes the connection and never answers, fails with ``TimeoutError``.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                async with NodeClient("127.0.0.1", port, timeout=timeout) as client:
+                    return await client.send(5, b"\x00" * 16, 0, b"x")
+            except ConnectionRefusedError:  # not listening yet
+                await asyncio.sleep(0.01)
+
+
+def test_first_ack_fails_when_nothing_listens() -> None:
+    (port,) = free_ports(1)
+    with pytest.raises(TimeoutError):
+        asyncio.run(first_ack(port, timeout=0.5))
+
+
+def test_first_ack_fails_when_the_node_never_answers() -> None:
+    async def scenario() -> None:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        async with silent:
+            await first_ack(port, timeout=0.5)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(scenario())
+
+
 def test_serve_until_sigterm(tmp_path, capsys):
     (port,) = free_ports(1)
     args = cli.build_parser().parse_args(
@@ -113,13 +145,15 @@ def test_serve_until_sigterm(tmp_path, capsys):
 
     async def scenario() -> None:
         server = asyncio.create_task(cli.serve(cli.config_from_args(args)))
-        for _ in range(500):
-            try:
-                async with NodeClient("127.0.0.1", port, timeout=2) as client:
-                    assert await client.send(5, b"\x00" * 16, 0, b"x") == 1
-                    break
-            except OSError:
-                await asyncio.sleep(0.01)
+        ack = asyncio.create_task(first_ack(port, timeout=20))
+        try:
+            await asyncio.wait({ack, server}, return_when=asyncio.FIRST_COMPLETED)
+            assert not server.done(), f"the node stopped first: {server!r}"
+            assert ack.result() == 1
+        except BaseException:  # no SIGTERM: the node may not handle it (yet)
+            ack.cancel()
+            server.cancel()
+            raise
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(server, 10)
 
