@@ -249,5 +249,5 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     was = session.config.stash.get(_engine_was_running, None)
     containers = _containers()
-    if containers is not None and was is not None:
+    if containers is not None and was is False and containers.engine_running():
         containers.stop_engine_started_since(was_running=was)

@@ -181,7 +181,8 @@ def test_suite_stops_only_an_engine_it_started(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, running_before: bool
 ) -> None:
     stopped: list[bool] = []
-    monkeypatch.setattr(containers, "engine_running", lambda: running_before)
+    states = iter([running_before])  # at the start; running at the end
+    monkeypatch.setattr(containers, "engine_running", lambda: next(states, True))
     monkeypatch.setattr(containers, "stop_engine", lambda: stopped.append(True) or True)
     assert "plexilab.containers" in sys.modules  # the inner conftest sees the fakes
     result = _inner_run(pytester, "def test_x():\n    pass\n")
