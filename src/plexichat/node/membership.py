@@ -14,6 +14,12 @@ Precedence of updates about one member: a higher incarnation wins; with equal
 incarnations ``left > dead > suspect > alive``.  Incarnations start at the
 node's start time in milliseconds, so a restarted node overrides its own
 tombstone without having to learn it first.
+
+Suspicion timeouts (and the node's leases and fences) read time from a
+:class:`Clock`: the monotonic clock in a real node, a clock that a test moves
+by hand in an in-process cluster (so that a stall of the shared event loop
+cannot expire a lease or a suspicion the test did not mean to).  Waiting
+(probe intervals, ping timeouts) stays on the event loop.
 """
 
 from __future__ import annotations
@@ -34,6 +40,23 @@ RANK: Final[dict[str, int]] = {"alive": 0, "suspect": 1, "dead": 2, "left": 3}
 LIVE: Final = frozenset({"alive", "suspect"})
 
 log = logging.getLogger("plexichat.node.membership")
+
+
+class Clock(Protocol):
+    """Where the protocol reads the time (seconds, monotonic)."""
+
+    def now(self) -> float:
+        """The current time; only differences between two readings matter."""
+
+
+class MonotonicClock:
+    """The real clock: :func:`time.monotonic`."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+MONOTONIC: Final = MonotonicClock()
 
 
 @dataclass
@@ -58,7 +81,7 @@ class Member:
     incarnation: int
     status: Status
     weight: float = 1.0
-    since: float = 0.0  # monotonic time of the last status change
+    since: float = 0.0  # clock time of the last status change
 
     def update(self) -> list[Any]:
         return [
@@ -121,13 +144,15 @@ class Membership:
         config: GossipConfig | None = None,
         on_change: Callable[[], None] | None = None,
         seeds: Sequence[tuple[str, int]] = (),
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.id = node_id
+        self.clock = clock
         self.config = config or GossipConfig()
         self.transport = transport
         self.on_change = on_change
         self.seeds = [s for s in seeds if s != (host, port)]
-        now = time.monotonic()
+        now = clock.now()
         self.me = Member(
             node_id, host, port, time.time_ns() // 1_000_000, "alive", weight, now
         )
@@ -230,7 +255,7 @@ class Membership:
             return
         current = self.members.get(new.id)
         if current is None:
-            new.since = time.monotonic()
+            new.since = self.clock.now()
             self.members[new.id] = new
             self._queue(new)
             if new.status in LIVE:
@@ -244,7 +269,7 @@ class Membership:
         ):
             return
         if new.status != current.status:
-            current.since = time.monotonic()
+            current.since = self.clock.now()
             log.info("member %s: %s -> %s", new.id, current.status, new.status)
         current.incarnation = new.incarnation
         current.status = new.status
@@ -254,7 +279,7 @@ class Membership:
     def _set_status(self, member: Member, status: Status) -> None:
         before = self._routing_state()
         member.status = status
-        member.since = time.monotonic()
+        member.since = self.clock.now()
         self._queue(member)
         log.info(
             "member %s is %s (incarnation %d)", member.id, status, member.incarnation
@@ -367,7 +392,7 @@ class Membership:
         as it was and its lease lapses) instead of declaring the majority dead
         and spreading that after the partition heals.
         """
-        now = time.monotonic()
+        now = self.clock.now()
         for member in list(self.members.values()):
             if (
                 member.status == "suspect"

@@ -30,7 +30,7 @@ from plexichat import accel, wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
 from plexichat.node.gcstats import GCPauses
-from plexichat.node.membership import GossipConfig, Membership
+from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
 from plexichat.node.storage import Storage, Synchronous
 from plexichat.node.transport import (
     ConnectionLost,
@@ -289,12 +289,17 @@ def _local_done_all(
 
 
 class Node:
-    """One PlexiChat node (start with :meth:`start`, stop with :meth:`stop`)."""
+    """One PlexiChat node (start with :meth:`start`, stop with :meth:`stop`).
 
-    def __init__(self, config: NodeConfig) -> None:
+    Leases, fences and suspicion timeouts read *clock* (in-process tests pass
+    one they move by hand); waits and I/O timeouts stay on the event loop.
+    """
+
+    def __init__(self, config: NodeConfig, *, clock: Clock = MONOTONIC) -> None:
         if config.replicas < 1:
             raise ValueError("replicas must be >= 1")
         self.config = config
+        self.clock = clock
         self.id = config.node_id
         self.storage = Storage(
             Path(config.data_dir) / "messages.sqlite3",
@@ -306,7 +311,7 @@ class Node:
         self.ring_members: dict[str, float] = {}
         self.quorum: tuple[int, int] = (0, 0)  # (live, voters) of the last change
         self.epoch = 0
-        # peer address -> monotonic time a request that it answered was sent
+        # peer address -> clock time a request that it answered was sent
         self.answered: dict[tuple[str, int], float] = {}
         self.lease = config.lease or config.gossip.suspect_timeout * 0.75
         self._lease_lapsed = False
@@ -431,6 +436,7 @@ class Node:
             config=config.gossip,
             on_change=self._membership_changed,
             seeds=config.seeds,
+            clock=self.clock,
         )
         self._membership_changed()
         self.membership.start()
@@ -649,7 +655,7 @@ class Node:
         if self._stopping and body.get("kind") != "leave":
             return None
         link = self._link((host, port))
-        sent = time.monotonic()
+        sent = self.clock.now()
         try:
             frame = await link.call(type, p.encode_json(body), timeout)
             self._answered((host, port), sent)
@@ -670,7 +676,7 @@ class Node:
         need = self.quorum[1] // 2
         if need == 0:
             return True
-        since = (time.monotonic() if now is None else now) - self.lease
+        since = (self.clock.now() if now is None else now) - self.lease
         fresh = 0
         for at in self.answered.values():
             if at >= since:
@@ -686,7 +692,7 @@ class Node:
         period = self.lease / 3
         while True:
             await asyncio.sleep(period)
-            since = time.monotonic() - period
+            since = self.clock.now() - period
             stale = [
                 node_id
                 for node_id in self.ring_members
@@ -728,7 +734,7 @@ class Node:
             callback(None, NotSent(f"unknown member {node_id}"))
             return
         link = self._link(address)
-        sent = time.monotonic()
+        sent = self.clock.now()
         answered = self.answered
 
         def noted(frame: wire.Frame | None, error: BaseException | None) -> None:
@@ -866,7 +872,7 @@ class Node:
         self._lease_lapsed = False
         synced = self.synced
         fenced = self.fenced
-        now_s = time.monotonic()
+        now_s = self.clock.now()
         gates = self.gates
         last_seq = self.last_seq
         recent_get = self.recent.get
@@ -1258,7 +1264,7 @@ class Node:
             if conn.role == "peer" and conn.peer_id != self.id:
                 owners = self.owners(channel)
                 if owners is not None and owners[0] == self.id:
-                    until = time.monotonic() + 2 * self.lease
+                    until = self.clock.now() + 2 * self.lease
                     self.fenced[channel] = (self.epoch, until)
             conn.send(
                 T.HANDOFF,
