@@ -212,11 +212,17 @@ def test_sends_held_for_a_sync_are_routed_again_after_a_ring_change(tmp_path):
             # the SEND waits for the ghost's HANDOFF SEQ (sync_timeout); the
             # ring changes meanwhile: n2 owns the channel now
             await wait_for(lambda: channel in n0.gates, 5, "the SEND to be held")
+            # n0's sync asks n2 (the channel's owner before) for its last seq:
+            # n2 fences the channel
+            await wait_for(lambda: channel in n2.fenced, 5, "n2 fenced by the sync")
             n0.membership.merge(
                 [["ghost", "127.0.0.1", ghost.getsockname()[1], 1, "dead", 1.0]]
             )
             set_status(n0, n2, "alive", bump=1)
             assert n0.owners(channel)[0] == "n2"
+            # n2's fence lasts two leases: let them pass before the held SEND
+            # reaches n2 (no await between here and there)
+            cluster.advance(2 * n2.lease)
             seq = await send
             await client.close()
             rows = await n2.storage.fetch(channel, 0, 10)

@@ -12,7 +12,7 @@ import pytest
 from plexichat import wire
 from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
-from plexichat.node.membership import GossipConfig
+from plexichat.node.membership import GossipConfig, ManualClock
 from plexichat.node.testing import InProcessCluster, wait_for
 from plexichat.node.transport import RemoteError
 from plexichat.routing import key_of
@@ -173,6 +173,7 @@ def test_failed_node_is_detected_and_writes_continue(tmp_path):
             victim = cluster.nodes[2]
             await victim.stop(leave=False)  # as if it crashed: no goodbye
             survivors = cluster.nodes[:2]
+            await cluster.wait_dead("n2")
             await wait_for(
                 lambda: all(set(n.ring_members) == {"n0", "n1"} for n in survivors),
                 10,
@@ -342,3 +343,42 @@ def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
             await other.close()
 
     run(scenario())
+
+
+def test_a_stalled_event_loop_does_not_lapse_the_in_process_lease(tmp_path):
+    """The nodes share a manual clock: a stall of the one event loop that is
+    longer than the lease (a busy 2-core machine) changes no verdict."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            channel = key_of("stall")
+            owner = cluster.node(cluster.owners(channel)[0])
+            client = await client_for(owner)
+            assert await client.send(channel, p.message_id(6, 0), 6, b"x") == 1
+            time.sleep(2 * owner.lease)  # blocks every node and their timers
+            seqs = [
+                await client.send(channel, p.message_id(6, i), 6, b"x")
+                for i in range(1, 6)
+            ]
+            assert seqs == [2, 3, 4, 5, 6]
+            assert all(n.counters["lease_lapses"] == 0 for n in cluster.nodes)
+            # the time the test lets pass does lapse an idle owner's lease
+            for node in cluster.nodes:
+                for task in node._tasks:
+                    if task.get_name() == f"{node.id}-lease":
+                        task.cancel()
+            cluster.advance(2 * owner.lease)
+            with pytest.raises(RemoteError, match="lease lapsed"):
+                await client.send(channel, p.message_id(6, 9), 6, b"x")
+            await client.close()
+
+    run(scenario())
+
+
+def test_manual_clock_moves_only_forward_and_only_when_told():
+    clock = ManualClock(5.0)
+    assert clock.now() == clock.now() == 5.0
+    clock.advance(0.25)
+    assert clock.now() == 5.25
+    with pytest.raises(ValueError, match="does not go back"):
+        clock.advance(-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -12,11 +13,28 @@ from plexichat.load import journal as jr
 from plexichat.load.checker import run_check
 from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
+from plexichat.node.transport import RemoteError
 from plexichat.routing import Ring, key_of
 from plexilab.cluster import Cluster, ClusterConfig, prepare
 from plexilab.hosts.local import LocalHost
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")
+
+
+async def send_acked(
+    client: NodeClient, channel: int, msg_id: int, sender: int, body: bytes
+) -> int:
+    """Send until acknowledged, as a chat client does: a node that cannot take
+    the write now (no lease, view changing) says UNAVAILABLE, and the retry
+    under the same message id is idempotent.  Fails after a deadline."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await client.send(channel, msg_id, sender, body)
+        except RemoteError as error:
+            if error.code != p.ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
 
 
 async def send_many(endpoint, channels, sender, start, count):
@@ -26,14 +44,14 @@ async def send_many(endpoint, channels, sender, start, count):
         for i in range(start, start + count):
             channel = channels[i % len(channels)]
             msg_id = p.message_id(sender, i)
-            seq = await client.send(channel, msg_id, sender, b"payload-%d" % i)
+            seq = await send_acked(client, channel, msg_id, sender, b"payload-%d" % i)
             entries.append(jr.Entry(msg_id, channel, sender, i, seq))
     return entries
 
 
 def test_sigkill_and_restart_loses_no_acknowledged_message(tmp_path):
     host = LocalHost(workdir=tmp_path / "host")
-    config = ClusterConfig(nodes=3, gossip_interval=0.1, suspect_timeout=0.8)
+    config = ClusterConfig(nodes=3, gossip_interval=0.1, suspect_timeout=2.0)
     cluster = Cluster([host], config, prepare([host], "dev"))
     channels = [key_of(f"crash-{i}") for i in range(12)]
     try:

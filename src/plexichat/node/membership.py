@@ -59,6 +59,27 @@ class MonotonicClock:
 MONOTONIC: Final = MonotonicClock()
 
 
+class ManualClock:
+    """A clock that moves only when told to (:meth:`advance`).
+
+    In-process tests share one between their nodes: a scheduler stall of the
+    shared event loop then cannot lapse a lease, end a fence or turn a suspect
+    into a dead member; only the test's own :meth:`advance` can.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move the time forward by *seconds* (never backwards)."""
+        if seconds < 0:
+            raise ValueError(f"a clock does not go back ({seconds} s)")
+        self._now += seconds
+
+
 @dataclass
 class GossipConfig:
     """Timing of the failure detector (seconds)."""

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -664,7 +665,8 @@ class Node:
             return None
 
     def _answered(self, address: tuple[str, int], sent: float) -> None:
-        if self.answered.get(address, 0.0) < sent:
+        previous = self.answered.get(address)
+        if previous is None or previous < sent:
             self.answered[address] = sent
 
     def lease_valid(self, now: float | None = None) -> bool:
@@ -697,7 +699,9 @@ class Node:
                 node_id
                 for node_id in self.ring_members
                 if node_id != self.id
-                and self.answered.get(self.membership.address(node_id) or ("", 0), 0.0)
+                and self.answered.get(
+                    self.membership.address(node_id) or ("", 0), -math.inf
+                )
                 < since
             ]
             for node_id in stale:
@@ -738,7 +742,7 @@ class Node:
         answered = self.answered
 
         def noted(frame: wire.Frame | None, error: BaseException | None) -> None:
-            if frame is not None and answered.get(address, 0.0) < sent:
+            if frame is not None and answered.get(address, -math.inf) < sent:
                 answered[address] = sent
             callback(frame, error)
 

@@ -1,4 +1,11 @@
-"""In-process clusters for tests and experiments (all nodes in one event loop)."""
+"""In-process clusters for tests and experiments (all nodes in one event loop).
+
+The nodes of one cluster share a :class:`ManualClock` by default: leases,
+fences and suspicion timeouts move only when the test advances that clock
+(:meth:`InProcessCluster.wait_dead` does it for a failure to be detected), so
+a stall of the shared event loop on a busy machine cannot change a verdict.
+Probes, timeouts of calls and handoff delays still run on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from plexichat.node.membership import GossipConfig
+from plexichat.node.membership import Clock, GossipConfig, ManualClock
 from plexichat.node.server import Node, NodeConfig
 
 FAST_GOSSIP = GossipConfig(interval=0.05, ping_timeout=0.1, suspect_timeout=0.6)
@@ -37,9 +44,11 @@ class InProcessCluster:
         *,
         replicas: int = 2,
         gossip: GossipConfig | None = None,
+        clock: Clock | None = None,
         **node_options: Any,
     ) -> None:
         self.base_dir = Path(base_dir)
+        self.clock: Clock = ManualClock() if clock is None else clock
         self.size = size
         self.replicas = replicas
         self.gossip = gossip or FAST_GOSSIP
@@ -65,7 +74,7 @@ class InProcessCluster:
         if node_id is None:
             node_id = f"n{self._next}"
             self._next += 1
-        node = Node(self.config(node_id, port))
+        node = Node(self.config(node_id, port), clock=self.clock)
         await node.start()
         self.nodes.append(node)
         return node
@@ -89,6 +98,37 @@ class InProcessCluster:
             timeout,
             f"convergence on {sorted(ids)}",
         )
+
+    def advance(self, seconds: float) -> None:
+        """Move the shared clock (only a :class:`ManualClock` can be moved)."""
+        if not isinstance(self.clock, ManualClock):
+            raise TypeError("this cluster runs on a real clock")
+        self.clock.advance(seconds)
+
+    async def wait_dead(self, node_id: str, timeout: float = 10.0) -> float:
+        """Wait until every running node holds *node_id* dead.
+
+        On a manual clock the suspicion timeout passes once every running
+        node suspects it (the probes on the event loop find that out).
+        """
+        start = time.monotonic()
+
+        def status(node: Node) -> str | None:
+            member = node.membership.members.get(node_id) if node.membership else None
+            return None if member is None else member.status
+
+        def statuses() -> set[str | None]:
+            return {status(n) for n in self.running()}
+
+        if isinstance(self.clock, ManualClock):
+            await wait_for(
+                lambda: statuses() <= {"suspect", "dead"},
+                timeout,
+                f"suspicion of {node_id}",
+            )
+            self.clock.advance(self.gossip.suspect_timeout)
+        await wait_for(lambda: statuses() == {"dead"}, timeout, f"{node_id} dead")
+        return time.monotonic() - start
 
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.id == node_id and not n._stopping)
