@@ -33,6 +33,14 @@ from plexichat import accel
 
 T = TypeVar("T")
 
+# The suite's lab runs (VMs, relays) live under their own run root: reaping
+# the dead runs it finds there never touches a user's lab on the same host.
+SUITE_RUN_ROOT = (
+    Path(os.environ.get("PLEXILAB_CACHE") or Path.home() / ".cache" / "plexilab")
+    / "run-tests"
+)
+os.environ["PLEXILAB_RUN_ROOT"] = str(SUITE_RUN_ROOT)
+
 # The one list of reasons a test may skip for (key -> reason text).  A skip's
 # reason is the text, optionally followed by ": <detail>".
 SKIP_REASONS: dict[str, str] = {

@@ -373,3 +373,27 @@ def test_setup_probes(tmp_path: Path, monkeypatch, capsys, skips) -> None:
     monkeypatch.setattr(setup_host, "ensure", lambda **kw: setup_host.Report())
     assert setup_host.main([]) == 0
     assert "already has everything" in capsys.readouterr().out
+
+
+def test_a_run_reaps_only_under_its_own_run_root(tmp_path: Path, monkeypatch) -> None:
+    """``$PLEXILAB_RUN_ROOT`` moves the runs: the dead runs of another root (a
+    user's lab beside the test suite) are left alone."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for root in (ours, theirs):
+        (root / "dead").mkdir(parents=True)
+        (root / "dead" / "owner.json").write_text(
+            json.dumps({"pid": _dead_pid(), "starttime": 1})
+        )
+    monkeypatch.setenv("PLEXILAB_RUN_ROOT", str(ours))
+    assert machine.run_root() == ours
+    machine.reap()
+    assert not (ours / "dead").exists()
+    assert (theirs / "dead" / "owner.json").exists()
+
+
+def test_the_suite_runs_under_its_own_run_root() -> None:
+    """conftest points every lab run of the suite away from the user's root."""
+    root = Path(os.environ["PLEXILAB_RUN_ROOT"])
+    assert root.name == "run-tests"
+    assert machine.run_root() == root
+    assert root != images.cache_root() / "run"

@@ -83,7 +83,11 @@ def alive(pid: int, starttime: int | None) -> bool:
 
 
 def run_root() -> Path:
-    root = images.cache_root() / "run"
+    """Where lab runs keep their directories: ``$PLEXILAB_RUN_ROOT`` or the
+    cache's ``run/`` (the test suite uses its own, so it reaps only its own
+    dead runs and never a user's lab)."""
+    env = os.environ.get("PLEXILAB_RUN_ROOT")
+    root = Path(env) if env else images.cache_root() / "run"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
