@@ -210,6 +210,10 @@ def test_three_container_cluster_loses_nothing(
     res = run_container_cluster(client, config, image=TAG)
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
+    # no faults: every request answered, every checker count 0, replicas too
+    assert res["failures"] == 0
+    assert res["replicas_checked"]
+    assert res["violations"] == {}, res["check"]["examples"]
     assert res["p2p_coverage"] == 1.0
     info = res["containers"]
     assert sorted(info["health"].values()) == ["healthy"] * 3

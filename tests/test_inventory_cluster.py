@@ -95,6 +95,10 @@ def test_inventory_hosts_run_the_cluster(tmp_path: Path, skips) -> None:
     ]
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
+    # no faults: every request answered, every checker count 0, replicas too
+    assert res["failures"] == 0
+    assert res["replicas_checked"]
+    assert res["violations"] == {}, res["check"]["examples"]
     assert res["p2p_coverage"] == 1.0
     assert set(res["host_backends"]) == {"inv-x86_64", "inv-aarch64"}
     assert all(n["install_s"] > 0 for n in res["per_node"])

@@ -55,14 +55,34 @@ def test_loss_duplicate_reorder_and_mismatch_are_counted():
     assert result.seq_mismatch == 2
 
 
-def test_a_sequence_number_shared_with_an_unacknowledged_write_is_reported():
+def test_a_sequence_number_shared_with_an_unacknowledged_write_fails():
     acked = [entry(1, i) for i in range(1, 4)]
     stored = rows(*acked)
     stored[1].append((2, p.message_id(9, 1)))  # an old owner's unacked write
     result = check(acked, stored)
     assert result.shared_seq == 1
-    assert result.ok  # informational: every acknowledged message is there once
+    assert not result.ok  # two messages at one position: readers disagree
+    assert result.violations() == {"shared_seq": 1}
+    assert result.as_dict()["violations"] == {"shared_seq": 1}
     assert check(acked, rows(*acked)).shared_seq == 0
+
+
+def test_a_seq_other_than_the_acked_one_fails():
+    acked = [entry(1, i) for i in range(1, 4)]
+    stored = rows(*acked[:2], entry(1, 3, seq=4), entry(9, 1, seq=3))
+    result = check(acked, stored)
+    assert result.violations() == {"seq_mismatch": 1}
+    assert result.examples["seq_mismatch"] == [
+        f"{acked[2].msg_id.hex()} acked at 3, stored at [4]"
+    ]
+
+
+def test_a_hole_in_a_channel_fails():
+    acked = [entry(1, 1), entry(1, 2, seq=4)]
+    stored = rows(acked[0], entry(1, 2, seq=4))
+    result = check(acked, stored)
+    assert result.gaps == 2  # seqs 2 and 3 hold nothing
+    assert result.violations() == {"gaps": 2}
 
 
 def test_replica_copies_are_checked_when_given():
@@ -70,7 +90,22 @@ def test_replica_copies_are_checked_when_given():
     result = check(acked, rows(*acked), [rows(*acked[:2])])
     assert result.replicas_checked
     assert result.replica_missing == 1
-    assert result.ok  # replica gaps are reported, the owner decides
+    assert result.divergence == 1  # seq 3 is on the owner only
+    assert not result.ok  # a reader of the replica does not see message 3
+
+
+def test_replicas_that_disagree_with_the_owner_fail():
+    acked = [entry(1, i) for i in range(1, 4)]
+    other = rows(*acked[:2], entry(7, 1, seq=3))  # another message at seq 3
+    extra = rows(*acked, entry(7, 2, seq=4))  # a message the owner lacks
+    moved = rows(acked[0], entry(1, 2, seq=3), entry(1, 3, seq=2))
+    assert check(acked, rows(*acked), [rows(*acked)]).ok
+    result = check(acked, rows(*acked), [other, extra, moved])
+    assert result.replica_missing == 1
+    assert result.divergence == 1 + 1 + 2
+    assert result.violations() == {"replica_missing": 1, "divergence": 4}
+    # a replica that does not hold the channel is not compared
+    assert check(acked, rows(*acked), [{}]).ok
 
 
 def test_journal_round_trip_and_bad_files(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from invoke.context import Context
 from invoke.exceptions import Exit
 
+from plexichat.load.checker import VIOLATIONS
 from plexilab.cli import local as local_cli
 from plexilab.cluster import SRC, ClusterConfig, run_cluster, run_lab, tail
 from plexilab.hosts.base import HostError
@@ -166,6 +167,10 @@ def test_cluster_run_reports_zero_loss_and_stops_every_node(tmp_path):
     assert res["nodes"] == 3
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
+    # no faults: every request answered, every checker count 0, replicas too
+    assert res["failures"] == 0
+    assert res["replicas_checked"]
+    assert res["violations"] == {}, res["check"]["examples"]
     assert res["check"]["replica_missing"] == 0
     assert res["throughput_msgs_per_s"] > 0
     assert (
@@ -231,20 +236,28 @@ def test_tail_of_a_missing_log(tmp_path):
     assert tail(node) == "(no log)"
 
 
+def fake_result(throughput: float = 100.0, **violations: int) -> dict:
+    """A cluster result as run_cluster returns it (checker counts all 0 unless
+    given as *violations*)."""
+    counts = {k: violations.get(k, 0) for k in VIOLATIONS}
+    return {
+        "nodes": 3, "replicas": 2, "acked": 10, "failures": 0, **counts,
+        "replicas_checked": True, "violations": {k: v for k, v in counts.items() if v},
+        "backend": "compiled", "throughput_msgs_per_s": throughput,
+        "convergence_s": 0.1, "latency_ms": {"p50": 1.0, "p99": 2.0, "p99.9": 3.0},
+        "p2p_latency_ms": {"p50": 1.0, "p99": 2.0}, "p2p_coverage": 1.0,
+    }  # fmt: skip
+
+
 def test_bench_reports_the_median_ratio(tmp_path, monkeypatch, capsys):
     speeds = iter([300.0, 100.0, 200.0, 100.0, 100.0, 100.0])
     seen = []
 
     def fake_run(config):
         seen.append(config.backend)
-        return {
-            "nodes": 3, "replicas": 2, "acked": 10, "failures": 0, "lost": 0,
-            "duplicated": 0, "reordered": 0,
-            "backend": "compiled" if config.backend == "auto" else "python",
-            "throughput_msgs_per_s": next(speeds), "convergence_s": 0.1,
-            "latency_ms": {"p50": 1.0, "p99": 2.0, "p99.9": 3.0},
-            "p2p_latency_ms": {"p50": 1.0, "p99": 2.0}, "p2p_coverage": 1.0,
-        }  # fmt: skip
+        result = fake_result(next(speeds))
+        result["backend"] = "compiled" if config.backend == "auto" else "python"
+        return result
 
     monkeypatch.setattr(local_cli, "_run", fake_run)
     out = tmp_path / "bench.json"
@@ -265,3 +278,24 @@ def test_prune_keeps_the_newest_cache_entries(tmp_path):
     prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mid", "new"]
     prune(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "violation", ["shared_seq", "seq_mismatch", "gaps", "replica_missing", "divergence"]
+)
+def test_every_checker_violation_fails_the_run(violation, monkeypatch, capsys):
+    """Two messages at one seq or replicas that disagree fail the task like a
+    lost message does (they used to be informational)."""
+    monkeypatch.setattr(local_cli, "_run", lambda config: fake_result(**{violation: 3}))
+    with pytest.raises(Exit) as info:
+        local_cli.cluster(Context(), duration=1)
+    assert info.value.code == 1
+    assert f"3 {violation.replace('_', ' ')}" in str(info.value)
+    monkeypatch.setattr(local_cli, "_run", lambda config: fake_result())
+    local_cli.cluster(Context(), duration=1)  # all 0: passes
+    out = capsys.readouterr().out
+    assert "misplaced / shared seq / gaps" in out
+    assert "replica missing / divergence" in out
+    monkeypatch.setattr(local_cli, "_run", lambda config: fake_result(**{violation: 1}))
+    with pytest.raises(Exit):
+        local_cli.bench(Context(), rounds=1)

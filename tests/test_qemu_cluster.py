@@ -177,9 +177,14 @@ def test_latency_by_arch_merges_node_histograms() -> None:
 
 
 def test_failed_lists_checker_findings_and_leftovers() -> None:
-    assert qc.failed({"lost": 0, "duplicated": 0, "leftover_qemu_pids": []}) == []
-    reasons = qc.failed({"lost": 2, "duplicated": 1, "leftover_qemu_pids": [9]})
+    assert qc.failed({"violations": {}, "leftover_qemu_pids": []}) == []
+    reasons = qc.failed(
+        {"violations": {"lost": 2, "duplicated": 1}, "leftover_qemu_pids": [9]}
+    )
     assert len(reasons) == 3
+    # two messages at one seq and replicas that disagree fail the run too
+    reasons = qc.failed({"violations": {"shared_seq": 4, "divergence": 2}})
+    assert reasons == ["4 shared seq", "2 divergence"]
 
 
 def test_cli_rejects_bad_options_before_doing_anything() -> None:
@@ -223,6 +228,10 @@ def test_without_qemu_the_run_falls_back_to_local_and_records_why(
     assert res["fallback_reason"] == "no qemu (test)"
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
+    # no faults: every request answered, every checker count 0, replicas too
+    assert res["failures"] == 0
+    assert res["replicas_checked"]
+    assert res["violations"] == {}, res["check"]["examples"]
     assert res["guests"] == []
     assert set(res["latency_by_arch"]) == {os.uname().machine}
     assert {"load", "p2p", "check", "convergence"} <= set(res["phases_s"])
@@ -312,6 +321,10 @@ def test_three_mixed_guests_lose_nothing_and_leave_nothing(
     assert res["fallback_reason"] is None
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
+    # no faults: every request answered, every checker count 0, replicas too
+    assert res["failures"] == 0
+    assert res["replicas_checked"]
+    assert res["violations"] == {}, res["check"]["examples"]
     assert res["p2p_coverage"] == 1.0
     assert [n["arch"] for n in res["per_node"]] == ["x86_64", "aarch64", "aarch64"]
     for node in res["per_node"]:

@@ -85,7 +85,7 @@ class ClusterConfig:
     p2p_count: int = 200
     p2p_rate: float = 200.0
     p2p_fanout: int = 2
-    check_replicas: bool = False
+    check_replicas: bool = True  # the checker compares every replica's history
     converge_timeout: float = 60.0
     step_timeout: float = 600.0
     install: InstallMode = "dev"
@@ -702,6 +702,19 @@ class Cluster:
         return result
 
 
+def verdict(result: Mapping[str, Any]) -> list[str]:
+    """Why a run failed (empty when it passed): every checker violation (a lost,
+    duplicated, reordered or misplaced message, a gap, two messages at one
+    seq, a replica that disagrees) and every fault that could not be applied
+    or healed.  Every provider's task exits 1 on any of them."""
+    reasons = [
+        f"{count:,} {name.replace('_', ' ')}"
+        for name, count in (result.get("violations") or {}).items()
+    ]
+    reasons += [f"fault {e}" for e in result.get("fault_errors") or []]
+    return reasons
+
+
 def tail(node: NodeHandle, lines: int = 20) -> str:
     """Last lines of a node's log (fetched through its host)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -891,7 +904,12 @@ def run_cluster(
         "duplicated": check["duplicated"],
         "reordered": check["reordered"],
         "seq_mismatch": check["seq_mismatch"],
-        "shared_seq": check.get("shared_seq", 0),
+        "shared_seq": check["shared_seq"],
+        "gaps": check["gaps"],
+        "replica_missing": check["replica_missing"],
+        "divergence": check["divergence"],
+        "replicas_checked": check["replicas_checked"],
+        "violations": check["violations"],
         "throughput_msgs_per_s": load["throughput_msgs_per_s"],
         "latency_ms": load["latency_ms"],
         "convergence_s": round(convergence, 3),

@@ -358,6 +358,7 @@ def cluster_summary(
         "lost": result.get("lost"),
         "duplicated": result.get("duplicated"),
         "reordered": result.get("reordered"),
+        "violations": result.get("violations") or {},
         "throughput_msgs_per_s": result.get("throughput_msgs_per_s"),
         "p50_ms": latency.get("p50"),
         "p99_ms": latency.get("p99"),
@@ -382,11 +383,15 @@ def cluster_regressions(
     quick nightlies of one commit in QEMU: 182 and 117 msg/s), not speed; the
     report still shows it next to the previous run's.
     """
-    reasons = []
-    for what in ("lost", "duplicated", "reordered"):
-        count = summary.get(what) or 0
-        if count:
-            reasons.append(f"cluster checker: {count} {what} message(s)")
+    reasons = [
+        f"cluster checker: {count:,} {what.replace('_', ' ')}"
+        for what, count in (summary.get("violations") or {}).items()
+    ]
+    if not summary.get("violations"):  # a summary of an older result
+        for what in ("lost", "duplicated", "reordered"):
+            count = summary.get(what) or 0
+            if count:
+                reasons.append(f"cluster checker: {count} {what} message(s)")
     if previous is not None and not summary.get("faults"):
         before = (previous.get("cluster") or {}).get("throughput_msgs_per_s") or 0.0
         now = summary.get("throughput_msgs_per_s") or 0.0

@@ -18,7 +18,8 @@ Everything lands in ``reports/<YYYY-mm-dd-HHMMSS>/`` (``nightly.json``,
 ``reports/history.json`` + ``reports/index.html``.  The run fails (exit 1) on
 a broken step, a benchmark slower than the factor vs the previous commit, a
 cluster throughput drop beyond the factor vs the previous comparable run, or
-any lost/duplicated/reordered message; the reasons are printed last.
+any checker violation (lost, duplicated, reordered or misplaced messages,
+gaps, shared seqs, replicas that disagree); the reasons are printed last.
 """
 
 from __future__ import annotations

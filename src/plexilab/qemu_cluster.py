@@ -71,6 +71,7 @@ from plexilab.cluster import (
     prepare,
     run_cluster,
     stats_all,
+    verdict,
 )
 from plexilab.hosts.base import Endpoint, Host, HostError
 from plexilab.hosts.local import LocalHost
@@ -1245,11 +1246,7 @@ def print_results(result: Mapping[str, Any], console: Console) -> None:
 
 def failed(result: Mapping[str, Any]) -> list[str]:
     """Why the run counts as failed (empty when it passed)."""
-    reasons = []
-    for what in ("lost", "duplicated", "reordered"):
-        if result.get(what):
-            reasons.append(f"{result[what]} {what} message(s)")
+    reasons = verdict(result)
     if result.get("leftover_qemu_pids"):
         reasons.append(f"QEMU processes left: {result['leftover_qemu_pids']}")
-    reasons += [f"fault {e}" for e in result.get("fault_errors") or []]
     return reasons

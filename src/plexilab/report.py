@@ -482,6 +482,15 @@ def _cluster_html(
         ("acked", _fmt_num(cluster.get("acked"))),
         ("failures", _fmt_num(cluster.get("failures"))),
         ("lost / duplicated / reordered", " / ".join(str(c) for c in counts)),
+        (
+            "other violations",
+            ", ".join(
+                f"{k.replace('_', ' ')} {v:,}"
+                for k, v in (cluster.get("violations") or {}).items()
+                if k not in ("lost", "duplicated", "reordered")
+            )
+            or "none",
+        ),
         ("throughput (msg/s)", _fmt_num(cluster.get("throughput_msgs_per_s"))),
         (
             "latency p50 / p99 / p99.9 (ms)",

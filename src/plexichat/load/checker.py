@@ -9,14 +9,22 @@ reports:
 * ``reordered``: pairs of consecutive messages of one sender in one channel
   whose stored sequence numbers do not increase with the sender's counter;
 * ``seq_mismatch``: messages stored under another sequence number than the
-  one in their ACK (informational);
+  one in their ACK;
 * ``shared_seq``: acknowledged messages whose sequence number the owner also
-  stores for another message (an unacknowledged write of an old owner;
-  informational);
-* ``replica_missing``: with ``--replicas``, copies missing on replicas.
+  stores for another message (two messages at one position);
+* ``gaps``: sequence numbers below a channel's highest that its owner holds
+  no message at (a reader waits for them forever);
+* ``replica_missing``: with ``--replicas``, acknowledged messages missing on
+  a replica of their channel;
+* ``divergence``: with ``--replicas``, positions (channel, seq) at which a
+  replica's history differs from the owner's (another message, or a message
+  on one side only).
 
-Exit status: 0 when nothing is lost, duplicated or reordered, 1 otherwise,
-2 on usage or connection errors.
+Every count above is a violation: the verdict (``ok``) holds only when all
+are 0.  A chat user would call each of them wrong.
+
+Exit status: 0 when every count is 0, 1 otherwise, 2 on usage or connection
+errors.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from plexichat.load import journal as jr
 from plexichat.load.client import NodeClient, cluster_view, connect_all
@@ -50,18 +58,38 @@ class CheckResult:
     seq_mismatch: int = 0
     shared_seq: int = 0
     channels: int = 0
+    gaps: int = 0
     replica_missing: int = 0
+    divergence: int = 0
     replicas_checked: bool = False
     examples: dict[str, list[str]] = field(default_factory=dict)
 
+    def violations(self) -> dict[str, int]:
+        """The non-zero violation counts (empty when the run is correct)."""
+        return {k: getattr(self, k) for k in VIOLATIONS if getattr(self, k)}
+
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.reordered == 0
+        return not self.violations()
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["ok"] = self.ok
+        doc["violations"] = self.violations()
         return doc
+
+
+# Every count a correct run has at 0 (the verdict and the lab's reports use it).
+VIOLATIONS: Final = (
+    "lost",
+    "duplicated",
+    "reordered",
+    "seq_mismatch",
+    "shared_seq",
+    "gaps",
+    "replica_missing",
+    "divergence",
+)
 
 
 def _example(result: CheckResult, kind: str, text: str, limit: int = 5) -> None:
@@ -88,6 +116,15 @@ def check(
         for seq, msg_id in owner_rows.get(channel, ()):
             occurrences[msg_id].append(seq)
             holders[seq] += 1
+        if holders:
+            missing = max(holders) - len(holders)
+            if missing:
+                result.gaps += missing
+                _example(
+                    result,
+                    "gaps",
+                    f"channel {channel}: {missing} of seqs 1..{max(holders)} empty",
+                )
         stored_seq: dict[bytes, int] = {}
         for entry in acked:
             seqs = occurrences.get(entry.msg_id)
@@ -108,8 +145,18 @@ def check(
             stored_seq[entry.msg_id] = min(seqs)
             if holders[min(seqs)] > 1:
                 result.shared_seq += 1
+                _example(
+                    result,
+                    "shared_seq",
+                    f"{entry.msg_id.hex()} shares seq {min(seqs)} in channel {channel}",
+                )
             if entry.seq not in seqs:
                 result.seq_mismatch += 1
+                _example(
+                    result,
+                    "seq_mismatch",
+                    f"{entry.msg_id.hex()} acked at {entry.seq}, stored at {seqs}",
+                )
         by_sender: dict[int, list[jr.Entry]] = defaultdict(list)
         for entry in acked:
             if entry.msg_id in stored_seq:
@@ -128,10 +175,35 @@ def check(
                         f"seq {seq} <= {previous}",
                     )
                 previous = seq
+        owner_history = _positions(owner_rows.get(channel, ()))
         for rows in replica_rows:
-            have = {msg_id for _, msg_id in rows.get(channel, ())}
+            if channel not in rows:
+                continue  # this replica does not hold the channel
+            copy = rows[channel]
+            have = {msg_id for _, msg_id in copy}
             result.replica_missing += sum(1 for e in acked if e.msg_id not in have)
+            replica_history = _positions(copy)
+            differ = sorted(
+                seq
+                for seq in owner_history.keys() | replica_history.keys()
+                if owner_history.get(seq) != replica_history.get(seq)
+            )
+            if differ:
+                result.divergence += len(differ)
+                _example(
+                    result,
+                    "divergence",
+                    f"channel {channel}: a replica differs at seqs {differ[:5]}",
+                )
     return result
+
+
+def _positions(rows: Iterable[tuple[int, bytes]]) -> dict[int, frozenset[bytes]]:
+    """seq -> the message ids stored there (one, in a correct history)."""
+    out: dict[int, set[bytes]] = defaultdict(set)
+    for seq, msg_id in rows:
+        out[seq].add(msg_id)
+    return {seq: frozenset(ids) for seq, ids in out.items()}
 
 
 async def _fetch_channels(
@@ -188,11 +260,7 @@ async def run_check(
                     if n in by_id
                 )
             )
-            merged: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
-            for part in parts:
-                for channel, rows in part.items():
-                    merged[channel] += rows
-            replica_rows = [merged]
+            replica_rows = list(parts)  # one history per replica node
         return check(entries, owner_rows, replica_rows)
     finally:
         for c in clients:
@@ -202,8 +270,9 @@ async def run_check(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plexichat-check",
-        description="Check a load journal against the cluster: lost, duplicated and "
-        "reordered acknowledged messages.  Exits 1 on any of them.",
+        description="Check a load journal against the cluster: lost, duplicated, "
+        "reordered or misplaced messages, gaps and (with --replicas) replicas that "
+        "disagree with their owner.  Exits 1 on any of them.",
     )
     parser.add_argument(
         "--nodes", required=True, help="comma-separated HOST:PORT of the nodes"
@@ -212,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--journal", required=True, type=Path, help="journal written by plexichat-load"
     )
     parser.add_argument(
-        "--replicas", action="store_true", help="also check the replica copies"
+        "--replicas",
+        action="store_true",
+        help="also read every replica and compare its history with the owner's",
     )
     parser.add_argument(
         "--json", type=Path, default=None, help="write the result as JSON here"

@@ -7,7 +7,7 @@
 * ``invoke docker.cluster --nodes=3 --duration=30 --json PATH`` runs the same
   load, P2P scenario and checker as ``local.cluster`` against node containers
   on host networking (127.0.0.1 ports), then removes every labelled
-  container and volume.  Exits 1 when a message was lost.
+  container and volume.  Exits 1 on any checker violation.
 * ``invoke docker.clean`` removes whatever a run left behind (by label);
   ``invoke docker.engine`` starts (or ``--stop``\\s) the engine.
 
@@ -30,7 +30,7 @@ from rich.table import Table
 
 from plexilab import containers
 from plexilab.cli.local import COMMON_HELP, results_table
-from plexilab.cluster import ClusterConfig
+from plexilab.cluster import ClusterConfig, verdict
 
 console = Console()
 
@@ -170,8 +170,9 @@ def cluster(
         f"left over: {info['leftovers']}"
     )
     _write(json, res)
-    if res["lost"] or res["duplicated"] or res["reordered"]:
-        raise Exit("checker found lost, duplicated or reordered messages", code=1)
+    reasons = verdict(res)
+    if reasons:
+        raise Exit("the run failed: " + "; ".join(reasons), code=1)
 
 
 @task(

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plexilab import faults as faultlib
-from plexilab.cluster import ClusterConfig, run_cluster
+from plexilab.cluster import ClusterConfig, run_cluster, verdict
 from plexilab.hosts.local import LocalHost
 
 console = Console()
@@ -90,6 +90,24 @@ def _run(config: ClusterConfig) -> dict[str, Any]:
         host.close()
 
 
+# rows of the results table that hold checker violations (red unless all 0)
+VERDICT_ROWS = frozenset(
+    {
+        "lost / duplicated / reordered",
+        "misplaced / shared seq / gaps",
+        "replica missing / divergence",
+    }
+)
+
+
+def _nonzero(value: str) -> bool:
+    """True when a "a / b / c" cell holds a count other than 0."""
+    return any(
+        part.strip().replace(",", "").isdigit() and int(part.replace(",", "")) > 0
+        for part in value.split(" / ")
+    )
+
+
 def results_table(
     results: dict[str, Any], title: str = "PlexiChat local cluster"
 ) -> Table:
@@ -98,7 +116,7 @@ def results_table(
     table.add_column("value", justify="right")
     lat = results["latency_ms"]
     p2p = results["p2p_latency_ms"]
-    rows = [
+    rows: list[tuple[str, str]] = [
         ("nodes / replicas", f"{results['nodes']} / {results['replicas']}"),
         ("backend", results["backend"]),
         ("acked", f"{results['acked']:,}"),
@@ -108,8 +126,14 @@ def results_table(
             f"{results['lost']} / {results['duplicated']} / {results['reordered']}",
         ),
         (
-            "acked sharing a seq with an unacked write",
-            f"{results.get('shared_seq', 0):,}",
+            "misplaced / shared seq / gaps",
+            f"{results['seq_mismatch']} / {results['shared_seq']} / {results['gaps']}",
+        ),
+        (
+            "replica missing / divergence",
+            f"{results['replica_missing']} / {results['divergence']}"
+            if results["replicas_checked"]
+            else "not checked",
         ),
         ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
         (
@@ -141,9 +165,7 @@ def results_table(
     for error in results.get("fault_errors") or []:
         rows.append(("fault error", error))
     for name, value in rows:
-        bad = name == "fault error" or (
-            name.startswith("lost") and value != "0 / 0 / 0"
-        )
+        bad = name == "fault error" or (name in VERDICT_ROWS and _nonzero(value))
         table.add_row(name, value, style="red" if bad else None)
     return table
 
@@ -218,10 +240,9 @@ def cluster(
     res = _run(config)
     console.print(results_table(res))
     _write(json, res)
-    if res["lost"] or res["duplicated"] or res["reordered"]:
-        raise Exit("checker found lost, duplicated or reordered messages", code=1)
-    if res.get("fault_errors"):
-        raise Exit("some faults could not be applied or healed", code=1)
+    reasons = verdict(res)
+    if reasons:
+        raise Exit("the run failed: " + "; ".join(reasons), code=1)
 
 
 @task(
@@ -266,8 +287,9 @@ def bench(
     )
     _write(json, {"ratio": ratio, "compiled": fast, "python": slow, "runs": runs})
     every = runs["auto"] + runs["python"]
-    if any(r["lost"] or r["duplicated"] or r["reordered"] for r in every):
-        raise Exit("checker found lost, duplicated or reordered messages", code=1)
+    reasons = sorted({reason for r in every for reason in verdict(r)})
+    if reasons:
+        raise Exit("a run failed: " + "; ".join(reasons), code=1)
 
 
 local = Collection("local", cluster, bench)
