@@ -210,6 +210,8 @@ def epochs_of(log: Sequence[Entry]) -> Epochs:
 
 def _spans(epochs: Epochs, last_seq: int) -> dict[int, int]:
     """term -> last seq of that term."""
+    if not epochs:
+        return {}
     ends = [start - 1 for _, start in epochs[1:]] + [last_seq]
     return {term: end for (term, _), end in zip(epochs, ends, strict=True)}
 
