@@ -364,3 +364,31 @@ def test_tick_resends_what_is_outstanding() -> None:
     net.run(a.tick())
     assert net.acks() == [("m1", 1)]
     assert net.nodes["c"].tick() == []
+
+
+def test_a_candidate_activated_late_owns_but_cannot_commit() -> None:
+    """Found by the long simulation: a candidate paused with its ACCEPTEDs
+    queued becomes owner after a later term took over and committed more.
+    It must hold only a prefix of the history and commit nothing new."""
+    net = Net()
+    a = net.nodes["a"]
+    held: list[Message] = []
+    net.run(a.start_term(("a", "b")), drop=lambda m: isinstance(m, Accepted))
+    held += [m for m in net.dropped if isinstance(m, Accepted)]
+    assert (a.role, len(held)) == (Role.ACTIVATING, 2)  # b and c accepted term 1
+    c = net.nodes["c"]
+    paused = lambda m: m.dst == "a"  # noqa: E731
+    net.run(c.start_term(("c", "b")), drop=paused)
+    if c.role is not Role.OWNER:  # term 1 was taken: c learnt it
+        net.run(c.start_term(("c", "b")), drop=paused)
+    assert (c.role, c.term) == (Role.OWNER, 2)
+    net.run(c.submit(b"m1"), drop=paused)
+    assert net.acks() == [("m1", 1)]
+    # a wakes up: a majority accepted its term 1 (its heartbeats are late)
+    net.run(held, drop=lambda m: m.src == "a")
+    assert (a.role, a.term, a.commit, list(a.log)) == (Role.OWNER, 1, 0, [])
+    net.run(a.submit(b"m2"))  # b promised term 2: a is deposed, m2 refused
+    assert a.role is Role.FOLLOWER
+    assert net.local[-1] == Refuse(CH, b"m2", "append refused by b")
+    assert ids(c.visible()) == ["m1"]
+    assert ids(net.nodes["b"].log) == ["m1"]
