@@ -33,8 +33,6 @@ from plexichat.wire import MessageType
 
 HOST = "127.0.0.1"  # fake addresses: FakeNet never opens a socket
 SUSPECT_TIMEOUT = 3.0
-# an xfail needs a listed reason (tests/conftest.py, SKIP_REASONS["open-issue"])
-OPEN_ISSUE = "a known failure of an open issue: issue 11, "
 
 
 def run(coro, timeout: float = 30.0):
@@ -237,23 +235,11 @@ def test_parse_update_rejects_malformed_updates(raw):
     assert parse_update(raw) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=OPEN_ISSUE + "parse_update raises TypeError on an unhashable status "
-    "(a JSON list or object) instead of returning None",
-)
 @pytest.mark.parametrize("status", [["alive"], {"alive": 1}])
 def test_parse_update_rejects_an_unhashable_status(status):
     assert parse_update(["n1", "h", 1, 1, status, 1.0]) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=OPEN_ISSUE + "one update with an unhashable status makes merge raise "
-    "and drop the valid updates after it (and the on_change call)",
-)
 def test_merge_skips_an_update_with_an_unhashable_status():
     changes: list[str] = []
     m = solo(changes=changes)

@@ -27,8 +27,6 @@ from plexichat.node.transport import (
 T = wire.MessageType
 Frame = wire.Frame
 LOOPBACK = "127.0.0.1"
-# an xfail needs a listed reason (tests/conftest.py, SKIP_REASONS["open-issue"])
-OPEN_ISSUE = "a known failure of an open issue: issue 11, "
 
 
 def _corrupt_last_byte(data: bytes) -> bytes:
@@ -422,13 +420,6 @@ def test_loss_of_a_connection_that_is_no_longer_current_is_ignored():
     run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=OPEN_ISSUE + "a Link.call cancelled from outside (not by its own "
-    "timeout) leaves its callback in Link.pending until a reply or the "
-    "connection loss: only TimeoutError cancels the request id",
-)
 def test_cancelled_call_forgets_its_request():
     async def scenario() -> None:
         async with Server() as server:
@@ -527,13 +518,6 @@ def test_bad_bytes_close_the_connection_and_report_the_wire_error(data, reason):
     run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=OPEN_ISSUE + "a frame that cannot be encoded (bad type, payload over "
-    "HARD_MAX_PAYLOAD) stays queued: every later flush raises, so the connection "
-    "never sends again and close() raises",
-)
 def test_an_unencodable_frame_does_not_poison_the_connection():
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -560,12 +544,6 @@ def test_an_unencodable_frame_does_not_poison_the_connection():
     run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=OPEN_ISSUE + "Link.close() during a connect in flight leaves the link "
-    "connected: _open() stores the new connection without checking closed",
-)
 def test_close_during_connect_leaves_no_connection():
     async def scenario() -> None:
         async with Server() as server:

@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, cast
 
 from plexichat.wire import MessageType
 
@@ -143,12 +143,13 @@ def parse_update(raw: Any) -> Member | None:
         or not isinstance(host, str)
         or not isinstance(port, int)
         or not isinstance(inc, int)
+        or not isinstance(status, str)
         or status not in RANK
         or not isinstance(weight, int | float)
         or not weight > 0
     ):
         return None
-    return Member(node_id, host, port, inc, status, float(weight))
+    return Member(node_id, host, port, inc, cast("Status", status), float(weight))
 
 
 class Membership:

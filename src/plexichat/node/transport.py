@@ -118,7 +118,21 @@ class FrameConnection(asyncio.Protocol):
     # -- sending ------------------------------------------------------------
 
     def send(self, type: int, request_id: int, payload: bytes) -> None:
-        """Queue one frame; all frames queued in this loop turn go out together."""
+        """Queue one frame; all frames queued in this loop turn go out together.
+
+        A frame that cannot be encoded raises ``ValueError`` here, before it is
+        queued: it never blocks the frames after it.
+        """
+        if not wire.MIN_TYPE <= type <= wire.MAX_TYPE:
+            raise ValueError(
+                f"frame type {type} outside {wire.MIN_TYPE}..{wire.MAX_TYPE}"
+            )
+        if not 0 <= request_id <= MASK32:
+            raise ValueError(f"request id {request_id} does not fit in 32 bits")
+        if len(payload) > wire.HARD_MAX_PAYLOAD:
+            raise ValueError(
+                f"payload of {len(payload)} bytes exceeds {wire.HARD_MAX_PAYLOAD}"
+            )
         if self.closed:
             return
         self._out.append((type, request_id, payload))
@@ -227,6 +241,9 @@ class Link:
             ),
             timeout,
         )
+        if self.closed:  # closed while connecting: keep no connection
+            protocol.abort()
+            raise ConnectionLost(f"link to {self.address} was closed while connecting")
         self.conn = protocol
         if self.hello is not None:
             protocol.send(wire.MessageType.HELLO, 0, self.hello)
@@ -265,8 +282,8 @@ class Link:
             callback(None, ConnectionLost(f"not connected to {self.address}"))
             return 0
         rid = self.next_id()
+        conn.send(type, rid, payload)  # raises on a frame that cannot be encoded
         self.pending[rid] = callback
-        conn.send(type, rid, payload)
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -295,8 +312,8 @@ class Link:
         rid = self.request(type, payload, done)
         try:
             frame = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            self.cancel(rid)
+        except (TimeoutError, asyncio.CancelledError):
+            self.cancel(rid)  # a late reply then matches nothing
             raise
         if frame.type == wire.MessageType.ERROR:
             code, message = p.decode_error(frame.payload)
