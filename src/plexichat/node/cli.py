@@ -14,6 +14,7 @@ from pathlib import Path
 from plexichat.node import logs
 from plexichat.node.membership import GossipConfig
 from plexichat.node.server import Node, NodeConfig, parse_address
+from plexichat.node.store import ENGINES
 
 log = logging.getLogger("plexichat.node")
 
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--seeds", default="", help="comma-separated HOST:PORT of nodes to join through"
     )
-    add("--data-dir", required=True, type=Path, help="directory of the SQLite database")
+    add(
+        "--data-dir",
+        required=True,
+        type=Path,
+        help="directory of the node's files (the SQLite database, placement state)",
+    )
     add(
         "--replicas",
         type=int,
@@ -101,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "full a power loss",
     )
     add(
+        "--store",
+        choices=ENGINES,
+        default="sqlite",
+        help="message store engine (default %(default)s): sqlite in --data-dir, "
+        "or memory, which is NOT durable (lost when the process ends) and meant "
+        "for tests and simulations",
+    )
+    add(
         "--commit-interval",
         type=float,
         default=0.002,
@@ -138,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_message=args.max_message,
         synchronous=args.sync,
         commit_interval=args.commit_interval,
+        store=args.store,
     )
 
 

@@ -2,7 +2,7 @@
 
 Write path (owner): SEND frames that arrive in one event-loop turn form a
 batch.  The owner assigns per-channel sequence numbers, queues the batch to
-the group-committing :class:`~plexichat.node.storage.Storage` and sends one
+its :class:`~plexichat.node.store.MessageStore` and sends one
 REPLICATE frame per replica and replica set; the ACKs of a replica set go
 out (in one write per connection) once the local commit and its replicas'
 REPLICATE_ACKs are in, so an unreachable replica fails only the messages it
@@ -32,7 +32,7 @@ from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
-from plexichat.node.storage import Storage, Synchronous
+from plexichat.node.store import Engine, MessageStore, Synchronous, open_store
 from plexichat.node.transport import (
     ConnectionLost,
     FrameConnection,
@@ -81,6 +81,7 @@ class NodeConfig:
     max_message: int = 256 * 1024
     synchronous: Synchronous = "normal"
     commit_interval: float = 0.002  # group commit: min seconds between commits
+    store: Engine = "sqlite"  # see plexichat.node.store ("memory": not durable)
     cache_capacity: int = 65536
     handoff_batch: int = 512
     handoff_block: int = 256  # seqs per digest block (0: always push whole channels)
@@ -302,8 +303,9 @@ class Node:
         self.config = config
         self.clock = clock
         self.id = config.node_id
-        self.storage = Storage(
-            Path(config.data_dir) / "messages.sqlite3",
+        self.storage: MessageStore = open_store(
+            config.store,
+            Path(config.data_dir),
             config.synchronous,
             commit_interval=config.commit_interval,
         )

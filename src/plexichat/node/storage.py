@@ -25,14 +25,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
 from plexichat.node.protocol import Record
+from plexichat.node.store import InsertCallback, StorageStats, Synchronous
+
+__all__ = ["InsertCallback", "Storage", "StorageStats", "Synchronous"]
 
 T = TypeVar("T")
-Synchronous = Literal["normal", "full"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -63,7 +65,6 @@ FETCH_SEQ = (
 
 # (inserted rows, {index in batch: stored seq} for ids stored before, error)
 InsertResult = tuple[int, dict[int, int], BaseException | None]
-InsertCallback = Callable[[int, dict[int, int], BaseException | None], None]
 
 
 _SIGNED_TOP: Final = 1 << 63
@@ -91,24 +92,12 @@ class _Call:
     future: asyncio.Future[Any]
 
 
-@dataclass
-class StorageStats:
-    """Counters of the writer thread."""
-
-    commits: int = 0
-    rows_inserted: int = 0
-    rows_ignored: int = 0
-    largest_group: int = 0
-    checkpoints: int = 0
-    errors: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-
 _STOP = object()
 
 
 class Storage:
-    """SQLite message store with a group-committing writer thread."""
+    """SQLite message store with a group-committing writer thread (the
+    ``"sqlite"`` engine of :class:`~plexichat.node.store.MessageStore`)."""
 
     def __init__(
         self,
