@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -413,17 +414,31 @@ def test_rows_written_under_a_ring_no_handoff_started_from_still_reach_owners(
             for node in (n0, n1):
                 set_status(node, n2, "dead")
             client = await client_for(n0)
-            await asyncio.sleep(1.2)  # the placement tracker sees it settle
+
+            async def placement_rounds(count: int) -> None:
+                # the tracker gets *count* chances to look at the short ring
+                # (a round, not a sleep: a busy loop cannot make it miss them)
+                start = n0.counters["placement_rounds"]
+                await wait_for(
+                    lambda: n0.counters["placement_rounds"] >= start + count,
+                    20,
+                    "placement rounds",
+                )
+
+            await placement_rounds(2)  # the tracker sees the short ring
             seq = await client.send(channel, p.message_id(4, 1), 4, b"short")
-            await asyncio.sleep(1.2)  # and marks what was written since
+            await placement_rounds(2)  # and what was written under it
             for node in (n0, n1):
                 set_status(node, n2, "alive", bump=1)
             await client.close()
-            await wait_for(
-                lambda: all(n.settled for n in cluster.nodes), 20, "handoffs"
-            )
-            stored = await n2.storage.fetch(channel, 0, 10)
-            assert [r.seq for r in stored] == [seq]
+
+            async def n2_holds() -> list[int]:
+                return [r.seq for r in await n2.storage.fetch(channel, 0, 10)]
+
+            deadline = time.monotonic() + 30  # handoff_delay 4 s, then the push
+            while await n2_holds() != [seq] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await n2_holds() == [seq], "n2 never got the row"
 
     run(scenario(), timeout=90)
 

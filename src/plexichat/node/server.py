@@ -377,6 +377,7 @@ class Node:
                 "sync_failed",
                 "handoff_blocks_same",
                 "handoff_blocks_pushed",
+                "placement_rounds",
             ),
             0,
         )
@@ -1527,6 +1528,7 @@ class Node:
         previous: tuple[int, int] | None = None  # (epoch, top) when last settled
         while True:
             await asyncio.sleep(period)
+            self.counters["placement_rounds"] += 1
             if not self._ring_settled():
                 previous = None
                 continue
