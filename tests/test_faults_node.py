@@ -222,7 +222,10 @@ def test_sends_held_for_a_sync_are_routed_again_after_a_ring_change(tmp_path):
             set_status(n0, n2, "alive", bump=1)
             assert n0.owners(channel)[0] == "n2"
             # n2's fence lasts two leases: let them pass before the held SEND
-            # reaches n2 (no await between here and there)
+            # reaches n2 (no await between here and there).  The SEND stays
+            # held until n0's sync gives up on the ghost (sync_timeout, 1 s on
+            # the loop); n2's lease keeper (every lease/3) renews n2's lease at
+            # the new clock time long before that.
             cluster.advance(2 * n2.lease)
             seq = await send
             await client.close()

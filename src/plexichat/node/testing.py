@@ -128,7 +128,20 @@ class InProcessCluster:
             )
             self.clock.advance(self.gossip.suspect_timeout)
         await wait_for(lambda: statuses() == {"dead"}, timeout, f"{node_id} dead")
+        await self.wait_leases(timeout)
         return time.monotonic() - start
+
+    async def wait_leases(self, timeout: float = 10.0) -> float:
+        """Wait until every running node with peers holds its lease: after the
+        clock was moved past the lease, the keepers renew it with fresh
+        answers (until then a write would be refused as "lease lapsed")."""
+        return await wait_for(
+            lambda: all(
+                n.lease_valid() for n in self.running() if len(n.ring_members) > 1
+            ),
+            timeout,
+            "leases renewed",
+        )
 
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.id == node_id and not n._stopping)
