@@ -370,9 +370,10 @@ def test_row_ids_grow_and_rows_after_bounds(engine, tmp_path):
 
 
 @engines
-def test_what_happens_to_the_ids_of_deleted_newest_rows(engine, tmp_path):
-    """Documented in MessageStore.max_rowid: memory never reuses a row id;
-    SQLite's rowid (no AUTOINCREMENT) hands the top id out again."""
+def test_the_ids_of_deleted_newest_rows_are_not_reused(engine, tmp_path):
+    """MessageStore.max_rowid: an id is never handed out twice (a reused id
+    could fall inside a placement interval marked placed before the row was
+    written, and the row would never be pushed)."""
 
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
@@ -381,9 +382,7 @@ def test_what_happens_to_the_ids_of_deleted_newest_rows(engine, tmp_path):
             await store.delete_exact([rec(1, 2, 2)])
             assert await store.max_rowid() < top
             await insert(store, [rec(1, 2, 3)])
-            reused = await store.max_rowid() == top
-            assert reused == (engine == "sqlite")
-            # either way the new row's id is above every row stored before it
+            assert await store.max_rowid() > top
             page = await store.rows_after(0, top + 10, 10)
             assert len(page) == 2
             assert page[-1][1].msg_id == p.message_id(1, 3)
@@ -498,3 +497,41 @@ def test_the_node_cli_chooses_the_engine(tmp_path, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--store {sqlite,memory}" in help_text
     assert "NOT durable" in help_text
+
+
+def test_sqlite_rebuilds_a_table_without_autoincrement(tmp_path):
+    """A data dir made before AUTOINCREMENT keeps its rows and ids, and no
+    longer reuses an id."""
+    import sqlite3
+
+    from plexichat.node.storage import INDEXES, Storage
+
+    path = tmp_path / "messages.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, channel INTEGER NOT NULL,"
+        " seq INTEGER NOT NULL, msg_id BLOB NOT NULL, sender INTEGER NOT NULL,"
+        " ts_us INTEGER NOT NULL, payload BLOB NOT NULL);" + INDEXES
+    )
+    old.executemany(
+        "INSERT INTO messages VALUES (?, 7, ?, ?, 1, 0, x'00')",
+        [(i, i, p.message_id(1, i)) for i in (1, 2, 3)],
+    )
+    old.commit()
+    old.close()
+
+    async def scenario() -> None:
+        store = Storage(path)
+        assert store.open() == {7: 3}
+        store.start(asyncio.get_running_loop())
+        try:
+            await store.delete_exact([rec(7, 3, 3)])
+            assert await store.max_rowid() == 2
+            await insert(store, [rec(7, 3, 4)])
+            assert await store.max_rowid() == 4  # not 3 again
+            rows = await store.rows_after(0, 10, 10)
+            assert [i for i, _ in rows] == [1, 2, 4]
+        finally:
+            await store.close()
+
+    run(scenario())

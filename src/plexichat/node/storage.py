@@ -36,9 +36,12 @@ __all__ = ["InsertCallback", "Storage", "StorageStats", "Synchronous"]
 
 T = TypeVar("T")
 
-SCHEMA = """
+# AUTOINCREMENT: a row id is never handed out twice, even after the newest
+# rows were deleted (a rollback); the handoff's placement intervals are row
+# id ranges and must not take in a later row under a reused id.
+TABLE = """
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     channel INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     msg_id BLOB NOT NULL,
@@ -46,9 +49,12 @@ CREATE TABLE IF NOT EXISTS messages (
     ts_us INTEGER NOT NULL,
     payload BLOB NOT NULL
 );
+"""
+INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS messages_msg_id ON messages (msg_id);
 CREATE INDEX IF NOT EXISTS messages_channel_seq ON messages (channel, seq);
 """
+SCHEMA = TABLE + INDEXES
 INSERT = (
     "INSERT OR IGNORE INTO messages (channel, seq, msg_id, sender, ts_us, payload) "
     "VALUES (?, ?, ?, ?, ?, ?)"
@@ -95,6 +101,26 @@ class _Call:
 _STOP = object()
 
 
+def _migrate_to_autoincrement(conn: sqlite3.Connection) -> None:
+    """Rebuild a ``messages`` table made before row ids were AUTOINCREMENT
+    (same rows, same ids; one transaction)."""
+    row = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    if row is None or "AUTOINCREMENT" in str(row[0]).upper():
+        return
+    conn.execute("BEGIN")
+    try:
+        conn.execute("ALTER TABLE messages RENAME TO messages_before_autoincrement")
+        conn.execute(TABLE)
+        conn.execute("INSERT INTO messages SELECT * FROM messages_before_autoincrement")
+        conn.execute("DROP TABLE messages_before_autoincrement")
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class Storage:
     """SQLite message store with a group-committing writer thread (the
     ``"sqlite"`` engine of :class:`~plexichat.node.store.MessageStore`)."""
@@ -133,6 +159,7 @@ class Storage:
         # Checkpoints run on their own thread and connection (see _checkpoints)
         # so that copying the WAL into the database never stalls a commit.
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        _migrate_to_autoincrement(conn)
         conn.executescript(SCHEMA)
         rows = conn.execute("SELECT channel, MAX(seq) FROM messages GROUP BY channel")
         last = {_to_unsigned(c): int(s) for c, s in rows}

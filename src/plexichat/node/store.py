@@ -119,11 +119,10 @@ class MessageStore(Protocol):
     async def max_rowid(self) -> int:
         """Row id of the newest stored message (0 when empty).
 
-        A row gets a positive id larger than the id of every row stored when
-        it is inserted.  The memory engine never hands out an id twice;
-        SQLite (rowid without AUTOINCREMENT) reuses the ids of the newest rows
-        once they are deleted, so after :meth:`delete_exact` of the newest
-        rows the top can go down and come back with other rows.
+        A row gets a positive id larger than the id of every row ever
+        stored: ids are never handed out twice, even after
+        :meth:`delete_exact` of the newest rows (the top may go down then,
+        but the next row gets a new id above it).
         """
         ...
 
