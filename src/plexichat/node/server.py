@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -32,22 +31,19 @@ from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
+from plexichat.node.peers import NotSent, PeerLinks
+from plexichat.node.relay import Relayer
 from plexichat.node.store import Engine, MessageStore, Synchronous, open_store
 from plexichat.node.transport import (
     ConnectionLost,
     FrameConnection,
     Link,
     RemoteError,
-    ReplyCallback,
 )
 from plexichat.routing import Ring
 from plexichat.stats import Histogram
 
 log = logging.getLogger("plexichat.node")
-
-
-class NotSent(ConnectionLost):
-    """A peer request that never left this node (no connection could be made)."""
 
 
 T = wire.MessageType
@@ -314,14 +310,11 @@ class Node:
         self.ring_members: dict[str, float] = {}
         self.quorum: tuple[int, int] = (0, 0)  # (live, voters) of the last change
         self.epoch = 0
-        # peer address -> clock time a request that it answered was sent
-        self.answered: dict[tuple[str, int], float] = {}
         self.lease = config.lease or config.gossip.suspect_timeout * 0.75
         self._lease_lapsed = False
         capacity = config.cache_capacity
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
-        self.relay_seen: LRUCache[int, bool] = LRUCache(capacity)
         self.last_seq: dict[int, int] = {}
         self.synced: dict[int, int] = {}
         # channel -> epoch in which another node claimed it (HANDOFF PULL)
@@ -338,9 +331,6 @@ class Node:
         self._in_transition = True
         self._placed_file = Path(config.data_dir) / "placed.json"
         self.gates: dict[int, list[SendItem]] = {}
-        self.links: dict[tuple[str, int], Link] = {}
-        # requests waiting for a link to connect, in the order they were made
-        self._connect_queue: dict[Link, list[tuple[int, bytes, ReplyCallback]]] = {}
         self.conns: set[FrameConnection] = set()
         self.subscribers: dict[int, set[FrameConnection]] = {}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
@@ -396,12 +386,31 @@ class Node:
         self._ring_file = Path(config.data_dir) / "ring.json"
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.peers = PeerLinks(
+            self.id,
+            clock=clock,
+            resolve=self._address,
+            spawn=self._spawn,
+            stopping=lambda: self._stopping,
+            max_payload=config.max_frame,
+            source_address=config.source_address,
+            connect_timeout=config.forward_timeout,
+        )
+        self.relayer = Relayer(
+            self.id,
+            members=lambda: self.ring_members,
+            resolve=self._address,
+            post=self.peers.post,
+            counters=self.counters,
+            hist=self.hist,
+            capacity=capacity,
+        )
         self._handlers: dict[int, Callable[[FrameConnection, int, bytes], None]] = {
             T.HELLO: self._on_hello,
             T.REPLICATE: self._on_replicate,
             T.FETCH: self._on_fetch,
             T.SUBSCRIBE: self._on_subscribe,
-            T.RELAY: self._on_relay,
+            T.RELAY: self.relayer.on_relay,
             T.STATS: self._on_stats,
             T.GOSSIP: self._on_gossip,
             T.HANDOFF: self._on_handoff,
@@ -435,7 +444,7 @@ class Node:
             self.id,
             self.advertise[0],
             self.advertise[1],
-            self,
+            self.peers,
             weight=config.weight,
             config=config.gossip,
             on_change=self._membership_changed,
@@ -481,8 +490,7 @@ class Node:
             self._flush_sends()
         for conn in list(self.conns):
             conn.close()
-        for link in self.links.values():
-            link.close()
+        self.peers.close()
         await self.storage.close()
         self.gc.uninstall()
         log.info("stopped", extra={"event": "stopped"})
@@ -652,25 +660,19 @@ class Node:
         self.owner_cache.put(channel, result)
         return result
 
-    async def gossip_call(
-        self, host: str, port: int, type: int, body: dict[str, Any], timeout: float
-    ) -> dict[str, Any] | None:
-        """GossipTransport: one PING/GOSSIP round trip, None on any failure."""
-        if self._stopping and body.get("kind") != "leave":
-            return None
-        link = self._link((host, port))
-        sent = self.clock.now()
-        try:
-            frame = await link.call(type, p.encode_json(body), timeout)
-            self._answered((host, port), sent)
-            return p.decode_json(frame.payload)
-        except (OSError, TimeoutError, RemoteError, p.ProtocolError, ConnectionLost):
-            return None
+    @property
+    def links(self) -> dict[tuple[str, int], Link]:
+        """Links to peers by address (owned by :attr:`peers`)."""
+        return self.peers.links
 
-    def _answered(self, address: tuple[str, int], sent: float) -> None:
-        previous = self.answered.get(address)
-        if previous is None or previous < sent:
-            self.answered[address] = sent
+    @property
+    def answered(self) -> dict[tuple[str, int], float]:
+        """Peer address -> clock time a request that it answered was sent."""
+        return self.peers.answered
+
+    def _address(self, node_id: str) -> tuple[str, int] | None:
+        assert self.membership is not None
+        return self.membership.address(node_id)
 
     def lease_valid(self, now: float | None = None) -> bool:
         """True while a majority (this node included) answered within the lease.
@@ -682,13 +684,7 @@ class Node:
         if need == 0:
             return True
         since = (self.clock.now() if now is None else now) - self.lease
-        fresh = 0
-        for at in self.answered.values():
-            if at >= since:
-                fresh += 1
-                if fresh >= need:
-                    return True
-        return False
+        return self.peers.answered_since(since, need)
 
     async def _lease_keeper(self) -> None:
         """Ping live peers that have not answered lately (an idle node keeps its
@@ -702,75 +698,11 @@ class Node:
                 node_id
                 for node_id in self.ring_members
                 if node_id != self.id
-                and self.answered.get(
-                    self.membership.address(node_id) or ("", 0), -math.inf
-                )
+                and self.peers.last_answer(self.membership.address(node_id) or ("", 0))
                 < since
             ]
             for node_id in stale:
                 self._spawn(self.membership.ping(node_id), "lease-ping")
-
-    def _link(self, address: tuple[str, int]) -> Link:
-        link = self.links.get(address)
-        if link is None or link.closed:
-            hello = p.encode_json(
-                {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": self.id}
-            )
-            source = self.config.source_address
-            link = Link(
-                address[0],
-                address[1],
-                max_payload=self.config.max_frame,
-                hello=hello,
-                local_addr=(source, 0) if source else None,
-            )
-            self.links[address] = link
-        return link
-
-    def _peer_request(
-        self,
-        node_id: str,
-        type: int,
-        payload: bytes,
-        callback: Callable[[wire.Frame | None, BaseException | None], None],
-    ) -> None:
-        """Send a request to a member by id (connecting first if needed)."""
-        assert self.membership is not None
-        address = self.membership.address(node_id)
-        if address is None:
-            callback(None, NotSent(f"unknown member {node_id}"))
-            return
-        link = self._link(address)
-        sent = self.clock.now()
-        answered = self.answered
-
-        def noted(frame: wire.Frame | None, error: BaseException | None) -> None:
-            if frame is not None and answered.get(address, -math.inf) < sent:
-                answered[address] = sent
-            callback(frame, error)
-
-        queued = self._connect_queue.get(link)
-        if queued is not None:  # keep the order of requests behind a connect
-            queued.append((type, payload, noted))
-            return
-        if link.connected:
-            link.request(type, payload, noted)
-            return
-        self._connect_queue[link] = [(type, payload, noted)]
-
-        async def connect_then_send() -> None:
-            error: BaseException | None = None
-            try:
-                await link.connect(self.config.forward_timeout)
-            except (OSError, TimeoutError, ConnectionLost) as exc:
-                error = exc
-            for item in self._connect_queue.pop(link, []):
-                if error is None:
-                    link.request(*item)
-                else:
-                    item[2](None, NotSent(f"connect to {node_id}: {error}"))
-
-        self._spawn(connect_then_send(), f"connect-{node_id}")
 
     # -- SEND ---------------------------------------------------------------------
 
@@ -862,7 +794,7 @@ class Node:
             None,
             TimeoutError("owner did not answer"),
         )
-        self._peer_request(owner, T.SEND, payload, done)
+        self.peers.request(owner, T.SEND, payload, done)
 
     def _flush_sends(self) -> None:
         self._flush_scheduled = False
@@ -956,7 +888,7 @@ class Node:
             self.storage.insert(records, functools.partial(_local_done_all, groups))
         for replica, chunk, group in sends:
             self.counters["replicate_frames"] += 1
-            self._peer_request(
+            self.peers.request(
                 replica, T.REPLICATE, p.encode_records(chunk), group.replica_done
             )
 
@@ -1026,7 +958,7 @@ class Node:
             futures.append(future)
             if peer in owners[1:]:
                 required[future] = peer
-            self._peer_request(peer, T.HANDOFF, body, done)
+            self.peers.request(peer, T.HANDOFF, body, done)
         best = self.last_seq.get(channel, 0)
         timeout = max(self.config.sync_timeout, 2 * self.config.gossip.ping_timeout)
         answered: set[asyncio.Future[wire.Frame | None]] = set()
@@ -1160,57 +1092,7 @@ class Node:
 
     def relay_children(self, root: str, fanout: int) -> list[str]:
         """Next hops of this node in the *fanout*-ary tree rooted at *root*."""
-        ids = sorted(self.ring_members)
-        if root not in ids or self.id not in ids or fanout < 1:
-            return []
-        start = ids.index(root)
-        order = ids[start:] + ids[:start]
-        me = order.index(self.id)
-        first = me * fanout + 1
-        return order[first : first + fanout]
-
-    def _on_relay(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        relay = p.decode_relay(payload)
-        injected = not relay.root
-        if injected:
-            conn.send(T.ACK, rid, p.encode_ack(0, relay.relay_id))
-        if relay.relay_id in self.relay_seen:
-            self.counters["relay_dups"] += 1
-            return
-        self.relay_seen.put(relay.relay_id, True)
-        self.counters["relays"] += 1
-        root = self.id if injected else relay.root
-        if not injected:
-            elapsed = (time.time_ns() - relay.sent_ns) // 1000
-            self.hist["relay"].record(max(1, elapsed))
-        if relay.ttl == 0:
-            return
-        body = p.encode_relay(
-            p.Relay(
-                relay.relay_id,
-                relay.sent_ns,
-                relay.ttl - 1,
-                relay.fanout,
-                root,
-                relay.payload,
-            )
-        )
-        assert self.membership is not None
-        for child in self.relay_children(root, relay.fanout):
-            address = self.membership.address(child)
-            if address is None:
-                continue
-            self.counters["relay_forwarded"] += 1
-            link = self._link(address)
-            if link.connected:
-                link.post(T.RELAY, body)
-            else:
-                self._spawn(self._post_later(link, body), "relay")
-
-    async def _post_later(self, link: Link, body: bytes) -> None:
-        with contextlib.suppress(OSError, TimeoutError, ConnectionLost):
-            await link.connect(self.config.forward_timeout)
-            link.post(T.RELAY, body)
+        return self.relayer.children(root, fanout)
 
     # -- control ops ---------------------------------------------------------
 
@@ -1339,7 +1221,7 @@ class Node:
             "caches": {
                 "owners": self.owner_cache.stats(),
                 "recent": self.recent.stats(),
-                "relay_seen": self.relay_seen.stats(),
+                "relay_seen": self.relayer.seen.stats(),
             },
             "connections": len(self.conns),
             "gc": self.gc.as_dict(),
@@ -1633,7 +1515,7 @@ class Node:
         address = self.membership.address(target)
         if address is None:
             return 0, False
-        link = self._link(address)
+        link = self.peers.link(address)
         sent = 0
         for chunk in self._chunks(records):
             try:
@@ -1687,7 +1569,7 @@ class Node:
         if address is None:
             return None
         try:
-            frame = await self._link(address).call(
+            frame = await self.peers.link(address).call(
                 T.HANDOFF,
                 p.encode_handoff_digest(channel, block),
                 self.config.replicate_timeout,
