@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -237,8 +239,17 @@ class SkipLedger:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SkipLedger(), "plexilab-skip-ledger")
+    # SIGTERM unwinds like Ctrl-C: the running test's finally blocks and
+    # fixtures stop the nodes, VMs and engines it started (the default action
+    # would end the process and leave them running)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 # -- session start and finish ----------------------------------------------------------

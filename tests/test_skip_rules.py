@@ -229,3 +229,71 @@ def test_expected_failures_need_a_listed_reason(pytester: pytest.Pytester) -> No
     )
     listed = XFAILS.split("@pytest.mark")[0]
     assert _inner_run(pytester, listed).ret == pytest.ExitCode.OK
+
+
+TERMINATED = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+
+def test_started_a_process(tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    Path(os.environ["PIDFILE"]).write_text(str(child.pid))
+    try:
+        time.sleep(60)  # the suite is terminated here
+    finally:
+        child.kill()
+        child.wait()
+"""
+
+
+def test_sigterm_runs_the_tests_clean_up(pytester: pytest.Pytester, tmp_path) -> None:
+    """A terminated test run stops what its tests started, as on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytester.makeconftest(CONFTEST.read_text())
+    pytester.makepyfile(test_inner=TERMINATED)
+    pidfile = tmp_path / "child.pid"
+    suite = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=pytester.path,
+        env={**os.environ, "PIDFILE": str(pidfile)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "the inner test never started"
+            assert suite.poll() is None, "the inner run ended early"
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        suite.send_signal(signal.SIGTERM)
+        suite.wait(30)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the test's process outlived the terminated run"
+    finally:
+        if suite.poll() is None:
+            suite.kill()
+            suite.wait()
+        if (
+            pidfile.exists()
+            and pidfile.read_text()
+            and _alive(child := int(pidfile.read_text()))
+        ):
+            os.kill(child, signal.SIGKILL)  # what the failing run left behind
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
