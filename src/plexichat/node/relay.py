@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from plexichat import wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
+from plexichat.node.counters import NodeCounters
 from plexichat.node.transport import FrameConnection
 from plexichat.stats import Histogram
 
@@ -51,7 +52,7 @@ class Relayer:
         members: Callable[[], Iterable[str]],
         resolve: Callable[[str], Address | None],
         post: Callable[[Address, int, bytes, str], None],
-        counters: dict[str, int],
+        counters: NodeCounters,
         hist: Mapping[str, Histogram],
         capacity: int,
     ) -> None:

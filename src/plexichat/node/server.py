@@ -29,6 +29,7 @@ import numpy as np
 from plexichat import accel, wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
+from plexichat.node.counters import NodeCounters, new_counters
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
 from plexichat.node.peers import NotSent, PeerLinks
@@ -334,43 +335,7 @@ class Node:
         self.conns: set[FrameConnection] = set()
         self.subscribers: dict[int, set[FrameConnection]] = {}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
-        self.counters: dict[str, int] = dict.fromkeys(
-            (
-                "acked",
-                "send_failed",
-                "sends",
-                "forwarded",
-                "dedup_hits",
-                "replicated",
-                "replicate_frames",
-                "fetches",
-                "relays",
-                "relay_dups",
-                "relay_forwarded",
-                "errors_sent",
-                "bad_frames",
-                "unknown_ops",
-                "timeouts_closed",
-                "handoff_sent",
-                "handoff_received",
-                "handoffs",
-                "syncs",
-                "fenced",
-                "transient_pushed",
-                "slow_readers_closed",
-                "delivered",
-                "connections",
-                "lease_lapses",
-                "lease_refused",
-                "replicate_refused",
-                "rolled_back",
-                "sync_failed",
-                "handoff_blocks_same",
-                "handoff_blocks_pushed",
-                "placement_rounds",
-            ),
-            0,
-        )
+        self.counters: NodeCounters = new_counters()
         self.advertise: tuple[str, int] = ("", 0)
         self.ready = asyncio.Event()
         self.gc = GCPauses()

@@ -1,0 +1,30 @@
+"""The node's counters: one typed table, all reported."""
+
+from __future__ import annotations
+
+import asyncio
+
+from plexichat.load.client import NodeClient
+from plexichat.node.counters import NodeCounters, new_counters
+from plexichat.node.testing import InProcessCluster
+
+
+def test_new_counters_are_every_declared_key_at_zero():
+    counters = new_counters()
+    assert set(counters) == set(NodeCounters.__required_keys__)
+    assert len(counters) == 32
+    assert set(counters.values()) == {0}
+
+
+def test_stats_report_exactly_the_declared_counters(tmp_path):
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, size=2, replicas=1) as cluster:
+            node = cluster.nodes[0]
+            client = NodeClient("127.0.0.1", node.listen_port, timeout=5.0)
+            await client.connect()
+            info, _ = await client.stats()
+            await client.close()
+            assert set(info["counters"]) == set(NodeCounters.__required_keys__)
+            assert info["counters"]["connections"] >= 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
