@@ -175,7 +175,7 @@ def check(
                         f"seq {seq} <= {previous}",
                     )
                 previous = seq
-        owner_history = _positions(owner_rows.get(channel, ()))
+        owner_history = _positions(owner_rows.get(channel, ())) if replica_rows else {}
         for rows in replica_rows:
             if channel not in rows:
                 continue  # this replica does not hold the channel

@@ -90,22 +90,12 @@ def _run(config: ClusterConfig) -> dict[str, Any]:
         host.close()
 
 
-# rows of the results table that hold checker violations (red unless all 0)
-VERDICT_ROWS = frozenset(
-    {
-        "lost / duplicated / reordered",
-        "misplaced / shared seq / gaps",
-        "replica missing / divergence",
-    }
-)
-
-
-def _nonzero(value: str) -> bool:
-    """True when a "a / b / c" cell holds a count other than 0."""
-    return any(
-        part.strip().replace(",", "").isdigit() and int(part.replace(",", "")) > 0
-        for part in value.split(" / ")
-    )
+# rows of the results table that hold checker counts -> the counts in them
+VERDICT_ROWS: dict[str, tuple[str, ...]] = {
+    "lost / duplicated / reordered": ("lost", "duplicated", "reordered"),
+    "misplaced / shared seq / gaps": ("seq_mismatch", "shared_seq", "gaps"),
+    "replica missing / divergence": ("replica_missing", "divergence"),
+}
 
 
 def results_table(
@@ -165,7 +155,9 @@ def results_table(
     for error in results.get("fault_errors") or []:
         rows.append(("fault error", error))
     for name, value in rows:
-        bad = name == "fault error" or (name in VERDICT_ROWS and _nonzero(value))
+        bad = name == "fault error" or any(
+            results.get(count) for count in VERDICT_ROWS.get(name, ())
+        )
         table.add_row(name, value, style="red" if bad else None)
     return table
 
