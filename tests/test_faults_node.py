@@ -358,7 +358,7 @@ def test_a_returning_owner_gets_only_the_blocks_it_lacks(tmp_path):
             n0, n1, _ = cluster.nodes
             channel = key_of("digest")
             recs = [
-                p.make_record((channel, s, p.message_id(2, s), 2, s, b"m"))
+                p.make_record((channel, s, p.message_id(2, s), 2, s, b"m", 0))
                 for s in range(1, 13)
             ]
 

@@ -68,9 +68,10 @@ class Record(NamedTuple):
     sender: int
     ts_us: int
     payload: bytes
+    term: int = 0  # ownership term of the owner that numbered it (0: unknown)
 
 
-def make_record(fields: tuple[int, int, bytes, int, int, bytes]) -> Record:
+def make_record(fields: tuple[int, int, bytes, int, int, bytes, int]) -> Record:
     """``Record(*fields)`` without the Python-level ``__new__`` (hot paths)."""
     return _tuple_new(Record, fields)
 
@@ -165,7 +166,8 @@ def decode_messages(body: bytes) -> tuple[int, list[Record], bool]:
             raise ProtocolError("MESSAGES payload truncated")
         out.append(
             _tuple_new(
-                Record, (channel, seq, msg_id, sender, ts_us, body[pos : pos + length])
+                Record,
+                (channel, seq, msg_id, sender, ts_us, body[pos : pos + length], 0),
             )
         )
         pos += length
@@ -244,7 +246,7 @@ def decode_records(body: bytes, start: int = 0) -> list[Record]:
         if stop > end:
             raise ProtocolError("record payload truncated")
         out.append(
-            _tuple_new(Record, (channel, seq, msg_id, sender, ts_us, body[pos:stop]))
+            _tuple_new(Record, (channel, seq, msg_id, sender, ts_us, body[pos:stop], 0))
         )
         pos = stop
     if pos != end:

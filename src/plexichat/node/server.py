@@ -826,7 +826,7 @@ class Node:
                     continue
             seq = last_seq.get(channel, 0) + 1
             last_seq[channel] = seq
-            rec = make((channel, seq, msg_id, sender, ts, payload[head:]))
+            rec = make((channel, seq, msg_id, sender, ts, payload[head:], 0))
             entry = sets.get(owners)
             if entry is None:
                 entry = sets[owners] = ([], [])

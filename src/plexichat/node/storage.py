@@ -213,7 +213,7 @@ class Storage:
                 ts,
                 payload,
             )
-            for c, seq, msg_id, snd, ts, payload in records
+            for c, seq, msg_id, snd, ts, payload, _term in records
         ]
         self._queue.put(_Insert(rows, callback))
 
