@@ -40,6 +40,64 @@ def _record(r: dict[str, Any], channel: int | None = None) -> p.Record:
     )
 
 
+def _section(s: dict[str, Any]) -> p.AppendSection:
+    records = tuple(
+        p.Record(
+            s["channel"],
+            r["seq"],
+            bytes.fromhex(r["msg_id"]),
+            r["sender"],
+            r["ts_us"],
+            bytes.fromhex(r["payload"]),
+            r["term"],
+        )
+        for r in s["records"]
+    )
+    return p.AppendSection(
+        s["channel"], s["term"], s["prev_term"], s["prev_seq"], s["commit"], records
+    )
+
+
+def _result(r: dict[str, Any]) -> p.AppendResult:
+    return p.AppendResult(
+        r["channel"], p.AppendStatus[r["status"]], r["promised"], r["match"]
+    )
+
+
+def _epochs(epochs: list[list[int]]) -> p.Epochs:
+    return tuple((term, first) for term, first in epochs)
+
+
+def _prepare(f: dict[str, Any]) -> p.Prepare:
+    return p.Prepare(f["channel"], f["term"], _epochs(f["epochs"]), f["last"])
+
+
+def _promise(f: dict[str, Any]) -> p.PromiseMsg:
+    acc = f["accepted"]
+    return p.PromiseMsg(
+        f["channel"],
+        f["term"],
+        f["ok"],
+        f["promised"],
+        None if acc is None else p.AcceptedConfig(acc["term"], tuple(acc["members"])),
+        _epochs(f["epochs"]),
+        f["last"],
+        f["commit"],
+    )
+
+
+def _accept(f: dict[str, Any]) -> p.AcceptMsg:
+    return p.AcceptMsg(f["channel"], f["term"], tuple(f["members"]))
+
+
+def _accepted(f: dict[str, Any]) -> p.AcceptedMsg:
+    return p.AcceptedMsg(f["channel"], f["term"], f["ok"], f["promised"])
+
+
+# HANDOFF kinds whose body is the kind byte then JSON (any formatting)
+JSON_KINDS = {"PREPARE", "PROMISE", "ACCEPT", "ACCEPTED"}
+
+
 def _digest(blocks: list[dict[str, int]]) -> p.Digest:
     return {e["block"]: (e["rows"], (e["hi"] << 64) | e["lo"]) for e in blocks}
 
@@ -79,12 +137,32 @@ def encode(op: str, f: dict[str, Any]) -> bytes:
         return p.encode_relay(_relay(f))
     if op == "ERROR":
         return p.encode_error(f["code"], f["message"])
+    if op == "REPLICATE" and "sections" in f:
+        return p.encode_append([_section(s) for s in f["sections"]])
     if op == "REPLICATE":
         return p.encode_records([_record(r) for r in f["records"]])
+    if op == "REPLICATE_ACK" and "results" in f:
+        return p.encode_append_results([_result(r) for r in f["results"]])
     if op == "REPLICATE_ACK":
         return p.encode_replicate_ack(f["received"], f["inserted"])
     if op == "HANDOFF":
         kind = f["kind"]
+        if kind == "PREPARE":
+            return p.encode_prepare(_prepare(f))
+        if kind == "PROMISE":
+            return p.encode_promise(_promise(f))
+        if kind == "ACCEPT":
+            return p.encode_accept(_accept(f))
+        if kind == "ACCEPTED":
+            return p.encode_accepted(_accepted(f))
+        if kind == "LOG" and "section" in f:
+            return p.encode_log_reply(_section(f["section"]))
+        if kind == "LOG":
+            return p.encode_log_request(
+                p.LogRequest(f["channel"], f["after"], f["limit"])
+            )
+        if kind == "OWN":
+            return p.encode_own(f["channels"])
         if kind == "DATA":
             return p.encode_handoff_data([_record(r) for r in f["records"]])
         if kind == "PULL":
@@ -122,10 +200,19 @@ def check_decode(op: str, body: bytes, f: dict[str, Any]) -> None:
         assert p.decode_relay(body) == _relay(f)
     elif op == "ERROR":
         assert p.decode_error(body) == (f["code"], f["message"])
+    elif op == "REPLICATE" and "sections" in f:
+        assert p.decode_append(body) == [_section(s) for s in f["sections"]]
     elif op == "REPLICATE":
         assert p.decode_records(body) == [_record(r) for r in f["records"]]
+    elif op == "REPLICATE_ACK" and "results" in f:
+        assert p.decode_append_results(body) == [_result(r) for r in f["results"]]
     elif op == "REPLICATE_ACK":
         assert p.decode_replicate_ack(body) == (f["received"], f["inserted"])
+    elif op == "HANDOFF" and f["kind"] in NEW_KINDS:
+        assert p.handoff_kind(body) is p.HandoffKind[f["kind"]]
+        with pytest.raises(p.ProtocolError):  # the old decoder refuses them
+            p.decode_handoff(body)
+        assert NEW_KINDS[f["kind"]](body) == NEW_FIELDS[f["kind"]](f)
     elif op == "HANDOFF" and f["kind"] == "BLOCKS":
         assert p.decode_handoff_blocks(body) == (f["channel"], _digest(f["blocks"]))
     elif op == "HANDOFF":
@@ -141,6 +228,45 @@ def check_decode(op: str, body: bytes, f: dict[str, Any]) -> None:
         raise AssertionError(f"no decoder for {op}")
 
 
+def _decode_log(body: bytes) -> object:
+    """A LOG reply (a section) or a LOG request (21 bytes)."""
+    if len(body) == p.LOG_REQUEST.size:
+        return p.decode_log_request(body)
+    return p.decode_log_reply(body)
+
+
+def _log_fields(f: dict[str, Any]) -> object:
+    if "section" in f:
+        return _section(f["section"])
+    return p.LogRequest(f["channel"], f["after"], f["limit"])
+
+
+NEW_KINDS: dict[str, Callable[[bytes], object]] = {
+    "PREPARE": p.decode_prepare,
+    "PROMISE": p.decode_promise,
+    "ACCEPT": p.decode_accept,
+    "ACCEPTED": p.decode_accepted,
+    "LOG": _decode_log,
+    "OWN": p.decode_own,
+}
+NEW_FIELDS: dict[str, Callable[[dict[str, Any]], object]] = {
+    "PREPARE": _prepare,
+    "PROMISE": _promise,
+    "ACCEPT": _accept,
+    "ACCEPTED": _accepted,
+    "LOG": _log_fields,
+    "OWN": lambda f: tuple(f["channels"]),
+}
+
+
+def _cases(op: str, kind: str | None = None) -> list[dict[str, Any]]:
+    return [
+        c["fields"]
+        for c in BODIES
+        if c["op"] == op and (kind is None or c["fields"]["kind"] == kind)
+    ]
+
+
 def test_vectors_cover_every_operation() -> None:
     ops = {c["op"] for c in BODIES + JSON_BODIES}
     # every frame type carries a documented body (SUBSCRIBE's reply is ACK)
@@ -149,12 +275,29 @@ def test_vectors_cover_every_operation() -> None:
     assert kinds == set(VECTORS["handoff_kinds"])
     gossip = {c["fields"].get("kind") for c in JSON_BODIES if c["op"] == "GOSSIP"}
     assert gossip == {"join", "sync", "ping-req", "leave", None}
+    # both REPLICATE layouts until the record list is removed
+    assert {"sections" in f for f in _cases("REPLICATE")} == {True, False}
+    assert {"results" in f for f in _cases("REPLICATE_ACK")} == {True, False}
+    statuses = {
+        r["status"] for f in _cases("REPLICATE_ACK") for r in f.get("results", [])
+    }
+    assert statuses == set(VECTORS["append_statuses"])
+    # both directions of LOG and OWN, both answers of PROMISE and ACCEPTED
+    assert {"section" in f for f in _cases("HANDOFF", "LOG")} == {True, False}
+    assert {bool(f["channels"]) for f in _cases("HANDOFF", "OWN")} == {True, False}
+    promises = _cases("HANDOFF", "PROMISE")
+    assert {f["ok"] for f in promises} == {True, False}
+    assert {f["accepted"] is None for f in promises} == {True, False}
+    assert {f["ok"] for f in _cases("HANDOFF", "ACCEPTED")} == {True, False}
+    # every decoder is given bodies it must reject
+    assert {c["op"] for c in BAD} == set(DECODERS)
 
 
 def test_numbering_matches_the_spec() -> None:
     assert {t.name: int(t) for t in MessageType} == VECTORS["message_types"]
     assert {c.name: int(c) for c in p.ErrorCode} == VECTORS["error_codes"]
     assert {k.name: int(k) for k in p.HandoffKind} == VECTORS["handoff_kinds"]
+    assert {s.name: int(s) for s in p.AppendStatus} == VECTORS["append_statuses"]
     for case in BODIES + JSON_BODIES:
         assert VECTORS["message_types"][case["op"]] == case["type"]
     assert p.PROTOCOL_VERSION == 1
@@ -166,7 +309,14 @@ def test_numbering_matches_the_spec() -> None:
     ids=lambda c: c["name"],
 )
 def test_encode_gives_the_spec_bytes(case: dict[str, Any]) -> None:
-    assert encode(case["op"], case["fields"]).hex() == case["body"]
+    out = encode(case["op"], case["fields"])
+    if case["op"] == "HANDOFF" and case["fields"]["kind"] in JSON_KINDS:
+        # the kind byte, then JSON equal to the vector's (formatting is free)
+        want = bytes.fromhex(case["body"])
+        assert out[:1] == want[:1]
+        assert json.loads(out[1:].decode("utf-8")) == json.loads(want[1:])
+    else:
+        assert out.hex() == case["body"]
 
 
 @pytest.mark.parametrize("case", BODIES, ids=lambda c: c["name"])
@@ -228,8 +378,18 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
     "ERROR": p.decode_error,
     "REPLICATE": p.decode_records,
     "REPLICATE_ACK": p.decode_replicate_ack,
+    "APPEND": p.decode_append,
+    "APPEND_RESULTS": p.decode_append_results,
     "HANDOFF": p.decode_handoff,
+    "HANDOFF_KIND": p.handoff_kind,
     "HANDOFF_BLOCKS": p.decode_handoff_blocks,
+    "PREPARE": p.decode_prepare,
+    "PROMISE": p.decode_promise,
+    "ACCEPT": p.decode_accept,
+    "ACCEPTED": p.decode_accepted,
+    "LOG_REQUEST": p.decode_log_request,
+    "LOG_REPLY": p.decode_log_reply,
+    "OWN": p.decode_own,
     "STATS_REPLY": p.decode_stats_reply,
     "JSON": p.decode_json,
 }

@@ -32,7 +32,13 @@ ERROR_CODES = {
     "UNAVAILABLE": 5, "TIMEOUT": 6, "NOT_OWNER": 7, "INTERNAL": 8,
     "SHUTTING_DOWN": 9,
 }  # fmt: skip
-HANDOFF_KINDS = {"DATA": 1, "PULL": 2, "SEQ": 3, "DIGEST": 4, "BLOCKS": 5}
+HANDOFF_KINDS = {
+    "DATA": 1, "PULL": 2, "SEQ": 3, "DIGEST": 4, "BLOCKS": 5,
+    # "Channel order between peers (terms)"
+    "PREPARE": 6, "PROMISE": 7, "ACCEPT": 8, "ACCEPTED": 9, "LOG": 10, "OWN": 11,
+}  # fmt: skip
+# "APPEND results (REPLICATE_ACK, new layout)"
+APPEND_STATUSES = {"OK": 0, "REFUSED": 1, "MISMATCH": 2, "FAILED": 3}
 
 U64_MAX = 2**64 - 1
 
@@ -78,6 +84,39 @@ def replica_record(r: dict[str, Any]) -> bytes:
     return u64(r["channel"]) + record(r)
 
 
+def log_record(r: dict[str, Any]) -> bytes:
+    """A log record: term u64, then a record (seq, msg_id, sender, ts_us, len)."""
+    return u64(r["term"]) + record(r)
+
+
+def append_section(s: dict[str, Any]) -> bytes:
+    """channel, term, prev_term, prev_seq, commit (u64 each), count u32, records."""
+    return (
+        u64(s["channel"])
+        + u64(s["term"])
+        + u64(s["prev_term"])
+        + u64(s["prev_seq"])
+        + u64(s["commit"])
+        + u32(len(s["records"]))
+        + b"".join(log_record(r) for r in s["records"])
+    )
+
+
+def append_result(r: dict[str, Any]) -> bytes:
+    """channel u64, status u8, promised u64, match u64."""
+    return (
+        u64(r["channel"])
+        + u8(APPEND_STATUSES[r["status"]])
+        + u64(r["promised"])
+        + u64(r["match"])
+    )
+
+
+def kind_json(kind: str, obj: Any) -> bytes:
+    """A HANDOFF JSON body: the kind byte, then the JSON (any formatting)."""
+    return u8(HANDOFF_KINDS[kind]) + json.dumps(obj).encode("utf-8")
+
+
 def rec(
     seq: int, sender: int, counter: int, ts_us: int, payload: bytes
 ) -> dict[str, Any]:
@@ -103,6 +142,81 @@ REPLICA_RECORDS = [
     {"channel": CHANNEL, **RECORDS[0]},
     {"channel": 0, **RECORDS[1]},
     {"channel": U64_MAX, **RECORDS[2]},
+]
+# APPEND sections: records at prev_seq + 1, + 2, ... with non-decreasing terms
+# between prev_term and the section's term
+SECTIONS = [
+    {
+        "channel": CHANNEL,
+        "term": 7,
+        "prev_term": 3,
+        "prev_seq": 41,
+        "commit": 40,
+        "records": [
+            {"term": 3, **rec(42, 7, 1, TS, b"hello")},
+            {"term": 5, **rec(43, 0x8000000000000001, U64_MAX, TS + 1, b"")},
+            {"term": 7, **rec(44, U64_MAX, 0, U64_MAX, BINARY)},
+        ],
+    },
+    {  # a heartbeat: no records, the commit only
+        "channel": U64_MAX,
+        "term": U64_MAX,
+        "prev_term": U64_MAX,
+        "prev_seq": U64_MAX,
+        "commit": U64_MAX,
+        "records": [],
+    },
+    {  # the start of a log, terms 0 (numbered before terms) then 1
+        "channel": 0,
+        "term": 1,
+        "prev_term": 0,
+        "prev_seq": 0,
+        "commit": 0,
+        "records": [
+            {"term": 0, **rec(1, 1, 1, TS, b"a")},
+            {"term": 1, **rec(2, 1, 2, TS, b"b")},
+        ],
+    },
+]
+RESULTS = [
+    {"channel": CHANNEL, "status": "OK", "promised": 7, "match": 44},
+    {"channel": 0, "status": "REFUSED", "promised": U64_MAX, "match": 0},
+    {"channel": 5, "status": "MISMATCH", "promised": 7, "match": 0},
+    {"channel": U64_MAX, "status": "FAILED", "promised": 0, "match": 0},
+]
+PREPARES = [
+    {"channel": CHANNEL, "term": 8, "epochs": [[0, 1], [3, 12], [7, 40]], "last": 44},
+    {"channel": 0, "term": U64_MAX, "epochs": [], "last": 0},
+]
+PROMISES = [
+    {
+        "channel": CHANNEL,
+        "term": 8,
+        "ok": True,
+        "promised": 8,
+        "accepted": {"term": 7, "members": ["n1", "n2"]},
+        "epochs": [[3, 1], [7, 40]],
+        "last": 43,
+        "commit": 40,
+    },
+    {
+        "channel": 0,
+        "term": 2,
+        "ok": False,
+        "promised": U64_MAX,
+        "accepted": None,
+        "epochs": [],
+        "last": 0,
+        "commit": 0,
+    },
+]
+ACCEPTS = [
+    {"channel": CHANNEL, "term": 8, "members": ["n2", "n1", "nœud-3"]},
+    {"channel": U64_MAX, "term": 1, "members": ["n0"]},
+]
+ACCEPTEDS = [
+    {"channel": CHANNEL, "term": 8, "ok": True, "promised": 8},
+    {"channel": 0, "term": 8, "ok": False, "promised": 9},
 ]
 
 
@@ -219,6 +333,29 @@ def binary_bodies() -> list[dict[str, Any]]:
             {"records": records},
             u32(len(records)) + b"".join(replica_record(r) for r in records),
         )
+    # REPLICATE (new layout): count u32 then count APPEND sections
+    for name, sections in [
+        ("replicate-append-empty", []),
+        ("replicate-append-one", SECTIONS[:1]),
+        ("replicate-append-three", SECTIONS),
+    ]:
+        add(
+            "REPLICATE",
+            name,
+            {"sections": sections},
+            u32(len(sections)) + b"".join(append_section(x) for x in sections),
+        )
+    # REPLICATE_ACK (new layout): count u32 then count APPEND results
+    for name, results in [
+        ("replicate-ack-results-empty", []),
+        ("replicate-ack-results", RESULTS),
+    ]:
+        add(
+            "REPLICATE_ACK",
+            name,
+            {"results": results},
+            u32(len(results)) + b"".join(append_result(r) for r in results),
+        )
     # REPLICATE_ACK: received u32, inserted u32
     for name, received, inserted in [
         ("replicate-ack", 3, 2),
@@ -285,6 +422,55 @@ def binary_bodies() -> list[dict[str, Any]]:
                 u64(e["block"]) + u32(e["rows"]) + u64(e["hi"]) + u64(e["lo"])
                 for e in blocks
             ),
+        )
+    # HANDOFF PREPARE, PROMISE, ACCEPT, ACCEPTED: kind u8 then a JSON object
+    for kind, objs in [
+        ("PREPARE", PREPARES),
+        ("PROMISE", PROMISES),
+        ("ACCEPT", ACCEPTS),
+        ("ACCEPTED", ACCEPTEDS),
+    ]:
+        for i, obj in enumerate(objs):
+            add(
+                "HANDOFF",
+                f"handoff-{kind.lower()}-{i}",
+                {"kind": kind, **obj},
+                kind_json(kind, obj),
+            )
+    # HANDOFF LOG request: kind u8, channel u64, after u64, limit u32
+    for name, channel, after, limit in [
+        ("handoff-log-request", CHANNEL, 41, 500),
+        ("handoff-log-request-max", U64_MAX, U64_MAX, 2**32 - 1),
+    ]:
+        add(
+            "HANDOFF",
+            name,
+            {"kind": "LOG", "channel": channel, "after": after, "limit": limit},
+            u8(HANDOFF_KINDS["LOG"]) + u64(channel) + u64(after) + u32(limit),
+        )
+    # HANDOFF LOG reply: kind u8 then one APPEND section
+    for name, section in [
+        ("handoff-log-reply", SECTIONS[0]),
+        ("handoff-log-reply-empty", SECTIONS[1]),
+    ]:
+        add(
+            "HANDOFF",
+            name,
+            {"kind": "LOG", "section": section},
+            u8(HANDOFF_KINDS["LOG"]) + append_section(section),
+        )
+    # HANDOFF OWN: kind u8, count u32, count channels u64 (count 0: the ack)
+    for name, channels in [
+        ("handoff-own", [CHANNEL, 0, U64_MAX]),
+        ("handoff-own-ack", []),
+    ]:
+        add(
+            "HANDOFF",
+            name,
+            {"kind": "OWN", "channels": channels},
+            u8(HANDOFF_KINDS["OWN"])
+            + u32(len(channels))
+            + b"".join(u64(c) for c in channels),
         )
     # STATS_REPLY: json_len u32, JSON, then name_len u8, name, blob_len u32, blob
     info = {
@@ -393,6 +579,29 @@ def bad_bodies() -> list[dict[str, Any]]:
     rr = replica_record(REPLICA_RECORDS[0])
     seq17 = u8(HANDOFF_KINDS["SEQ"]) + u64(1) + u64(2)
     stats = u32(2) + b"{}"
+
+    def head(term: int, prev_term: int, prev_seq: int, count: int) -> bytes:
+        """An APPEND section head of channel 1 with commit 0."""
+        return u64(1) + u64(term) + u64(prev_term) + u64(prev_seq) + u64(0) + u32(count)
+
+    def lrec(term: int, seq: int, payload: bytes = b"p") -> bytes:
+        return log_record({"term": term, **rec(seq, 1, seq, TS, payload)})
+
+    def append(*parts: bytes, count: int = 1) -> bytes:
+        return u32(count) + b"".join(parts)
+
+    def result(channel: int, status: int, promised: int, match: int) -> bytes:
+        return u64(channel) + u8(status) + u64(promised) + u64(match)
+
+    def edit(obj: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        """*obj* with keys replaced (value ``...``: the key removed)."""
+        out = {**obj, **changes}
+        return {k: v for k, v in out.items() if v is not ...}
+
+    prep, prom = PREPARES[0], PROMISES[0]
+    acc, accd = ACCEPTS[0], ACCEPTEDS[0]
+    log_kind = u8(HANDOFF_KINDS["LOG"])
+    own_kind = u8(HANDOFF_KINDS["OWN"])
     cases: list[tuple[str, str, bytes]] = [
         ("SEND", "send-short", bytes(31)),
         ("ACK", "ack-short", bytes(15)),
@@ -422,7 +631,8 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("REPLICATE_ACK", "replicate-ack-long", bytes(9)),
         ("HANDOFF", "handoff-empty", b""),
         ("HANDOFF", "handoff-kind-0", u8(0) + bytes(16)),
-        ("HANDOFF", "handoff-kind-6", u8(6) + bytes(16)),
+        ("HANDOFF", "handoff-kind-12", u8(12) + bytes(16)),
+        ("HANDOFF", "handoff-kind-prepare", u8(HANDOFF_KINDS["PREPARE"]) + bytes(16)),
         ("HANDOFF", "handoff-seq-short", seq17[:-1]),
         ("HANDOFF", "handoff-seq-long", seq17 + b"\x00"),
         ("HANDOFF", "handoff-pull-short", u8(HANDOFF_KINDS["PULL"]) + bytes(15)),
@@ -447,6 +657,198 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("STATS_REPLY", "stats-reply-name-cut", stats + u8(4) + b"se"),
         ("STATS_REPLY", "stats-reply-size-cut", stats + u8(1) + b"s" + b"\x00\x00"),
         ("STATS_REPLY", "stats-reply-blob-cut", stats + u8(1) + b"s" + u32(3) + b"ab"),
+        ("HANDOFF_KIND", "kind-empty", b""),
+        ("HANDOFF_KIND", "kind-0", u8(0)),
+        ("HANDOFF_KIND", "kind-12", u8(12) + bytes(20)),
+        ("HANDOFF_KIND", "kind-255", u8(255)),
+        ("APPEND", "append-short", bytes(3)),
+        ("APPEND", "append-count-high", append(head(1, 0, 0, 0), count=2)),
+        ("APPEND", "append-head-cut", append(head(1, 0, 0, 0)[:-1])),
+        ("APPEND", "append-records-high", append(head(1, 0, 0, 2), lrec(1, 1))),
+        ("APPEND", "append-record-cut", append(head(1, 0, 0, 1), lrec(1, 1)[:51])),
+        ("APPEND", "append-payload-cut", append(head(1, 0, 0, 1), lrec(1, 1)[:-1])),
+        ("APPEND", "append-trailing", append(head(1, 0, 0, 1), lrec(1, 1), b"\x00")),
+        ("APPEND", "append-seq-skips", append(head(1, 0, 0, 1), lrec(1, 2))),
+        ("APPEND", "append-seq-repeats", append(head(1, 1, 1, 1), lrec(1, 1))),
+        ("APPEND", "append-term-above", append(head(2, 0, 0, 1), lrec(3, 1))),
+        (
+            "APPEND",
+            "append-term-decreases",
+            append(head(5, 0, 0, 2), lrec(4, 1), lrec(3, 2)),
+        ),
+        ("APPEND", "append-term-below-prev", append(head(5, 4, 1, 1), lrec(3, 2))),
+        ("APPEND", "append-prev-term-no-prev-seq", append(head(5, 4, 0, 0))),
+        ("APPEND", "append-prev-term-above", append(head(5, 6, 3, 0))),
+        (
+            "APPEND",
+            "append-channel-twice",
+            append(head(1, 0, 0, 0), head(1, 0, 0, 0), count=2),
+        ),
+        ("APPEND_RESULTS", "results-short", bytes(3)),
+        ("APPEND_RESULTS", "results-cut", u32(1) + result(1, 0, 1, 1)[:-1]),
+        ("APPEND_RESULTS", "results-trailing", u32(1) + result(1, 0, 1, 1) + b"\x00"),
+        ("APPEND_RESULTS", "results-count-high", u32(2) + result(1, 0, 1, 1)),
+        ("APPEND_RESULTS", "results-status-4", u32(1) + result(1, 4, 1, 0)),
+        ("APPEND_RESULTS", "results-match-refused", u32(1) + result(1, 1, 1, 1)),
+        (
+            "APPEND_RESULTS",
+            "results-channel-twice",
+            u32(2) + result(1, 0, 1, 1) + result(1, 0, 1, 1),
+        ),
+        ("PREPARE", "prepare-no-json", u8(HANDOFF_KINDS["PREPARE"])),
+        ("PREPARE", "prepare-array", kind_json("PREPARE", [prep])),
+        ("PREPARE", "prepare-not-utf8", u8(HANDOFF_KINDS["PREPARE"]) + b'{"\xff": 1}'),
+        (
+            "PREPARE",
+            "prepare-key-twice",
+            u8(HANDOFF_KINDS["PREPARE"]) + b'{"channel": 1, "channel": 1, "term": 1, '
+            b'"epochs": [], "last": 0}',
+        ),
+        ("PREPARE", "prepare-wrong-kind", kind_json("PROMISE", prep)),
+        ("PREPARE", "prepare-missing-key", kind_json("PREPARE", edit(prep, last=...))),
+        ("PREPARE", "prepare-extra-key", kind_json("PREPARE", edit(prep, ok=True))),
+        ("PREPARE", "prepare-negative", kind_json("PREPARE", edit(prep, channel=-1))),
+        ("PREPARE", "prepare-2-64", kind_json("PREPARE", edit(prep, channel=2**64))),
+        ("PREPARE", "prepare-float", kind_json("PREPARE", edit(prep, channel=1.0))),
+        ("PREPARE", "prepare-bool", kind_json("PREPARE", edit(prep, channel=True))),
+        ("PREPARE", "prepare-string", kind_json("PREPARE", edit(prep, channel="1"))),
+        ("PREPARE", "prepare-term-0", kind_json("PREPARE", edit(prep, term=0))),
+        (
+            "PREPARE",
+            "prepare-epochs-object",
+            kind_json("PREPARE", edit(prep, epochs={"3": 1})),
+        ),
+        (
+            "PREPARE",
+            "prepare-epoch-triple",
+            kind_json("PREPARE", edit(prep, epochs=[[1, 1, 1]])),
+        ),
+        (
+            "PREPARE",
+            "prepare-epoch-seq-0",
+            kind_json("PREPARE", edit(prep, epochs=[[1, 0]])),
+        ),
+        (
+            "PREPARE",
+            "prepare-epoch-terms-equal",
+            kind_json("PREPARE", edit(prep, epochs=[[1, 1], [1, 5]])),
+        ),
+        (
+            "PREPARE",
+            "prepare-epoch-seqs-equal",
+            kind_json("PREPARE", edit(prep, epochs=[[1, 1], [2, 1]])),
+        ),
+        (
+            "PREPARE",
+            "prepare-epochs-not-from-1",
+            kind_json("PREPARE", edit(prep, epochs=[[1, 2]])),
+        ),
+        (
+            "PREPARE",
+            "prepare-epoch-after-last",
+            kind_json("PREPARE", edit(prep, last=39)),
+        ),
+        (
+            "PREPARE",
+            "prepare-last-no-epochs",
+            kind_json("PREPARE", edit(prep, epochs=[])),
+        ),
+        (
+            "PREPARE",
+            "prepare-epoch-term-above",
+            kind_json("PREPARE", edit(prep, epochs=[[9, 1]])),
+        ),
+        ("PROMISE", "promise-ok-int", kind_json("PROMISE", edit(prom, ok=1))),
+        (
+            "PROMISE",
+            "promise-ok-other-term",
+            kind_json("PROMISE", edit(prom, promised=9)),
+        ),
+        (
+            "PROMISE",
+            "promise-refusal-below",
+            kind_json("PROMISE", edit(prom, ok=False, promised=7)),
+        ),
+        (
+            "PROMISE",
+            "promise-accepted-missing",
+            kind_json("PROMISE", edit(prom, accepted=...)),
+        ),
+        (
+            "PROMISE",
+            "promise-accepted-list",
+            kind_json("PROMISE", edit(prom, accepted=[7, ["n1"]])),
+        ),
+        (
+            "PROMISE",
+            "promise-accepted-extra-key",
+            kind_json(
+                "PROMISE",
+                edit(prom, accepted={"term": 7, "members": ["n1"], "owner": "n1"}),
+            ),
+        ),
+        (
+            "PROMISE",
+            "promise-accepted-above-promised",
+            kind_json("PROMISE", edit(prom, accepted={"term": 9, "members": ["n1"]})),
+        ),
+        (
+            "PROMISE",
+            "promise-members-twice",
+            kind_json(
+                "PROMISE", edit(prom, accepted={"term": 7, "members": ["n1", "n1"]})
+            ),
+        ),
+        (
+            "PROMISE",
+            "promise-member-empty",
+            kind_json("PROMISE", edit(prom, accepted={"term": 7, "members": [""]})),
+        ),
+        (
+            "PROMISE",
+            "promise-commit-above",
+            kind_json("PROMISE", edit(prom, commit=44)),
+        ),
+        (
+            "PROMISE",
+            "promise-epoch-term-above",
+            kind_json("PROMISE", edit(prom, epochs=[[3, 1], [9, 40]])),
+        ),
+        ("ACCEPT", "accept-members-empty", kind_json("ACCEPT", edit(acc, members=[]))),
+        (
+            "ACCEPT",
+            "accept-members-twice",
+            kind_json("ACCEPT", edit(acc, members=["n1", "n1"])),
+        ),
+        ("ACCEPT", "accept-member-int", kind_json("ACCEPT", edit(acc, members=[1]))),
+        ("ACCEPT", "accept-term-0", kind_json("ACCEPT", edit(acc, term=0))),
+        ("ACCEPT", "accept-wrong-kind", kind_json("ACCEPTED", acc)),
+        ("ACCEPTED", "accepted-ok-string", kind_json("ACCEPTED", edit(accd, ok="1"))),
+        (
+            "ACCEPTED",
+            "accepted-ok-other-term",
+            kind_json("ACCEPTED", edit(accd, promised=9)),
+        ),
+        (
+            "ACCEPTED",
+            "accepted-refusal-below",
+            kind_json("ACCEPTED", edit(accd, ok=False, promised=7)),
+        ),
+        ("ACCEPTED", "accepted-extra-key", kind_json("ACCEPTED", edit(accd, x=None))),
+        ("LOG_REQUEST", "log-request-short", log_kind + bytes(19)),
+        ("LOG_REQUEST", "log-request-long", log_kind + bytes(21)),
+        ("LOG_REQUEST", "log-request-wrong-kind", own_kind + bytes(20)),
+        ("LOG_REPLY", "log-reply-head-cut", log_kind + head(1, 0, 0, 0)[:-1]),
+        ("LOG_REPLY", "log-reply-request", log_kind + bytes(20)),
+        ("LOG_REPLY", "log-reply-trailing", log_kind + head(1, 0, 0, 0) + b"\x00"),
+        ("LOG_REPLY", "log-reply-seq-skips", log_kind + head(1, 1, 1, 1) + lrec(1, 3)),
+        ("LOG_REPLY", "log-reply-term-above", log_kind + head(1, 0, 0, 1) + lrec(2, 1)),
+        ("LOG_REPLY", "log-reply-wrong-kind", own_kind + head(1, 0, 0, 0)),
+        ("OWN", "own-no-count", own_kind + bytes(3)),
+        ("OWN", "own-count-high", own_kind + u32(2) + u64(1)),
+        ("OWN", "own-trailing", own_kind + u32(1) + u64(1) + b"\x00"),
+        ("OWN", "own-channel-twice", own_kind + u32(2) + u64(1) + u64(1)),
+        ("OWN", "own-wrong-kind", log_kind + u32(0)),
         ("JSON", "json-array", b"[1]"),
         ("JSON", "json-string", b'"x"'),
         ("JSON", "json-cut", b'{"version": 1'),
@@ -466,6 +868,7 @@ def build() -> dict[str, Any]:
         "message_types": MESSAGE_TYPES,
         "error_codes": ERROR_CODES,
         "handoff_kinds": HANDOFF_KINDS,
+        "append_statuses": APPEND_STATUSES,
         "bodies": binary_bodies(),
         "json_bodies": json_cases,
         "bad": bad_bodies(),
