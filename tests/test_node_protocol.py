@@ -67,29 +67,6 @@ def test_deliver_round_trip():
         p.decode_deliver(b"abc")
 
 
-def test_records_and_handoff_round_trip():
-    recs = [REC, REC._replace(channel=1, seq=1, payload=b"a" * 100)]
-    assert p.decode_records(p.encode_records(recs)) == recs
-    kind, channel, last, got = p.decode_handoff(p.encode_handoff_data(recs))
-    assert (kind, channel, last, got) == (p.HandoffKind.DATA, 0, 0, recs)
-    assert p.decode_handoff(p.encode_handoff_pull(4))[:3] == (p.HandoffKind.PULL, 4, 0)
-    assert p.decode_handoff(p.encode_handoff_seq(4, 99))[:3] == (
-        p.HandoffKind.SEQ,
-        4,
-        99,
-    )
-    body = p.encode_records(recs)
-    for bad in (b"", b"\x00\x00", body[:-1], body + b"!", body[:20]):
-        with pytest.raises(p.ProtocolError):
-            p.decode_records(bad)
-    for bad in (b"", b"\x0c", b"\x02\x00", b"\x06" + bytes(16)):
-        with pytest.raises(p.ProtocolError):
-            p.decode_handoff(bad)
-    assert p.decode_replicate_ack(p.encode_replicate_ack(3, 2)) == (3, 2)
-    with pytest.raises(p.ProtocolError):
-        p.decode_replicate_ack(b"")
-
-
 # -- channel order (terms): APPEND, results, HANDOFF PREPARE .. OWN -----------
 
 
@@ -256,10 +233,29 @@ def test_append_results_round_trip_and_rejects():
 def test_handoff_kind():
     for kind in p.HandoffKind:
         assert p.handoff_kind(bytes([kind]) + b"rest") is kind
-    assert [int(k) for k in p.HandoffKind] == list(range(1, 12))
+    assert [int(k) for k in p.HandoffKind] == list(range(6, 12))
     for bad, match in [(b"", "empty"), (b"\x00", "kind 0"), (b"\x0c", "kind 12")]:
         with pytest.raises(p.ProtocolError, match=match):
             p.handoff_kind(bad)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x01" + p.COUNT.pack(0),  # DATA: count, replica records
+        b"\x02" + bytes(16),  # PULL: channel, 0
+        b"\x03" + bytes(16),  # SEQ: channel, last seq
+        b"\x04" + bytes(16),  # DIGEST: channel, block
+        b"\x05" + bytes(12),  # BLOCKS: channel, count, blocks
+        b"\x01",
+        b"\x05",
+    ],
+)
+def test_retired_handoff_kinds_are_rejected(body: bytes) -> None:
+    """Kinds 1 .. 5 (the handoff before terms) are unknown kinds now."""
+    with pytest.raises(p.ProtocolError, match=f"unknown HANDOFF kind {body[0]}"):
+        p.handoff_kind(body)
+    assert body[0] not in {int(k) for k in p.HandoffKind}
 
 
 def test_log_request_and_reply():

@@ -98,10 +98,6 @@ def _accepted(f: dict[str, Any]) -> p.AcceptedMsg:
 JSON_KINDS = {"PREPARE", "PROMISE", "ACCEPT", "ACCEPTED"}
 
 
-def _digest(blocks: list[dict[str, int]]) -> p.Digest:
-    return {e["block"]: (e["rows"], (e["hi"] << 64) | e["lo"]) for e in blocks}
-
-
 def _relay(f: dict[str, Any]) -> p.Relay:
     return p.Relay(
         f["relay_id"],
@@ -137,14 +133,10 @@ def encode(op: str, f: dict[str, Any]) -> bytes:
         return p.encode_relay(_relay(f))
     if op == "ERROR":
         return p.encode_error(f["code"], f["message"])
-    if op == "REPLICATE" and "sections" in f:
-        return p.encode_append([_section(s) for s in f["sections"]])
     if op == "REPLICATE":
-        return p.encode_records([_record(r) for r in f["records"]])
-    if op == "REPLICATE_ACK" and "results" in f:
-        return p.encode_append_results([_result(r) for r in f["results"]])
+        return p.encode_append([_section(s) for s in f["sections"]])
     if op == "REPLICATE_ACK":
-        return p.encode_replicate_ack(f["received"], f["inserted"])
+        return p.encode_append_results([_result(r) for r in f["results"]])
     if op == "HANDOFF":
         kind = f["kind"]
         if kind == "PREPARE":
@@ -163,16 +155,6 @@ def encode(op: str, f: dict[str, Any]) -> bytes:
             )
         if kind == "OWN":
             return p.encode_own(f["channels"])
-        if kind == "DATA":
-            return p.encode_handoff_data([_record(r) for r in f["records"]])
-        if kind == "PULL":
-            return p.encode_handoff_pull(f["channel"])
-        if kind == "SEQ":
-            return p.encode_handoff_seq(f["channel"], f["last_seq"])
-        if kind == "DIGEST":
-            return p.encode_handoff_digest(f["channel"], f["block"])
-        if kind == "BLOCKS":
-            return p.encode_handoff_blocks(f["channel"], _digest(f["blocks"]))
     raise AssertionError(f"no encoder for {op} {f}")
 
 
@@ -200,27 +182,13 @@ def check_decode(op: str, body: bytes, f: dict[str, Any]) -> None:
         assert p.decode_relay(body) == _relay(f)
     elif op == "ERROR":
         assert p.decode_error(body) == (f["code"], f["message"])
-    elif op == "REPLICATE" and "sections" in f:
-        assert p.decode_append(body) == [_section(s) for s in f["sections"]]
     elif op == "REPLICATE":
-        assert p.decode_records(body) == [_record(r) for r in f["records"]]
-    elif op == "REPLICATE_ACK" and "results" in f:
-        assert p.decode_append_results(body) == [_result(r) for r in f["results"]]
+        assert p.decode_append(body) == [_section(s) for s in f["sections"]]
     elif op == "REPLICATE_ACK":
-        assert p.decode_replicate_ack(body) == (f["received"], f["inserted"])
-    elif op == "HANDOFF" and f["kind"] in NEW_KINDS:
-        assert p.handoff_kind(body) is p.HandoffKind[f["kind"]]
-        with pytest.raises(p.ProtocolError):  # the old decoder refuses them
-            p.decode_handoff(body)
-        assert NEW_KINDS[f["kind"]](body) == NEW_FIELDS[f["kind"]](f)
-    elif op == "HANDOFF" and f["kind"] == "BLOCKS":
-        assert p.decode_handoff_blocks(body) == (f["channel"], _digest(f["blocks"]))
+        assert p.decode_append_results(body) == [_result(r) for r in f["results"]]
     elif op == "HANDOFF":
-        kind, channel, last, records = p.decode_handoff(body)
-        assert kind is p.HandoffKind[f["kind"]]
-        assert channel == f.get("channel", 0)
-        assert last == f.get("last_seq", f.get("block", 0))
-        assert records == [_record(r) for r in f.get("records", [])]
+        assert p.handoff_kind(body) is p.HandoffKind[f["kind"]]
+        assert KIND_DECODERS[f["kind"]](body) == KIND_FIELDS[f["kind"]](f)
     elif op == "STATS_REPLY":
         hists = {name: bytes.fromhex(blob) for name, blob in f["histograms"]}
         assert p.decode_stats_reply(body) == (f["info"], hists)
@@ -241,7 +209,7 @@ def _log_fields(f: dict[str, Any]) -> object:
     return p.LogRequest(f["channel"], f["after"], f["limit"])
 
 
-NEW_KINDS: dict[str, Callable[[bytes], object]] = {
+KIND_DECODERS: dict[str, Callable[[bytes], object]] = {
     "PREPARE": p.decode_prepare,
     "PROMISE": p.decode_promise,
     "ACCEPT": p.decode_accept,
@@ -249,7 +217,7 @@ NEW_KINDS: dict[str, Callable[[bytes], object]] = {
     "LOG": _decode_log,
     "OWN": p.decode_own,
 }
-NEW_FIELDS: dict[str, Callable[[dict[str, Any]], object]] = {
+KIND_FIELDS: dict[str, Callable[[dict[str, Any]], object]] = {
     "PREPARE": _prepare,
     "PROMISE": _promise,
     "ACCEPT": _accept,
@@ -272,15 +240,14 @@ def test_vectors_cover_every_operation() -> None:
     # every frame type carries a documented body (SUBSCRIBE's reply is ACK)
     assert ops == set(VECTORS["message_types"])
     kinds = {c["fields"]["kind"] for c in BODIES if c["op"] == "HANDOFF"}
-    assert kinds == set(VECTORS["handoff_kinds"])
+    assert kinds == set(VECTORS["handoff_kinds"]) == set(KIND_DECODERS)
     gossip = {c["fields"].get("kind") for c in JSON_BODIES if c["op"] == "GOSSIP"}
     assert gossip == {"join", "sync", "ping-req", "leave", None}
-    # both REPLICATE layouts until the record list is removed
-    assert {"sections" in f for f in _cases("REPLICATE")} == {True, False}
-    assert {"results" in f for f in _cases("REPLICATE_ACK")} == {True, False}
-    statuses = {
-        r["status"] for f in _cases("REPLICATE_ACK") for r in f.get("results", [])
-    }
+    # REPLICATE carries APPEND sections (a commit notice among them: no
+    # records), REPLICATE_ACK APPEND results of every status
+    sections = [s for f in _cases("REPLICATE") for s in f["sections"]]
+    assert {bool(s["records"]) for s in sections} == {True, False}
+    statuses = {r["status"] for f in _cases("REPLICATE_ACK") for r in f["results"]}
     assert statuses == set(VECTORS["append_statuses"])
     # both directions of LOG and OWN, both answers of PROMISE and ACCEPTED
     assert {"section" in f for f in _cases("HANDOFF", "LOG")} == {True, False}
@@ -289,8 +256,16 @@ def test_vectors_cover_every_operation() -> None:
     assert {f["ok"] for f in promises} == {True, False}
     assert {f["accepted"] is None for f in promises} == {True, False}
     assert {f["ok"] for f in _cases("HANDOFF", "ACCEPTED")} == {True, False}
-    # every decoder is given bodies it must reject
+    # every decoder is given bodies it must reject, HANDOFF kinds outside
+    # 6 .. 11 among them (the retired kinds 1 .. 5 too)
     assert {c["op"] for c in BAD} == set(DECODERS)
+    unknown = {
+        bytes.fromhex(c["body"])[0]
+        for c in BAD
+        if c["op"] == "HANDOFF_KIND" and c["body"]
+    }
+    assert unknown >= {0, 1, 2, 3, 4, 5, 12, 255}
+    assert not unknown & set(VECTORS["handoff_kinds"].values())
 
 
 def test_numbering_matches_the_spec() -> None:
@@ -376,13 +351,9 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
     "DELIVER": p.decode_deliver,
     "RELAY": p.decode_relay,
     "ERROR": p.decode_error,
-    "REPLICATE": p.decode_records,
-    "REPLICATE_ACK": p.decode_replicate_ack,
-    "APPEND": p.decode_append,
-    "APPEND_RESULTS": p.decode_append_results,
-    "HANDOFF": p.decode_handoff,
+    "REPLICATE": p.decode_append,
+    "REPLICATE_ACK": p.decode_append_results,
     "HANDOFF_KIND": p.handoff_kind,
-    "HANDOFF_BLOCKS": p.decode_handoff_blocks,
     "PREPARE": p.decode_prepare,
     "PROMISE": p.decode_promise,
     "ACCEPT": p.decode_accept,

@@ -32,12 +32,12 @@ ERROR_CODES = {
     "UNAVAILABLE": 5, "TIMEOUT": 6, "NOT_OWNER": 7, "INTERNAL": 8,
     "SHUTTING_DOWN": 9,
 }  # fmt: skip
+# "REPLICATE (14) -> REPLICATE_ACK (15), HANDOFF (16)": kinds 1 .. 5 are
+# retired (the handoff before terms) and rejected like any unassigned kind
 HANDOFF_KINDS = {
-    "DATA": 1, "PULL": 2, "SEQ": 3, "DIGEST": 4, "BLOCKS": 5,
-    # "Channel order between peers (terms)"
     "PREPARE": 6, "PROMISE": 7, "ACCEPT": 8, "ACCEPTED": 9, "LOG": 10, "OWN": 11,
 }  # fmt: skip
-# "APPEND results (REPLICATE_ACK, new layout)"
+# "REPLICATE_ACK (15): APPEND results"
 APPEND_STATUSES = {"OK": 0, "REFUSED": 1, "MISMATCH": 2, "FAILED": 3}
 
 U64_MAX = 2**64 - 1
@@ -77,11 +77,6 @@ def record(r: dict[str, Any]) -> bytes:
         + u32(len(payload))
         + payload
     )
-
-
-def replica_record(r: dict[str, Any]) -> bytes:
-    """A replica record: channel u64 followed by a record."""
-    return u64(r["channel"]) + record(r)
 
 
 def log_record(r: dict[str, Any]) -> bytes:
@@ -138,11 +133,6 @@ RECORDS = [
     rec(2, 0x8000000000000001, U64_MAX, TS + 1, b""),
     rec(U64_MAX, U64_MAX, 0, U64_MAX, BINARY),
 ]
-REPLICA_RECORDS = [
-    {"channel": CHANNEL, **RECORDS[0]},
-    {"channel": 0, **RECORDS[1]},
-    {"channel": U64_MAX, **RECORDS[2]},
-]
 # APPEND sections: records at prev_seq + 1, + 2, ... with non-decreasing terms
 # between prev_term and the section's term
 SECTIONS = [
@@ -158,7 +148,7 @@ SECTIONS = [
             {"term": 7, **rec(44, U64_MAX, 0, U64_MAX, BINARY)},
         ],
     },
-    {  # a heartbeat: no records, the commit only
+    {  # a commit notice: no records, the commit only
         "channel": U64_MAX,
         "term": U64_MAX,
         "prev_term": U64_MAX,
@@ -321,23 +311,11 @@ def binary_bodies() -> list[dict[str, Any]]:
             {"code": code, "message": message},
             u16(code) + message.encode("utf-8"),
         )
-    # REPLICATE: count u32 then count replica records
-    for name, records in [
-        ("replicate-empty", []),
-        ("replicate-one", REPLICA_RECORDS[:1]),
-        ("replicate-three", REPLICA_RECORDS),
-    ]:
-        add(
-            "REPLICATE",
-            name,
-            {"records": records},
-            u32(len(records)) + b"".join(replica_record(r) for r in records),
-        )
-    # REPLICATE (new layout): count u32 then count APPEND sections
+    # REPLICATE: count u32 then count APPEND sections
     for name, sections in [
-        ("replicate-append-empty", []),
-        ("replicate-append-one", SECTIONS[:1]),
-        ("replicate-append-three", SECTIONS),
+        ("replicate-empty", []),
+        ("replicate-one", SECTIONS[:1]),
+        ("replicate-three", SECTIONS),
     ]:
         add(
             "REPLICATE",
@@ -345,83 +323,16 @@ def binary_bodies() -> list[dict[str, Any]]:
             {"sections": sections},
             u32(len(sections)) + b"".join(append_section(x) for x in sections),
         )
-    # REPLICATE_ACK (new layout): count u32 then count APPEND results
+    # REPLICATE_ACK: count u32 then count APPEND results
     for name, results in [
-        ("replicate-ack-results-empty", []),
-        ("replicate-ack-results", RESULTS),
+        ("replicate-ack-empty", []),
+        ("replicate-ack", RESULTS),
     ]:
         add(
             "REPLICATE_ACK",
             name,
             {"results": results},
             u32(len(results)) + b"".join(append_result(r) for r in results),
-        )
-    # REPLICATE_ACK: received u32, inserted u32
-    for name, received, inserted in [
-        ("replicate-ack", 3, 2),
-        ("replicate-ack-max", 2**32 - 1, 2**32 - 1),
-    ]:
-        add(
-            "REPLICATE_ACK",
-            name,
-            {"received": received, "inserted": inserted},
-            u32(received) + u32(inserted),
-        )
-    # HANDOFF: first byte kind
-    for name, records in [
-        ("handoff-data-empty", []),
-        ("handoff-data", REPLICA_RECORDS),
-    ]:
-        add(
-            "HANDOFF",
-            name,
-            {"kind": "DATA", "records": records},
-            u8(HANDOFF_KINDS["DATA"])
-            + u32(len(records))
-            + b"".join(replica_record(r) for r in records),
-        )
-    add(
-        "HANDOFF",
-        "handoff-pull",
-        {"kind": "PULL", "channel": CHANNEL},
-        u8(HANDOFF_KINDS["PULL"]) + u64(CHANNEL) + u64(0),
-    )
-    for name, channel, last_seq in [
-        ("handoff-seq", CHANNEL, 77),
-        ("handoff-seq-none", U64_MAX, 0),
-    ]:
-        add(
-            "HANDOFF",
-            name,
-            {"kind": "SEQ", "channel": channel, "last_seq": last_seq},
-            u8(HANDOFF_KINDS["SEQ"]) + u64(channel) + u64(last_seq),
-        )
-    add(
-        "HANDOFF",
-        "handoff-digest",
-        {"kind": "DIGEST", "channel": CHANNEL, "block": 256},
-        u8(HANDOFF_KINDS["DIGEST"]) + u64(CHANNEL) + u64(256),
-    )
-    entries = [
-        {"block": 0, "rows": 256, "hi": 0x0123456789ABCDEF, "lo": U64_MAX},
-        {"block": 1, "rows": 1, "hi": 0, "lo": 1},
-        {"block": U64_MAX // 256, "rows": 2**32 - 1, "hi": U64_MAX, "lo": 0},
-    ]
-    for name, channel, blocks in [
-        ("handoff-blocks-empty", 5, []),
-        ("handoff-blocks", CHANNEL, entries),
-    ]:
-        add(
-            "HANDOFF",
-            name,
-            {"kind": "BLOCKS", "channel": channel, "blocks": blocks},
-            u8(HANDOFF_KINDS["BLOCKS"])
-            + u64(channel)
-            + u32(len(blocks))
-            + b"".join(
-                u64(e["block"]) + u32(e["rows"]) + u64(e["hi"]) + u64(e["lo"])
-                for e in blocks
-            ),
         )
     # HANDOFF PREPARE, PROMISE, ACCEPT, ACCEPTED: kind u8 then a JSON object
     for kind, objs in [
@@ -576,8 +487,6 @@ def json_bodies() -> list[dict[str, Any]]:
 def bad_bodies() -> list[dict[str, Any]]:
     """Bodies that do not match their layout; the decoder must reject them."""
     r0 = record(RECORDS[0])
-    rr = replica_record(REPLICA_RECORDS[0])
-    seq17 = u8(HANDOFF_KINDS["SEQ"]) + u64(1) + u64(2)
     stats = u32(2) + b"{}"
 
     def head(term: int, prev_term: int, prev_seq: int, count: int) -> bytes:
@@ -622,35 +531,6 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("RELAY", "relay-root-cut", bytes(18) + u8(5) + b"ab"),
         ("RELAY", "relay-root-not-utf8", bytes(18) + u8(1) + b"\xff"),
         ("ERROR", "error-short", b"\x00"),
-        ("REPLICATE", "replicate-short", bytes(3)),
-        ("REPLICATE", "replicate-record-cut", u32(1) + rr[:51]),
-        ("REPLICATE", "replicate-payload-cut", u32(1) + rr[:-1]),
-        ("REPLICATE", "replicate-count-high", u32(2) + rr),
-        ("REPLICATE", "replicate-trailing", u32(1) + rr + b"\x00"),
-        ("REPLICATE_ACK", "replicate-ack-short", bytes(7)),
-        ("REPLICATE_ACK", "replicate-ack-long", bytes(9)),
-        ("HANDOFF", "handoff-empty", b""),
-        ("HANDOFF", "handoff-kind-0", u8(0) + bytes(16)),
-        ("HANDOFF", "handoff-kind-12", u8(12) + bytes(16)),
-        ("HANDOFF", "handoff-kind-prepare", u8(HANDOFF_KINDS["PREPARE"]) + bytes(16)),
-        ("HANDOFF", "handoff-seq-short", seq17[:-1]),
-        ("HANDOFF", "handoff-seq-long", seq17 + b"\x00"),
-        ("HANDOFF", "handoff-pull-short", u8(HANDOFF_KINDS["PULL"]) + bytes(15)),
-        ("HANDOFF", "handoff-digest-short", u8(HANDOFF_KINDS["DIGEST"]) + bytes(8)),
-        ("HANDOFF", "handoff-data-cut", u8(HANDOFF_KINDS["DATA"]) + u32(1) + rr[:-1]),
-        ("HANDOFF", "handoff-data-no-count", u8(HANDOFF_KINDS["DATA"]) + bytes(3)),
-        (
-            "HANDOFF_BLOCKS",
-            "blocks-count-high",
-            u8(HANDOFF_KINDS["BLOCKS"]) + u64(1) + u32(1),
-        ),
-        (
-            "HANDOFF_BLOCKS",
-            "blocks-trailing",
-            u8(HANDOFF_KINDS["BLOCKS"]) + u64(1) + u32(0) + b"\x00",
-        ),
-        ("HANDOFF_BLOCKS", "blocks-wrong-kind", u8(HANDOFF_KINDS["SEQ"]) + bytes(12)),
-        ("HANDOFF_BLOCKS", "blocks-short", u8(HANDOFF_KINDS["BLOCKS"]) + bytes(11)),
         ("STATS_REPLY", "stats-reply-short", bytes(3)),
         ("STATS_REPLY", "stats-reply-json-cut", u32(10) + b"{}"),
         ("STATS_REPLY", "stats-reply-json-array", u32(2) + b"[]"),
@@ -661,37 +541,43 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("HANDOFF_KIND", "kind-0", u8(0)),
         ("HANDOFF_KIND", "kind-12", u8(12) + bytes(20)),
         ("HANDOFF_KIND", "kind-255", u8(255)),
-        ("APPEND", "append-short", bytes(3)),
-        ("APPEND", "append-count-high", append(head(1, 0, 0, 0), count=2)),
-        ("APPEND", "append-head-cut", append(head(1, 0, 0, 0)[:-1])),
-        ("APPEND", "append-records-high", append(head(1, 0, 0, 2), lrec(1, 1))),
-        ("APPEND", "append-record-cut", append(head(1, 0, 0, 1), lrec(1, 1)[:51])),
-        ("APPEND", "append-payload-cut", append(head(1, 0, 0, 1), lrec(1, 1)[:-1])),
-        ("APPEND", "append-trailing", append(head(1, 0, 0, 1), lrec(1, 1), b"\x00")),
-        ("APPEND", "append-seq-skips", append(head(1, 0, 0, 1), lrec(1, 2))),
-        ("APPEND", "append-seq-repeats", append(head(1, 1, 1, 1), lrec(1, 1))),
-        ("APPEND", "append-term-above", append(head(2, 0, 0, 1), lrec(3, 1))),
+        # the retired kinds 1 .. 5, with the bodies they had before terms
+        ("HANDOFF_KIND", "kind-1-data", u8(1) + u32(0)),
+        ("HANDOFF_KIND", "kind-2-pull", u8(2) + u64(1) + u64(0)),
+        ("HANDOFF_KIND", "kind-3-seq", u8(3) + u64(1) + u64(2)),
+        ("HANDOFF_KIND", "kind-4-digest", u8(4) + u64(1) + u64(256)),
+        ("HANDOFF_KIND", "kind-5-blocks", u8(5) + u64(1) + u32(0)),
+        ("REPLICATE", "append-short", bytes(3)),
+        ("REPLICATE", "append-count-high", append(head(1, 0, 0, 0), count=2)),
+        ("REPLICATE", "append-head-cut", append(head(1, 0, 0, 0)[:-1])),
+        ("REPLICATE", "append-records-high", append(head(1, 0, 0, 2), lrec(1, 1))),
+        ("REPLICATE", "append-record-cut", append(head(1, 0, 0, 1), lrec(1, 1)[:51])),
+        ("REPLICATE", "append-payload-cut", append(head(1, 0, 0, 1), lrec(1, 1)[:-1])),
+        ("REPLICATE", "append-trailing", append(head(1, 0, 0, 1), lrec(1, 1), b"\x00")),
+        ("REPLICATE", "append-seq-skips", append(head(1, 0, 0, 1), lrec(1, 2))),
+        ("REPLICATE", "append-seq-repeats", append(head(1, 1, 1, 1), lrec(1, 1))),
+        ("REPLICATE", "append-term-above", append(head(2, 0, 0, 1), lrec(3, 1))),
         (
-            "APPEND",
+            "REPLICATE",
             "append-term-decreases",
             append(head(5, 0, 0, 2), lrec(4, 1), lrec(3, 2)),
         ),
-        ("APPEND", "append-term-below-prev", append(head(5, 4, 1, 1), lrec(3, 2))),
-        ("APPEND", "append-prev-term-no-prev-seq", append(head(5, 4, 0, 0))),
-        ("APPEND", "append-prev-term-above", append(head(5, 6, 3, 0))),
+        ("REPLICATE", "append-term-below-prev", append(head(5, 4, 1, 1), lrec(3, 2))),
+        ("REPLICATE", "append-prev-term-no-prev-seq", append(head(5, 4, 0, 0))),
+        ("REPLICATE", "append-prev-term-above", append(head(5, 6, 3, 0))),
         (
-            "APPEND",
+            "REPLICATE",
             "append-channel-twice",
             append(head(1, 0, 0, 0), head(1, 0, 0, 0), count=2),
         ),
-        ("APPEND_RESULTS", "results-short", bytes(3)),
-        ("APPEND_RESULTS", "results-cut", u32(1) + result(1, 0, 1, 1)[:-1]),
-        ("APPEND_RESULTS", "results-trailing", u32(1) + result(1, 0, 1, 1) + b"\x00"),
-        ("APPEND_RESULTS", "results-count-high", u32(2) + result(1, 0, 1, 1)),
-        ("APPEND_RESULTS", "results-status-4", u32(1) + result(1, 4, 1, 0)),
-        ("APPEND_RESULTS", "results-match-refused", u32(1) + result(1, 1, 1, 1)),
+        ("REPLICATE_ACK", "results-short", bytes(3)),
+        ("REPLICATE_ACK", "results-cut", u32(1) + result(1, 0, 1, 1)[:-1]),
+        ("REPLICATE_ACK", "results-trailing", u32(1) + result(1, 0, 1, 1) + b"\x00"),
+        ("REPLICATE_ACK", "results-count-high", u32(2) + result(1, 0, 1, 1)),
+        ("REPLICATE_ACK", "results-status-4", u32(1) + result(1, 4, 1, 0)),
+        ("REPLICATE_ACK", "results-match-refused", u32(1) + result(1, 1, 1, 1)),
         (
-            "APPEND_RESULTS",
+            "REPLICATE_ACK",
             "results-channel-twice",
             u32(2) + result(1, 0, 1, 1) + result(1, 0, 1, 1),
         ),

@@ -25,10 +25,7 @@ MESSAGES_HEAD: Final = struct.Struct(">QIB")  # channel, count, more
 MESSAGE_RECORD: Final = struct.Struct(">Q16sQQI")  # seq, id, sender, ts_us, len
 CHANNEL_BODY: Final = struct.Struct(">Q")  # SUBSCRIBE, DELIVER head
 COUNT: Final = struct.Struct(">I")
-REPLICA_RECORD: Final = struct.Struct(">QQ16sQQI")  # channel + MESSAGE_RECORD
-REPLICATE_ACK_BODY: Final = struct.Struct(">II")  # received, inserted
 HANDOFF_KIND: Final = struct.Struct(">B")
-HANDOFF_SEQ: Final = struct.Struct(">BQQ")  # kind, channel, last sequence
 RELAY_HEAD: Final = struct.Struct(">QQBBB")  # relay id, sent ns, ttl, fanout, root len
 ERROR_HEAD: Final = struct.Struct(">H")
 STATS_HEAD: Final = struct.Struct(">I")
@@ -51,15 +48,14 @@ class ErrorCode(IntEnum):
 
 
 class HandoffKind(IntEnum):
-    """First byte of a HANDOFF body."""
+    """First byte of a HANDOFF body.
 
-    DATA = 1  # records, answered with REPLICATE_ACK
-    PULL = 2  # channel: ask for the sender's last sequence (answered with SEQ)
-    SEQ = 3  # channel, last sequence
-    DIGEST = 4  # channel, block size: ask for the receiver's block digests
-    BLOCKS = 5  # channel, then (block, count, xor of message ids) per block
-    # channel order (terms, issue 11; docs/protocol.md "Channel order between
-    # peers (terms)")
+    Channel order (terms, issue 11; docs/protocol.md "Channel order between
+    peers (terms)").  Kinds 1 .. 5 (DATA, PULL, SEQ, DIGEST, BLOCKS: the
+    handoff of the node before terms) are retired: :func:`handoff_kind`
+    rejects them like any unknown kind.
+    """
+
     PREPARE = 6  # JSON: candidate -> every cluster member
     PROMISE = 7  # JSON: reply to PREPARE
     ACCEPT = 8  # JSON: candidate -> every cluster member
@@ -216,125 +212,6 @@ def decode_channel(body: bytes) -> int:
         raise ProtocolError(f"channel body of {len(body)} bytes != 8")
     (channel,) = CHANNEL_BODY.unpack(body)
     return int(channel)
-
-
-# -- REPLICATE / HANDOFF -----------------------------------------------------
-
-
-def encode_records(records: Iterable[Record], prefix: bytes = b"") -> bytes:
-    """REPLICATE body (or HANDOFF DATA after *prefix*): count + full records."""
-    parts = [prefix, b""]
-    count = 0
-    pack = REPLICA_RECORD.pack
-    for r in records:
-        parts.append(
-            pack(r.channel, r.seq, r.msg_id, r.sender, r.ts_us, len(r.payload))
-        )
-        parts.append(r.payload)
-        count += 1
-    parts[1] = COUNT.pack(count)
-    return b"".join(parts)
-
-
-def decode_records(body: bytes, start: int = 0) -> list[Record]:
-    """Inverse of :func:`encode_records` (records start at *start*)."""
-    if len(body) < start + COUNT.size:
-        raise ProtocolError("record list too short")
-    (count,) = COUNT.unpack_from(body, start)
-    pos = start + COUNT.size
-    size = REPLICA_RECORD.size
-    unpack = REPLICA_RECORD.unpack_from
-    end = len(body)
-    out: list[Record] = []
-    for _ in range(count):
-        if pos + size > end:
-            raise ProtocolError("record truncated")
-        channel, seq, msg_id, sender, ts_us, length = unpack(body, pos)
-        pos += size
-        stop = pos + length
-        if stop > end:
-            raise ProtocolError("record payload truncated")
-        out.append(
-            _tuple_new(Record, (channel, seq, msg_id, sender, ts_us, body[pos:stop], 0))
-        )
-        pos = stop
-    if pos != end:
-        raise ProtocolError("trailing bytes after records")
-    return out
-
-
-def encode_replicate_ack(received: int, inserted: int) -> bytes:
-    return REPLICATE_ACK_BODY.pack(received, inserted)
-
-
-def decode_replicate_ack(body: bytes) -> tuple[int, int]:
-    if len(body) != REPLICATE_ACK_BODY.size:
-        raise ProtocolError("REPLICATE_ACK body must be 8 bytes")
-    received, inserted = REPLICATE_ACK_BODY.unpack(body)
-    return received, inserted
-
-
-def encode_handoff_data(records: Iterable[Record]) -> bytes:
-    return encode_records(records, HANDOFF_KIND.pack(HandoffKind.DATA))
-
-
-def encode_handoff_pull(channel: int) -> bytes:
-    return HANDOFF_SEQ.pack(HandoffKind.PULL, channel, 0)
-
-
-def encode_handoff_seq(channel: int, last_seq: int) -> bytes:
-    return HANDOFF_SEQ.pack(HandoffKind.SEQ, channel, last_seq)
-
-
-HANDOFF_BLOCKS_HEAD: Final = struct.Struct(">BQI")  # kind, channel, count
-HANDOFF_BLOCK: Final = struct.Struct(">QIQQ")  # block, rows, xor hi, xor lo
-
-# block index -> (rows, xor of the 128-bit message ids) of one channel
-Digest = dict[int, tuple[int, int]]
-
-
-def encode_handoff_digest(channel: int, block: int) -> bytes:
-    return HANDOFF_SEQ.pack(HandoffKind.DIGEST, channel, block)
-
-
-def encode_handoff_blocks(channel: int, digest: Digest) -> bytes:
-    parts = [HANDOFF_BLOCKS_HEAD.pack(HandoffKind.BLOCKS, channel, len(digest))]
-    mask = (1 << 64) - 1
-    for block, (rows, xor) in sorted(digest.items()):
-        parts.append(HANDOFF_BLOCK.pack(block, rows, xor >> 64, xor & mask))
-    return b"".join(parts)
-
-
-def decode_handoff_blocks(body: bytes) -> tuple[int, Digest]:
-    """``(channel, digest)`` of a HANDOFF BLOCKS reply."""
-    if len(body) < HANDOFF_BLOCKS_HEAD.size or body[0] != HandoffKind.BLOCKS:
-        raise ProtocolError("not a HANDOFF BLOCKS body")
-    _, channel, count = HANDOFF_BLOCKS_HEAD.unpack_from(body)
-    if len(body) != HANDOFF_BLOCKS_HEAD.size + count * HANDOFF_BLOCK.size:
-        raise ProtocolError(f"HANDOFF BLOCKS body of {len(body)} bytes for {count}")
-    digest: Digest = {}
-    for i in range(count):
-        offset = HANDOFF_BLOCKS_HEAD.size + i * HANDOFF_BLOCK.size
-        block, rows, hi, lo = HANDOFF_BLOCK.unpack_from(body, offset)
-        digest[block] = (rows, (hi << 64) | lo)
-    return channel, digest
-
-
-def decode_handoff(body: bytes) -> tuple[HandoffKind, int, int, list[Record]]:
-    """``(kind, channel, last_seq, records)`` of DATA, PULL, SEQ and DIGEST.
-
-    Unused fields are 0 / empty.  Kinds from PREPARE on have their own
-    decoders (:func:`handoff_kind` tells which) and are rejected here.
-    """
-    kind = handoff_kind(body)
-    if kind >= HandoffKind.PREPARE:
-        raise ProtocolError(f"HANDOFF {kind.name} is not a DATA/PULL/SEQ/DIGEST body")
-    if kind is HandoffKind.DATA:
-        return kind, 0, 0, decode_records(body, 1)
-    if len(body) != HANDOFF_SEQ.size:
-        raise ProtocolError("HANDOFF PULL/SEQ/DIGEST body must be 17 bytes")
-    _, channel, last_seq = HANDOFF_SEQ.unpack(body)
-    return kind, channel, last_seq, []
 
 
 # -- channel order (terms): APPEND sections and results, HANDOFF 6 .. 11 ------
