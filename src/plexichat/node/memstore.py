@@ -19,13 +19,40 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Sequence
-from typing import TypeVar
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeVar
 
 from plexichat.node.protocol import Record
-from plexichat.node.store import InsertCallback, StorageStats
+from plexichat.node.store import ChannelLog, ChannelState, InsertCallback, StorageStats
 
 T = TypeVar("T")
+
+_I64: Final = 1 << 63
+_U64: Final = 1 << 64
+
+
+def _check_fits(records: Sequence[Record], states: Sequence[ChannelState]) -> None:
+    """Raise OverflowError for a value SQLite could not store (so that both
+    engines refuse the same writes): ids beyond unsigned 64-bit, other
+    integers beyond signed 64-bit."""
+    for r in records:
+        if not (
+            -_I64 <= r.channel < _U64
+            and -_I64 <= r.sender < _U64
+            and -_I64 <= r.seq < _I64
+            and -_I64 <= r.ts_us < _I64
+            and -_I64 <= r.term < _I64
+        ):
+            raise OverflowError(f"record {r[:2]} does not fit in 64 bits")
+    for st in states:
+        if not (
+            -_I64 <= st.channel < _U64
+            and -_I64 <= st.promised < _I64
+            and -_I64 <= st.accepted_term < _I64
+            and -_I64 <= st.commit < _I64
+        ):
+            raise OverflowError(f"state of channel {st.channel} does not fit")
 
 
 class MemoryStore:
@@ -39,8 +66,10 @@ class MemoryStore:
         self._next_rowid = 1  # never reused, even after a delete
         self._rows: dict[int, Record] = {}  # row id -> record
         self._rowids: list[int] = []  # ascending
-        self._by_msg_id: dict[bytes, tuple[int, int, int]] = {}  # (channel, seq, id)
+        # (channel, msg_id) -> (seq, row id)
+        self._by_msg_id: dict[tuple[int, bytes], tuple[int, int]] = {}
         self._channels: dict[int, list[tuple[int, int]]] = {}  # sorted (seq, id)
+        self._states: dict[int, ChannelState] = {}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -63,54 +92,114 @@ class MemoryStore:
         self._opened = False
         self._loop = None
 
+    def channel_logs(self) -> dict[int, ChannelLog]:
+        """Like SQLite's: after :meth:`open`, before :meth:`start`."""
+        if not self._opened or self._loop is not None:
+            raise RuntimeError(
+                "MemoryStore.channel_logs(): after open(), before start()"
+            )
+        logs: dict[int, ChannelLog] = {}
+        for channel in self._channels.keys() | self._states.keys():
+            rows = self._channels.get(channel, [])
+            first: dict[int, int] = {}  # term -> lowest seq (SQLite's GROUP BY)
+            for seq, rowid in rows:
+                first.setdefault(self._rows[rowid].term, seq)
+            state = self._states.get(channel)
+            logs[channel] = ChannelLog(
+                rows[-1][0] if rows else 0,
+                sorted(first.items(), key=lambda epoch: epoch[1]),
+                dataclasses.replace(state) if state else ChannelState(channel),
+            )
+        return logs
+
     # -- API used from the event loop ---------------------------------------
 
-    def insert(self, records: Sequence[Record], callback: InsertCallback) -> None:
-        """INSERT OR IGNORE on msg_id; *callback* runs via ``loop.call_soon``.
+    def insert(
+        self,
+        records: Sequence[Record],
+        callback: InsertCallback,
+        *,
+        truncate: Mapping[int, int] | None = None,
+        states: Sequence[ChannelState] = (),
+    ) -> None:
+        """Truncate, save *states*, INSERT OR IGNORE *records*, all at once;
+        *callback* runs via ``loop.call_soon``.
 
         After :meth:`close` the callback gets a RuntimeError and nothing is
-        stored.
+        stored; so does a write with a value SQLite could not store
+        (OverflowError).
         """
         loop = self._running()
         if self._closed:
             loop.call_soon(callback, 0, {}, RuntimeError("store closed"))
             return
+        try:
+            _check_fits(records, states)
+        except OverflowError as exc:
+            self.stats.errors += 1
+            loop.call_soon(callback, 0, {}, exc)
+            return
+        cuts = (truncate or {}).items()
+        truncated = sum(self._truncate(channel, after) for channel, after in cuts)
+        for st in states:
+            self._states[st.channel] = dataclasses.replace(
+                st, accepted_members=tuple(st.accepted_members)
+            )
         inserted = 0
         corrections: dict[int, int] = {}
         for index, rec in enumerate(records):
             channel, seq, msg_id = rec.channel, rec.seq, bytes(rec.msg_id)
-            found = self._by_msg_id.get(msg_id)
+            found = self._by_msg_id.get((channel, msg_id))
             if found is not None:
-                if (found[0], found[1]) != (channel, seq):
-                    corrections[index] = found[1]
+                if found[0] != seq:
+                    corrections[index] = found[0]
                 continue
+            index_rows = self._channels.setdefault(channel, [])
+            at = bisect.bisect_left(index_rows, (seq, 0))
+            if at < len(index_rows) and index_rows[at][0] == seq:
+                continue  # the seq holds another message
             rowid = self._next_rowid
             self._next_rowid += 1
             self._rows[rowid] = Record(
-                channel, seq, msg_id, rec.sender, rec.ts_us, bytes(rec.payload)
+                channel,
+                seq,
+                msg_id,
+                rec.sender,
+                rec.ts_us,
+                bytes(rec.payload),
+                rec.term,
             )
             self._rowids.append(rowid)
-            self._by_msg_id[msg_id] = (channel, seq, rowid)
-            bisect.insort(self._channels.setdefault(channel, []), (seq, rowid))
+            self._by_msg_id[(channel, msg_id)] = (seq, rowid)
+            index_rows.insert(at, (seq, rowid))
             inserted += 1
         stats = self.stats
         stats.commits += 1
         stats.rows_inserted += inserted
         stats.rows_ignored += len(records) - inserted
+        stats.rows_truncated += truncated
         stats.largest_group = max(stats.largest_group, len(records))
         loop.call_soon(callback, inserted, corrections, None)
 
     async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
-        """Like SQLite's: by seq then row id; a page never ends inside a seq."""
+        """Like SQLite's: by seq, at most *limit*."""
         self._check()
         index = self._channels.get(channel, [])
         start = bisect.bisect_right(index, (after, self._next_rowid))
         stop = start + max(limit, 0)
-        if stop < len(index) and stop > start:
-            last = index[stop - 1][0]
-            while stop < len(index) and index[stop][0] == last:
-                stop += 1
         return await self._result([self._rows[i] for _, i in index[start:stop]])
+
+    async def lookup(
+        self, keys: Sequence[tuple[int, bytes]]
+    ) -> dict[tuple[int, bytes], tuple[int, int]]:
+        self._check()
+        out: dict[tuple[int, bytes], tuple[int, int]] = {}
+        for channel, msg_id in keys:
+            key = (channel, bytes(msg_id))
+            found = self._by_msg_id.get(key)
+            if found is not None:
+                out[key] = (found[0], self._rows[found[1]].term)
+        return await self._result(out)
 
     async def digest(self, channel: int, block: int) -> dict[int, tuple[int, int]]:
         self._check()
@@ -128,18 +217,14 @@ class MemoryStore:
         self._check()
         deleted = 0
         for rec in records:
-            msg_id = bytes(rec.msg_id)
-            found = self._by_msg_id.get(msg_id)
-            if found is None or (found[0], found[1]) != (rec.channel, rec.seq):
+            found = self._by_msg_id.get((rec.channel, bytes(rec.msg_id)))
+            if found is None or found[0] != rec.seq:
                 continue
-            channel, seq, rowid = found
-            del self._by_msg_id[msg_id]
-            del self._rows[rowid]
-            del self._rowids[bisect.bisect_left(self._rowids, rowid)]
-            rows = self._channels[channel]
-            del rows[bisect.bisect_left(rows, (seq, rowid))]
+            self._forget(rec.channel, found[1])
+            rows = self._channels[rec.channel]
+            del rows[bisect.bisect_left(rows, found)]
             if not rows:
-                del self._channels[channel]
+                del self._channels[rec.channel]
             deleted += 1
         return await self._result(deleted)
 
@@ -161,6 +246,25 @@ class MemoryStore:
         return await self._result((len(self._rows), len(self._channels)))
 
     # -- helpers ------------------------------------------------------------
+
+    def _truncate(self, channel: int, after: int) -> int:
+        """Delete *channel*'s rows with ``seq > after``; return how many."""
+        rows = self._channels.get(channel)
+        if not rows:
+            return 0
+        at = bisect.bisect_right(rows, (after, self._next_rowid))
+        gone = rows[at:]
+        del rows[at:]
+        for _seq, rowid in gone:
+            self._forget(channel, rowid)
+        if not rows:
+            del self._channels[channel]
+        return len(gone)
+
+    def _forget(self, channel: int, rowid: int) -> None:
+        """Drop row *rowid* everywhere but from its channel's seq index."""
+        del self._by_msg_id[(channel, self._rows.pop(rowid).msg_id)]
+        del self._rowids[bisect.bisect_left(self._rowids, rowid)]
 
     def _running(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

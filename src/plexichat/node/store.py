@@ -13,14 +13,22 @@ of its storage; :func:`open_store` builds one by engine name.  Engines:
 
 Messages are :class:`~plexichat.node.protocol.Record` rows; channel and
 sender ids are unsigned 64-bit, message ids 16 bytes, sequence numbers
-positive.  A message id is stored at most once; a (channel, seq) pair can be
-held by more than one message (see :meth:`MessageStore.fetch`).
+positive, terms (the ownership term of the owner that numbered a record)
+non-negative; seq, ts_us and term fit in a signed 64-bit integer.  Within a
+channel, a message id is stored at most once and a seq holds at most one
+message: per channel and node the rows form a log (seqs ``1..last`` without
+gaps, terms non-decreasing along seq; the node keeps it so, the store only
+enforces the two uniqueness rules).  The same message id may be stored in
+two channels.  Beside the rows, a store keeps one :class:`ChannelState` per
+channel (docs/design/channel-order.md), written in the same operation as rows
+(:meth:`MessageStore.insert`) and read back at start-up
+(:meth:`MessageStore.channel_logs`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -36,6 +44,27 @@ InsertCallback = Callable[[int, dict[int, int], BaseException | None], None]
 
 
 @dataclass
+class ChannelState:
+    """Durable per-channel ownership state (see docs/design/channel-order.md)."""
+
+    channel: int
+    promised: int = 0  # highest term this node promised
+    promised_to: str = ""  # the candidate it promised it to
+    accepted_term: int = 0  # term of the last config it accepted (0: none)
+    accepted_members: tuple[str, ...] = ()  # that config, owner first
+    commit: int = 0  # highest seq known committed
+
+
+@dataclass
+class ChannelLog:
+    """One channel's log as stored: what a node learns at start-up."""
+
+    last: int  # highest stored seq (0: none)
+    epochs: list[tuple[int, int]]  # (term, first seq of that term), ascending by seq
+    state: ChannelState  # the stored state row, or a default one
+
+
+@dataclass
 class StorageStats:
     """Counters of a store's writes (``checkpoints``: SQLite only)."""
 
@@ -43,6 +72,7 @@ class StorageStats:
     rows_inserted: int = 0
     rows_ignored: int = 0
     largest_group: int = 0
+    rows_truncated: int = 0
     checkpoints: int = 0
     errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -81,27 +111,64 @@ class MessageStore(Protocol):
         and release the store.  Nothing may be called afterwards."""
         ...
 
-    def insert(self, records: Sequence[Record], callback: InsertCallback) -> None:
-        """Store *records*: INSERT OR IGNORE on the message id.
+    def channel_logs(self) -> dict[int, ChannelLog]:
+        """``{channel: its log}`` for every channel holding a message or a
+        state row (``{}`` when empty), read synchronously: call it after
+        :meth:`open` and before :meth:`start` (else RuntimeError).
+
+        *epochs* are the ``(term, lowest seq stored with that term)`` pairs,
+        ascending by seq (on a log whose terms never decrease: where each
+        term begins); *state* is the stored :class:`ChannelState`, or
+        ``ChannelState(channel)`` when none was written.
+        """
+        ...
+
+    def insert(
+        self,
+        records: Sequence[Record],
+        callback: InsertCallback,
+        *,
+        truncate: Mapping[int, int] | None = None,
+        states: Sequence[ChannelState] = (),
+    ) -> None:
+        """One atomic write: truncate, then save *states*, then store *records*.
+
+        In this order, all in one operation (one transaction for a durable
+        engine): (a) for each ``channel -> after`` in *truncate*, delete that
+        channel's rows with ``seq > after`` (counted in
+        :attr:`StorageStats.rows_truncated`); (b) replace the stored state row
+        of each of *states* (the last one wins for a channel listed twice);
+        (c) INSERT OR IGNORE *records*, each on its (channel, message id) and
+        its (channel, seq).  *records* may be empty (a state-only or
+        truncate-only write).  *truncate* and *states* are copied at the call.
 
         Returns at once; ``callback(inserted, corrections, error)`` runs later
-        on the loop, once the rows are committed (durably, for a durable
+        on the loop, once the operation is committed (durably, for a durable
         engine).  *inserted* counts rows newly stored; *corrections* maps the
         index (in *records*) of each record whose message id was already
-        stored under another (channel, seq) to the seq it is stored at (the
-        stored one wins; an exact duplicate is ignored without a correction).
-        A repeated id within one batch behaves as if stored by an earlier
-        batch.  On *error* nothing of the batch is stored.
+        stored in its channel under another seq to the seq it is stored at
+        (the stored one wins).  A record whose (channel, seq) is held by
+        another message is ignored without a correction, and so is an exact
+        duplicate (same channel, seq and message id).  A repeated id within
+        one batch behaves as if stored by an earlier batch.  On *error*
+        (e.g. an OverflowError for a value that does not fit in 64 bits)
+        nothing of the operation is applied; other operations are not
+        affected.
         """
         ...
 
     async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
-        """Messages of *channel* with ``seq > after``, by seq (ties: in the
-        order they were stored), at most *limit* of them, except that a page
-        never ends inside a seq: when the page is full, every message at its
-        last seq is included, even beyond *limit*.  So a reader that goes on
-        with ``after = last seq`` skips nothing, even where two messages share
-        a seq."""
+        """Messages of *channel* with ``seq > after``, by seq, at most *limit*
+        of them.  A seq holds at most one message, so a reader that goes on
+        with ``after = last seq`` of a page skips nothing."""
+        ...
+
+    async def lookup(
+        self, keys: Sequence[tuple[int, bytes]]
+    ) -> dict[tuple[int, bytes], tuple[int, int]]:
+        """``{(channel, message id): (seq, term)}`` for each of *keys* that is
+        stored (absent keys are left out).  A read like :meth:`fetch`: it sees
+        every insert called before it."""
         ...
 
     async def digest(self, channel: int, block: int) -> dict[int, tuple[int, int]]:
@@ -112,8 +179,8 @@ class MessageStore(Protocol):
 
     async def delete_exact(self, records: Sequence[Record]) -> int:
         """Delete the rows whose channel, seq and message id all match one of
-        *records* (other fields are ignored); return how many went.  A copy
-        of the same message id under another seq stays."""
+        *records* (other fields are ignored); return how many went.  The same
+        message id under another seq or channel stays."""
         ...
 
     async def max_rowid(self) -> int:
