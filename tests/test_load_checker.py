@@ -121,6 +121,11 @@ def test_journal_round_trip_and_bad_files(tmp_path):
         list(jr.read(path))
 
 
+def _signed(value: int) -> int:
+    """A u64 as SQLite stores it (a signed 64-bit integer)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def test_checker_finds_a_deleted_row_and_a_planted_duplicate(tmp_path):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path / "nodes") as cluster:
@@ -150,19 +155,25 @@ def test_checker_finds_a_deleted_row_and_a_planted_duplicate(tmp_path):
             result = await run_check(nodes, journal)
             assert (result.lost, result.duplicated) == (1, 0)
 
+            # a reader sees committed seqs only: plant the duplicate over a
+            # committed row of the same channel (that message is lost then)
             owner = cluster.node(cluster.owners(other.channel)[0])
+            same = [
+                e
+                for e in jr.read(journal)
+                if e.channel == other.channel
+                and e.msg_id not in (other.msg_id, victim.msg_id)
+            ]
             db = sqlite3.connect(owner.storage.path)
             with db:
-                db.execute("DROP INDEX messages_msg_id")
-                db.execute(
-                    "INSERT INTO messages (channel, seq, msg_id, sender, ts_us, "
-                    "payload) SELECT channel, seq + 100000, msg_id, sender, ts_us, "
-                    "payload "
-                    "FROM messages WHERE msg_id = ?",
-                    (other.msg_id,),
+                db.execute("DROP INDEX messages_by_msg_id")
+                planted = db.execute(
+                    "UPDATE messages SET msg_id = ? WHERE channel = ? AND seq = ?",
+                    (other.msg_id, _signed(other.channel), same[0].seq),
                 )
+                assert planted.rowcount == 1
             result = await run_check(nodes, journal)
-            assert (result.lost, result.duplicated) == (1, 1)
+            assert (result.lost, result.duplicated) == (2, 1)
             assert not result.ok
 
     asyncio.run(asyncio.wait_for(scenario(), 60))

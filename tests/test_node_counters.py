@@ -12,7 +12,7 @@ from plexichat.node.testing import InProcessCluster
 def test_new_counters_are_every_declared_key_at_zero():
     counters = new_counters()
     assert set(counters) == set(NodeCounters.__required_keys__)
-    assert len(counters) == 32
+    assert len(counters) == 30
     assert set(counters.values()) == {0}
 
 

@@ -144,19 +144,3 @@ def test_whole_seqs_cuts_between_sequence_numbers():
     # a first sequence number larger than the limit is still returned whole
     assert [r.seq for r in whole_seqs(rows[1:], 1)] == [2, 2, 2]
     assert whole_seqs([], 5) == []
-
-
-def test_placement_intervals_merge_and_leave_gaps():
-    from plexichat.node.server import add_interval, gaps
-
-    placed = add_interval([], 10, 20)
-    placed = add_interval(placed, 30, 40)
-    assert placed == [(10, 20), (30, 40)]
-    assert gaps(placed, 50) == [(0, 10), (20, 30), (40, 50)]
-    assert gaps(placed, 35) == [(0, 10), (20, 30)]
-    assert gaps(placed, 5) == [(0, 5)]
-    placed = add_interval(placed, 20, 30)  # touching both: one interval
-    assert placed == [(10, 40)]
-    assert add_interval(placed, 0, 12) == [(0, 40)]
-    assert add_interval(placed, 50, 50) == placed  # empty: unchanged
-    assert gaps([(0, 40)], 40) == []

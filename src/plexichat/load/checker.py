@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 import json
 import sys
 from collections import defaultdict
@@ -222,6 +223,35 @@ async def _fetch_channels(
     return out
 
 
+async def _wait_for_lagging_replicas(
+    pairs: list[tuple[NodeClient, list[int]]],
+    replica_rows: list[Stored],
+    owner_rows: Stored,
+    timeout: float = 5.0,
+) -> None:
+    """Read again, for up to *timeout* seconds, the replica histories that are
+    a strict prefix of the owner's: a replica learns the owner's commit with
+    its next APPEND, so right after the load it may show a shorter committed
+    history.  Histories that differ otherwise are left as read (they count)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lagging = [
+            (i, channel)
+            for i, rows in enumerate(replica_rows)
+            for channel, history in rows.items()
+            if len(history) < len(owner_rows.get(channel, ()))
+            and owner_rows[channel][: len(history)] == history
+        ]
+        if not lagging or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.1)
+        again = await asyncio.gather(
+            *(_fetch_channels(pairs[i][0], [c], concurrency=1) for i, c in lagging)
+        )
+        for (i, channel), part in zip(lagging, again, strict=True):
+            replica_rows[i][channel] = part[channel]
+
+
 async def run_check(
     nodes: list[tuple[str, int]], journal_path: Path, *, replicas: bool = False
 ) -> CheckResult:
@@ -253,14 +283,10 @@ async def run_check(
             owner_rows.update(part)
         replica_rows: list[Stored] = []
         if replicas:
-            parts = await asyncio.gather(
-                *(
-                    _fetch_channels(by_id[n], ch)
-                    for n, ch in wanted_replicas.items()
-                    if n in by_id
-                )
-            )
+            pairs = [(by_id[n], ch) for n, ch in wanted_replicas.items() if n in by_id]
+            parts = await asyncio.gather(*(_fetch_channels(c, ch) for c, ch in pairs))
             replica_rows = list(parts)  # one history per replica node
+            await _wait_for_lagging_replicas(pairs, replica_rows, owner_rows)
         return check(entries, owner_rows, replica_rows)
     finally:
         for c in clients:

@@ -27,23 +27,21 @@ class NodeCounters(TypedDict):
     bad_frames: int
     unknown_ops: int
     timeouts_closed: int
-    handoff_sent: int
-    handoff_received: int
-    handoffs: int
-    syncs: int
-    fenced: int
-    transient_pushed: int
+    handoffs: int  # rebalance rounds after ring changes
+    takeovers: int  # channel takeovers started (a new term)
+    takeover_failed: int
+    step_downs: int  # an owner gave a channel up after a failed write
+    prepares_refused: int
+    append_refused: int  # APPENDs of a term below this node's promise
+    append_mismatch: int  # APPENDs whose prev (term, seq) this node lacks
+    truncated: int  # conflicting tails dropped
+    log_pulled: int  # records a new owner pulled from the best log
+    log_installed: int  # records a new owner sent to its replicas
     slow_readers_closed: int
     delivered: int
     connections: int
     lease_lapses: int
     lease_refused: int
-    replicate_refused: int
-    rolled_back: int
-    sync_failed: int
-    handoff_blocks_same: int
-    handoff_blocks_pushed: int
-    placement_rounds: int
 
 
 def new_counters() -> NodeCounters:

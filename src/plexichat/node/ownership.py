@@ -1,9 +1,9 @@
 """Per-channel ownership terms and log truncation: a pure state machine (issue 11).
 
-NOT WIRED INTO THE NODE YET: ``server.py`` still numbers writes with HANDOFF
-PULL/SEQ fences.  This module is the model the write path is meant to adopt;
-``docs/design/channel-order.md`` specifies it and ``tests/test_ownership_sim.py``
-checks it under simulated faults.
+This is the specification the node follows (``node/order.py``,
+``node/channels.py`` and ``node/writes.py`` implement it with the log in the
+store); ``docs/design/channel-order.md`` describes both and
+``tests/test_ownership_sim.py`` checks this model under simulated faults.
 
 One :class:`ChannelReplica` is one node's view of one channel.  It does no I/O
 and reads no clock: every method returns *effects* (messages to send, client

@@ -1,21 +1,20 @@
-"""The PlexiChat node: framed TCP server, sharding, replication, handoff, relay.
+"""The PlexiChat node: framed TCP server, sharding, channel order, relay.
 
-Write path (owner): SEND frames that arrive in one event-loop turn form a
-batch.  The owner assigns per-channel sequence numbers, queues the batch to
-its :class:`~plexichat.node.store.MessageStore` and sends one
-REPLICATE frame per replica and replica set; the ACKs of a replica set go
-out (in one write per connection) once the local commit and its replicas'
-REPLICATE_ACKs are in, so an unreachable replica fails only the messages it
-was meant to hold.  A SEND that reaches a node which does not own the
-channel is forwarded to the owner and the owner's reply is relayed back.
+:class:`Node` is the composition root: it routes frames, keeps the ring
+(membership), and delegates the owner's write path to
+:class:`~plexichat.node.writes.WritePath`, channel ownership (terms,
+takeovers, the replica side of APPEND) to
+:class:`~plexichat.node.channels.ChannelOrder`, peer links to
+:class:`~plexichat.node.peers.PeerLinks` and relay to
+:class:`~plexichat.node.relay.Relayer`.  A SEND that reaches a node which
+does not own the channel is forwarded to the owner and the owner's reply is
+relayed back.  Readers (FETCH, SUBSCRIBE/DELIVER) see only committed records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import os
 import time
@@ -24,23 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
 from plexichat import accel, wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
+from plexichat.node.channels import ChannelOrder
 from plexichat.node.counters import NodeCounters, new_counters
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
-from plexichat.node.peers import NotSent, PeerLinks
+from plexichat.node.order import Role
+from plexichat.node.peers import PeerLinks
 from plexichat.node.relay import Relayer
 from plexichat.node.store import Engine, MessageStore, Synchronous, open_store
-from plexichat.node.transport import (
-    ConnectionLost,
-    FrameConnection,
-    Link,
-    RemoteError,
-)
+from plexichat.node.transport import FrameConnection, Link
+from plexichat.node.writes import WritePath
 from plexichat.routing import Ring
 from plexichat.stats import Histogram
 
@@ -49,7 +44,6 @@ log = logging.getLogger("plexichat.node")
 
 T = wire.MessageType
 HISTOGRAMS: Final = ("send", "forward", "replicate", "fetch", "relay")
-CHUNK_BYTES: Final = 512 * 1024
 
 SendItem = tuple[FrameConnection, int, int, bytes, int, bytes, int, tuple[str, ...]]
 
@@ -80,13 +74,12 @@ class NodeConfig:
     commit_interval: float = 0.002  # group commit: min seconds between commits
     store: Engine = "sqlite"  # see plexichat.node.store ("memory": not durable)
     cache_capacity: int = 65536
-    handoff_batch: int = 512
-    handoff_block: int = 256  # seqs per digest block (0: always push whole channels)
-    handoff_delay: float = 0.5  # ring must be stable this long before a handoff
-    # An owner assigns sequence numbers only while a majority answered it
-    # within this many seconds (0: 3/4 of the suspicion timeout: the others
-    # declare a node dead at least a suspicion timeout after it stopped
-    # answering, so they never take a channel over while it still writes it)
+    handoff_batch: int = 512  # records per log pull / install APPEND
+    handoff_delay: float = 0.5  # ring must be stable this long before a rebalance
+    # An owner numbers writes only while a majority answered it within this
+    # many seconds (0: 3/4 of the suspicion timeout).  Terms keep the order
+    # safe without it when replicas >= 2; with one replica it is what stops
+    # a cut-off owner from committing alone.
     lease: float = 0.0
     fetch_limit: int = 1000
 
@@ -97,127 +90,6 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
-
-
-def _micros(elapsed_ns: Iterable[int]) -> np.ndarray[Any, np.dtype[np.int64]]:
-    arr = np.fromiter(elapsed_ns, dtype=np.int64)
-    arr //= 1000
-    np.maximum(arr, 1, out=arr)
-    return arr
-
-
-class _WriteGroup:
-    """One owner batch waiting for its local commit and replica acks."""
-
-    __slots__ = (
-        "corrections",
-        "failed",
-        "finished",
-        "maybe_copied",
-        "node",
-        "parts",
-        "records",
-        "replicas_left",
-        "timer",
-        "waiters",
-    )
-
-    def __init__(
-        self,
-        node: Node,
-        records: list[p.Record],
-        waiters: list[tuple[FrameConnection, int, int]],
-        parts: int,
-    ) -> None:
-        self.node = node
-        self.records = records
-        self.waiters = waiters
-        self.parts = parts
-        self.replicas_left = parts - 1
-        self.maybe_copied = False  # a replica may hold the records
-        self.failed = False
-        self.finished = False
-        self.corrections: dict[int, int] = {}
-        self.timer: asyncio.TimerHandle | None = None
-
-    def local_done(
-        self, inserted: int, corrections: dict[int, int], error: BaseException | None
-    ) -> None:
-        if error is not None:
-            self.fail(p.ErrorCode.INTERNAL, f"storage: {error}")
-            return
-        if corrections:
-            self.corrections = corrections
-        self._part_done()
-
-    def replica_done(
-        self, frame: wire.Frame | None, error: BaseException | None
-    ) -> None:
-        self.replicas_left -= 1
-        if frame is not None and frame.type == T.REPLICATE_ACK:
-            self.maybe_copied = True
-        elif not isinstance(error, NotSent) and frame is None:
-            self.maybe_copied = True  # lost in flight or timed out: unknown
-        self._replica_result(frame, error)
-        if self.failed and self.replicas_left == 0 and not self.maybe_copied:
-            # no replica has them and the writer was told they failed: take
-            # them back, so that a new owner's numbers do not collide with them
-            self.node.roll_back(self.records)
-
-    def _replica_result(
-        self, frame: wire.Frame | None, error: BaseException | None
-    ) -> None:
-        if error is not None or frame is None:
-            self.fail(p.ErrorCode.UNAVAILABLE, f"replica: {error}")
-        elif frame.type != T.REPLICATE_ACK:
-            try:
-                reason = p.decode_error(frame.payload)[1]
-            except p.ProtocolError:
-                reason = f"frame type {frame.type}"
-            self.fail(p.ErrorCode.UNAVAILABLE, f"replica refused the write: {reason}")
-        else:
-            self._part_done()
-
-    def _part_done(self) -> None:
-        self.parts -= 1
-        if self.parts == 0 and not self.finished:
-            self.finish()
-
-    def finish(self) -> None:
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-        node = self.node
-        recent_put = node.recent.put
-        corrections = self.corrections
-        ack_pack = p.ACK_BODY.pack
-        records = self.records
-        now = time.perf_counter_ns()
-        for index, (conn, rid, _t0) in enumerate(self.waiters):
-            rec = records[index]
-            seq = corrections.get(index, rec.seq) if corrections else rec.seq
-            conn.send(T.ACK, rid, ack_pack(rec.channel, seq))
-            recent_put(rec.msg_id, (rec.channel, seq))
-        node.counters["acked"] += len(self.waiters)
-        node.hist["send"].record_many(_micros(now - w[2] for w in self.waiters))
-        if node.subscribers:
-            node.deliver(records)
-
-    def fail(self, code: int, message: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.failed = True
-        if self.timer is not None:
-            self.timer.cancel()
-        self.node.counters["send_failed"] += len(self.waiters)
-        for conn, rid, _t0 in self.waiters:
-            conn.send_error(rid, code, message)
-
-    def expire(self) -> None:
-        self.timer = None
-        self.maybe_copied = True  # replies still out: they may have arrived
-        self.fail(p.ErrorCode.TIMEOUT, "replication timed out")
 
 
 def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
@@ -236,61 +108,10 @@ def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
     return rows[:cut]
 
 
-def add_interval(
-    intervals: list[tuple[int, int]], lo: int, hi: int
-) -> list[tuple[int, int]]:
-    """*intervals* (sorted, disjoint ``(lo, hi]``) with ``(lo, hi]`` added."""
-    if hi <= lo:
-        return intervals
-    out: list[tuple[int, int]] = []
-    for a, b in intervals:
-        if b < lo or a > hi:
-            out.append((a, b))
-        else:  # overlapping or touching: merge
-            lo, hi = min(lo, a), max(hi, b)
-    out.append((lo, hi))
-    out.sort()
-    return out
-
-
-def gaps(intervals: list[tuple[int, int]], top: int) -> list[tuple[int, int]]:
-    """The ``(lo, hi]`` stretches of ``(0, top]`` that *intervals* do not cover."""
-    out: list[tuple[int, int]] = []
-    at = 0
-    for a, b in intervals:
-        if a >= top:
-            break
-        if a > at:
-            out.append((at, a))
-        at = max(at, b)
-    if at < top:
-        out.append((at, top))
-    return out
-
-
-def _local_done_all(
-    groups: list[_WriteGroup],
-    inserted: int,
-    corrections: dict[int, int],
-    error: BaseException | None,
-) -> None:
-    """One storage commit of several write groups: split the corrections."""
-    offset = 0
-    for group in groups:
-        size = len(group.records)
-        mine = {
-            i - offset: seq
-            for i, seq in corrections.items()
-            if offset <= i < offset + size
-        }
-        group.local_done(inserted, mine, error)
-        offset += size
-
-
 class Node:
     """One PlexiChat node (start with :meth:`start`, stop with :meth:`stop`).
 
-    Leases, fences and suspicion timeouts read *clock* (in-process tests pass
+    Leases and suspicion timeouts read *clock* (in-process tests pass
     one they move by hand); waits and I/O timeouts stay on the event loop.
     """
 
@@ -316,21 +137,6 @@ class Node:
         capacity = config.cache_capacity
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
-        self.last_seq: dict[int, int] = {}
-        self.synced: dict[int, int] = {}
-        # channel -> epoch in which another node claimed it (HANDOFF PULL)
-        # (until the view changes or the fence expires: then it syncs again)
-        self.fenced: dict[int, tuple[int, float]] = {}
-        # Placement: rows whose row id lies in ``placed`` (sorted, disjoint
-        # ``(lo, hi]`` intervals) are known to sit on their owners: they were
-        # stored while the ring was settled, or pushed to the owners since.
-        # Rows in the gaps are pushed at the next handoff round.  ``retry``
-        # holds channels (-> lowest seq) whose last push failed.  Both persist
-        # in ``placed.json`` so that a kill does not forget them.
-        self.placed: list[tuple[int, int]] = []
-        self.retry: dict[int, int] = {}
-        self._in_transition = True
-        self._placed_file = Path(config.data_dir) / "placed.json"
         self.gates: dict[int, list[SendItem]] = {}
         self.conns: set[FrameConnection] = set()
         self.subscribers: dict[int, set[FrameConnection]] = {}
@@ -346,11 +152,10 @@ class Node:
         self._sends_epoch = 0  # epoch when the queued SENDs were routed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ring_changed = asyncio.Event()
-        self._handoff_base: Ring | None = None
-        self._handoff_running = False
-        self._ring_file = Path(config.data_dir) / "ring.json"
+        self._rebalancing = False
+        self._balanced_epoch = -1  # the ring epoch whose rebalance completed
         self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.peers = PeerLinks(
             self.id,
             clock=clock,
@@ -370,6 +175,20 @@ class Node:
             hist=self.hist,
             capacity=capacity,
         )
+        self.order = ChannelOrder(
+            self.id,
+            storage=self.storage,
+            peers=self.peers,
+            voters=self._voters,
+            counters=self.counters,
+            hist=self.hist,
+            spawn=self._spawn,
+            on_commit=self._committed_elsewhere,
+            call_timeout=max(config.sync_timeout, 2 * config.gossip.ping_timeout),
+            data_timeout=config.replicate_timeout,
+            batch=config.handoff_batch,
+        )
+        self.writes = WritePath(self)
         self._handlers: dict[int, Callable[[FrameConnection, int, bytes], None]] = {
             T.HELLO: self._on_hello,
             T.REPLICATE: self._on_replicate,
@@ -387,12 +206,11 @@ class Node:
     async def start(self) -> None:
         """Open storage, listen, join the cluster."""
         config = self.config
-        self._loop = asyncio.get_running_loop()
-        self.last_seq = self.storage.open()
-        self._load_ring_file()
-        self._load_placed()
-        self.storage.start(self._loop)
-        self._server = await self._loop.create_server(
+        self.loop = asyncio.get_running_loop()
+        self.storage.open()
+        self.order.load(self.storage.channel_logs())
+        self.storage.start(self.loop)
+        self._server = await self.loop.create_server(
             self._new_connection,
             config.listen_host,
             config.listen_port,
@@ -419,8 +237,8 @@ class Node:
         self._membership_changed()
         self.membership.start()
         self._spawn(self._sweeper(), "sweeper")
-        self._spawn(self._handoff_worker(), "handoff")
-        self._spawn(self._placement_tracker(), "placement")
+        self._spawn(self._rebalancer(), "rebalance")
+        self._spawn(self._commit_flusher(), "commits")
         self._spawn(self._lease_keeper(), "lease")
         self.gc.install()
         self.started = time.monotonic()
@@ -432,7 +250,7 @@ class Node:
                 "listen": f"{config.listen_host}:{self.listen_port}",
                 "advertise": f"{self.advertise[0]}:{self.advertise[1]}",
                 "backend": accel.summary(),
-                "channels": len(self.last_seq),
+                "channels": len(self.order.metas),
                 "pid": os.getpid(),
             },
         )
@@ -453,6 +271,8 @@ class Node:
                 await task
         if self._sends:
             self._flush_sends()
+        with contextlib.suppress(Exception):
+            await self.order.flush_commits()
         for conn in list(self.conns):
             conn.close()
         self.peers.close()
@@ -586,8 +406,6 @@ class Node:
         self.ring_members = dict(live)
         self.epoch += 1
         self.owner_cache.clear()
-        self.fenced.clear()
-        self._in_transition = True
         log.info(
             "ring changed",
             extra={"event": "ring", "members": sorted(live), "epoch": self.epoch},
@@ -596,14 +414,20 @@ class Node:
 
     @property
     def settled(self) -> bool:
-        """True once handoffs have caught up with the current ring."""
+        """True once this node took over every channel the ring gives it and
+        told the owners of the others (the rebalance of this ring is done)."""
         return (
             self.ring is not None
-            and self._handoff_base == self.ring
+            and self._balanced_epoch == self.epoch
             and not self._ring_changed.is_set()
-            and not self._in_transition  # a round is due, still waiting
-            and not self._handoff_running
+            and not self._rebalancing
+            and not self.order.takeovers
         )
+
+    def _voters(self) -> list[str]:
+        """Members that count for majorities: all that have not left."""
+        assert self.membership is not None
+        return [m.id for m in self.membership.members.values() if m.status != "left"]
 
     @property
     def has_quorum(self) -> bool:
@@ -713,8 +537,8 @@ class Node:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._sends_epoch = self.epoch
-            assert self._loop is not None
-            self._loop.call_soon(self._flush_sends)
+            assert self.loop is not None
+            self.loop.call_soon(self._flush_sends)
 
     def _unavailable_reason(self) -> str:
         live, voters = self.quorum
@@ -722,7 +546,7 @@ class Node:
             return f"no quorum: {live} of {voters} members reachable"
         return f"{len(self.ring_members)} nodes live, {self.config.replicas} needed"
 
-    def _reroute(self, items: list[SendItem]) -> None:
+    def reroute(self, items: list[SendItem]) -> None:
         """Route SENDs again, in order: the ring changed since their owners were
         computed (an old owner must not assign sequence numbers any more)."""
         for conn, rid, _channel, _msg_id, _sender, payload, t0, _owners in items:
@@ -733,7 +557,7 @@ class Node:
         self, conn: FrameConnection, rid: int, payload: bytes, owner: str, t0: int
     ) -> None:
         self.counters["forwarded"] += 1
-        assert self._loop is not None
+        assert self.loop is not None
         state: dict[str, Any] = {}
 
         def done(frame: wire.Frame | None, error: BaseException | None) -> None:
@@ -753,7 +577,7 @@ class Node:
                 elapsed = max(1, (time.perf_counter_ns() - t0) // 1000)
                 self.hist["forward"].record(elapsed)
 
-        state["timer"] = self._loop.call_later(
+        state["timer"] = self.loop.call_later(
             self.config.forward_timeout,
             done,
             None,
@@ -766,111 +590,53 @@ class Node:
         batch, self._sends = self._sends, []
         if not batch:
             return
-        epoch = self.epoch
-        if self._sends_epoch != epoch:
-            self._reroute(batch)
+        if self._sends_epoch != self.epoch:
+            self.reroute(batch)
             return
         if len(self.ring_members) > 1 and not self.lease_valid():
             self._refuse_without_lease(batch)
             return
         self._lease_lapsed = False
-        synced = self.synced
-        fenced = self.fenced
-        now_s = self.clock.now()
-        gates = self.gates
-        last_seq = self.last_seq
-        recent_get = self.recent.get
-        ack_pack = p.ACK_BODY.pack
-        ts = time.time_ns() // 1000
-        head = p.SEND_HEAD.size
-        make = p.make_record
-        single = len(self.ring_members) <= 1
-        # replica set -> (records, waiters): one write group each
-        sets: dict[
-            tuple[str, ...],
-            tuple[list[p.Record], list[tuple[FrameConnection, int, int]]],
-        ] = {}
-        self.counters["sends"] += len(batch)
-        for item in batch:
-            conn, rid, channel, msg_id, sender, payload, t0, owners = item
-            hit = recent_get(msg_id)
-            if hit is not None:
-                self.counters["dedup_hits"] += 1
-                conn.send(T.ACK, rid, ack_pack(hit[0], hit[1]))
-                continue
-            fence = fenced.get(channel) if fenced else None
-            if fence is not None and fence[0] == epoch and fence[1] <= now_s:
-                # the claim is old: learn the channel's state again first
-                del fenced[channel]
-                synced.pop(channel, None)
-                fence = None
-            if fence is not None and fence[0] == epoch:
-                self.counters["fenced"] += 1
-                self._error(
-                    conn,
-                    rid,
-                    p.ErrorCode.UNAVAILABLE,
-                    "another node claimed this channel: ownership is moving",
-                )
-                continue
-            gate = gates.get(channel)
-            if gate is not None:
-                gate.append(item)
-                continue
-            if synced.get(channel) != epoch:
-                if single:
-                    synced[channel] = epoch
-                else:
-                    gates[channel] = [item]
-                    self._spawn(self._sync_channel(channel, epoch), "sync")
-                    continue
-            seq = last_seq.get(channel, 0) + 1
-            last_seq[channel] = seq
-            rec = make((channel, seq, msg_id, sender, ts, payload[head:], 0))
-            entry = sets.get(owners)
-            if entry is None:
-                entry = sets[owners] = ([], [])
-            entry[0].append(rec)
-            entry[1].append((conn, rid, t0))
-        if not sets:
-            return
-        assert self._loop is not None
-        records: list[p.Record] = []
-        groups: list[_WriteGroup] = []
-        sends: list[tuple[str, list[p.Record], _WriteGroup]] = []
-        for owners, (recs, waiters) in sets.items():
-            chunks = [(r, c) for r in owners[1:] for c in self._chunks(recs)]
-            group = _WriteGroup(self, recs, waiters, 1 + len(chunks))
-            group.timer = self._loop.call_later(
-                self.config.replicate_timeout, group.expire
-            )
-            groups.append(group)
-            records += recs
-            sends += [(replica, chunk, group) for replica, chunk in chunks]
-        if len(groups) == 1:
-            self.storage.insert(records, groups[0].local_done)
-        else:
-            self.storage.insert(records, functools.partial(_local_done_all, groups))
-        for replica, chunk, group in sends:
-            self.counters["replicate_frames"] += 1
-            self.peers.request(
-                replica, T.REPLICATE, p.encode_records(chunk), group.replica_done
-            )
+        self.writes.flush(batch)
 
-    def roll_back(self, records: list[p.Record]) -> None:
-        """Delete this node's copy of writes that failed before any replica got
-        them (their sequence numbers stay used: a new owner numbers after them
-        or, not knowing them, reuses them without a collision)."""
-        self.counters["rolled_back"] += len(records)
-        self._spawn(self.storage.delete_exact(records), "roll-back")
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run *coro* as one of this node's tasks (cancelled by :meth:`stop`)."""
+        return self._spawn(coro, name)
+
+    def take_over_then_release(self, channel: int, owners: tuple[str, ...]) -> None:
+        """Take *channel* over, then route the SENDs gated behind it again."""
+
+        async def run() -> None:
+            reason = "node is stopping"
+            try:
+                reason = await self.order.take_over(channel, owners) or ""
+            except asyncio.CancelledError:
+                reason = "node is stopping"
+                raise
+            finally:
+                gated = self.gates.pop(channel, [])
+                if reason:
+                    for conn, rid, *_ in gated:
+                        self._error(
+                            conn,
+                            rid,
+                            p.ErrorCode.UNAVAILABLE,
+                            f"taking channel {channel} over failed: {reason}",
+                        )
+                elif gated:
+                    self.reroute(gated)
+
+        self._spawn(run(), "take-over")
 
     def _refuse_without_lease(self, batch: list[SendItem]) -> None:
         """No majority answered lately (this node was paused or cut off): the
         others may have taken its channels over, so it writes nothing and
-        syncs every channel again before its next write."""
+        takes every channel over again before its next write."""
         if not self._lease_lapsed:
             self._lease_lapsed = True
-            self.epoch += 1  # every channel syncs again before its next write
+            for meta in self.order.metas.values():
+                if meta.role is not Role.FOLLOWER:
+                    meta.step_down()
             self.owner_cache.clear()
             self.counters["lease_lapses"] += 1
             log.warning("lease lapsed", extra={"event": "lease", "lease_s": self.lease})
@@ -879,132 +645,25 @@ class Node:
         for conn, rid, *_ in batch:
             self._error(conn, rid, p.ErrorCode.UNAVAILABLE, message)
 
-    @staticmethod
-    def _chunks(records: list[p.Record]) -> Iterable[list[p.Record]]:
-        size = 0
-        chunk: list[p.Record] = []
-        for rec in records:
-            chunk.append(rec)
-            size += p.REPLICA_RECORD.size + len(rec.payload)
-            if size >= CHUNK_BYTES:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
-
-    async def _sync_channel(self, channel: int, epoch: int) -> None:
-        """Learn the channel's last sequence from every live peer before writing."""
-        self.counters["syncs"] += 1
-        # every member that has not left, not only the ring: a node this one
-        # believes dead may be alive and still think it owns the channel (the
-        # PULL fences it); an unreachable one costs at most sync_timeout
-        assert self.membership is not None
-        peers = [
-            m.id
-            for m in self.membership.members.values()
-            if m.id != self.id and m.status != "left"
-        ]
-        body = p.encode_handoff_pull(channel)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[wire.Frame | None]] = []
-        owners = self.owners(channel) or ()
-        required: dict[asyncio.Future[wire.Frame | None], str] = {}
-        for peer in peers:
-            future: asyncio.Future[wire.Frame | None] = loop.create_future()
-
-            def done(
-                frame: wire.Frame | None,
-                error: BaseException | None,
-                future: asyncio.Future[wire.Frame | None] = future,
-            ) -> None:
-                if not future.done():
-                    future.set_result(frame)
-
-            futures.append(future)
-            if peer in owners[1:]:
-                required[future] = peer
-            self.peers.request(peer, T.HANDOFF, body, done)
-        best = self.last_seq.get(channel, 0)
-        timeout = max(self.config.sync_timeout, 2 * self.config.gossip.ping_timeout)
-        answered: set[asyncio.Future[wire.Frame | None]] = set()
-        if futures:
-            done_set, _ = await asyncio.wait(futures, timeout=timeout)
-            for fut in done_set:
-                frame = fut.result()
-                if frame is not None and frame.type == T.HANDOFF:
-                    with contextlib.suppress(p.ProtocolError):
-                        kind, _, last, _ = p.decode_handoff(frame.payload)
-                        if kind is p.HandoffKind.SEQ:
-                            best = max(best, last)
-                            answered.add(fut)
-        if best > self.last_seq.get(channel, 0):
-            self.last_seq[channel] = best
-        silent = sorted(peer for fut, peer in required.items() if fut not in answered)
-        if silent:
-            # a replica holds every acknowledged write of the channel: without
-            # its last sequence number this node could hand out used numbers
-            # (after a power cut took its own last commits, for one)
-            self.counters["sync_failed"] += 1
-            for conn, rid, *_ in self.gates.pop(channel, []):
-                self._error(
-                    conn,
-                    rid,
-                    p.ErrorCode.UNAVAILABLE,
-                    f"channel sync: no answer from replica {', '.join(silent)}",
-                )
-            return
-        self.synced[channel] = epoch
-        pending = self.gates.pop(channel, [])
-        if pending and self.epoch != epoch:
-            batch, self._sends = pending + self._sends, []
-            self._reroute(batch)
-        elif pending:
-            self._sends = pending + self._sends
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush_sends)
-
     # -- replication, delivery ------------------------------------------------------
 
-    def _note_records(self, records: list[p.Record]) -> None:
-        last_seq = self.last_seq
-        for rec in records:
-            if rec.seq > last_seq.get(rec.channel, 0):
-                last_seq[rec.channel] = rec.seq
-
     def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        membership = self.membership
-        if (
-            conn.peer_id
-            and membership is not None
-            and membership.status(conn.peer_id) in ("dead", "left")
-        ):
-            # written by an owner the cluster has routed around (it was
-            # paused or cut off): its channels may have a new owner already
-            self.counters["replicate_refused"] += 1
-            self._error(
-                conn, rid, p.ErrorCode.NOT_OWNER, f"{conn.peer_id} is dead here"
-            )
-            return
-        records = p.decode_records(payload)
-        self._note_records(records)
-        t0 = time.perf_counter_ns()
+        self.order.on_append(conn, rid, payload)
 
-        def done(
-            inserted: int, corrections: dict[int, int], error: BaseException | None
-        ) -> None:
-            if error is not None:
-                self._error(conn, rid, p.ErrorCode.INTERNAL, f"storage: {error}")
+    def _committed_elsewhere(self, channel: int, old: int, new: int) -> None:
+        """A replica's (or new owner's) commit moved: DELIVER (old, new]."""
+        if channel in self.subscribers:
+            self._spawn(self._deliver_range(channel, old, new), "deliver")
+
+    async def _deliver_range(self, channel: int, old: int, new: int) -> None:
+        after = old
+        while after < new:
+            rows = await self.storage.fetch(channel, after, self.config.fetch_limit)
+            rows = [r for r in rows if r.seq <= new]
+            if not rows:
                 return
-            self.counters["replicated"] += len(records)
-            conn.send(
-                T.REPLICATE_ACK, rid, p.encode_replicate_ack(len(records), inserted)
-            )
-            self.hist["replicate"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
-            if self.subscribers:
-                self.deliver(records)
-
-        self.storage.insert(records, done)
+            self.deliver(rows)
+            after = rows[-1].seq
 
     def deliver(self, records: Iterable[p.Record]) -> None:
         """Push committed records to this node's subscribers of their channels."""
@@ -1021,7 +680,8 @@ class Node:
         channel = p.decode_channel(payload)
         self.subscribers.setdefault(channel, set()).add(conn)
         conn.data.setdefault("subs", set()).add(channel)
-        conn.send(T.ACK, rid, p.encode_ack(channel, self.last_seq.get(channel, 0)))
+        commit = self.order.meta(channel).commit
+        conn.send(T.ACK, rid, p.encode_ack(channel, commit))
 
     # -- FETCH --------------------------------------------------------------------
 
@@ -1035,12 +695,19 @@ class Node:
         self, conn: FrameConnection, rid: int, channel: int, after: int, limit: int
     ) -> None:
         t0 = time.perf_counter_ns()
-        try:
-            rows = await self.storage.fetch(channel, after, limit + 1)
-        except Exception as exc:
-            self._error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
-            return
-        total = len(rows)
+        meta = self.order.metas.get(channel)
+        commit = 0 if meta is None else meta.commit
+        rows = []
+        if after < commit:  # only committed records are visible
+            try:
+                rows = await self.storage.fetch(
+                    channel, after, min(limit, commit - after) + 1
+                )
+            except Exception as exc:
+                self._error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
+                return
+            rows = [r for r in rows if r.seq <= commit]
+        total = len(rows) + (commit > after + len(rows))
         rows = whole_seqs(rows, limit)
         budget = self.config.max_frame - 4096
         size = 0
@@ -1109,52 +776,43 @@ class Node:
         self._spawn(run(), "gossip")
 
     def _on_handoff(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        kind, channel, _last, records = p.decode_handoff(payload)
-        if kind is p.HandoffKind.PULL:
-            # The sender owns the channel in its view and is about to write:
-            # if this node thinks it is the owner, it stops writing the channel
-            # until its own view changes, so the two never assign the same
-            # sequence numbers.
-            if conn.role == "peer" and conn.peer_id != self.id:
-                owners = self.owners(channel)
-                if owners is not None and owners[0] == self.id:
-                    until = self.clock.now() + 2 * self.lease
-                    self.fenced[channel] = (self.epoch, until)
-            conn.send(
-                T.HANDOFF,
-                rid,
-                p.encode_handoff_seq(channel, self.last_seq.get(channel, 0)),
-            )
+        if conn.role != "peer":
+            self._error(conn, rid, p.ErrorCode.UNKNOWN_OP, "HANDOFF is for peers")
             return
-        if kind is p.HandoffKind.DIGEST:
-            block = max(1, _last)
+        if self.order.on_handoff(conn, rid, payload):
+            return
+        if p.handoff_kind(payload) is p.HandoffKind.OWN:
+            channels = p.decode_own(payload)
+            self._spawn(self._on_own(conn, rid, channels), "own")
+            return
+        raise p.ProtocolError(f"HANDOFF kind {payload[0]} not accepted")
 
-            async def reply() -> None:
-                try:
-                    digest = await self.storage.digest(channel, block)
-                except Exception as exc:
-                    self._error(conn, rid, p.ErrorCode.INTERNAL, f"digest: {exc}")
+    async def _on_own(
+        self, conn: FrameConnection, rid: int, channels: tuple[int, ...]
+    ) -> None:
+        """Another node says the ring makes this one the owner of *channels*:
+        take over those this node's ring agrees on; reply with the failures."""
+        failed = await self._take_over_all(
+            [(c, o) for c in channels if (o := self.owners(c)) and o[0] == self.id]
+        )
+        conn.send(T.HANDOFF, rid, p.encode_own(failed))
+
+    async def _take_over_all(
+        self, wanted: list[tuple[int, tuple[str, ...]]], concurrency: int = 16
+    ) -> list[int]:
+        """Take these channels over (those not owned already); the failed ones."""
+        limit = asyncio.Semaphore(concurrency)
+        failed: list[int] = []
+
+        async def one(channel: int, owners: tuple[str, ...]) -> None:
+            async with limit:
+                if self.order.meta(channel).owns(owners):
                     return
-                conn.send(T.HANDOFF, rid, p.encode_handoff_blocks(channel, digest))
+                if await self.order.take_over(channel, owners):
+                    failed.append(channel)
 
-            self._spawn(reply(), "digest")
-            return
-        if kind in (p.HandoffKind.SEQ, p.HandoffKind.BLOCKS):
-            raise p.ProtocolError(f"HANDOFF {kind.name} is a reply, not a request")
-        self._note_records(records)
-
-        def done(
-            inserted: int, corrections: dict[int, int], error: BaseException | None
-        ) -> None:
-            if error is not None:
-                self._error(conn, rid, p.ErrorCode.INTERNAL, f"storage: {error}")
-                return
-            self.counters["handoff_received"] += inserted
-            conn.send(
-                T.REPLICATE_ACK, rid, p.encode_replicate_ack(len(records), inserted)
-            )
-
-        self.storage.insert(records, done)
+        await asyncio.gather(*(one(c, o) for c, o in wanted))
+        return sorted(failed)
 
     def info(self) -> dict[str, Any]:
         """The JSON part of STATS_REPLY."""
@@ -1172,6 +830,7 @@ class Node:
             "members": self.membership.view(),
             "ring": sorted(self.ring_members),
             "settled": self.settled,
+            "owned": sum(m.role is Role.OWNER for m in self.order.metas.values()),
             "incarnation": self.membership.me.incarnation,
             "counters": dict(self.counters),
             "gossip": dict(self.membership.counters),
@@ -1181,7 +840,8 @@ class Node:
                 "rows_ignored": self.storage.stats.rows_ignored,
                 "largest_group": self.storage.stats.largest_group,
                 "errors": self.storage.stats.errors,
-                "channels": len(self.last_seq),
+                "rows_truncated": self.storage.stats.rows_truncated,
+                "channels": len(self.order.metas),
             },
             "caches": {
                 "owners": self.owner_cache.stats(),
@@ -1202,51 +862,11 @@ class Node:
                 if name in self.hist:
                     self.hist[name] = Histogram()
 
-    # -- handoff on membership change -----------------------------------------
+    # -- rebalance on ring change -----------------------------------------------
 
-    def _moves(
-        self, old: Ring, new: Ring, channels: list[int]
-    ) -> list[tuple[int, tuple[str, ...], tuple[str, ...]]]:
-        replicas = self.config.replicas
-        n_old, n_new = len(old.node_ids), len(new.node_ids)
-        if n_old == 0 or n_new == 0:
-            return []
-        if min(n_old, n_new) >= replicas:
-            return [
-                (m.key, tuple(m.old), tuple(m.new))
-                for m in old.moves(new, channels, replicas)
-            ]
-        r_old, r_new = min(replicas, n_old), min(replicas, n_new)
-        out = []
-        for channel in channels:
-            before = tuple(old.owners(channel, r_old))
-            after = tuple(new.owners(channel, r_new))
-            if set(before) != set(after):
-                out.append((channel, before, after))
-        return out
-
-    def _save_ring(self, ring: Ring) -> None:
-        """Persist the ring whose handoff is complete (the base after a restart).
-
-        Written only once every push of the round succeeded: a node killed in
-        the middle of a handoff redoes it from the previous base when it
-        comes back.
-        """
-        tmp = self._ring_file.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(ring.as_dict(), sort_keys=True))
-            os.replace(tmp, self._ring_file)
-
-    def _load_ring_file(self) -> None:
-        """The last ring whose handoff completed: a restart redoes only the rest."""
-        try:
-            members = json.loads(self._ring_file.read_text())
-            self._handoff_base = Ring({str(k): float(v) for k, v in members.items()})
-        except (OSError, ValueError, TypeError, AttributeError):
-            self._handoff_base = None
-
-    async def _handoff_worker(self) -> None:
-        """Hand channels off once the ring has been stable for ``handoff_delay``."""
+    async def _rebalancer(self) -> None:
+        """Once the ring has been stable for ``handoff_delay``: take over every
+        channel it gives this node, and tell the new owners of the others."""
         while True:
             await self._ring_changed.wait()
             while True:
@@ -1256,306 +876,61 @@ class Node:
                 if epoch == self.epoch:
                     break
             if not self.has_quorum:
-                # The minority side of a partition keeps its last completed
-                # ring as the base: when the partition heals, only what
-                # changed meanwhile moves (not every channel to and fro).
-                continue
-            new, base = self.ring, self._handoff_base
-            self._handoff_base = new
-            self._in_transition = False
-            top = await self.storage.max_rowid()
-            unplaced = gaps(self.placed, top)
-            retry, self.retry = self.retry, {}
-            # Without a ring file (a fresh node) the first stable ring is the
-            # starting point: nothing was placed under an earlier one.
-            moved = new is not None and base is not None and base != new
-            log.debug(
-                "handoff round",
-                extra={
-                    "event": "handoff_round",
-                    "base": None if base is None else list(base.node_ids),
-                    "new": None if new is None else list(new.node_ids),
-                    "unplaced": sum(hi - lo for lo, hi in unplaced),
-                    "retry": len(retry),
-                },
-            )
-            if new is None:
-                continue
-            if not (moved or retry or unplaced):
-                self._save_ring(new)
-                continue
-            self._handoff_running = True
-            complete = False
+                continue  # the majority side decides; try again on the next change
+            self._rebalancing = True
             try:
-                if moved:
-                    assert base is not None
-                    await self._handoff(base, new)
-                if retry:
-                    await self._push_retries(new, retry)
-                placed_all = True
-                failed: set[str] = set()
-                for lo, hi in unplaced:
-                    reached = await self._push_stored(new, lo, hi, failed)
-                    if reached > lo:
-                        self.placed = add_interval(self.placed, lo, reached)
-                    placed_all = placed_all and reached >= hi
-                if not placed_all:
-                    self._ring_changed.set()  # again after handoff_delay
-                complete = placed_all and not self.retry
+                done = await self._rebalance()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("handoff failed")
-                for channel, low in retry.items():
-                    self._retry_handoff(channel, low)
-                self._ring_changed.set()
+                log.exception("rebalance failed")
+                done = False
             finally:
-                self._handoff_running = False
-                self._save_placed()
-                if complete:
-                    self._save_ring(new)
+                self._rebalancing = False
+            if done and epoch == self.epoch:
+                self._balanced_epoch = epoch
+            else:
+                self._ring_changed.set()  # again after handoff_delay
 
-    async def _handoff(self, old: Ring, new: Ring) -> None:
-        channels = list(self.last_seq)
-        if not channels:
-            return
-        live = set(new.node_ids)
-        plan = self._moves(old, new, channels)
-        pushes = 0
-        failed: set[str] = set()  # a target that fails is not waited for again
-        for channel, before, after in plan:
-            if self.id not in before:
-                continue
-            senders = [n for n in before if n in live]
-            if not senders or senders[0] != self.id:
-                continue
-            for target in after:
-                if target not in before and target != self.id:
-                    ok = False
-                    if target not in failed:
-                        sent, ok = await self._push_channel(channel, target)
-                        pushes += sent
-                    if not ok:
-                        failed.add(target)
-                        self._retry_handoff(channel, 1)
-        if plan:
-            self.counters["handoffs"] += 1
-            log.info(
-                "handoff",
-                extra={"event": "handoff", "moved": len(plan), "pushed": pushes},
+    async def _rebalance(self) -> bool:
+        self.counters["handoffs"] += 1
+        mine: list[tuple[int, tuple[str, ...]]] = []
+        hints: dict[str, list[int]] = {}
+        for channel, meta in list(self.order.metas.items()):
+            owners = self.owners(channel)
+            if owners is None:
+                return False
+            if owners[0] == self.id:
+                if not meta.owns(owners):
+                    mine.append((channel, owners))
+            elif meta.last or meta.accepted_term:
+                hints.setdefault(owners[0], []).append(channel)
+        failed = await self._take_over_all(mine)
+        ok = not failed
+        for target, channels in sorted(hints.items()):
+            frame = await self.order.call(
+                target,
+                T.HANDOFF,
+                p.encode_own(channels),
+                4 * self.config.replicate_timeout,
             )
-
-    def _retry_handoff(self, channel: int, low: int) -> None:
-        """A push failed: push *channel* from *low* on again at the next handoff."""
-        current = self.retry.get(channel)
-        if current is None or low < current:
-            self.retry[channel] = low
-        self._ring_changed.set()  # another round after ``handoff_delay``
-
-    def _load_placed(self) -> None:
-        try:
-            doc = json.loads(self._placed_file.read_text())
-            if "placed" in doc:
-                self.placed = [(int(lo), int(hi)) for lo, hi in doc["placed"]]
-            else:  # written by an older version: a placed prefix
-                self.placed = add_interval([], 0, int(doc["rowid"]))
-            self.retry = {int(c): int(s) for c, s in doc.get("retry", {}).items()}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            self.placed, self.retry = [], {}
-
-    def _save_placed(self) -> None:
-        doc = {"placed": self.placed, "retry": self.retry}
-        tmp = self._placed_file.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, self._placed_file)
-
-    async def _placement_tracker(self, period: float = 0.5) -> None:
-        """Rows stored between two settled moments of one ring are placed."""
-        previous: tuple[int, int] | None = None  # (epoch, top) when last settled
-        while True:
-            await asyncio.sleep(period)
-            self.counters["placement_rounds"] += 1
-            if not self._ring_settled():
-                previous = None
-                continue
-            epoch = self.epoch
-            top = await self.storage.max_rowid()
-            # rows stored after a ring change that happened meanwhile may be
-            # counted in *top*: then it is not a clean point
-            if epoch != self.epoch or not self._ring_settled():
-                previous = None
-                continue
-            if previous is not None and previous[0] == epoch and top > previous[1]:
-                self.placed = add_interval(self.placed, previous[1], top)
-                self._save_placed()
-            previous = (epoch, top)
-
-    def _ring_settled(self) -> bool:
-        """This node's ring is the base of its handoff rounds: what it stores
-        now goes to the owners under that ring, and a later ring change is
-        compared with it (a handoff or retry still running concerns older
-        rows).  Not merely "unchanged for a while": rows written under a ring
-        that no round started from would never be pushed on its next change.
-        """
-        return not (self._in_transition or self._ring_changed.is_set())
-
-    async def _push_retries(self, ring: Ring, retry: dict[int, int]) -> None:
-        """Push channels whose earlier push failed (``seq >= low``) to their owners."""
-        replicas = min(self.config.replicas, len(ring.node_ids))
-        failed: set[str] = set()
-        for channel, low in retry.items():
-            for target in ring.owners(channel, replicas):
-                if target == self.id:
-                    continue
+            try:
+                ok = ok and frame is not None and not p.decode_own(frame.payload)
+            except p.ProtocolError:
                 ok = False
-                if target not in failed:
-                    ok = (await self._push_channel(channel, target, low - 1))[1]
-                if not ok:
-                    failed.add(target)
-                    self._retry_handoff(channel, low)
-
-    async def _push_stored(
-        self, ring: Ring, since: int, top: int, failed: set[str] | None = None
-    ) -> int:
-        """Push the rows stored after row id *since* (up to *top*) to their owners.
-
-        Writes accepted while views of the ring disagreed can sit on nodes
-        that are not owners once the ring settles (a handoff from the old
-        stable ring to the new one does not see them), so a node pushes
-        every row stored since its ring was last stable to the row's owners
-        under *ring*, page by page in row-id order, one HANDOFF DATA stream
-        per target.  Returns the row id up to which every push succeeded.
-        """
-        replicas = min(self.config.replicas, len(ring.node_ids))
-        owners: dict[int, list[str]] = {}
-        failed = set() if failed is None else failed
-        reached: int | None = None
-        pushed = 0
-        after = since
-        while after < top:
-            page = await self.storage.rows_after(
-                after, top, self.config.handoff_batch * 8
-            )
-            if not page:
-                break
-            by_target: dict[str, list[p.Record]] = {}
-            for _, rec in page:
-                targets = owners.get(rec.channel)
-                if targets is None:
-                    targets = owners[rec.channel] = [
-                        t for t in ring.owners(rec.channel, replicas) if t != self.id
-                    ]
-                for target in targets:
-                    by_target.setdefault(target, []).append(rec)
-            page_ok = True
-            for target, records in by_target.items():
-                ok = False
-                if target not in failed:
-                    sent, ok = await self._send_records(target, records)
-                    pushed += sent
-                if not ok:
-                    failed.add(target)
-                    page_ok = False
-            if not page_ok and reached is None:
-                reached = after  # rows up to here went everywhere
-            after = page[-1][0]
-        self.counters["transient_pushed"] += pushed
         log.info(
-            "transient handoff",
+            "rebalance",
             extra={
                 "event": "handoff",
-                "rows": top - since,
-                "pushed": pushed,
-                "failed": sorted(failed),
+                "taken": len(mine) - len(failed),
+                "failed": len(failed),
+                "hinted": sum(map(len, hints.values())),
             },
         )
-        return top if reached is None else reached
+        return ok
 
-    async def _send_records(
-        self, target: str, records: list[p.Record]
-    ) -> tuple[int, bool]:
-        """HANDOFF DATA of *records* to *target*: (records sent, ok)."""
-        assert self.membership is not None
-        address = self.membership.address(target)
-        if address is None:
-            return 0, False
-        link = self.peers.link(address)
-        sent = 0
-        for chunk in self._chunks(records):
-            try:
-                await link.call(
-                    T.HANDOFF,
-                    p.encode_handoff_data(chunk),
-                    self.config.replicate_timeout,
-                )
-            except (OSError, TimeoutError, RemoteError, ConnectionLost) as exc:
-                log.warning("handoff to %s failed: %s", target, exc)
-                return sent, False
-            sent += len(chunk)
-            self.counters["handoff_sent"] += len(chunk)
-        return sent, True
-
-    async def _push_channel(
-        self, channel: int, target: str, after: int = 0
-    ) -> tuple[int, bool]:
-        """Stream *channel* (``seq > after``) to *target*: (records sent, ok).
-
-        A whole channel (``after == 0``) goes block by block: the target's
-        digest of each block of ``handoff_block`` sequence numbers is compared
-        with this node's and only the blocks that differ are sent (a node that
-        comes back after a partition lacks only what was written meanwhile).
-        """
-        block = self.config.handoff_block
-        if after == 0 and block > 0:
-            theirs = await self._target_digest(channel, target, block)
-            if theirs is not None:
-                mine = await self.storage.digest(channel, block)
-                differ = sorted(b for b, d in mine.items() if theirs.get(b) != d)
-                self.counters["handoff_blocks_same"] += len(mine) - len(differ)
-                self.counters["handoff_blocks_pushed"] += len(differ)
-                sent = 0
-                for b in differ:
-                    count, ok = await self._push_range(
-                        channel, target, b * block, (b + 1) * block
-                    )
-                    sent += count
-                    if not ok:
-                        return sent, False
-                return sent, True
-        return await self._push_range(channel, target, after, None)
-
-    async def _target_digest(
-        self, channel: int, target: str, block: int
-    ) -> p.Digest | None:
-        """*target*'s block digests of *channel* (None: ask failed, push all)."""
-        assert self.membership is not None
-        address = self.membership.address(target)
-        if address is None:
-            return None
-        try:
-            frame = await self.peers.link(address).call(
-                T.HANDOFF,
-                p.encode_handoff_digest(channel, block),
-                self.config.replicate_timeout,
-            )
-            return p.decode_handoff_blocks(frame.payload)[1]
-        except (OSError, TimeoutError, RemoteError, ConnectionLost, p.ProtocolError):
-            return None
-
-    async def _push_range(
-        self, channel: int, target: str, after: int, upto: int | None
-    ) -> tuple[int, bool]:
-        """Stream *channel*'s rows with ``after < seq <= upto`` to *target*."""
-        sent = 0
+    async def _commit_flusher(self, period: float = 0.5) -> None:
+        """Store moved commits now and then (a restart shows at least those)."""
         while True:
-            rows = await self.storage.fetch(channel, after, self.config.handoff_batch)
-            if upto is not None:
-                rows = [r for r in rows if r.seq <= upto]
-            if not rows:
-                return sent, True
-            count, ok = await self._send_records(target, rows)
-            sent += count
-            if not ok:
-                return sent, False
-            after = rows[-1].seq
+            await asyncio.sleep(period)
+            await self.order.flush_commits()

@@ -501,10 +501,11 @@ class Storage:
         last_commit = 0.0
         while not stopping:
             items = [get()]
-            # Group commit: let a burst accumulate for up to commit_interval
-            # after the previous commit, so each commit carries more rows.
+            # Group commit: let a burst of writes accumulate for up to
+            # commit_interval after the previous commit, so each commit
+            # carries more rows (a read alone is not held back).
             pause = last_commit + interval - time.monotonic()
-            if pause > 0:
+            if pause > 0 and isinstance(items[0], _Insert):
                 time.sleep(pause)
             while True:
                 try:

@@ -1,0 +1,381 @@
+"""The owner's write path: SEND batches -> numbered records -> APPEND -> commit.
+
+SENDs that reach a channel's owner in one event-loop turn form a batch.  Each
+message id is looked up first (the recent-ACK cache, the owner's uncommitted
+records, then the store): a stored one is answered with its one seq, never
+numbered twice.  New ones get ``seq = last + 1`` in the owner's term, go to
+the local store and, as one APPEND frame per replica (sections per channel
+with the prev ``(term, seq)`` and the owner's commit), to the replicas.
+A channel's records are committed, ACKed and DELIVERed once the local store
+and every replica stored them; any other outcome fails them (not ACKed: the
+client may retry and gets the same seq once a later takeover commits them)
+and the owner steps down, so its next write takes the channel over again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from plexichat import wire
+from plexichat.node import protocol as p
+from plexichat.node.order import ChannelMeta, Role
+from plexichat.node.transport import FrameConnection
+
+if TYPE_CHECKING:
+    from plexichat.node.server import Node, SendItem
+
+T = wire.MessageType
+CHUNK_BYTES: Final = 512 * 1024
+Waiter = tuple[FrameConnection, int, int]  # connection, request id, t0 (ns)
+
+
+def micros(elapsed_ns: Iterable[int]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    arr = np.fromiter(elapsed_ns, dtype=np.int64)
+    arr //= 1000
+    np.maximum(arr, 1, out=arr)
+    return arr
+
+
+class WriteGroup:
+    """One owner batch for one replica set: waits for its local commit and
+    every replica's APPEND results (per channel)."""
+
+    __slots__ = (
+        "error",
+        "failed",
+        "finished",
+        "parts",
+        "records",
+        "terms",
+        "timer",
+        "waiters",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        writes: WritePath,
+        records: list[p.Record],
+        waiters: list[Waiter],
+        terms: dict[int, int],
+        parts: int,
+    ) -> None:
+        self.writes = writes
+        self.records = records
+        self.waiters = waiters
+        self.terms = terms  # channel -> the term its records were numbered in
+        self.parts = parts
+        self.error: tuple[int, str] | None = None  # fails every channel
+        self.failed: dict[int, tuple[int, str]] = {}  # channel -> (code, reason)
+        self.finished = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def local_done(
+        self, inserted: int, corrections: dict[int, int], error: BaseException | None
+    ) -> None:
+        if error is not None:
+            self.error = (p.ErrorCode.INTERNAL, f"storage: {error}")
+        elif inserted != len(self.records) or corrections:
+            # a seq or message id was taken: the in-memory log is wrong
+            self.error = (p.ErrorCode.INTERNAL, "storage refused a numbered record")
+        self._part_done()
+
+    def replica_done(
+        self,
+        channels: list[int],
+        frame: wire.Frame | None,
+        error: BaseException | None,
+    ) -> None:
+        if frame is None or frame.type != T.REPLICATE_ACK:
+            reason = f"replica: {error}" if frame is None else _error_text(frame)
+            for channel in channels:
+                self.failed.setdefault(channel, (p.ErrorCode.UNAVAILABLE, reason))
+        else:
+            try:
+                results = p.decode_append_results(frame.payload)
+            except p.ProtocolError as exc:
+                results = []
+                reason = f"replica answered badly: {exc}"
+                for channel in channels:
+                    self.failed.setdefault(channel, (p.ErrorCode.UNAVAILABLE, reason))
+            metas = self.writes.node.order.metas
+            for result in results:
+                if result.status is not p.AppendStatus.OK:
+                    self.failed.setdefault(
+                        result.channel,
+                        (
+                            p.ErrorCode.UNAVAILABLE,
+                            f"replica did not store it: {result.status.name}",
+                        ),
+                    )
+                    meta = metas.get(result.channel)
+                    if meta is not None and result.status is p.AppendStatus.REFUSED:
+                        meta.seen = max(meta.seen, result.promised)
+        self._part_done()
+
+    def _part_done(self) -> None:
+        self.parts -= 1
+        if self.parts == 0 and not self.finished:
+            self.finish()
+
+    def expire(self) -> None:
+        self.timer = None
+        if not self.finished:
+            self.error = (p.ErrorCode.TIMEOUT, "replication timed out")
+            self.finish()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.writes.group_done(self)
+
+
+class WritePath:
+    """Numbering and replication of an owner's writes (see the module docstring)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    # -- batch -> records ----------------------------------------------------------
+
+    def flush(self, batch: list[SendItem]) -> None:
+        """Route a batch of SENDs this node owns (the ring said so)."""
+        node = self.node
+        order = node.order
+        gates = node.gates
+        recent_get = node.recent.get
+        ack_pack = p.ACK_BODY.pack
+        counters = node.counters
+        counters["sends"] += len(batch)
+        lookup: list[SendItem] = []
+        for item in batch:
+            conn, rid, channel, msg_id, _sender, _payload, _t0, owners = item
+            hit = recent_get(msg_id)
+            if hit is not None and hit[0] == channel:
+                counters["dedup_hits"] += 1
+                conn.send(T.ACK, rid, ack_pack(hit[0], hit[1]))
+                continue
+            gate = gates.get(channel)
+            if gate is not None:
+                gate.append(item)
+                continue
+            meta = order.meta(channel)
+            if not meta.owns(owners):
+                gates[channel] = [item]
+                node.take_over_then_release(channel, owners)
+                continue
+            if msg_id in meta.pending:
+                self._busy(conn, rid)
+                continue
+            lookup.append(item)
+        if lookup:
+            node.spawn(self._number(lookup), "number")
+
+    def _busy(self, conn: FrameConnection, rid: int) -> None:
+        self.node.counters["send_failed"] += 1
+        conn.send_error(
+            rid, p.ErrorCode.UNAVAILABLE, "this message is being replicated: retry"
+        )
+
+    async def _number(self, items: list[SendItem]) -> None:
+        node = self.node
+        keys = [(item[2], item[3]) for item in items]
+        try:
+            stored = await node.storage.lookup(keys)
+        except Exception as exc:
+            for conn, rid, *_ in items:
+                conn.send_error(rid, p.ErrorCode.INTERNAL, f"lookup: {exc}")
+            return
+        self.number(items, stored)
+
+    def number(
+        self, items: list[SendItem], stored: dict[tuple[int, bytes], tuple[int, int]]
+    ) -> None:
+        """Number the new messages of *items* and replicate them."""
+        node = self.node
+        order = node.order
+        ack_pack = p.ACK_BODY.pack
+        make = p.make_record
+        head = p.SEND_HEAD.size
+        ts = time.time_ns() // 1000
+        reroute: list[SendItem] = []
+        # replica set -> channel -> (records, prev term), and the waiters
+        sets: dict[
+            tuple[str, ...],
+            tuple[dict[int, tuple[list[p.Record], int]], list[p.Record], list[Waiter]],
+        ] = {}
+        for item in items:
+            conn, rid, channel, msg_id, sender, payload, t0, owners = item
+            meta = order.meta(channel)
+            found = stored.get((channel, msg_id))
+            if found is not None:
+                seq = found[0]
+                if seq <= meta.commit:
+                    node.counters["dedup_hits"] += 1
+                    conn.send(T.ACK, rid, ack_pack(channel, seq))
+                    node.recent.put(msg_id, (channel, seq))
+                else:
+                    self._busy(conn, rid)
+                continue
+            if not meta.owns(owners) or channel in node.gates:
+                reroute.append(item)
+                continue
+            if msg_id in meta.pending:
+                self._busy(conn, rid)
+                continue
+            entry = sets.get(owners)
+            if entry is None:
+                entry = sets[owners] = ({}, [], [])
+            by_channel, records, waiters = entry
+            prev = meta.last
+            seq = prev + 1
+            section = by_channel.get(channel)
+            if section is None:
+                by_channel[channel] = section = ([], meta.term_at(prev))
+            meta.append_term(meta.term, seq)
+            meta.pending[msg_id] = seq
+            rec = make((channel, seq, msg_id, sender, ts, payload[head:], meta.term))
+            section[0].append(rec)
+            records.append(rec)
+            waiters.append((conn, rid, t0))
+        for owners, (by_channel, records, waiters) in sets.items():
+            self._replicate(owners, by_channel, records, waiters)
+        if reroute:
+            self._route_again(reroute)
+
+    def _route_again(self, items: list[SendItem]) -> None:
+        """Route SENDs whose channel changed hands while their batch was looked
+        up.  They are older than anything gated behind a takeover since, so
+        they go to the front of that gate: a sender's order is kept."""
+        gates = self.node.gates
+        later: list[SendItem] = []
+        front: dict[int, list[SendItem]] = {}
+        for item in items:
+            if item[2] in gates:
+                front.setdefault(item[2], []).append(item)
+            else:
+                later.append(item)
+        for channel, older in front.items():
+            gates[channel][:0] = older
+        if later:
+            self.node.reroute(later)
+
+    def _replicate(
+        self,
+        owners: tuple[str, ...],
+        by_channel: dict[int, tuple[list[p.Record], int]],
+        records: list[p.Record],
+        waiters: list[Waiter],
+    ) -> None:
+        node = self.node
+        metas = node.order.metas
+        frames: list[tuple[list[p.AppendSection], list[int]]] = []
+        size = 0
+        sections: list[p.AppendSection] = []
+        terms: dict[int, int] = {}
+        for channel, (recs, prev_term) in by_channel.items():
+            meta = metas[channel]
+            terms[channel] = meta.term
+            prev_seq = recs[0].seq - 1
+            start = 0
+            for i, rec in enumerate(recs):
+                size += p.LOG_RECORD.size + len(rec.payload)
+                if size >= CHUNK_BYTES:
+                    part = tuple(recs[start : i + 1])
+                    sections.append(
+                        p.AppendSection(
+                            channel, meta.term, prev_term, prev_seq, meta.commit, part
+                        )
+                    )
+                    frames.append((sections, [s.channel for s in sections]))
+                    sections, size = [], 0
+                    prev_seq, prev_term, start = rec.seq, rec.term, i + 1
+            if start < len(recs):
+                part = tuple(recs[start:])
+                sections.append(
+                    p.AppendSection(
+                        channel, meta.term, prev_term, prev_seq, meta.commit, part
+                    )
+                )
+        if sections:
+            frames.append((sections, [s.channel for s in sections]))
+        replicas = owners[1:]
+        group = WriteGroup(
+            self, records, waiters, terms, 1 + len(replicas) * len(frames)
+        )
+        assert node.loop is not None
+        group.timer = node.loop.call_later(node.config.replicate_timeout, group.expire)
+        node.storage.insert(records, group.local_done)
+        for replica in replicas:
+            for secs, channels in frames:
+                node.counters["replicate_frames"] += 1
+                node.peers.request(
+                    replica,
+                    T.REPLICATE,
+                    p.encode_append(secs),
+                    functools.partial(group.replica_done, channels),
+                )
+
+    # -- commit ----------------------------------------------------------------------
+
+    def group_done(self, group: WriteGroup) -> None:
+        node = self.node
+        metas = node.order.metas
+        ok: dict[int, ChannelMeta] = {}
+        top: dict[int, int] = {}
+        for rec in group.records:
+            if rec.seq > top.get(rec.channel, 0):
+                top[rec.channel] = rec.seq
+        for channel, term in group.terms.items():
+            meta = metas[channel]
+            current = meta.role is Role.OWNER and meta.term == term
+            if group.error is None and channel not in group.failed and current:
+                if top[channel] > meta.commit:
+                    meta.commit = top[channel]
+                    node.order.mark_committed(meta)
+                ok[channel] = meta
+            elif current:
+                node.counters["step_downs"] += 1
+                meta.step_down()  # the next write takes the channel over again
+        now = time.perf_counter_ns()
+        acked: list[Waiter] = []
+        committed: list[p.Record] = []
+        ack_pack = p.ACK_BODY.pack
+        recent_put = node.recent.put
+        for index, (conn, rid, t0) in enumerate(group.waiters):
+            rec = group.records[index]
+            owned = ok.get(rec.channel)
+            if owned is not None and rec.seq <= owned.commit:
+                owned.pending.pop(rec.msg_id, None)
+                conn.send(T.ACK, rid, ack_pack(rec.channel, rec.seq))
+                recent_put(rec.msg_id, (rec.channel, rec.seq))
+                acked.append((conn, rid, t0))
+                committed.append(rec)
+            else:
+                code, reason = group.error or group.failed.get(
+                    rec.channel,
+                    (p.ErrorCode.UNAVAILABLE, "ownership moved before the commit"),
+                )
+                conn.send_error(rid, code, reason)
+                node.counters["send_failed"] += 1
+        node.counters["acked"] += len(acked)
+        if acked:
+            node.hist["send"].record_many(micros(now - w[2] for w in acked))
+        for meta in ok.values():
+            node.order.notify_commit(meta)
+        if committed and node.subscribers:
+            node.deliver(committed)
+
+
+def _error_text(frame: wire.Frame) -> str:
+    try:
+        return f"replica refused the write: {p.decode_error(frame.payload)[1]}"
+    except p.ProtocolError:
+        return f"replica answered with frame type {frame.type}"
