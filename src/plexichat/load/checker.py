@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 import json
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
