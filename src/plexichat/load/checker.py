@@ -225,7 +225,7 @@ async def _fetch_channels(
 
 async def _wait_for_lagging_replicas(
     pairs: list[tuple[NodeClient, list[int]]],
-    replica_rows: list[Stored],
+    replica_rows: list[dict[int, list[tuple[int, bytes]]]],
     owner_rows: Stored,
     timeout: float = 5.0,
 ) -> None:
@@ -281,7 +281,7 @@ async def run_check(
         )
         for part in fetched:
             owner_rows.update(part)
-        replica_rows: list[Stored] = []
+        replica_rows: list[dict[int, list[tuple[int, bytes]]]] = []
         if replicas:
             pairs = [(by_id[n], ch) for n, ch in wanted_replicas.items() if n in by_id]
             parts = await asyncio.gather(*(_fetch_channels(c, ch) for c, ch in pairs))

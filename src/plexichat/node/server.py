@@ -14,6 +14,7 @@ relayed back.  Readers (FETCH, SUBSCRIBE/DELIVER) see only committed records.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -92,6 +93,10 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _arrival(item: SendItem) -> int:
+    return item[6]
+
+
 def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
     """The longest prefix of at most *limit* rows that ends between two sequence
     numbers (at least the first sequence number's rows): a page a reader can
@@ -137,7 +142,15 @@ class Node:
         capacity = config.cache_capacity
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
+        # SENDs waiting, in arrival order, until their channel is clear: no
+        # takeover running (``taking``), none of its older SENDs being looked
+        # up (``looking``: channel -> SENDs in lookup) or forwarded
+        # (``forwarding``: channel -> (owner, SENDs in flight))
         self.gates: dict[int, list[SendItem]] = {}
+        self.taking: set[int] = set()
+        self.looking: dict[int, int] = {}
+        self._arrival = 0  # SEND arrival stamps (ns) increase strictly
+        self.forwarding: dict[int, tuple[str, int]] = {}
         self.conns: set[FrameConnection] = set()
         self.subscribers: dict[int, set[FrameConnection]] = {}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
@@ -341,6 +354,7 @@ class Node:
         for frame in frames:
             ftype = frame.type
             if ftype == T.SEND:
+                now = self._arrival = max(now, self._arrival + 1)
                 self._on_send(conn, frame.request_id, frame.payload, now)
                 continue
             handler = handlers.get(ftype)
@@ -513,6 +527,9 @@ class Node:
             self._error(conn, rid, p.ErrorCode.SHUTTING_DOWN, "node is stopping")
             return
         channel, msg_id, sender = p.SEND_HEAD.unpack_from(payload)
+        if channel in self.gates:  # older SENDs of the channel wait: keep the order
+            self.gate(channel, [(conn, rid, channel, msg_id, sender, payload, now, ())])
+            return
         owners = self.owners(channel)
         if owners is None:
             self._error(
@@ -530,8 +547,17 @@ class Node:
                     p.ErrorCode.NOT_OWNER,
                     f"{self.id} does not own {channel}",
                 )
+            elif self.looking.get(channel) or self._forwarding_elsewhere(
+                channel, owners[0]
+            ):
+                self.gate(
+                    channel, [(conn, rid, channel, msg_id, sender, payload, now, ())]
+                )
             else:
-                self._forward(conn, rid, payload, owners[0], now)
+                self._forward(conn, rid, channel, payload, owners[0], now)
+            return
+        if channel in self.forwarding:  # forwarded ones first
+            self.gate(channel, [(conn, rid, channel, msg_id, sender, payload, now, ())])
             return
         self._sends.append((conn, rid, channel, msg_id, sender, payload, now, owners))
         if not self._flush_scheduled:
@@ -546,6 +572,42 @@ class Node:
             return f"no quorum: {live} of {voters} members reachable"
         return f"{len(self.ring_members)} nodes live, {self.config.replicas} needed"
 
+    def _forwarding_elsewhere(self, channel: int, owner: str) -> bool:
+        forwarding = self.forwarding.get(channel)
+        return forwarding is not None and forwarding[0] != owner
+
+    def gate(
+        self,
+        channel: int,
+        items: list[SendItem],
+        *,
+        take_over: tuple[str, ...] | None = None,
+    ) -> None:
+        """Hold *items* in *channel*'s gate (kept in arrival order) until the
+        channel is clear (see :meth:`release_if_clear`); with *take_over*,
+        take the channel over with that config first.  A sender's pipelined
+        SENDs are numbered, forwarded or refused in the order they came."""
+        gate = self.gates.setdefault(channel, [])
+        for item in items:
+            if not gate or gate[-1][6] < item[6]:
+                gate.append(item)
+            else:
+                bisect.insort(gate, item, key=_arrival)
+        if take_over is not None and channel not in self.taking:
+            self.taking.add(channel)
+            self.take_over_then_release(channel, take_over)
+        self.release_if_clear(channel)
+
+    def release_if_clear(self, channel: int) -> None:
+        """Route a gated channel's SENDs again once nothing older is in flight."""
+        if (
+            channel in self.gates
+            and channel not in self.taking
+            and not self.looking.get(channel)
+            and channel not in self.forwarding
+        ):
+            self.reroute(self.gates.pop(channel))
+
     def reroute(self, items: list[SendItem]) -> None:
         """Route SENDs again, in order: the ring changed since their owners were
         computed (an old owner must not assign sequence numbers any more)."""
@@ -554,16 +616,30 @@ class Node:
                 self._on_send(conn, rid, payload, t0)
 
     def _forward(
-        self, conn: FrameConnection, rid: int, payload: bytes, owner: str, t0: int
+        self,
+        conn: FrameConnection,
+        rid: int,
+        channel: int,
+        payload: bytes,
+        owner: str,
+        t0: int,
     ) -> None:
         self.counters["forwarded"] += 1
         assert self.loop is not None
         state: dict[str, Any] = {}
+        _, count = self.forwarding.get(channel, (owner, 0))
+        self.forwarding[channel] = (owner, count + 1)
 
         def done(frame: wire.Frame | None, error: BaseException | None) -> None:
             if state.get("done"):
                 return
             state["done"] = True
+            target, left = self.forwarding[channel]
+            if left > 1:
+                self.forwarding[channel] = (target, left - 1)
+            else:
+                del self.forwarding[channel]
+                self.release_if_clear(channel)
             timer = state.get("timer")
             if timer is not None:
                 timer.cancel()
@@ -604,27 +680,25 @@ class Node:
         return self._spawn(coro, name)
 
     def take_over_then_release(self, channel: int, owners: tuple[str, ...]) -> None:
-        """Take *channel* over, then route the SENDs gated behind it again."""
+        """Take *channel* over, then route the SENDs gated behind it again
+        (or refuse them all if the takeover failed)."""
 
         async def run() -> None:
             reason = "node is stopping"
             try:
                 reason = await self.order.take_over(channel, owners) or ""
-            except asyncio.CancelledError:
-                reason = "node is stopping"
-                raise
             finally:
-                gated = self.gates.pop(channel, [])
+                self.taking.discard(channel)
                 if reason:
-                    for conn, rid, *_ in gated:
+                    for conn, rid, *_ in self.gates.pop(channel, []):
                         self._error(
                             conn,
                             rid,
                             p.ErrorCode.UNAVAILABLE,
                             f"taking channel {channel} over failed: {reason}",
                         )
-                elif gated:
-                    self.reroute(gated)
+                else:
+                    self.release_if_clear(channel)
 
         self._spawn(run(), "take-over")
 

@@ -162,19 +162,18 @@ class WritePath:
                 counters["dedup_hits"] += 1
                 conn.send(T.ACK, rid, ack_pack(hit[0], hit[1]))
                 continue
-            gate = gates.get(channel)
-            if gate is not None:
-                gate.append(item)
+            if channel in gates:
+                node.gate(channel, [item])
                 continue
             meta = order.meta(channel)
             if not meta.owns(owners):
-                gates[channel] = [item]
-                node.take_over_then_release(channel, owners)
+                node.gate(channel, [item], take_over=owners)
                 continue
             if msg_id in meta.pending:
                 self._busy(conn, rid)
                 continue
             lookup.append(item)
+            node.looking[channel] = node.looking.get(channel, 0) + 1
         if lookup:
             node.spawn(self._number(lookup), "number")
 
@@ -190,10 +189,21 @@ class WritePath:
         try:
             stored = await node.storage.lookup(keys)
         except Exception as exc:
+            stored = None
             for conn, rid, *_ in items:
                 conn.send_error(rid, p.ErrorCode.INTERNAL, f"lookup: {exc}")
-            return
-        self.number(items, stored)
+        finally:
+            looking = node.looking
+            for item in items:
+                left = looking[item[2]] - 1
+                if left:
+                    looking[item[2]] = left
+                else:
+                    del looking[item[2]]
+        if stored is not None:
+            self.number(items, stored)
+        for channel in {item[2] for item in items} & node.gates.keys():
+            node.release_if_clear(channel)
 
     def number(
         self, items: list[SendItem], stored: dict[tuple[int, bytes], tuple[int, int]]
@@ -205,7 +215,7 @@ class WritePath:
         make = p.make_record
         head = p.SEND_HEAD.size
         ts = time.time_ns() // 1000
-        reroute: list[SendItem] = []
+        reroute: dict[int, list[SendItem]] = {}  # channel -> SENDs, in order
         # replica set -> channel -> (records, prev term), and the waiters
         sets: dict[
             tuple[str, ...],
@@ -214,6 +224,9 @@ class WritePath:
         for item in items:
             conn, rid, channel, msg_id, sender, payload, t0, owners = item
             meta = order.meta(channel)
+            if channel in reroute:  # an older one of the channel goes again
+                reroute[channel].append(item)
+                continue
             found = stored.get((channel, msg_id))
             if found is not None:
                 seq = found[0]
@@ -224,9 +237,16 @@ class WritePath:
                 else:
                     self._busy(conn, rid)
                 continue
-            if not meta.owns(owners) or channel in node.gates:
-                reroute.append(item)
+            current = node.owners(channel)  # the ring may have moved since
+            if (
+                current is None
+                or current[0] != node.id
+                or channel in node.gates
+                or not meta.owns(current)
+            ):
+                reroute[channel] = [item]
                 continue
+            owners = current
             if msg_id in meta.pending:
                 self._busy(conn, rid)
                 continue
@@ -247,25 +267,10 @@ class WritePath:
             waiters.append((conn, rid, t0))
         for owners, (by_channel, records, waiters) in sets.items():
             self._replicate(owners, by_channel, records, waiters)
-        if reroute:
-            self._route_again(reroute)
-
-    def _route_again(self, items: list[SendItem]) -> None:
-        """Route SENDs whose channel changed hands while their batch was looked
-        up.  They are older than anything gated behind a takeover since, so
-        they go to the front of that gate: a sender's order is kept."""
-        gates = self.node.gates
-        later: list[SendItem] = []
-        front: dict[int, list[SendItem]] = {}
-        for item in items:
-            if item[2] in gates:
-                front.setdefault(item[2], []).append(item)
-            else:
-                later.append(item)
-        for channel, older in front.items():
-            gates[channel][:0] = older
-        if later:
-            self.node.reroute(later)
+        for channel, again in reroute.items():
+            current = node.owners(channel)
+            mine = current is not None and current[0] == node.id
+            node.gate(channel, again, take_over=current if mine else None)
 
     def _replicate(
         self,
