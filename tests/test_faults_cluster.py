@@ -182,12 +182,6 @@ def test_short_run_with_faults_loses_nothing(tmp_path):
     assert links["n0->n1"]["cut"] + links["n1->n0"]["cut"] > 0
     with pytest.raises(faults.FaultError, match="cannot inject 'poweroff'"):
         run_cluster([host], ClusterConfig(faults=["poweroff"]))
-    if res["violations"]:
-        # the run failed (its task exits 1): two messages at one seq, gaps or
-        # replicas that disagree after partitions.  Issue 11 (ownership terms,
-        # truncation) removes them; until then this is the one expected failure,
-        # and the test still fails on a lost, duplicated or reordered message.
-        pytest.xfail(
-            "a known failure of an open issue: issue 11, one order per channel "
-            f"under faults: {res['violations']} {res['check']['examples']}"
-        )
+    # one order per channel under faults (issue 11): any violation fails
+    assert res["violations"] == {}, res["check"]["examples"]
+    assert res["check"]["ok"]

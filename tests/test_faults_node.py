@@ -206,6 +206,77 @@ def test_forwards_queued_behind_a_reconnect_keep_their_order(tmp_path):
     run(scenario())
 
 
+def test_pipelined_sends_keep_their_order_while_the_owner_steps_down(tmp_path):
+    """A sender pipelines SENDs to one channel while its owner loses the
+    channel again and again (as after failed writes): whatever is in flight
+    (being looked up, gated behind a takeover) is numbered in send order."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            channel = key_of("pipelined")
+            owner = cluster.node(cluster.owners(channel)[0])
+            client = await client_for(owner)
+            sender = 21
+            futures = []
+            for i in range(400):
+                futures.append(
+                    asyncio.ensure_future(
+                        client.send(channel, p.message_id(sender, i), sender, b"x")
+                    )
+                )
+                if i % 4 == 3:  # a few per read: several batches in flight
+                    await asyncio.sleep(0)
+                if i % 40 == 39:
+                    owner.order.meta(channel).step_down()
+            seqs = [await fut for fut in futures]
+            await client.close()
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == len(seqs)
+
+    run(scenario())
+
+
+def test_pipelined_sends_keep_their_order_when_the_channel_moves_away(tmp_path):
+    """Mid-stream the ring gives the channel to another node: SENDs still
+    being looked up on the old owner are forwarded before the newer ones."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await freeze(cluster)
+            n0, _, n2 = cluster.nodes
+            short = Ring({"n0": 1.0, "n1": 1.0})
+            full = Ring({"n0": 1.0, "n1": 1.0, "n2": 1.0})
+            channel = channel_where(
+                "moving",
+                lambda c: (
+                    short.owners(c, 2)[0] == "n0" and full.owners(c, 2)[0] == "n2"
+                ),
+            )
+            set_status(n0, n2, "dead")
+            client = await client_for(n0)
+            sender = 22
+            futures = []
+            for i in range(300):
+                futures.append(
+                    asyncio.ensure_future(
+                        client.send(channel, p.message_id(sender, i), sender, b"x")
+                    )
+                )
+                if i % 4 == 3:  # a few per read: several batches in flight
+                    await asyncio.sleep(0)
+                if i == 150:
+                    set_status(n0, n2, "alive", bump=1)
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            await client.close()
+            seqs = [r for r in results if isinstance(r, int)]
+            assert len(seqs) > 150
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == len(seqs)
+
+    run(scenario())
+
+
 def test_sends_held_for_a_takeover_are_routed_again_after_a_ring_change(tmp_path):
     async def scenario() -> None:
         ghost = socket.create_server(("127.0.0.1", 0))  # accepts, never answers

@@ -92,13 +92,8 @@ def test_sigkill_and_restart_loses_no_acknowledged_message(tmp_path):
         assert result.acked == 210
         assert (result.lost, result.duplicated, result.reordered) == (0, 0, 0), result
         assert result.replica_missing == 0
-        if not result.ok:
-            # two messages at one seq, gaps or replicas that disagree after the
-            # kill: issue 11 (ownership terms, truncation) removes them
-            pytest.xfail(
-                "a known failure of an open issue: issue 11, one order per "
-                f"channel under faults: {result.violations()} {result.examples}"
-            )
+        # one order per channel after the kill (issue 11): any violation fails
+        assert result.ok, (result.violations(), result.examples)
     finally:
         cluster.stop()
         host.close()

@@ -1,7 +1,7 @@
 """Unit tests of the channel ownership state machine, one transition at a time.
 
-The state machine (``plexichat.node.ownership``) is not wired into the node
-yet; these test the pure model (issue 11).
+The state machine (``plexichat.node.ownership``) is the pure model the node's
+channel order follows (issue 11; the node's own rules: test_node_order.py).
 """
 
 from __future__ import annotations
