@@ -62,6 +62,7 @@ class ChannelOrder:
         hist: dict[str, Histogram],
         spawn: Spawn,
         on_commit: OnCommit,
+        on_stored: Callable[[Iterable[p.Record]], None],
         call_timeout: float,
         data_timeout: float,
         batch: int,
@@ -74,6 +75,7 @@ class ChannelOrder:
         self.hist = hist
         self.spawn = spawn
         self.on_commit = on_commit
+        self.on_stored = on_stored
         self.call_timeout = call_timeout
         self.data_timeout = data_timeout
         self.batch = batch
@@ -339,6 +341,7 @@ class ChannelOrder:
             records = [r for r in section.records if r.seq <= best.last]
             for rec in records:
                 meta.append_term(rec.term, rec.seq)
+            self.on_stored(records)
             await self._stored(self.store(records))
             self.counters["log_pulled"] += len(records)
             after = meta.last
@@ -561,6 +564,8 @@ class ChannelOrder:
                 truncate[section.channel] = plan.truncate_after
                 self.counters["truncated"] += 1
             records += plan.records
+            if plan.records:
+                self.on_stored(plan.records)
             indexes.append(len(results))
             if plan.promise_changed:
                 states[section.channel] = meta.state()

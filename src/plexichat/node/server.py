@@ -30,6 +30,7 @@ from plexichat.node import protocol as p
 from plexichat.node.channels import ChannelOrder
 from plexichat.node.counters import NodeCounters, new_counters
 from plexichat.node.gcstats import GCPauses
+from plexichat.node.idfilter import IdFilter
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
 from plexichat.node.order import Role
 from plexichat.node.peers import PeerLinks
@@ -197,11 +198,13 @@ class Node:
             hist=self.hist,
             spawn=self._spawn,
             on_commit=self._committed_elsewhere,
+            on_stored=self._note_ids,
             call_timeout=max(config.sync_timeout, 2 * config.gossip.ping_timeout),
             data_timeout=config.replicate_timeout,
             batch=config.handoff_batch,
         )
         self.writes = WritePath(self)
+        self.ids = IdFilter()  # (channel, msg_id) pairs this node may store
         self._handlers: dict[int, Callable[[FrameConnection, int, bytes], None]] = {
             T.HELLO: self._on_hello,
             T.REPLICATE: self._on_replicate,
@@ -252,6 +255,7 @@ class Node:
         self._spawn(self._sweeper(), "sweeper")
         self._spawn(self._rebalancer(), "rebalance")
         self._spawn(self._commit_flusher(), "commits")
+        self._spawn(self._load_ids(), "load-ids")
         self._spawn(self._lease_keeper(), "lease")
         self.gc.install()
         self.started = time.monotonic()
@@ -724,6 +728,11 @@ class Node:
     def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
         self.order.on_append(conn, rid, payload)
 
+    def _note_ids(self, records: Iterable[p.Record]) -> None:
+        add = self.ids.add
+        for rec in records:
+            add(rec.channel, rec.msg_id)
+
     def _committed_elsewhere(self, channel: int, old: int, new: int) -> None:
         """A replica's (or new owner's) commit moved: DELIVER (old, new]."""
         if channel in self.subscribers:
@@ -1008,3 +1017,18 @@ class Node:
         while True:
             await asyncio.sleep(period)
             await self.order.flush_commits()
+
+    async def _load_ids(self, page: int = 20_000) -> None:
+        """Put the ids stored before start-up into :attr:`ids` (new ones are
+        added as they are stored), then let it answer "certainly not"."""
+        top = await self.storage.max_rowid()
+        after = 0
+        add = self.ids.add
+        while after < top:
+            rows = await self.storage.rows_after(after, top, page)
+            if not rows:
+                break
+            for _, rec in rows:
+                add(rec.channel, rec.msg_id)
+            after = rows[-1][0]
+        self.ids.ready = True

@@ -155,6 +155,9 @@ class WritePath:
         counters = node.counters
         counters["sends"] += len(batch)
         lookup: list[SendItem] = []
+        maybe = False  # some id may be stored already: ask the store
+        may_hold = node.ids.may_hold
+        looking = node.looking
         for item in batch:
             conn, rid, channel, msg_id, _sender, _payload, _t0, owners = item
             hit = recent_get(msg_id)
@@ -173,9 +176,15 @@ class WritePath:
                 self._busy(conn, rid)
                 continue
             lookup.append(item)
-            node.looking[channel] = node.looking.get(channel, 0) + 1
-        if lookup:
-            node.spawn(self._number(lookup), "number")
+            maybe = maybe or channel in looking or may_hold(channel, msg_id)
+        if not lookup:
+            return
+        if not maybe:  # certainly new, and nothing older of theirs in flight
+            self.number(lookup, {})
+            return
+        for item in lookup:
+            looking[item[2]] = looking.get(item[2], 0) + 1
+        node.spawn(self._number(lookup), "number")
 
     def _busy(self, conn: FrameConnection, rid: int) -> None:
         self.node.counters["send_failed"] += 1
@@ -185,7 +194,8 @@ class WritePath:
 
     async def _number(self, items: list[SendItem]) -> None:
         node = self.node
-        keys = [(item[2], item[3]) for item in items]
+        may_hold = node.ids.may_hold
+        keys = [(item[2], item[3]) for item in items if may_hold(item[2], item[3])]
         try:
             stored = await node.storage.lookup(keys)
         except Exception as exc:
@@ -215,6 +225,7 @@ class WritePath:
         make = p.make_record
         head = p.SEND_HEAD.size
         ts = time.time_ns() // 1000
+        add_id = node.ids.add
         reroute: dict[int, list[SendItem]] = {}  # channel -> SENDs, in order
         # replica set -> channel -> (records, prev term), and the waiters
         sets: dict[
@@ -261,6 +272,7 @@ class WritePath:
                 by_channel[channel] = section = ([], meta.term_at(prev))
             meta.append_term(meta.term, seq)
             meta.pending[msg_id] = seq
+            add_id(channel, msg_id)
             rec = make((channel, seq, msg_id, sender, ts, payload[head:], meta.term))
             section[0].append(rec)
             records.append(rec)
