@@ -82,7 +82,7 @@ class ChannelOrder:
         self.metas: dict[int, ChannelMeta] = {}
         self.takeovers: dict[int, asyncio.Task[None]] = {}
         self._dirty: set[int] = set()  # channels whose commit is not stored yet
-        self._notices: dict[str, dict[int, p.AppendSection]] = {}
+        self._notices: dict[str, dict[int, tuple[int, int]]] = {}  # (term, commit)
         self._notice_handle: asyncio.Handle | None = None
 
     # -- state ---------------------------------------------------------------
@@ -393,24 +393,42 @@ class ChannelOrder:
     # -- commit notices (owner -> replicas) ----------------------------------------
 
     def notify_commit(self, meta: ChannelMeta) -> None:
-        """Tell *meta*'s replicas its commit soon (coalesced per replica)."""
+        """Tell *meta*'s replicas its commit soon (coalesced per replica,
+        dropped when a later APPEND carries it: see :meth:`carried`)."""
         if meta.role is not Role.OWNER:
             return
-        commit = meta.commit
-        section = p.AppendSection(
-            meta.channel, meta.term, meta.term_at(commit), commit, commit, ()
-        )
+        notice = (meta.term, meta.commit)
         for replica in meta.members[1:]:
-            self._notices.setdefault(replica, {})[meta.channel] = section
+            self._notices.setdefault(replica, {})[meta.channel] = notice
         if self._notice_handle is None:
             loop = asyncio.get_running_loop()
             self._notice_handle = loop.call_later(0.02, self._send_notices)
 
+    def carried(self, replica: str, channel: int, commit: int) -> None:
+        """An APPEND to *replica* carries *channel*'s *commit*: a pending
+        notice of no newer commit is not needed any more."""
+        pending = self._notices.get(replica)
+        if pending is not None:
+            notice = pending.get(channel)
+            if notice is not None and notice[1] <= commit:
+                del pending[channel]
+
     def _send_notices(self) -> None:
         self._notice_handle = None
         notices, self._notices = self._notices, {}
-        for replica, sections in notices.items():
-            batch = list(sections.values())
+        metas = self.metas
+        for replica, pending in notices.items():
+            batch = []
+            for channel, (term, commit) in pending.items():
+                meta = metas[channel]
+                if meta.role is Role.OWNER and meta.term == term:
+                    batch.append(
+                        p.AppendSection(
+                            channel, term, meta.term_at(commit), commit, commit, ()
+                        )
+                    )
+            if not batch:
+                continue
             self.peers.request(
                 replica,
                 T.REPLICATE,
@@ -573,7 +591,11 @@ class ChannelOrder:
                 p.AppendResult(section.channel, plan.status, meta.promised, plan.match)
             )
             plans.append((meta, plan))
-        left = len(ops)
+        if not states and not any(recs or cut for recs, cut, _ in ops):
+            # nothing to store (a commit notice, records already held): the
+            # records the commit covers were stored by earlier APPENDs
+            ops = []
+        left = max(1, len(ops))
         failed: list[BaseException] = []
 
         def done(
@@ -609,6 +631,8 @@ class ChannelOrder:
                 truncate=truncate or None,
                 states=list(states.values()) if i == 0 else (),
             )
+        if not ops:
+            done(0, {}, None)
 
 
 def _contiguous(records: Iterable[p.Record], after: int) -> list[p.Record]:

@@ -90,6 +90,9 @@ class ChannelMeta:
             return 0
         if seq > self.last:
             raise IndexError(f"channel {self.channel}: seq {seq} > last {self.last}")
+        last_epoch = self.epochs[-1]
+        if seq >= last_epoch[1]:  # the common case: in the newest term
+            return last_epoch[0]
         i = bisect.bisect_right(self.epochs, seq, key=_first_seq)
         return self.epochs[i - 1][0]
 
@@ -200,8 +203,20 @@ def plan_append(meta: ChannelMeta, section: p.AppendSection, src: str) -> Append
         truncate_after = records[start].seq - 1
         meta.truncate(truncate_after)
     fresh = list(records[start:])
-    for rec in fresh:
-        meta.append_term(rec.term, rec.seq)
+    if fresh:
+        first, term = fresh[0], fresh[-1].term
+        epochs = meta.epochs
+        if (
+            first.seq == meta.last + 1
+            and first.term == term
+            and (not epochs or epochs[-1][0] <= term)
+        ):  # one term (the common case): the decoder checked the seqs
+            if not epochs or epochs[-1][0] != term:
+                epochs.append((term, first.seq))
+            meta.last = fresh[-1].seq
+        else:
+            for rec in fresh:
+                meta.append_term(rec.term, rec.seq)
     match = prev + len(records)
     before = meta.commit
     meta.commit = max(meta.commit, min(section.commit, match))

@@ -234,8 +234,7 @@ Epochs = tuple[tuple[int, int], ...]
 """Epoch boundaries of a log: ``(term, first seq of that term)``, increasing."""
 
 
-@dataclass(frozen=True, slots=True)
-class AppendSection:
+class AppendSection(NamedTuple):
     """One channel's part of an APPEND (REPLICATE) body or of a LOG reply."""
 
     channel: int
@@ -255,8 +254,7 @@ class AppendStatus(IntEnum):
     FAILED = 3  # the replica could not store the records (storage error)
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
+class AppendResult(NamedTuple):
     """A replica's answer to one APPEND section (``match`` is 0 unless OK)."""
 
     channel: int
@@ -454,6 +452,9 @@ def encode_append_results(results: Iterable[AppendResult]) -> bytes:
     return b"".join(parts)
 
 
+_STATUSES: Final = {int(s): s for s in AppendStatus}
+
+
 def decode_append_results(body: bytes) -> list[AppendResult]:
     """Inverse of :func:`encode_append_results`."""
     if len(body) < COUNT.size:
@@ -467,13 +468,13 @@ def decode_append_results(body: bytes) -> list[AppendResult]:
         )
     out: list[AppendResult] = []
     seen: set[int] = set()
+    statuses = _STATUSES
     for channel, raw, promised, match in APPEND_RESULT.iter_unpack(body[COUNT.size :]):
-        try:
-            status = AppendStatus(raw)
-        except ValueError:
+        status = statuses.get(raw)
+        if status is None:
             raise ProtocolError(
                 f"APPEND result of channel {channel}: unknown status {raw}"
-            ) from None
+            )
         if match and status is not AppendStatus.OK:
             raise ProtocolError(
                 f"APPEND result of channel {channel}: match {match} with {status.name}"

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS messages (
 # The columns of the first schema (before ``term``), in their table order.
 OLD_COLUMNS = "id, channel, seq, msg_id, sender, ts_us, payload"
 INDEXES = """
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_msg_id ON messages (channel, msg_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_msg_id ON messages (msg_id, channel);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_seq ON messages (channel, seq);
 """
 # Indexes of the schema before terms: msg_id unique across channels and
@@ -555,33 +555,41 @@ class Storage:
     def _write(
         self, conn: sqlite3.Connection, inserts: list[_Insert]
     ) -> list[InsertResult]:
-        """One transaction for every queued write, each in its own savepoint:
-        a write that fails is rolled back alone and reports its error."""
+        """One transaction for every queued write.  If any write fails, the
+        transaction is rolled back and each write is applied again in a
+        transaction of its own, so a bad write fails alone and reports its
+        error (no per-write savepoints on the common path: they cost more
+        than the rows themselves)."""
+        try:
+            return self._commit(conn, inserts)
+        except Exception:  # also OverflowError: a value too big
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        results: list[InsertResult] = []
+        for item in inserts:
+            try:
+                results += self._commit(conn, [item])
+            except Exception as exc:
+                self.stats.errors += 1
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                results.append((0, {}, exc))
+        return results
+
+    def _commit(
+        self, conn: sqlite3.Connection, inserts: list[_Insert]
+    ) -> list[InsertResult]:
+        """Apply *inserts* in one transaction (raises on the first error)."""
         results: list[InsertResult] = []
         stats = self.stats
         truncated = rows = 0
-        try:
-            conn.execute("BEGIN")
-            for item in inserts:
-                conn.execute("SAVEPOINT write")
-                try:
-                    gone, result = self._apply(conn, item)
-                except Exception as exc:  # also OverflowError: a value too big
-                    stats.errors += 1
-                    conn.execute("ROLLBACK TO write")
-                    conn.execute("RELEASE write")
-                    results.append((0, {}, exc))
-                    continue
-                conn.execute("RELEASE write")
-                truncated += gone
-                rows += len(item.rows)
-                results.append(result)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            stats.errors += 1
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            return [(0, {}, exc) for _ in inserts]
+        conn.execute("BEGIN")
+        for item in inserts:
+            gone, result = self._apply(conn, item)
+            truncated += gone
+            rows += len(item.rows)
+            results.append(result)
+        conn.execute("COMMIT")
         total = sum(r[0] for r in results)
         stats.commits += 1
         stats.rows_inserted += total

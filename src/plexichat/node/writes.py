@@ -270,15 +270,28 @@ class WritePath:
             section = by_channel.get(channel)
             if section is None:
                 by_channel[channel] = section = ([], meta.term_at(prev))
-            meta.append_term(meta.term, seq)
+            epochs = meta.epochs
+            if epochs and epochs[-1][0] == meta.term:
+                meta.last = seq  # seq == last + 1: numbered right here
+            else:
+                meta.append_term(meta.term, seq)
             meta.pending[msg_id] = seq
             add_id(channel, msg_id)
             rec = make((channel, seq, msg_id, sender, ts, payload[head:], meta.term))
             section[0].append(rec)
             records.append(rec)
             waiters.append((conn, rid, t0))
-        for owners, (by_channel, records, waiters) in sets.items():
+        groups = [
             self._replicate(owners, by_channel, records, waiters)
+            for owners, (by_channel, records, waiters) in sets.items()
+        ]
+        if len(groups) == 1:
+            node.storage.insert(groups[0].records, groups[0].local_done)
+        elif groups:  # one store operation for the whole batch
+            node.storage.insert(
+                [rec for group in groups for rec in group.records],
+                functools.partial(_local_done_all, groups),
+            )
         for channel, again in reroute.items():
             current = node.owners(channel)
             mine = current is not None and current[0] == node.id
@@ -290,7 +303,9 @@ class WritePath:
         by_channel: dict[int, tuple[list[p.Record], int]],
         records: list[p.Record],
         waiters: list[Waiter],
-    ) -> None:
+    ) -> WriteGroup:
+        """Send one replica set's records; the group waits for them (the
+        caller queues the local store operation)."""
         node = self.node
         metas = node.order.metas
         frames: list[tuple[list[p.AppendSection], list[int]]] = []
@@ -329,9 +344,11 @@ class WritePath:
         )
         assert node.loop is not None
         group.timer = node.loop.call_later(node.config.replicate_timeout, group.expire)
-        node.storage.insert(records, group.local_done)
+        carried = node.order.carried
         for replica in replicas:
             for secs, channels in frames:
+                for section in secs:
+                    carried(replica, section.channel, section.commit)
                 node.counters["replicate_frames"] += 1
                 node.peers.request(
                     replica,
@@ -339,6 +356,7 @@ class WritePath:
                     p.encode_append(secs),
                     functools.partial(group.replica_done, channels),
                 )
+        return group
 
     # -- commit ----------------------------------------------------------------------
 
@@ -389,6 +407,19 @@ class WritePath:
             node.order.notify_commit(meta)
         if committed and node.subscribers:
             node.deliver(committed)
+
+
+def _local_done_all(
+    groups: list[WriteGroup],
+    inserted: int,
+    corrections: dict[int, int],
+    error: BaseException | None,
+) -> None:
+    """The one store operation of several groups finished: tell each."""
+    whole = error is None and not corrections
+    whole = whole and inserted == sum(len(g.records) for g in groups)
+    for group in groups:  # a partial insert fails every group of the batch
+        group.local_done(len(group.records) if whole else -1, {}, error)
 
 
 def _error_text(frame: wire.Frame) -> str:
