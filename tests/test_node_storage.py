@@ -135,7 +135,7 @@ def test_a_sequence_number_holds_one_message(tmp_path):
 
 
 def test_whole_seqs_cuts_between_sequence_numbers():
-    from plexichat.node.server import whole_seqs
+    from plexichat.node.readers import whole_seqs
 
     rows = [rec(1, s, i) for i, s in enumerate([1, 2, 2, 2, 3, 4])]
     assert [r.seq for r in whole_seqs(rows, 3)] == [1]

@@ -1,20 +1,22 @@
 """The PlexiChat node: framed TCP server, sharding, channel order, relay.
 
-:class:`Node` is the composition root: it routes frames, keeps the ring
-(membership), and delegates the owner's write path to
-:class:`~plexichat.node.writes.WritePath`, channel ownership (terms,
-takeovers, the replica side of APPEND) to
-:class:`~plexichat.node.channels.ChannelOrder`, peer links to
+:class:`Node` is the composition root: it accepts connections, routes
+frames, keeps the ring (membership) and the lease, and delegates SEND
+admission, gates and forwards to :class:`~plexichat.node.sends.SendRouter`,
+the owner's write path to :class:`~plexichat.node.writes.WritePath`,
+channel ownership (terms, takeovers, the replica side of APPEND) to
+:class:`~plexichat.node.channels.ChannelOrder`, the rebalance after ring
+changes (and HANDOFF) to :class:`~plexichat.node.rebalance.Rebalancer`,
+readers (FETCH, SUBSCRIBE/DELIVER: committed records only) to
+:class:`~plexichat.node.readers.Readers`, control ops (HELLO, PING, GOSSIP,
+STATS) to :class:`~plexichat.node.control.Control`, peer links to
 :class:`~plexichat.node.peers.PeerLinks` and relay to
-:class:`~plexichat.node.relay.Relayer`.  A SEND that reaches a node which
-does not own the channel is forwarded to the owner and the owner's reply is
-relayed back.  Readers (FETCH, SUBSCRIBE/DELIVER) see only committed records.
+:class:`~plexichat.node.relay.Relayer`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import os
@@ -28,13 +30,16 @@ from plexichat import accel, wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
 from plexichat.node.channels import ChannelOrder
+from plexichat.node.control import Control
 from plexichat.node.counters import NodeCounters, new_counters
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.idfilter import IdFilter
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
-from plexichat.node.order import Role
 from plexichat.node.peers import PeerLinks
+from plexichat.node.readers import Readers
+from plexichat.node.rebalance import Rebalancer
 from plexichat.node.relay import Relayer
+from plexichat.node.sends import SendRouter
 from plexichat.node.store import Engine, MessageStore, Synchronous, open_store
 from plexichat.node.transport import FrameConnection, Link
 from plexichat.node.writes import WritePath
@@ -94,26 +99,6 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _arrival(item: SendItem) -> int:
-    return item[6]
-
-
-def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
-    """The longest prefix of at most *limit* rows that ends between two sequence
-    numbers (at least the first sequence number's rows): a page a reader can
-    continue with ``after = last seq`` without skipping anything."""
-    if len(rows) <= limit:
-        cut = len(rows)
-    else:
-        cut = max(0, limit)
-        while 0 < cut < len(rows) and rows[cut - 1].seq == rows[cut].seq:
-            cut -= 1
-    if cut == 0 and rows:
-        first = rows[0].seq
-        cut = next((i for i, r in enumerate(rows) if r.seq != first), len(rows))
-    return rows[:cut]
-
-
 class Node:
     """One PlexiChat node (start with :meth:`start`, stop with :meth:`stop`).
 
@@ -139,21 +124,10 @@ class Node:
         self.quorum: tuple[int, int] = (0, 0)  # (live, voters) of the last change
         self.epoch = 0
         self.lease = config.lease or config.gossip.suspect_timeout * 0.75
-        self._lease_lapsed = False
         capacity = config.cache_capacity
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
-        # SENDs waiting, in arrival order, until their channel is clear: no
-        # takeover running (``taking``), none of its older SENDs being looked
-        # up (``looking``: channel -> SENDs in lookup) or forwarded
-        # (``forwarding``: channel -> (owner, SENDs in flight))
-        self.gates: dict[int, list[SendItem]] = {}
-        self.taking: set[int] = set()
-        self.looking: dict[int, int] = {}
-        self._arrival = 0  # SEND arrival stamps (ns) increase strictly
-        self.forwarding: dict[int, tuple[str, int]] = {}
         self.conns: set[FrameConnection] = set()
-        self.subscribers: dict[int, set[FrameConnection]] = {}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
         self.counters: NodeCounters = new_counters()
         self.advertise: tuple[str, int] = ("", 0)
@@ -161,15 +135,13 @@ class Node:
         self.gc = GCPauses()
         self.started = time.monotonic()
         self._server: asyncio.Server | None = None
-        self._sends: list[SendItem] = []
-        self._flush_scheduled = False
-        self._sends_epoch = 0  # epoch when the queued SENDs were routed
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ring_changed = asyncio.Event()
-        self._rebalancing = False
-        self._balanced_epoch = -1  # the ring epoch whose rebalance completed
         self._stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.sends = SendRouter(self)
+        self.readers = Readers(self)
+        self.rebalancer = Rebalancer(self)
+        self.control = Control(self)
         self.peers = PeerLinks(
             self.id,
             clock=clock,
@@ -197,7 +169,7 @@ class Node:
             counters=self.counters,
             hist=self.hist,
             spawn=self._spawn,
-            on_commit=self._committed_elsewhere,
+            on_commit=self.readers.committed_elsewhere,
             on_stored=self._note_ids,
             call_timeout=max(config.sync_timeout, 2 * config.gossip.ping_timeout),
             data_timeout=config.replicate_timeout,
@@ -206,15 +178,15 @@ class Node:
         self.writes = WritePath(self)
         self.ids = IdFilter()  # (channel, msg_id) pairs this node may store
         self._handlers: dict[int, Callable[[FrameConnection, int, bytes], None]] = {
-            T.HELLO: self._on_hello,
-            T.REPLICATE: self._on_replicate,
-            T.FETCH: self._on_fetch,
-            T.SUBSCRIBE: self._on_subscribe,
+            T.HELLO: self.control.on_hello,
+            T.REPLICATE: self.order.on_append,
+            T.FETCH: self.readers.on_fetch,
+            T.SUBSCRIBE: self.readers.on_subscribe,
             T.RELAY: self.relayer.on_relay,
-            T.STATS: self._on_stats,
-            T.GOSSIP: self._on_gossip,
-            T.HANDOFF: self._on_handoff,
-            T.PING: self._on_ping,
+            T.STATS: self.control.on_stats,
+            T.GOSSIP: self.control.on_gossip,
+            T.HANDOFF: self.rebalancer.on_handoff,
+            T.PING: self.control.on_ping,
         }
 
     # -- lifecycle ------------------------------------------------------------
@@ -253,7 +225,7 @@ class Node:
         self._membership_changed()
         self.membership.start()
         self._spawn(self._sweeper(), "sweeper")
-        self._spawn(self._rebalancer(), "rebalance")
+        self._spawn(self.rebalancer.run(), "rebalance")
         self._spawn(self._commit_flusher(), "commits")
         self._spawn(self._load_ids(), "load-ids")
         self._spawn(self._lease_keeper(), "lease")
@@ -286,8 +258,7 @@ class Node:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._sends:
-            self._flush_sends()
+        self.sends.drain()
         with contextlib.suppress(Exception):
             await self.order.flush_commits()
         for conn in list(self.conns):
@@ -307,6 +278,15 @@ class Node:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run *coro* as one of this node's tasks (cancelled by :meth:`stop`)."""
+        return self._spawn(coro, name)
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has begun."""
+        return self._stopping
 
     # -- connections ------------------------------------------------------------
 
@@ -331,12 +311,7 @@ class Node:
                 conn.peername,
                 extra={"event": "slow_reader", "peer": conn.peername},
             )
-        for channel in conn.data.get("subs", ()):
-            subs = self.subscribers.get(channel)
-            if subs is not None:
-                subs.discard(conn)
-                if not subs:
-                    del self.subscribers[channel]
+        self.readers.drop(conn)
 
     def _on_wire_error(self, conn: FrameConnection, exc: wire.WireError) -> None:
         self.counters["bad_frames"] += 1
@@ -346,26 +321,28 @@ class Node:
             exc,
             extra={"event": "bad_frame", "peer": conn.peername, "reason": exc.reason},
         )
-        self._error(conn, 0, p.ErrorCode.MALFORMED, f"{exc.reason}: {exc}")
+        self.error(conn, 0, p.ErrorCode.MALFORMED, f"{exc.reason}: {exc}")
 
-    def _error(self, conn: FrameConnection, rid: int, code: int, message: str) -> None:
+    def error(self, conn: FrameConnection, rid: int, code: int, message: str) -> None:
+        """Answer request *rid* with an ERROR (counted in ``errors_sent``)."""
         self.counters["errors_sent"] += 1
         conn.send_error(rid, code, message)
 
     def _on_frames(self, conn: FrameConnection, frames: list[wire.Frame]) -> None:
         now = time.perf_counter_ns()
         handlers = self._handlers
+        sends = self.sends
         for frame in frames:
             ftype = frame.type
             if ftype == T.SEND:
-                now = self._arrival = max(now, self._arrival + 1)
-                self._on_send(conn, frame.request_id, frame.payload, now)
+                now = sends.arrival = max(now, sends.arrival + 1)
+                sends.on_send(conn, frame.request_id, frame.payload, now)
                 continue
             handler = handlers.get(ftype)
             if handler is None:
                 if ftype != T.ERROR:  # never answer an error with an error
                     self.counters["unknown_ops"] += 1
-                    self._error(
+                    self.error(
                         conn,
                         frame.request_id,
                         p.ErrorCode.UNKNOWN_OP,
@@ -375,7 +352,7 @@ class Node:
             try:
                 handler(conn, frame.request_id, frame.payload)
             except (p.ProtocolError, ValueError, TypeError) as exc:
-                self._error(conn, frame.request_id, p.ErrorCode.MALFORMED, str(exc))
+                self.error(conn, frame.request_id, p.ErrorCode.MALFORMED, str(exc))
 
     async def _sweeper(self) -> None:
         """Close connections that stall inside a frame or stay idle too long."""
@@ -394,7 +371,7 @@ class Node:
                         idle,
                         extra={"event": "read_timeout", "peer": conn.peername},
                     )
-                    self._error(
+                    self.error(
                         conn, 0, p.ErrorCode.TIMEOUT, "read timeout inside a frame"
                     )
                     conn.close()
@@ -428,19 +405,13 @@ class Node:
             "ring changed",
             extra={"event": "ring", "members": sorted(live), "epoch": self.epoch},
         )
-        self._ring_changed.set()
+        self.rebalancer.ring_changed.set()
 
     @property
     def settled(self) -> bool:
         """True once this node took over every channel the ring gives it and
         told the owners of the others (the rebalance of this ring is done)."""
-        return (
-            self.ring is not None
-            and self._balanced_epoch == self.epoch
-            and not self._ring_changed.is_set()
-            and not self._rebalancing
-            and not self.order.takeovers
-        )
+        return self.rebalancer.settled
 
     def _voters(self) -> list[str]:
         """Members that count for majorities: all that have not left."""
@@ -511,74 +482,17 @@ class Node:
             for node_id in stale:
                 self._spawn(self.membership.ping(node_id), "lease-ping")
 
-    # -- SEND ---------------------------------------------------------------------
+    # -- delegates (the write path and tests use these names) -----------------------
 
-    def _on_send(
-        self, conn: FrameConnection, rid: int, payload: bytes, now: int
-    ) -> None:
-        if len(payload) < p.SEND_HEAD.size:
-            self._error(conn, rid, p.ErrorCode.MALFORMED, "SEND body too short")
-            return
-        if len(payload) - p.SEND_HEAD.size > self.config.max_message:
-            self._error(
-                conn,
-                rid,
-                p.ErrorCode.TOO_LARGE,
-                f"message above {self.config.max_message} bytes",
-            )
-            return
-        if self._stopping:
-            self._error(conn, rid, p.ErrorCode.SHUTTING_DOWN, "node is stopping")
-            return
-        channel, msg_id, sender = p.SEND_HEAD.unpack_from(payload)
-        if channel in self.gates:  # older SENDs of the channel wait: keep the order
-            self.gate(channel, [(conn, rid, channel, msg_id, sender, payload, now, ())])
-            return
-        owners = self.owners(channel)
-        if owners is None:
-            self._error(
-                conn,
-                rid,
-                p.ErrorCode.UNAVAILABLE,
-                self._unavailable_reason(),
-            )
-            return
-        if owners[0] != self.id:
-            if conn.role == "peer":
-                self._error(
-                    conn,
-                    rid,
-                    p.ErrorCode.NOT_OWNER,
-                    f"{self.id} does not own {channel}",
-                )
-            elif self.looking.get(channel) or self._forwarding_elsewhere(
-                channel, owners[0]
-            ):
-                self.gate(
-                    channel, [(conn, rid, channel, msg_id, sender, payload, now, ())]
-                )
-            else:
-                self._forward(conn, rid, channel, payload, owners[0], now)
-            return
-        if channel in self.forwarding:  # forwarded ones first
-            self.gate(channel, [(conn, rid, channel, msg_id, sender, payload, now, ())])
-            return
-        self._sends.append((conn, rid, channel, msg_id, sender, payload, now, owners))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._sends_epoch = self.epoch
-            assert self.loop is not None
-            self.loop.call_soon(self._flush_sends)
+    @property
+    def gates(self) -> dict[int, list[SendItem]]:
+        """Channel -> SENDs held in arrival order (owned by :attr:`sends`)."""
+        return self.sends.gates
 
-    def _unavailable_reason(self) -> str:
-        live, voters = self.quorum
-        if not self.has_quorum:
-            return f"no quorum: {live} of {voters} members reachable"
-        return f"{len(self.ring_members)} nodes live, {self.config.replicas} needed"
-
-    def _forwarding_elsewhere(self, channel: int, owner: str) -> bool:
-        forwarding = self.forwarding.get(channel)
-        return forwarding is not None and forwarding[0] != owner
+    @property
+    def looking(self) -> dict[int, int]:
+        """Channel -> its SENDs in a store lookup (owned by :attr:`sends`)."""
+        return self.sends.looking
 
     def gate(
         self,
@@ -587,430 +501,36 @@ class Node:
         *,
         take_over: tuple[str, ...] | None = None,
     ) -> None:
-        """Hold *items* in *channel*'s gate (kept in arrival order) until the
-        channel is clear (see :meth:`release_if_clear`); with *take_over*,
-        take the channel over with that config first.  A sender's pipelined
-        SENDs are numbered, forwarded or refused in the order they came."""
-        gate = self.gates.setdefault(channel, [])
-        for item in items:
-            if not gate or gate[-1][6] < item[6]:
-                gate.append(item)
-            else:
-                bisect.insort(gate, item, key=_arrival)
-        if take_over is not None and channel not in self.taking:
-            self.taking.add(channel)
-            self.take_over_then_release(channel, take_over)
-        self.release_if_clear(channel)
+        """Hold SENDs in *channel*'s gate (see :meth:`SendRouter.gate`)."""
+        self.sends.gate(channel, items, take_over=take_over)
 
     def release_if_clear(self, channel: int) -> None:
         """Route a gated channel's SENDs again once nothing older is in flight."""
-        if (
-            channel in self.gates
-            and channel not in self.taking
-            and not self.looking.get(channel)
-            and channel not in self.forwarding
-        ):
-            self.reroute(self.gates.pop(channel))
+        self.sends.release_if_clear(channel)
 
-    def reroute(self, items: list[SendItem]) -> None:
-        """Route SENDs again, in order: the ring changed since their owners were
-        computed (an old owner must not assign sequence numbers any more)."""
-        for conn, rid, _channel, _msg_id, _sender, payload, t0, _owners in items:
-            if not conn.closed:
-                self._on_send(conn, rid, payload, t0)
-
-    def _forward(
-        self,
-        conn: FrameConnection,
-        rid: int,
-        channel: int,
-        payload: bytes,
-        owner: str,
-        t0: int,
-    ) -> None:
-        self.counters["forwarded"] += 1
-        assert self.loop is not None
-        state: dict[str, Any] = {}
-        _, count = self.forwarding.get(channel, (owner, 0))
-        self.forwarding[channel] = (owner, count + 1)
-
-        def done(frame: wire.Frame | None, error: BaseException | None) -> None:
-            if state.get("done"):
-                return
-            state["done"] = True
-            target, left = self.forwarding[channel]
-            if left > 1:
-                self.forwarding[channel] = (target, left - 1)
-            else:
-                del self.forwarding[channel]
-                self.release_if_clear(channel)
-            timer = state.get("timer")
-            if timer is not None:
-                timer.cancel()
-            if frame is None:
-                self._error(
-                    conn, rid, p.ErrorCode.UNAVAILABLE, f"forward to {owner}: {error}"
-                )
-                return
-            conn.send(frame.type, rid, frame.payload)
-            if frame.type == T.ACK:
-                elapsed = max(1, (time.perf_counter_ns() - t0) // 1000)
-                self.hist["forward"].record(elapsed)
-
-        state["timer"] = self.loop.call_later(
-            self.config.forward_timeout,
-            done,
-            None,
-            TimeoutError("owner did not answer"),
-        )
-        self.peers.request(owner, T.SEND, payload, done)
-
-    def _flush_sends(self) -> None:
-        self._flush_scheduled = False
-        batch, self._sends = self._sends, []
-        if not batch:
-            return
-        if self._sends_epoch != self.epoch:
-            self.reroute(batch)
-            return
-        if len(self.ring_members) > 1 and not self.lease_valid():
-            self._refuse_without_lease(batch)
-            return
-        self._lease_lapsed = False
-        self.writes.flush(batch)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run *coro* as one of this node's tasks (cancelled by :meth:`stop`)."""
-        return self._spawn(coro, name)
-
-    def take_over_then_release(self, channel: int, owners: tuple[str, ...]) -> None:
-        """Take *channel* over, then route the SENDs gated behind it again
-        (or refuse them all if the takeover failed)."""
-
-        async def run() -> None:
-            reason = "node is stopping"
-            try:
-                reason = await self.order.take_over(channel, owners) or ""
-            finally:
-                self.taking.discard(channel)
-                if reason:
-                    for conn, rid, *_ in self.gates.pop(channel, []):
-                        self._error(
-                            conn,
-                            rid,
-                            p.ErrorCode.UNAVAILABLE,
-                            f"taking channel {channel} over failed: {reason}",
-                        )
-                else:
-                    self.release_if_clear(channel)
-
-        self._spawn(run(), "take-over")
-
-    def _refuse_without_lease(self, batch: list[SendItem]) -> None:
-        """No majority answered lately (this node was paused or cut off): the
-        others may have taken its channels over, so it writes nothing and
-        takes every channel over again before its next write."""
-        if not self._lease_lapsed:
-            self._lease_lapsed = True
-            for meta in self.order.metas.values():
-                if meta.role is not Role.FOLLOWER:
-                    meta.step_down()
-            self.owner_cache.clear()
-            self.counters["lease_lapses"] += 1
-            log.warning("lease lapsed", extra={"event": "lease", "lease_s": self.lease})
-        self.counters["lease_refused"] += len(batch)
-        message = f"lease lapsed: no majority answered within {self.lease:g}s"
-        for conn, rid, *_ in batch:
-            self._error(conn, rid, p.ErrorCode.UNAVAILABLE, message)
-
-    # -- replication, delivery ------------------------------------------------------
-
-    def _on_replicate(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        self.order.on_append(conn, rid, payload)
-
-    def _note_ids(self, records: Iterable[p.Record]) -> None:
-        add = self.ids.add
-        for rec in records:
-            add(rec.channel, rec.msg_id)
-
-    def _committed_elsewhere(self, channel: int, old: int, new: int) -> None:
-        """A replica's (or new owner's) commit moved: DELIVER (old, new]."""
-        if channel in self.subscribers:
-            self._spawn(self._deliver_range(channel, old, new), "deliver")
-
-    async def _deliver_range(self, channel: int, old: int, new: int) -> None:
-        after = old
-        while after < new:
-            rows = await self.storage.fetch(channel, after, self.config.fetch_limit)
-            rows = [r for r in rows if r.seq <= new]
-            if not rows:
-                return
-            self.deliver(rows)
-            after = rows[-1].seq
+    @property
+    def subscribers(self) -> dict[int, set[FrameConnection]]:
+        """Channel -> subscribed connections (owned by :attr:`readers`)."""
+        return self.readers.subscribers
 
     def deliver(self, records: Iterable[p.Record]) -> None:
         """Push committed records to this node's subscribers of their channels."""
-        subscribers = self.subscribers
-        for rec in records:
-            conns = subscribers.get(rec.channel)
-            if conns:
-                body = p.encode_deliver(rec)
-                for conn in conns:
-                    conn.send(T.DELIVER, 0, body)
-                    self.counters["delivered"] += 1
-
-    def _on_subscribe(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        channel = p.decode_channel(payload)
-        self.subscribers.setdefault(channel, set()).add(conn)
-        conn.data.setdefault("subs", set()).add(channel)
-        commit = self.order.meta(channel).commit
-        conn.send(T.ACK, rid, p.encode_ack(channel, commit))
-
-    # -- FETCH --------------------------------------------------------------------
-
-    def _on_fetch(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        channel, after, limit = p.decode_fetch(payload)
-        limit = max(1, min(limit, self.config.fetch_limit))
-        self.counters["fetches"] += 1
-        self._spawn(self._fetch(conn, rid, channel, after, limit), "fetch")
-
-    async def _fetch(
-        self, conn: FrameConnection, rid: int, channel: int, after: int, limit: int
-    ) -> None:
-        t0 = time.perf_counter_ns()
-        meta = self.order.metas.get(channel)
-        commit = 0 if meta is None else meta.commit
-        rows = []
-        if after < commit:  # only committed records are visible
-            try:
-                rows = await self.storage.fetch(
-                    channel, after, min(limit, commit - after) + 1
-                )
-            except Exception as exc:
-                self._error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
-                return
-            rows = [r for r in rows if r.seq <= commit]
-        total = len(rows) + (commit > after + len(rows))
-        rows = whole_seqs(rows, limit)
-        budget = self.config.max_frame - 4096
-        size = 0
-        for index, rec in enumerate(rows):
-            size += p.MESSAGE_RECORD.size + len(rec.payload)
-            if size > budget:
-                rows = whole_seqs(rows, index)
-                break
-        more = len(rows) < total
-        conn.send(T.MESSAGES, rid, p.encode_messages(channel, rows, more))
-        self.hist["fetch"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
-
-    # -- RELAY (P2P fan-out) ----------------------------------------------------------
+        self.readers.deliver(records)
 
     def relay_children(self, root: str, fanout: int) -> list[str]:
         """Next hops of this node in the *fanout*-ary tree rooted at *root*."""
         return self.relayer.children(root, fanout)
 
-    # -- control ops ---------------------------------------------------------
-
-    def _on_hello(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        body = p.decode_json(payload)
-        version = body.get("version")
-        if version != p.PROTOCOL_VERSION:
-            self._error(
-                conn,
-                rid,
-                p.ErrorCode.BAD_VERSION,
-                f"protocol version {version!r} unsupported (want {p.PROTOCOL_VERSION})",
-            )
-            conn.close()
-            return
-        if body.get("role") == "peer":
-            conn.role = "peer"
-            conn.peer_id = str(body.get("node_id", ""))
-        conn.send(T.WELCOME, rid, p.encode_json(self._welcome()))
-
-    def _welcome(self) -> dict[str, Any]:
-        return {
-            "version": p.PROTOCOL_VERSION,
-            "node_id": self.id,
-            "address": f"{self.advertise[0]}:{self.advertise[1]}",
-            "replicas": self.config.replicas,
-            "backend": accel.summary(),
-        }
-
-    def _on_ping(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        body = p.decode_json(payload)
-        if body and self.membership is not None and not self._stopping:
-            conn.send(T.PONG, rid, p.encode_json(self.membership.handle_ping(body)))
-        else:
-            conn.send(T.PONG, rid, b"")
-
-    def _on_gossip(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        body = p.decode_json(payload)
-
-        async def run() -> None:
-            assert self.membership is not None
-            try:
-                reply = await self.membership.handle_gossip(body)
-            except ValueError as exc:
-                self._error(conn, rid, p.ErrorCode.MALFORMED, str(exc))
-                return
-            conn.send(T.GOSSIP, rid, p.encode_json(reply))
-
-        self._spawn(run(), "gossip")
-
-    def _on_handoff(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        if conn.role != "peer":
-            self._error(conn, rid, p.ErrorCode.UNKNOWN_OP, "HANDOFF is for peers")
-            return
-        if self.order.on_handoff(conn, rid, payload):
-            return
-        if p.handoff_kind(payload) is p.HandoffKind.OWN:
-            channels = p.decode_own(payload)
-            self._spawn(self._on_own(conn, rid, channels), "own")
-            return
-        raise p.ProtocolError(f"HANDOFF kind {payload[0]} not accepted")
-
-    async def _on_own(
-        self, conn: FrameConnection, rid: int, channels: tuple[int, ...]
-    ) -> None:
-        """Another node says the ring makes this one the owner of *channels*:
-        take over those this node's ring agrees on; reply with the failures."""
-        failed = await self._take_over_all(
-            [(c, o) for c in channels if (o := self.owners(c)) and o[0] == self.id]
-        )
-        conn.send(T.HANDOFF, rid, p.encode_own(failed))
-
-    async def _take_over_all(
-        self, wanted: list[tuple[int, tuple[str, ...]]], concurrency: int = 16
-    ) -> list[int]:
-        """Take these channels over (those not owned already); the failed ones."""
-        limit = asyncio.Semaphore(concurrency)
-        failed: list[int] = []
-
-        async def one(channel: int, owners: tuple[str, ...]) -> None:
-            async with limit:
-                if self.order.meta(channel).owns(owners):
-                    return
-                if await self.order.take_over(channel, owners):
-                    failed.append(channel)
-
-        await asyncio.gather(*(one(c, o) for c, o in wanted))
-        return sorted(failed)
-
     def info(self) -> dict[str, Any]:
         """The JSON part of STATS_REPLY."""
-        assert self.membership is not None
-        return {
-            "node_id": self.id,
-            "address": f"{self.advertise[0]}:{self.advertise[1]}",
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "version": p.PROTOCOL_VERSION,
-            "backend": accel.summary(),
-            "backends": {name: accel.active(name) for name in accel.FAMILIES},
-            "replicas": self.config.replicas,
-            "epoch": self.epoch,
-            "members": self.membership.view(),
-            "ring": sorted(self.ring_members),
-            "settled": self.settled,
-            "owned": sum(m.role is Role.OWNER for m in self.order.metas.values()),
-            "incarnation": self.membership.me.incarnation,
-            "counters": dict(self.counters),
-            "gossip": dict(self.membership.counters),
-            "storage": {
-                "commits": self.storage.stats.commits,
-                "rows_inserted": self.storage.stats.rows_inserted,
-                "rows_ignored": self.storage.stats.rows_ignored,
-                "largest_group": self.storage.stats.largest_group,
-                "errors": self.storage.stats.errors,
-                "rows_truncated": self.storage.stats.rows_truncated,
-                "channels": len(self.order.metas),
-            },
-            "caches": {
-                "owners": self.owner_cache.stats(),
-                "recent": self.recent.stats(),
-                "relay_seen": self.relayer.seen.stats(),
-            },
-            "connections": len(self.conns),
-            "gc": self.gc.as_dict(),
-        }
+        return self.control.info()
 
-    def _on_stats(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
-        body = p.decode_json(payload)
-        blobs = {name: hist.to_bytes() for name, hist in self.hist.items()}
-        conn.send(T.STATS_REPLY, rid, p.encode_stats_reply(self.info(), blobs))
-        reset = body.get("reset") or []
-        if isinstance(reset, list):
-            for name in reset:
-                if name in self.hist:
-                    self.hist[name] = Histogram()
+    # -- stored ids, commits ---------------------------------------------------------
 
-    # -- rebalance on ring change -----------------------------------------------
-
-    async def _rebalancer(self) -> None:
-        """Once the ring has been stable for ``handoff_delay``: take over every
-        channel it gives this node, and tell the new owners of the others."""
-        while True:
-            await self._ring_changed.wait()
-            while True:
-                self._ring_changed.clear()
-                epoch = self.epoch
-                await asyncio.sleep(self.config.handoff_delay)
-                if epoch == self.epoch:
-                    break
-            if not self.has_quorum:
-                continue  # the majority side decides; try again on the next change
-            self._rebalancing = True
-            try:
-                done = await self._rebalance()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("rebalance failed")
-                done = False
-            finally:
-                self._rebalancing = False
-            if done and epoch == self.epoch:
-                self._balanced_epoch = epoch
-            else:
-                self._ring_changed.set()  # again after handoff_delay
-
-    async def _rebalance(self) -> bool:
-        self.counters["handoffs"] += 1
-        mine: list[tuple[int, tuple[str, ...]]] = []
-        hints: dict[str, list[int]] = {}
-        for channel, meta in list(self.order.metas.items()):
-            owners = self.owners(channel)
-            if owners is None:
-                return False
-            if owners[0] == self.id:
-                if not meta.owns(owners):
-                    mine.append((channel, owners))
-            elif meta.last or meta.accepted_term:
-                hints.setdefault(owners[0], []).append(channel)
-        failed = await self._take_over_all(mine)
-        ok = not failed
-        for target, channels in sorted(hints.items()):
-            frame = await self.order.call(
-                target,
-                T.HANDOFF,
-                p.encode_own(channels),
-                4 * self.config.replicate_timeout,
-            )
-            try:
-                ok = ok and frame is not None and not p.decode_own(frame.payload)
-            except p.ProtocolError:
-                ok = False
-        log.info(
-            "rebalance",
-            extra={
-                "event": "handoff",
-                "taken": len(mine) - len(failed),
-                "failed": len(failed),
-                "hinted": sum(map(len, hints.values())),
-            },
-        )
-        return ok
+    def _note_ids(self, records: Iterable[p.Record]) -> None:
+        add = self.ids.add
+        for rec in records:
+            add(rec.channel, rec.msg_id)
 
     async def _commit_flusher(self, period: float = 0.5) -> None:
         """Store moved commits now and then (a restart shows at least those)."""
