@@ -7,8 +7,9 @@ peers"): a node that the ring makes a channel's owner *takes it over*
 config, install it on its replicas with APPEND, ACCEPT by a cluster majority)
 before it numbers any write, and replicas apply APPENDs with the term and
 prev checks, truncating conflicting tails instead of merging them.  The
-owner's write path (batching SENDs into APPENDs) stays in
-:class:`~plexichat.node.server.Node`, which composes this class.
+owner's write path (batching SENDs into APPENDs) is
+:mod:`plexichat.node.writes`; :class:`~plexichat.node.server.Node`
+composes both.
 """
 
 from __future__ import annotations
