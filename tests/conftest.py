@@ -18,6 +18,7 @@ installed ``plexichat`` wheel.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -32,6 +33,15 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 
 from plexichat import accel
+
+# The hypothesis plugin imports hypothesis at the end of a run that used it
+# nowhere, and pytest compiles (ast.parse) what it imports.  On CPython 3.11
+# a traceback formatted by a finalizer during that parse (a garbage
+# collection runs finalizers anywhere) corrupts the parser's recursion
+# counter: "SystemError: AST constructor recursion depth mismatch" after
+# every test passed.  Import it now, while nothing else runs.
+with contextlib.suppress(ImportError):  # the guests run without it
+    import hypothesis  # noqa: F401
 
 T = TypeVar("T")
 

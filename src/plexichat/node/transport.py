@@ -226,6 +226,7 @@ class Link:
             raise ConnectionLost(f"link to {self.address} is closed")
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._open(timeout))
+            self._connecting.add_done_callback(_retrieve)
         await asyncio.shield(self._connecting)
 
     async def _open(self, timeout: float) -> None:
@@ -331,3 +332,12 @@ class Link:
         self.close()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a connect attempt's failure as seen: its callers may all have
+    given up (timed out, cancelled) and each gets the error it awaited.  An
+    unseen one is logged with its traceback when the task is collected, in
+    whatever code the garbage collector interrupts."""
+    if not task.cancelled():
+        task.exception()
