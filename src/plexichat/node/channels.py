@@ -119,9 +119,7 @@ class ChannelOrder:
         return future
 
     async def _persist(self, meta: ChannelMeta) -> None:
-        error = (await self.store(states=[meta.state()]))[2]
-        if error is not None:
-            raise TakeoverFailed(f"storage: {error}")
+        await self._stored(self.store(states=[meta.state()]))
 
     def mark_committed(self, meta: ChannelMeta) -> None:
         """*meta*'s commit moved: store it at the next flush."""
@@ -562,7 +560,7 @@ class ChannelOrder:
         sections = p.decode_append(payload)
         results: list[p.AppendResult] = []
         plans: list[tuple[ChannelMeta, AppendPlan]] = []
-        ops: list[tuple[list[p.Record], dict[int, int], list[int]]] = [([], {}, [])]
+        ops: list[tuple[list[p.Record], dict[int, int]]] = [([], {})]
         states: dict[int, ChannelState] = {}
         for section in sections:
             meta = self.meta(section.channel)
@@ -575,24 +573,23 @@ class ChannelOrder:
                 self.counters["append_refused"] += 1
             elif plan.status is p.AppendStatus.MISMATCH:
                 self.counters["append_mismatch"] += 1
-            records, truncate, indexes = ops[-1]
+            records, truncate = ops[-1]
             if plan.truncate_after is not None:
-                if section.channel in {r.channel for r in records}:
-                    ops.append(([], {}, []))
-                    records, truncate, indexes = ops[-1]
+                if any(r.channel == section.channel for r in records):
+                    ops.append(([], {}))
+                    records, truncate = ops[-1]
                 truncate[section.channel] = plan.truncate_after
                 self.counters["truncated"] += 1
             records += plan.records
             if plan.records:
                 self.on_stored(plan.records)
-            indexes.append(len(results))
             if plan.promise_changed:
                 states[section.channel] = meta.state()
             results.append(
                 p.AppendResult(section.channel, plan.status, meta.promised, plan.match)
             )
             plans.append((meta, plan))
-        if not states and not any(recs or cut for recs, cut, _ in ops):
+        if not states and not any(recs or cut for recs, cut in ops):
             # nothing to store (a commit notice, records already held): the
             # records the commit covers were stored by earlier APPENDs
             ops = []
@@ -625,7 +622,7 @@ class ChannelOrder:
                         self.mark_committed(meta)
                         self.on_commit(meta.channel, plan.commit_from, plan.commit_to)
 
-        for i, (records, truncate, _idx) in enumerate(ops):
+        for i, (records, truncate) in enumerate(ops):
             self.storage.insert(
                 records,
                 done,

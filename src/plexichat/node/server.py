@@ -528,9 +528,7 @@ class Node:
     # -- stored ids, commits ---------------------------------------------------------
 
     def _note_ids(self, records: Iterable[p.Record]) -> None:
-        add = self.ids.add
-        for rec in records:
-            add(rec.channel, rec.msg_id)
+        self.ids.add_many((rec.channel, rec.msg_id) for rec in records)
 
     async def _commit_flusher(self, period: float = 0.5) -> None:
         """Store moved commits now and then (a restart shows at least those)."""
@@ -543,12 +541,10 @@ class Node:
         added as they are stored), then let it answer "certainly not"."""
         top = await self.storage.max_rowid()
         after = 0
-        add = self.ids.add
         while after < top:
             rows = await self.storage.rows_after(after, top, page)
             if not rows:
                 break
-            for _, rec in rows:
-                add(rec.channel, rec.msg_id)
+            self._note_ids(rec for _, rec in rows)
             after = rows[-1][0]
         self.ids.ready = True
