@@ -41,10 +41,25 @@ def test_until_ready_every_answer_is_maybe() -> None:
     assert not ids.may_hold(1, b"x" * 16)
 
 
-@pytest.mark.parametrize(("bits", "hashes"), [(2, 4), (35, 4), (20, 0)])
-def test_bad_sizes_are_refused(bits: int, hashes: int) -> None:
+@pytest.mark.parametrize("bits", [2, 33, -1])
+def test_bad_sizes_are_refused(bits: int) -> None:
     with pytest.raises(ValueError, match="bits_log2"):
-        IdFilter(bits, hashes)
+        IdFilter(bits)
+
+
+def test_records_add_the_same_pairs_as_single_adds() -> None:
+    by_pair, by_record = IdFilter(bits_log2=12), IdFilter(bits_log2=12)
+    records = [
+        p.make_record((c, i + 1, p.message_id(c, i), 7, 0, b"x", 1))
+        for c in (1, 2**64 - 1)
+        for i in range(300)
+    ]
+    by_pair.add_many((rec.channel, rec.msg_id) for rec in records)
+    by_record.add_records(records)
+    assert by_record.added == by_pair.added == len(records)
+    assert by_record._bits == by_pair._bits
+    by_record.ready = True
+    assert all(by_record.may_hold(rec.channel, rec.msg_id) for rec in records)
 
 
 def test_a_retry_after_a_restart_finds_the_stored_seq(tmp_path):

@@ -83,7 +83,7 @@ class ChannelOrder:
         self.metas: dict[int, ChannelMeta] = {}
         self.takeovers: dict[int, asyncio.Task[None]] = {}
         self._dirty: set[int] = set()  # channels whose commit is not stored yet
-        self._notices: dict[str, dict[int, tuple[int, int]]] = {}  # (term, commit)
+        self._notices: set[int] = set()  # channels whose replicas lag our commit
         self._notice_handle: asyncio.Handle | None = None
 
     # -- state ---------------------------------------------------------------
@@ -392,42 +392,31 @@ class ChannelOrder:
     # -- commit notices (owner -> replicas) ----------------------------------------
 
     def notify_commit(self, meta: ChannelMeta) -> None:
-        """Tell *meta*'s replicas its commit soon (coalesced per replica,
-        dropped when a later APPEND carries it: see :meth:`carried`)."""
-        if meta.role is not Role.OWNER:
-            return
-        notice = (meta.term, meta.commit)
-        for replica in meta.members[1:]:
-            self._notices.setdefault(replica, {})[meta.channel] = notice
-        if self._notice_handle is None:
-            loop = asyncio.get_running_loop()
-            self._notice_handle = loop.call_later(0.02, self._send_notices)
-
-    def carried(self, replica: str, channel: int, commit: int) -> None:
-        """An APPEND to *replica* carries *channel*'s *commit*: a pending
-        notice of no newer commit is not needed any more."""
-        pending = self._notices.get(replica)
-        if pending is not None:
-            notice = pending.get(channel)
-            if notice is not None and notice[1] <= commit:
-                del pending[channel]
+        """Tell *meta*'s replicas its commit soon, unless an APPEND carried it
+        (coalesced: one notice per channel and replica every 20 ms at most)."""
+        if meta.commit > meta.carried and meta.role is Role.OWNER:
+            self._notices.add(meta.channel)
+            if self._notice_handle is None:
+                loop = asyncio.get_running_loop()
+                self._notice_handle = loop.call_later(0.02, self._send_notices)
 
     def _send_notices(self) -> None:
         self._notice_handle = None
-        notices, self._notices = self._notices, {}
+        channels, self._notices = self._notices, set()
         metas = self.metas
-        for replica, pending in notices.items():
-            batch = []
-            for channel, (term, commit) in pending.items():
-                meta = metas[channel]
-                if meta.role is Role.OWNER and meta.term == term:
-                    batch.append(
-                        p.AppendSection(
-                            channel, term, meta.term_at(commit), commit, commit, ()
-                        )
-                    )
-            if not batch:
-                continue
+        batches: dict[str, list[p.AppendSection]] = {}
+        for channel in sorted(channels):
+            meta = metas[channel]
+            commit = meta.commit
+            if meta.role is not Role.OWNER or commit <= meta.carried:
+                continue  # deposed, or a later APPEND carried it
+            meta.carried = commit
+            notice = p.AppendSection(
+                channel, meta.term, meta.term_at(commit), commit, commit, ()
+            )
+            for replica in meta.members[1:]:
+                batches.setdefault(replica, []).append(notice)
+        for replica, batch in batches.items():
             self.peers.request(
                 replica,
                 T.REPLICATE,
@@ -558,12 +547,43 @@ class ChannelOrder:
             return
         t0 = time.perf_counter_ns()
         sections = p.decode_append(payload)
+        ok = p.AppendStatus.OK
         results: list[p.AppendResult] = []
-        plans: list[tuple[ChannelMeta, AppendPlan]] = []
+        commits: list[tuple[ChannelMeta, int, int]] = []  # meta, from, to
         ops: list[tuple[list[p.Record], dict[int, int]]] = [([], {})]
         states: dict[int, ChannelState] = {}
+        metas = self.metas
+        stored: list[p.Record] = []  # every record this APPEND stores
         for section in sections:
-            meta = self.meta(section.channel)
+            channel, term, prev_term, prev_seq, commit, recs = section
+            meta = metas.get(channel)
+            if meta is None:
+                meta = self.meta(channel)
+            epochs = meta.epochs
+            if (
+                recs
+                and term == meta.promised
+                and prev_seq == meta.last
+                and prev_seq
+                and epochs[-1][0] == prev_term
+                and recs[0].term == recs[-1].term
+                and meta.promised_to == src
+            ):
+                # the common case (what plan_append does for it): the owner
+                # this node promised appends right after its last record, in
+                # one term (the decoder checked the seqs and term order)
+                rec_term = recs[0].term
+                if epochs[-1][0] != rec_term:
+                    epochs.append((rec_term, prev_seq + 1))
+                match = meta.last = recs[-1].seq
+                before = meta.commit
+                if commit > before:
+                    meta.commit = min(commit, match)
+                    commits.append((meta, before, meta.commit))
+                ops[-1][0].extend(recs)
+                stored.extend(recs)
+                results.append(_new_tuple(p.AppendResult, (channel, ok, term, match)))
+                continue
             try:
                 plan = plan_append(meta, section, src)
             except SafetyError as exc:
@@ -575,20 +595,21 @@ class ChannelOrder:
                 self.counters["append_mismatch"] += 1
             records, truncate = ops[-1]
             if plan.truncate_after is not None:
-                if any(r.channel == section.channel for r in records):
+                if any(r.channel == channel for r in records):
                     ops.append(([], {}))
                     records, truncate = ops[-1]
-                truncate[section.channel] = plan.truncate_after
+                truncate[channel] = plan.truncate_after
                 self.counters["truncated"] += 1
             records += plan.records
-            if plan.records:
-                self.on_stored(plan.records)
+            stored += plan.records
             if plan.promise_changed:
-                states[section.channel] = meta.state()
-            results.append(
-                p.AppendResult(section.channel, plan.status, meta.promised, plan.match)
-            )
-            plans.append((meta, plan))
+                states[channel] = meta.state()
+            if plan.commit_to > plan.commit_from:
+                commits.append((meta, plan.commit_from, plan.commit_to))
+            result = (channel, plan.status, meta.promised, plan.match)
+            results.append(_new_tuple(p.AppendResult, result))
+        if stored:
+            self.on_stored(stored)
         if not states and not any(recs or cut for recs, cut in ops):
             # nothing to store (a commit notice, records already held): the
             # records the commit covers were stored by earlier APPENDs
@@ -613,14 +634,13 @@ class ChannelOrder:
                             res.channel, p.AppendStatus.FAILED, res.promised, 0
                         )
             else:
-                self.counters["replicated"] += sum(len(pl.records) for _, pl in plans)
+                self.counters["replicated"] += len(stored)
             conn.send(T.REPLICATE_ACK, rid, p.encode_append_results(results))
             self.hist["replicate"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
             if not failed:
-                for meta, plan in plans:
-                    if plan.commit_to > plan.commit_from:
-                        self.mark_committed(meta)
-                        self.on_commit(meta.channel, plan.commit_from, plan.commit_to)
+                for meta, before, after in commits:
+                    self.mark_committed(meta)
+                    self.on_commit(meta.channel, before, after)
 
         for i, (records, truncate) in enumerate(ops):
             self.storage.insert(
@@ -631,6 +651,9 @@ class ChannelOrder:
             )
         if not ops:
             done(0, {}, None)
+
+
+_new_tuple = tuple.__new__
 
 
 def _contiguous(records: Iterable[p.Record], after: int) -> list[p.Record]:

@@ -16,40 +16,47 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
+from plexichat.node import protocol as p
+
 DEFAULT_BITS_LOG2: Final = 26  # 8 MiB: about 0.35% false positives at 2M ids
-DEFAULT_HASHES: Final = 2
 
 
 class IdFilter:
-    """A Bloom filter of ``(channel, msg_id)``; "maybe" until :attr:`ready`."""
+    """A Bloom filter of ``(channel, msg_id)``; "maybe" until :attr:`ready`.
 
-    __slots__ = ("_bits", "_hashes", "_mask", "added", "ready")
+    Two probes per pair, taken from the two 32-bit halves of one hash (the
+    adds and lookups sit on every write's path, so they are inlined).
+    """
 
-    def __init__(
-        self, bits_log2: int = DEFAULT_BITS_LOG2, hashes: int = DEFAULT_HASHES
-    ) -> None:
-        if not 3 <= bits_log2 <= 34 or hashes < 1:
-            raise ValueError("bits_log2 must be 3..34 and hashes >= 1")
+    __slots__ = ("_bits", "_mask", "added", "ready")
+
+    def __init__(self, bits_log2: int = DEFAULT_BITS_LOG2) -> None:
+        if not 3 <= bits_log2 <= 32:
+            raise ValueError("bits_log2 must be 3..32")
         self._mask = (1 << bits_log2) - 1
         self._bits = bytearray(1 << (bits_log2 - 3))
-        self._hashes = hashes
         self.added = 0
         self.ready = False  # every id stored before start-up is in
 
-    def _positions(self, channel: int, msg_id: bytes) -> list[int]:
-        h = hash((channel, msg_id))
-        h1, h2 = h & 0xFFFF_FFFF, ((h >> 32) & 0xFFFF_FFFF) | 1
-        mask = self._mask
-        return [(h1 + i * h2) & mask for i in range(self._hashes)]
-
     def add(self, channel: int, msg_id: bytes) -> None:
-        h = hash((channel, msg_id))  # _positions, inlined: the hot path
-        h1, h2 = h & 0xFFFF_FFFF, ((h >> 32) & 0xFFFF_FFFF) | 1
-        bits, mask = self._bits, self._mask
-        for i in range(self._hashes):
-            pos = (h1 + i * h2) & mask
-            bits[pos >> 3] |= 1 << (pos & 7)
+        h = hash((channel, msg_id))
+        mask, bits = self._mask, self._bits
+        a, b = h & mask, (h >> 32) & mask
+        bits[a >> 3] |= 1 << (a & 7)
+        bits[b >> 3] |= 1 << (b & 7)
         self.added += 1
+
+    def add_records(self, records: Iterable[p.Record]) -> None:
+        """Add the ``(channel, msg_id)`` of each record."""
+        mask, bits = self._mask, self._bits
+        count = 0
+        for rec in records:
+            h = hash((rec[0], rec[2]))  # channel, msg_id
+            a, b = h & mask, (h >> 32) & mask
+            bits[a >> 3] |= 1 << (a & 7)
+            bits[b >> 3] |= 1 << (b & 7)
+            count += 1
+        self.added += count
 
     def add_many(self, pairs: Iterable[tuple[int, bytes]]) -> None:
         for channel, msg_id in pairs:
@@ -59,8 +66,7 @@ class IdFilter:
         """False only if this node certainly never stored the pair."""
         if not self.ready:
             return True
-        bits = self._bits
-        return all(
-            bits[pos >> 3] & (1 << (pos & 7))
-            for pos in self._positions(channel, msg_id)
-        )
+        h = hash((channel, msg_id))
+        mask, bits = self._mask, self._bits
+        a, b = h & mask, (h >> 32) & mask
+        return bool(bits[a >> 3] >> (a & 7) & 1 and bits[b >> 3] >> (b & 7) & 1)

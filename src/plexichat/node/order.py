@@ -48,6 +48,7 @@ class ChannelMeta:
     members: tuple[str, ...] = ()  # that term's config, this node first
     seen: int = 0  # highest term heard of: a new candidacy goes above it
     pending: dict[bytes, int] = field(default_factory=dict)  # owner: uncommitted
+    carried: int = 0  # owner: the commit its last APPEND to the replicas carried
 
     @classmethod
     def from_log(cls, channel: int, stored: ChannelLog) -> ChannelMeta:
@@ -151,6 +152,7 @@ class ChannelMeta:
         self.term = 0
         self.members = ()
         self.pending.clear()
+        self.carried = 0
 
     def owns(self, members: Sequence[str]) -> bool:
         """True while this node owns the channel with exactly *members*."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, NoReturn
 
 PROTOCOL_VERSION: Final = 1
 MSG_ID_SIZE: Final = 16
@@ -343,6 +343,8 @@ def _expect_kind(body: bytes, kind: HandoffKind) -> None:
 
 _pack_append_head = APPEND_HEAD.pack
 _pack_log_record = LOG_RECORD.pack
+_unpack_append_head = APPEND_HEAD.unpack_from
+_unpack_log_record = LOG_RECORD.unpack_from
 
 
 def _add_section(parts: list[bytes], s: AppendSection) -> None:
@@ -357,6 +359,35 @@ def _add_section(parts: list[bytes], s: AppendSection) -> None:
     for _channel, seq, msg_id, sender, ts_us, payload, term in records:
         append(pack(term, seq, msg_id, sender, ts_us, len(payload)))
         append(payload)
+
+
+def add_append_section(
+    parts: list[bytes],
+    channel: int,
+    term: int,
+    prev_term: int,
+    prev_seq: int,
+    commit: int,
+    records: Sequence[Record],
+) -> int:
+    """Append one APPEND section's bytes to *parts* (an :func:`encode_append`
+    without the section objects, for the write path); returns their size."""
+    append = parts.append
+    pack = _pack_log_record
+    append(_pack_append_head(channel, term, prev_term, prev_seq, commit, len(records)))
+    size = APPEND_HEAD.size + LOG_RECORD.size * len(records)
+    for _channel, seq, msg_id, sender, ts_us, payload, rec_term in records:
+        append(pack(rec_term, seq, msg_id, sender, ts_us, len(payload)))
+        append(payload)
+        size += len(payload)
+    return size
+
+
+def join_append(parts: list[bytes], count: int) -> bytes:
+    """The APPEND body of *count* sections added to *parts* after its first
+    item (kept free for the count)."""
+    parts[0] = COUNT.pack(count)
+    return b"".join(parts)
 
 
 def encode_append(sections: Iterable[AppendSection]) -> bytes:
@@ -378,48 +409,64 @@ def _read_section(body: bytes, pos: int, what: str) -> tuple[AppendSection, int]
     end = len(body)
     if pos + APPEND_HEAD.size > end:
         raise ProtocolError(f"{what} section head truncated")
-    channel, term, prev_term, prev_seq, commit, count = APPEND_HEAD.unpack_from(
-        body, pos
-    )
+    channel, term, prev_term, prev_seq, commit, count = _unpack_append_head(body, pos)
     pos += APPEND_HEAD.size
-    where = f"{what} channel {channel}"
-    if prev_seq == 0 and prev_term != 0:
+    if (prev_seq == 0 and prev_term != 0) or prev_term > term:
+        where = f"{what} channel {channel}"
+        if prev_term > term:
+            raise ProtocolError(f"{where}: prev_term {prev_term} above term {term}")
         raise ProtocolError(f"{where}: prev_term {prev_term} with prev_seq 0")
-    if prev_term > term:
-        raise ProtocolError(f"{where}: prev_term {prev_term} above term {term}")
     size = LOG_RECORD.size
     if count > (end - pos) // size:
-        raise ProtocolError(f"{where}: record count {count} runs past the end")
-    unpack = LOG_RECORD.unpack_from
+        raise ProtocolError(
+            f"{what} channel {channel}: record count {count} runs past the end"
+        )
+    unpack = _unpack_log_record
     new = _tuple_new
     records: list[Record] = []
     last_term = prev_term
     want = prev_seq
     for _ in range(count):
         if pos + size > end:
-            raise ProtocolError(f"{where}: record truncated")
+            raise ProtocolError(f"{what} channel {channel}: record truncated")
         rec_term, seq, msg_id, sender, ts_us, length = unpack(body, pos)
         pos += size
         stop = pos + length
-        if stop > end:
-            raise ProtocolError(f"{where}: record payload truncated")
         want += 1
-        if seq != want:
-            raise ProtocolError(f"{where}: record seq {seq} where {want} was due")
-        if rec_term > term:
-            raise ProtocolError(f"{where}: record term {rec_term} above term {term}")
-        if rec_term < last_term:
-            before = "prev_term" if seq == prev_seq + 1 else "the previous record's"
-            raise ProtocolError(
-                f"{where}: record {seq} has term {rec_term} below {before} {last_term}"
-            )
+        if stop > end or seq != want or rec_term > term or rec_term < last_term:
+            _bad_record(what, channel, term, prev_seq, last_term, want, stop > end,
+                        seq, rec_term)  # fmt: skip
         last_term = rec_term
         records.append(
             new(Record, (channel, seq, msg_id, sender, ts_us, body[pos:stop], rec_term))
         )
         pos = stop
-    section = AppendSection(channel, term, prev_term, prev_seq, commit, tuple(records))
-    return section, pos
+    head = (channel, term, prev_term, prev_seq, commit, tuple(records))
+    return new(AppendSection, head), pos
+
+
+def _bad_record(
+    what: str,
+    channel: int,
+    term: int,
+    prev_seq: int,
+    last_term: int,
+    want: int,
+    truncated: bool,
+    seq: int,
+    rec_term: int,
+) -> NoReturn:
+    where = f"{what} channel {channel}"
+    if truncated:
+        raise ProtocolError(f"{where}: record payload truncated")
+    if seq != want:
+        raise ProtocolError(f"{where}: record seq {seq} where {want} was due")
+    if rec_term > term:
+        raise ProtocolError(f"{where}: record term {rec_term} above term {term}")
+    before = "prev_term" if seq == prev_seq + 1 else "the previous record's"
+    raise ProtocolError(
+        f"{where}: record {seq} has term {rec_term} below {before} {last_term}"
+    )
 
 
 def decode_append(body: bytes) -> list[AppendSection]:
@@ -447,7 +494,7 @@ def encode_append_results(results: Iterable[AppendResult]) -> bytes:
     """APPEND results body (REPLICATE_ACK): count u32, then 25 bytes each."""
     pack = APPEND_RESULT.pack
     parts = [b""]
-    parts += [pack(r.channel, r.status, r.promised, r.match) for r in results]
+    parts += [pack(*r) for r in results]  # channel, status, promised, match
     parts[0] = COUNT.pack(len(parts) - 1)
     return b"".join(parts)
 
@@ -482,7 +529,7 @@ def decode_append_results(body: bytes) -> list[AppendResult]:
         if channel in seen:
             raise ProtocolError(f"APPEND results: two results for channel {channel}")
         seen.add(channel)
-        out.append(AppendResult(channel, status, promised, match))
+        out.append(_tuple_new(AppendResult, (channel, status, promised, match)))
     return out
 
 

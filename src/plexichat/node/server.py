@@ -528,7 +528,7 @@ class Node:
     # -- stored ids, commits ---------------------------------------------------------
 
     def _note_ids(self, records: Iterable[p.Record]) -> None:
-        self.ids.add_many((rec.channel, rec.msg_id) for rec in records)
+        self.ids.add_records(records)
 
     async def _commit_flusher(self, period: float = 0.5) -> None:
         """Store moved commits now and then (a restart shows at least those)."""

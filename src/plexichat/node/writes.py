@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -63,13 +63,13 @@ class WriteGroup:
         writes: WritePath,
         records: list[p.Record],
         waiters: list[Waiter],
-        terms: dict[int, int],
+        terms: dict[int, tuple[int, int]],
         parts: int,
     ) -> None:
         self.writes = writes
         self.records = records
         self.waiters = waiters
-        self.terms = terms  # channel -> the term its records were numbered in
+        self.terms = terms  # channel -> (term its records were numbered in, top seq)
         self.parts = parts
         self.error: tuple[int, str] | None = None  # fails every channel
         self.failed: dict[int, tuple[int, str]] = {}  # channel -> (code, reason)
@@ -105,18 +105,27 @@ class WriteGroup:
                 for channel in channels:
                     self.failed.setdefault(channel, (p.ErrorCode.UNAVAILABLE, reason))
             metas = self.writes.node.order.metas
+            answered: set[int] = set()
             for result in results:
-                if result.status is not p.AppendStatus.OK:
-                    self.failed.setdefault(
-                        result.channel,
-                        (
-                            p.ErrorCode.UNAVAILABLE,
-                            f"replica did not store it: {result.status.name}",
-                        ),
-                    )
-                    meta = metas.get(result.channel)
-                    if meta is not None and result.status is p.AppendStatus.REFUSED:
-                        meta.seen = max(meta.seen, result.promised)
+                if result.status is p.AppendStatus.OK:
+                    answered.add(result.channel)
+                    continue
+                self.failed.setdefault(
+                    result.channel,
+                    (
+                        p.ErrorCode.UNAVAILABLE,
+                        f"replica did not store it: {result.status.name}",
+                    ),
+                )
+                meta = metas.get(result.channel)
+                if meta is not None and result.status is p.AppendStatus.REFUSED:
+                    meta.seen = max(meta.seen, result.promised)
+            if not answered.issuperset(channels):
+                for channel in channels:  # no OK for it: not stored there
+                    if channel not in answered:
+                        self.failed.setdefault(
+                            channel, (p.ErrorCode.UNAVAILABLE, "replica left it out")
+                        )
         self._part_done()
 
     def _part_done(self) -> None:
@@ -180,7 +189,7 @@ class WritePath:
         if not lookup:
             return
         if not maybe:  # certainly new, and nothing older of theirs in flight
-            self.number(lookup, {})
+            self._number_owned(lookup)
             return
         for item in lookup:
             looking[item[2]] = looking.get(item[2], 0) + 1
@@ -218,26 +227,19 @@ class WritePath:
     def number(
         self, items: list[SendItem], stored: dict[tuple[int, bytes], tuple[int, int]]
     ) -> None:
-        """Number the new messages of *items* and replicate them."""
+        """Number the new messages of *items* (after a store lookup: *stored*
+        holds the ones found) and replicate them."""
         node = self.node
         order = node.order
         ack_pack = p.ACK_BODY.pack
-        make = p.make_record
-        head = p.SEND_HEAD.size
-        ts = time.time_ns() // 1000
-        add_id = node.ids.add
+        owned: list[SendItem] = []
         reroute: dict[int, list[SendItem]] = {}  # channel -> SENDs, in order
-        # replica set -> channel -> (records, prev term), and the waiters
-        sets: dict[
-            tuple[str, ...],
-            tuple[dict[int, tuple[list[p.Record], int]], list[p.Record], list[Waiter]],
-        ] = {}
         for item in items:
-            conn, rid, channel, msg_id, sender, payload, t0, owners = item
-            meta = order.meta(channel)
+            conn, rid, channel, msg_id, sender, payload, t0, _owners = item
             if channel in reroute:  # an older one of the channel goes again
                 reroute[channel].append(item)
                 continue
+            meta = order.meta(channel)
             found = stored.get((channel, msg_id))
             if found is not None:
                 seq = found[0]
@@ -257,8 +259,33 @@ class WritePath:
             ):
                 reroute[channel] = [item]
                 continue
-            owners = current
-            if msg_id in meta.pending:
+            owned.append((conn, rid, channel, msg_id, sender, payload, t0, current))
+        self._number_owned(owned)
+        for channel, again in reroute.items():
+            current = node.owners(channel)
+            mine = current is not None and current[0] == node.id
+            node.gate(channel, again, take_over=current if mine else None)
+
+    def _number_owned(self, items: list[SendItem]) -> None:
+        """Number *items*: new messages of channels this node owns with the
+        replica set each item names (checked in this loop turn)."""
+        if not items:
+            return
+        node = self.node
+        metas = node.order.metas
+        make = p.make_record
+        head = p.SEND_HEAD.size
+        ts = time.time_ns() // 1000
+        # replica set -> channel -> (records, prev term), and the waiters
+        sets: dict[
+            tuple[str, ...],
+            tuple[dict[int, tuple[list[p.Record], int]], list[p.Record], list[Waiter]],
+        ] = {}
+        for item in items:
+            conn, rid, channel, msg_id, sender, payload, t0, owners = item
+            meta = metas[channel]
+            pending = meta.pending
+            if msg_id in pending:  # the same id twice in one batch
                 self._busy(conn, rid)
                 continue
             entry = sets.get(owners)
@@ -275,8 +302,7 @@ class WritePath:
                 meta.last = seq  # seq == last + 1: numbered right here
             else:
                 meta.append_term(meta.term, seq)
-            meta.pending[msg_id] = seq
-            add_id(channel, msg_id)
+            pending[msg_id] = seq
             rec = make((channel, seq, msg_id, sender, ts, payload[head:], meta.term))
             section[0].append(rec)
             records.append(rec)
@@ -286,16 +312,12 @@ class WritePath:
             for owners, (by_channel, records, waiters) in sets.items()
         ]
         if len(groups) == 1:
+            node.ids.add_records(groups[0].records)
             node.storage.insert(groups[0].records, groups[0].local_done)
         elif groups:  # one store operation for the whole batch
-            node.storage.insert(
-                [rec for group in groups for rec in group.records],
-                functools.partial(_local_done_all, groups),
-            )
-        for channel, again in reroute.items():
-            current = node.owners(channel)
-            mine = current is not None and current[0] == node.id
-            node.gate(channel, again, take_over=current if mine else None)
+            every = [rec for group in groups for rec in group.records]
+            node.ids.add_records(every)
+            node.storage.insert(every, functools.partial(_local_done_all, groups))
 
     def _replicate(
         self,
@@ -308,54 +330,44 @@ class WritePath:
         caller queues the local store operation)."""
         node = self.node
         metas = node.order.metas
-        frames: list[tuple[list[p.AppendSection], list[int]]] = []
+        add = p.add_append_section
+        frames: list[tuple[bytes, list[int]]] = []
+        parts: list[bytes] = [b""]
+        channels: list[int] = []  # of the frame being built
         size = 0
-        sections: list[p.AppendSection] = []
-        terms: dict[int, int] = {}
+        terms: dict[int, tuple[int, int]] = {}
         for channel, (recs, prev_term) in by_channel.items():
             meta = metas[channel]
-            terms[channel] = meta.term
-            prev_seq = recs[0].seq - 1
-            start = 0
-            for i, rec in enumerate(recs):
-                size += p.LOG_RECORD.size + len(rec.payload)
-                if size >= CHUNK_BYTES:
-                    part = tuple(recs[start : i + 1])
-                    sections.append(
-                        p.AppendSection(
-                            channel, meta.term, prev_term, prev_seq, meta.commit, part
-                        )
-                    )
-                    frames.append((sections, [s.channel for s in sections]))
-                    sections, size = [], 0
-                    prev_seq, prev_term, start = rec.seq, rec.term, i + 1
-            if start < len(recs):
-                part = tuple(recs[start:])
-                sections.append(
-                    p.AppendSection(
-                        channel, meta.term, prev_term, prev_seq, meta.commit, part
-                    )
+            term = meta.term
+            terms[channel] = (term, recs[-1].seq)
+            meta.carried = commit = meta.commit
+            for piece, piece_prev_term in _pieces(recs, prev_term):
+                prev_seq = piece[0].seq - 1
+                size += add(
+                    parts, channel, term, piece_prev_term, prev_seq, commit, piece
                 )
-        if sections:
-            frames.append((sections, [s.channel for s in sections]))
+                channels.append(channel)
+                if size >= CHUNK_BYTES:
+                    frames.append((p.join_append(parts, len(channels)), channels))
+                    parts, channels, size = [b""], [], 0
+        if channels:
+            frames.append((p.join_append(parts, len(channels)), channels))
         replicas = owners[1:]
         group = WriteGroup(
             self, records, waiters, terms, 1 + len(replicas) * len(frames)
         )
         assert node.loop is not None
         group.timer = node.loop.call_later(node.config.replicate_timeout, group.expire)
-        carried = node.order.carried
+        request = node.peers.request
         for replica in replicas:
-            for secs, channels in frames:
-                for section in secs:
-                    carried(replica, section.channel, section.commit)
-                node.counters["replicate_frames"] += 1
-                node.peers.request(
+            for body, frame_channels in frames:
+                request(
                     replica,
                     T.REPLICATE,
-                    p.encode_append(secs),
-                    functools.partial(group.replica_done, channels),
+                    body,
+                    functools.partial(group.replica_done, frame_channels),
                 )
+        node.counters["replicate_frames"] += len(replicas) * len(frames)
         return group
 
     # -- commit ----------------------------------------------------------------------
@@ -364,42 +376,50 @@ class WritePath:
         node = self.node
         metas = node.order.metas
         ok: dict[int, ChannelMeta] = {}
-        top: dict[int, int] = {}
-        for rec in group.records:
-            if rec.seq > top.get(rec.channel, 0):
-                top[rec.channel] = rec.seq
-        for channel, term in group.terms.items():
+        failed = group.failed
+        owner = Role.OWNER
+        for channel, (term, top) in group.terms.items():
             meta = metas[channel]
-            current = meta.role is Role.OWNER and meta.term == term
-            if group.error is None and channel not in group.failed and current:
-                if top[channel] > meta.commit:
-                    meta.commit = top[channel]
+            current = meta.role is owner and meta.term == term
+            if group.error is None and channel not in failed and current:
+                if top > meta.commit:
+                    meta.commit = top
                     node.order.mark_committed(meta)
                 ok[channel] = meta
             elif current:
                 node.counters["step_downs"] += 1
                 meta.step_down()  # the next write takes the channel over again
         now = time.perf_counter_ns()
-        acked: list[Waiter] = []
-        committed: list[p.Record] = []
+        records, waiters = group.records, group.waiters
+        ack = T.ACK
         ack_pack = p.ACK_BODY.pack
         recent_put = node.recent.put
-        for index, (conn, rid, t0) in enumerate(group.waiters):
-            rec = group.records[index]
-            owned = ok.get(rec.channel)
-            if owned is not None and rec.seq <= owned.commit:
-                owned.pending.pop(rec.msg_id, None)
-                conn.send(T.ACK, rid, ack_pack(rec.channel, rec.seq))
-                recent_put(rec.msg_id, (rec.channel, rec.seq))
-                acked.append((conn, rid, t0))
-                committed.append(rec)
-            else:
-                code, reason = group.error or group.failed.get(
-                    rec.channel,
-                    (p.ErrorCode.UNAVAILABLE, "ownership moved before the commit"),
-                )
-                conn.send_error(rid, code, reason)
-                node.counters["send_failed"] += 1
+        if len(ok) == len(group.terms):  # every channel committed all of its own
+            for (conn, rid, _t0), (channel, seq, msg_id, *_) in zip(
+                waiters, records, strict=True
+            ):
+                ok[channel].pending.pop(msg_id, None)
+                conn.send(ack, rid, ack_pack(channel, seq))
+                recent_put(msg_id, (channel, seq))
+            acked, committed = waiters, records
+        else:
+            acked, committed = [], []
+            for waiter, rec in zip(waiters, records, strict=True):
+                conn, rid, _t0 = waiter
+                owned = ok.get(rec.channel)
+                if owned is not None:
+                    owned.pending.pop(rec.msg_id, None)
+                    conn.send(ack, rid, ack_pack(rec.channel, rec.seq))
+                    recent_put(rec.msg_id, (rec.channel, rec.seq))
+                    acked.append(waiter)
+                    committed.append(rec)
+                else:
+                    code, reason = group.error or failed.get(
+                        rec.channel,
+                        (p.ErrorCode.UNAVAILABLE, "ownership moved before the commit"),
+                    )
+                    conn.send_error(rid, code, reason)
+                    node.counters["send_failed"] += 1
         node.counters["acked"] += len(acked)
         if acked:
             node.hist["send"].record_many(micros(now - w[2] for w in acked))
@@ -420,6 +440,23 @@ def _local_done_all(
     whole = whole and inserted == sum(len(g.records) for g in groups)
     for group in groups:  # a partial insert fails every group of the batch
         group.local_done(len(group.records) if whole else -1, {}, error)
+
+
+def _pieces(
+    records: list[p.Record], prev_term: int
+) -> Iterator[tuple[list[p.Record], int]]:
+    """*records* (one channel's, in seq order) cut into runs that close a
+    frame (CHUNK_BYTES or more, but the last), each with the term of the
+    record before it: a frame holds one section per channel."""
+    if len(records) == 1 or sum(len(r.payload) for r in records) < CHUNK_BYTES // 2:
+        yield records, prev_term
+        return
+    start = size = 0
+    for i, rec in enumerate(records):
+        size += p.LOG_RECORD.size + len(rec.payload)
+        if size >= CHUNK_BYTES or i == len(records) - 1:
+            yield records[start : i + 1], prev_term
+            prev_term, start, size = rec.term, i + 1, 0
 
 
 def _error_text(frame: wire.Frame) -> str:
