@@ -584,6 +584,22 @@ class ChannelOrder:
                 stored.extend(recs)
                 results.append(_new_tuple(p.AppendResult, (channel, ok, term, match)))
                 continue
+            if (
+                not recs
+                and term == meta.promised
+                and prev_seq <= meta.last
+                and meta.promised_to == src
+                and meta.term_at(prev_seq) == prev_term
+            ):
+                # a commit notice from the promised owner (plan_append's rules)
+                before = meta.commit
+                if commit > before and prev_seq > before:
+                    meta.commit = min(commit, prev_seq)
+                    commits.append((meta, before, meta.commit))
+                results.append(
+                    _new_tuple(p.AppendResult, (channel, ok, term, prev_seq))
+                )
+                continue
             try:
                 plan = plan_append(meta, section, src)
             except SafetyError as exc:

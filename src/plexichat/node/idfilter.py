@@ -24,8 +24,10 @@ DEFAULT_BITS_LOG2: Final = 26  # 8 MiB: about 0.35% false positives at 2M ids
 class IdFilter:
     """A Bloom filter of ``(channel, msg_id)``; "maybe" until :attr:`ready`.
 
-    Two probes per pair, taken from the two 32-bit halves of one hash (the
-    adds and lookups sit on every write's path, so they are inlined).
+    Two probes per pair, taken from the two 32-bit halves of
+    ``hash(msg_id) + channel`` (no tuple to build; the adds and lookups sit
+    on every write's path, so they are inlined).  Ids chosen to collide can
+    only cause false positives, that is store lookups.
     """
 
     __slots__ = ("_bits", "_mask", "added", "ready")
@@ -39,7 +41,7 @@ class IdFilter:
         self.ready = False  # every id stored before start-up is in
 
     def add(self, channel: int, msg_id: bytes) -> None:
-        h = hash((channel, msg_id))
+        h = hash(msg_id) + channel
         mask, bits = self._mask, self._bits
         a, b = h & mask, (h >> 32) & mask
         bits[a >> 3] |= 1 << (a & 7)
@@ -51,7 +53,7 @@ class IdFilter:
         mask, bits = self._mask, self._bits
         count = 0
         for rec in records:
-            h = hash((rec[0], rec[2]))  # channel, msg_id
+            h = hash(rec[2]) + rec[0]  # msg_id, channel
             a, b = h & mask, (h >> 32) & mask
             bits[a >> 3] |= 1 << (a & 7)
             bits[b >> 3] |= 1 << (b & 7)
@@ -66,7 +68,7 @@ class IdFilter:
         """False only if this node certainly never stored the pair."""
         if not self.ready:
             return True
-        h = hash((channel, msg_id))
+        h = hash(msg_id) + channel
         mask, bits = self._mask, self._bits
         a, b = h & mask, (h >> 32) & mask
         return bool(bits[a >> 3] >> (a & 7) & 1 and bits[b >> 3] >> (b & 7) & 1)

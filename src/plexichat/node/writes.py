@@ -395,9 +395,8 @@ class WritePath:
         ack_pack = p.ACK_BODY.pack
         recent_put = node.recent.put
         if len(ok) == len(group.terms):  # every channel committed all of its own
-            for (conn, rid, _t0), (channel, seq, msg_id, *_) in zip(
-                waiters, records, strict=True
-            ):
+            for (conn, rid, _t0), rec in zip(waiters, records, strict=True):
+                channel, seq, msg_id = rec[0], rec[1], rec[2]
                 ok[channel].pending.pop(msg_id, None)
                 conn.send(ack, rid, ack_pack(channel, seq))
                 recent_put(msg_id, (channel, seq))
