@@ -15,9 +15,10 @@ and the owner steps down, so its next write takes the channel over again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -35,8 +36,10 @@ CHUNK_BYTES: Final = 512 * 1024
 Waiter = tuple[FrameConnection, int, int]  # connection, request id, t0 (ns)
 
 
-def micros(elapsed_ns: Iterable[int]) -> np.ndarray[Any, np.dtype[np.int64]]:
-    arr = np.fromiter(elapsed_ns, dtype=np.int64)
+def micros_since(now_ns: int, waiters: list[Waiter]) -> np.ndarray[Any, Any]:
+    """Microseconds (at least 1) from each waiter's t0 to *now_ns*."""
+    arr = np.array([w[2] for w in waiters], dtype=np.int64)
+    np.subtract(now_ns, arr, out=arr)
     arr //= 1000
     np.maximum(arr, 1, out=arr)
     return arr
@@ -53,7 +56,6 @@ class WriteGroup:
         "parts",
         "records",
         "terms",
-        "timer",
         "waiters",
         "writes",
     )
@@ -74,7 +76,6 @@ class WriteGroup:
         self.error: tuple[int, str] | None = None  # fails every channel
         self.failed: dict[int, tuple[int, str]] = {}  # channel -> (code, reason)
         self.finished = False
-        self.timer: asyncio.TimerHandle | None = None
 
     def local_done(
         self, inserted: int, corrections: dict[int, int], error: BaseException | None
@@ -134,16 +135,14 @@ class WriteGroup:
             self.finish()
 
     def expire(self) -> None:
-        self.timer = None
         if not self.finished:
             self.error = (p.ErrorCode.TIMEOUT, "replication timed out")
             self.finish()
 
     def finish(self) -> None:
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
         self.writes.group_done(self)
+        self.records, self.waiters = [], []  # the deadline queue may keep it a while
 
 
 class WritePath:
@@ -151,6 +150,33 @@ class WritePath:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        # open groups by deadline (one timeout for all: creation order is
+        # deadline order), swept by one timer instead of a timer per group
+        self._deadlines: collections.deque[tuple[float, WriteGroup]] = (
+            collections.deque()
+        )
+        self._sweep_handle: asyncio.TimerHandle | None = None
+
+    def _watch(self, group: WriteGroup) -> None:
+        loop = self.node.loop
+        assert loop is not None
+        deadline = loop.time() + self.node.config.replicate_timeout
+        self._deadlines.append((deadline, group))
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        """Expire the groups past their deadline; wake at the next one."""
+        self._sweep_handle = None
+        loop = self.node.loop
+        assert loop is not None
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][1].finished or deadlines[0][0] <= now):
+            _deadline, group = deadlines.popleft()
+            group.expire()  # a finished one stays as it is
+        if deadlines:
+            self._sweep_handle = loop.call_at(deadlines[0][0], self._sweep)
 
     # -- batch -> records ----------------------------------------------------------
 
@@ -356,8 +382,7 @@ class WritePath:
         group = WriteGroup(
             self, records, waiters, terms, 1 + len(replicas) * len(frames)
         )
-        assert node.loop is not None
-        group.timer = node.loop.call_later(node.config.replicate_timeout, group.expire)
+        self._watch(group)
         request = node.peers.request
         for replica in replicas:
             for body, frame_channels in frames:
@@ -421,7 +446,7 @@ class WritePath:
                     node.counters["send_failed"] += 1
         node.counters["acked"] += len(acked)
         if acked:
-            node.hist["send"].record_many(micros(now - w[2] for w in acked))
+            node.hist["send"].record_many(micros_since(now, acked))
         for meta in ok.values():
             node.order.notify_commit(meta)
         if committed and node.subscribers:
