@@ -26,9 +26,11 @@ from plexichat.node.membership import (
     Member,
     Membership,
     MonotonicClock,
+    check_update,
     parse_update,
 )
 from plexichat.node.testing import wait_for
+from plexichat.routing import Ring
 from plexichat.wire import MessageType
 
 HOST = "127.0.0.1"  # fake addresses: FakeNet never opens a socket
@@ -979,3 +981,216 @@ def test_stop_cancels_a_round_waiting_on_the_network():
         assert a.counters["joins"] == 0
 
     run(scenario())
+
+
+# -- validation, the member cap and forgetting (issue 12) ------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # weights: finite, in (0, 1e6], a JSON number (not a bool)
+        upd("x", 1, weight=float("inf")),
+        upd("x", 1, weight=float("-inf")),
+        upd("x", 1, weight=1e6 + 1),
+        upd("x", 1, weight=10**400),  # too big for a float
+        upd("x", 1, weight=True),
+        # ports: 1 .. 65535, not a bool
+        upd("x", 1, port=99999),
+        upd("x", 1, port=0),
+        upd("x", 1, port=-1),
+        upd("x", 1, port=True),
+        # hosts: an IP literal or a hostname of at most 253 characters
+        upd("x", 1, host=""),
+        upd("x", 1, host="bad host"),
+        upd("x", 1, host="a" * 300),
+        upd("x", 1, host="a\x00b"),
+        upd("x", 1, host="-lead.example"),
+        upd("x", 1, host="a..b"),
+        upd("x", 1, host="x" * 64 + ".example"),
+        upd("x", 1, host="ex\udcffample"),
+        # node ids: 1 .. 64 printable characters
+        upd("", 1),
+        upd("x" * 65, 1),
+        upd("a\nb", 1),
+        upd("\ud800", 1),
+        # incarnations: 0 .. 2**63 - 1, not a bool
+        upd("x", -1),
+        upd("x", 2**63),
+        upd("x", True),
+    ],
+)
+def test_out_of_range_member_entries_are_invalid(raw):
+    reason = check_update(raw)
+    assert isinstance(reason, str), raw
+    assert parse_update(raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        ["n1", "::1", 1, 0, "alive", 1e6],
+        ["n1", "fe80::1%eth0", 65535, 2**63 - 1, "left", 0.001],
+        ["nœud-3", "node-1.lab.example", 7000, 5, "dead", 3],
+        ["n_1", "plexi_node1", 7000, 5, "suspect", 1.0],
+        ["x" * 64, "y" * 63 + "." + "z" * 63, 7000, 5, "alive", 1.0],
+    ],
+)
+def test_in_range_member_entries_are_valid(raw):
+    member = check_update(raw)
+    assert isinstance(member, Member)
+    assert member.update() == [*raw[:5], float(raw[5])]
+
+
+def test_a_gossiped_infinite_weight_is_dropped_and_the_ring_still_builds(caplog):
+    """Issue 12: a ``weight: Infinity`` (JSON allows it in Python) was stored
+    and re-gossiped, after which every ring rebuild raised."""
+    m = solo()
+    body = json.loads(
+        '{"from": "x", "updates": [["x", "127.0.0.1", 7100, 1, "alive", Infinity],'
+        ' ["y", "127.0.0.1", 7101, 1, "alive", NaN], ["b", "127.0.0.1", 7102, 1,'
+        ' "alive", 1.0]]}'
+    )
+    with caplog.at_level(logging.WARNING, logger="plexichat.node.membership"):
+        reply = m.handle_ping(body)
+    assert sorted(m.members) == ["a", "b"]
+    assert all(u[0] in ("a", "b") for u in reply["updates"])
+    Ring(m.live())  # raises on an infinite or NaN weight
+    assert m.counters["invalid_updates"] == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "dropped 2 invalid member update(s)" in warnings[0]
+
+
+def test_invalid_entries_are_dropped_valid_ones_in_the_same_message_apply():
+    async def scenario() -> None:
+        m = solo()
+        good = upd("b", 1, port=9002)
+        reply = await m.handle_gossip(
+            {
+                "kind": "sync",
+                "members": [
+                    upd("c", 1, port=99999),
+                    good,
+                    upd("d", 1, host="not a host"),
+                    upd("e", 1, weight=0),
+                ],
+            }
+        )
+        assert sorted(m.members) == ["a", "b"]
+        assert good in reply["members"]
+        assert m.counters["invalid_updates"] == 3
+        # a join or a leave naming an invalid member changes nothing
+        await m.handle_gossip({"kind": "join", "member": upd("f", 1, port=0)})
+        await m.handle_gossip({"kind": "leave", "member": upd("b", 2, "left", port=0)})
+        assert sorted(m.members) == ["a", "b"]
+        assert m.status("b") == "alive"
+        assert m.counters["invalid_updates"] == 5
+
+    run(scenario())
+
+
+def test_joins_of_new_members_stop_at_the_member_cap(caplog):
+    """Issue 12: any number of fake members could join."""
+
+    async def scenario() -> None:
+        m = solo(cfg=config(max_members=4))
+        for i in range(10):
+            await m.handle_gossip({"kind": "join", "member": upd(f"f{i}", 1)})
+        assert sorted(m.members) == ["a", "f0", "f1", "f2"]
+        assert m.counters["members_capped"] == 7
+        # members already known are still updated at the cap
+        m.merge([upd("f0", 2, "suspect"), upd("f9", 1)])
+        assert m.status("f0") == "suspect"
+        assert "f9" not in m.members
+        assert m.counters["members_capped"] == 8
+
+    with caplog.at_level(logging.WARNING, logger="plexichat.node.membership"):
+        run(scenario())
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1  # one warning per 10 s, the counter counts all
+    assert "the table is full (max_members 4)" in warnings[0]
+
+
+def test_the_default_member_cap_is_256():
+    m = solo()
+    assert m.config.max_members == 256
+    m.merge([upd(f"f{i}", 1, port=1 + i) for i in range(300)])
+    assert len(m.members) == 256
+    assert m.counters["members_capped"] == 300 - 255
+
+
+def test_dead_and_left_members_are_forgotten_after_forget_after():
+    clock = ManualClock(100.0)
+    changes: list[str] = []
+    m = solo(clock, cfg=config(forget_after=60.0), changes=changes)
+    assert m.config.forget_after == 60.0
+    m.merge([upd("b", 5), upd("c", 5), upd("d", 5), upd("e", 5)])
+    changes.clear()
+    m.merge([upd("b", 5, "dead"), upd("c", 5, "left")])
+    assert m.quorum() == (3, 4)  # b (dead) still counts as a voter
+    changes.clear()
+    clock.advance(59.9)
+    assert m.forget_gone() == []
+    assert sorted(m.members) == ["a", "b", "c", "d", "e"]
+    clock.advance(0.1)
+    assert sorted(m.forget_gone()) == ["b", "c"]
+    assert sorted(m.members) == ["a", "d", "e"]
+    assert m.quorum() == (3, 3)
+    assert changes == ["a"]  # the voters changed
+    assert m.counters["forgotten"] == 2
+    assert all(u[0] not in ("b", "c") for u in m.piggyback())
+    # a peer that has not forgotten them yet does not bring them back...
+    m.merge([upd("b", 5, "dead"), upd("c", 4, "left"), upd("c", 5, "dead")])
+    assert sorted(m.members) == ["a", "d", "e"]
+    # ...but news of b alive, or of c at a higher incarnation, does
+    m.merge([upd("b", 5, "alive"), upd("c", 6, "dead")])
+    assert m.status("b") == "alive"
+    assert m.status("c") == "dead"
+    assert "b" not in m.forgotten
+    assert "c" not in m.forgotten
+    # tombstones end after forget_after too
+    m.merge([upd("c", 6, "dead")])
+    clock.advance(60.0)
+    assert m.forget_gone() == ["c"]
+    assert "c" in m.forgotten
+    clock.advance(60.0)
+    m.forget_gone()
+    assert m.forgotten == {}
+    m.merge([upd("c", 6, "dead")])
+    assert m.status("c") == "dead"
+
+
+def test_live_members_and_this_node_are_never_forgotten():
+    clock = ManualClock()
+    m = solo(clock, cfg=config(forget_after=1.0))
+    m.merge([upd("b", 1), upd("c", 1, "suspect")])
+    clock.advance(1000.0)
+    assert m.forget_gone() == []
+    assert sorted(m.members) == ["a", "b", "c"]
+
+
+def test_the_probe_loop_forgets_dead_members():
+    async def scenario() -> None:
+        clock = ManualClock()
+        m = solo(clock, cfg=config(forget_after=5.0))
+        m.merge([upd("b", 1, "dead"), upd("c", 1), upd("d", 1)])
+        clock.advance(5.0)
+        m.start()
+        try:
+            await wait_for(lambda: "b" not in m.members, 5, "b forgotten")
+        finally:
+            await m.stop(leave=False)
+        assert m.counters["forgotten"] == 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "weight"),
+    [("127.0.0.1", 0, 1.0), ("127.0.0.1", 70000, 1.0), ("bad host", 7000, 1.0),
+     ("127.0.0.1", 7000, float("inf")), ("127.0.0.1", 7000, 0.0)],
+)  # fmt: skip
+def test_a_node_with_an_invalid_own_entry_does_not_start(host, port, weight):
+    with pytest.raises(ValueError, match="own member entry is invalid"):
+        Membership("a", host, port, FakeTransport(FakeNet(), "a"), weight=weight)

@@ -15,6 +15,21 @@ incarnations ``left > dead > suspect > alive``.  Incarnations start at the
 node's start time in milliseconds, so a restarted node overrides its own
 tombstone without having to learn it first.
 
+Every member entry that arrives (PING/PONG piggyback, GOSSIP join, sync
+and leave) is checked by :func:`check_update` before it is applied: a node
+id of 1 .. 64 printable characters, a host that is an IP literal or a
+hostname of at most 253 characters, a port in 1 .. 65535, an incarnation in
+0 .. 2**63-1, a known status and a finite weight in (0, 1e6].  Invalid
+entries are dropped (counted in ``invalid_updates`` and logged, at most one
+warning every 10 s), the valid ones of the same message still apply.  A
+node keeps at most ``GossipConfig.max_members`` members (itself included):
+updates about new members beyond that are dropped (``members_capped``).  A
+member dead or left for ``GossipConfig.forget_after`` seconds is removed
+from the table (``forgotten``); for as long again, news of it as dead or
+left at the same or a lower incarnation is ignored, so that peers that have
+not forgotten it yet do not bring it back (news of it alive, or at a higher
+incarnation, adds it again).
+
 Suspicion timeouts (and the node's leases and fences) read time from a
 :class:`Clock`: the monotonic clock in a real node, a clock that a test moves
 by hand in an in-process cluster (so that a stall of the shared event loop
@@ -25,9 +40,11 @@ cannot expire a lease or a suspicion the test did not mean to).  Waiting
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +55,15 @@ from plexichat.wire import MessageType
 Status = Literal["alive", "suspect", "dead", "left"]
 RANK: Final[dict[str, int]] = {"alive": 0, "suspect": 1, "dead": 2, "left": 3}
 LIVE: Final = frozenset({"alive", "suspect"})
+GONE: Final = frozenset({"dead", "left"})
+
+# Valid member entries (docs/protocol.md, "GOSSIP (13), PING (17) -> PONG (18)")
+MAX_ID_CHARS: Final = 64  # a node id: 1 .. 64 printable characters
+MAX_HOST_CHARS: Final = 253  # a hostname (RFC 1035) or an IP literal
+MAX_WEIGHT: Final = 1_000_000.0  # weights are finite, in (0, MAX_WEIGHT]
+INCARNATION_END: Final = 1 << 63  # incarnations are in 0 .. 2**63 - 1
+_LABEL: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+_WARN_EVERY: Final = 10.0  # seconds between warnings about dropped updates
 
 log = logging.getLogger("plexichat.node.membership")
 
@@ -90,6 +116,8 @@ class GossipConfig:
     indirect: int = 2
     sync_every: int = 10  # rounds between full-table exchanges
     max_piggyback: int = 16
+    max_members: int = 256  # members kept (this node included); more are dropped
+    forget_after: float = 60.0  # a member dead or left this long is removed
 
 
 @dataclass
@@ -133,23 +161,57 @@ class GossipTransport(Protocol):
         """Send PING or GOSSIP; return the reply body, or None on failure."""
 
 
-def parse_update(raw: Any) -> Member | None:
-    """A piggybacked update as a Member, or None when it is malformed."""
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def valid_host(host: str) -> bool:
+    """Is *host* an IP literal or a hostname (dot-separated labels of letters,
+    digits, ``-`` and ``_``, 1 .. 63 characters each, no ``-`` at either end)
+    of at most 253 characters?"""
+    if not 0 < len(host) <= MAX_HOST_CHARS:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return all(_LABEL.match(label) for label in host.split("."))
+    return True
+
+
+def check_update(raw: Any) -> Member | str:
+    """A member update ``[id, host, port, incarnation, status, weight]`` as a
+    Member, or the reason it is invalid."""
     if not isinstance(raw, list | tuple) or len(raw) != 6:
-        return None
+        return f"not a 6-item list: {_show(raw)}"
     node_id, host, port, inc, status, weight = raw
     if (
-        not isinstance(node_id, str)
-        or not isinstance(host, str)
-        or not isinstance(port, int)
-        or not isinstance(inc, int)
-        or not isinstance(status, str)
-        or status not in RANK
-        or not isinstance(weight, int | float)
-        or not weight > 0
+        type(node_id) is not str
+        or not 0 < len(node_id) <= MAX_ID_CHARS
+        or not node_id.isprintable()
     ):
-        return None
+        return f"node id must be 1 .. {MAX_ID_CHARS} printable characters: " + _show(
+            node_id
+        )
+    if type(host) is not str or not valid_host(host):
+        return f"member {node_id}: host is not an IP or a hostname: {_show(host)}"
+    if type(port) is not int or not 1 <= port <= 65535:
+        return f"member {node_id}: port outside 1 .. 65535: {_show(port)}"
+    if type(inc) is not int or not 0 <= inc < INCARNATION_END:
+        return f"member {node_id}: incarnation outside 0 .. 2**63-1: {_show(inc)}"
+    if type(status) is not str or status not in RANK:
+        return f"member {node_id}: unknown status {_show(status)}"
+    # (NaN and infinities fail the comparison; no float() of a huge int first)
+    if type(weight) not in (int, float) or not 0 < weight <= MAX_WEIGHT:
+        return f"member {node_id}: weight outside (0, {MAX_WEIGHT:g}]: {_show(weight)}"
     return Member(node_id, host, port, inc, cast("Status", status), float(weight))
+
+
+def parse_update(raw: Any) -> Member | None:
+    """A piggybacked update as a Member, or None when it is invalid
+    (:func:`check_update` says why)."""
+    member = check_update(raw)
+    return member if isinstance(member, Member) else None
 
 
 class Membership:
@@ -168,6 +230,9 @@ class Membership:
         seeds: Sequence[tuple[str, int]] = (),
         clock: Clock = MONOTONIC,
     ) -> None:
+        own = check_update([node_id, host, port, 0, "alive", weight])
+        if isinstance(own, str):
+            raise ValueError(f"this node's own member entry is invalid: {own}")
         self.id = node_id
         self.clock = clock
         self.config = config or GossipConfig()
@@ -179,6 +244,9 @@ class Membership:
             node_id, host, port, time.time_ns() // 1_000_000, "alive", weight, now
         )
         self.members: dict[str, Member] = {node_id: self.me}
+        # forgotten members: id -> (incarnation, clock time it was forgotten)
+        self.forgotten: dict[str, tuple[int, float]] = {}
+        self._warned = -math.inf  # time.monotonic() of the last drop warning
         self._gossip: dict[str, tuple[list[Any], int]] = {}
         self._order: list[str] = []
         self._round = 0
@@ -193,6 +261,9 @@ class Membership:
             "held_suspect": 0,
             "refuted": 0,
             "joins": 0,
+            "invalid_updates": 0,  # member entries that failed check_update
+            "members_capped": 0,  # new members dropped at max_members
+            "forgotten": 0,  # dead or left members removed after forget_after
         }
         self._queue(self.me)
 
@@ -256,14 +327,49 @@ class Membership:
         if not isinstance(updates, list):
             return False
         before = self._routing_state()
+        counters = self.counters
+        capped = counters["members_capped"]
+        invalid = 0
+        reason = ""
         for raw in updates:
-            member = parse_update(raw)
-            if member is not None:
+            member = check_update(raw)
+            if isinstance(member, str):
+                invalid += 1
+                reason = reason or member
+            else:
                 self._apply(member)
+        capped = counters["members_capped"] - capped
+        if invalid or capped:
+            counters["invalid_updates"] += invalid
+            self._warn_dropped(invalid, reason, capped)
         changed = self._routing_state() != before
         if changed and self.on_change is not None:
             self.on_change()
         return changed
+
+    def _warn_dropped(self, invalid: int, reason: str, capped: int) -> None:
+        """Log dropped updates (at most one warning every ``_WARN_EVERY`` s:
+        whoever sends them must not flood the log; the counters count all)."""
+        now = time.monotonic()
+        if now - self._warned < _WARN_EVERY:
+            log.debug("dropped %d invalid, %d capped member updates", invalid, capped)
+            return
+        self._warned = now
+        if invalid:
+            log.warning(
+                "dropped %d invalid member update(s) (first: %s); %d so far",
+                invalid,
+                reason,
+                self.counters["invalid_updates"],
+            )
+        if capped:
+            log.warning(
+                "dropped %d new member(s): the table is full (max_members %d); "
+                "%d so far",
+                capped,
+                self.config.max_members,
+                self.counters["members_capped"],
+            )
 
     def _apply(self, new: Member) -> None:
         if new.id == self.id:
@@ -277,6 +383,14 @@ class Membership:
             return
         current = self.members.get(new.id)
         if current is None:
+            gone = self.forgotten.get(new.id)
+            if gone is not None:
+                if new.status in GONE and new.incarnation <= gone[0]:
+                    return  # a peer that has not forgotten it yet
+                del self.forgotten[new.id]
+            if len(self.members) >= self.config.max_members:
+                self.counters["members_capped"] += 1
+                return
             new.since = self.clock.now()
             self.members[new.id] = new
             self._queue(new)
@@ -431,6 +545,44 @@ class Membership:
                 self.counters["declared_dead"] += 1
                 self._set_status(member, "dead")
 
+    def forget_gone(self) -> list[str]:
+        """Remove the members dead or left for ``forget_after`` seconds (and
+        the tombstones that old); return the ids removed.
+
+        Safe for the majority rule: a dead member was declared dead by a node
+        that had a majority (see :meth:`expire_suspects`), and every node
+        that forgets it shrinks the same voter set by the same member.
+        """
+        now = self.clock.now()
+        limit = self.config.forget_after
+        for node_id, (_inc, at) in list(self.forgotten.items()):
+            if now - at >= limit:
+                del self.forgotten[node_id]
+        gone = [
+            m
+            for m in self.members.values()
+            if m.status in GONE and m.id != self.id and now - m.since >= limit
+        ]
+        if not gone:
+            return []
+        before = self._routing_state()
+        for member in gone:
+            del self.members[member.id]
+            self._gossip.pop(member.id, None)
+            self.forgotten[member.id] = (member.incarnation, now)
+            log.info(
+                "forgot member %s (%s for %.0f s)",
+                member.id,
+                member.status,
+                now - member.since,
+            )
+        while len(self.forgotten) > self.config.max_members:
+            del self.forgotten[next(iter(self.forgotten))]  # the oldest
+        self.counters["forgotten"] += len(gone)
+        if self._routing_state() != before and self.on_change is not None:
+            self.on_change()
+        return [m.id for m in gone]
+
     async def join(self) -> bool:
         """Contact seeds (and known members) until one answers with its table."""
         targets = list(self.seeds)
@@ -479,6 +631,7 @@ class Membership:
                     if self._round % config.sync_every == 0:
                         await self.sync()
                 self.expire_suspects()
+                self.forget_gone()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the detector die
