@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import threading
 
 import pytest
 
@@ -144,3 +146,148 @@ def test_whole_seqs_cuts_between_sequence_numbers():
     # a first sequence number larger than the limit is still returned whole
     assert [r.seq for r in whole_seqs(rows[1:], 1)] == [2, 2, 2]
     assert whole_seqs([], 5) == []
+
+
+# -- the writer thread survives anything (issue 12) --------------------------------
+
+
+class Boom(BaseException):
+    """Not an Exception: what a plain ``except Exception`` lets through."""
+
+
+async def started(tmp_path) -> Storage:
+    storage = Storage(tmp_path / "m.sqlite3")
+    storage.open()
+    storage.start(asyncio.get_running_loop())
+    return storage
+
+
+async def bounded(awaitable, seconds: float = 5.0):
+    """A storage operation must answer: a dead writer would never."""
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+def test_an_out_of_range_seq_fails_its_write_and_the_writer_lives(tmp_path):
+    """Issue 12: a seq >= 2**63 raised OverflowError (not a sqlite3.Error) in
+    the writer thread.  Called directly, bypassing the protocol decoders."""
+
+    async def run() -> None:
+        storage = await started(tmp_path)
+        with pytest.raises(OverflowError):
+            await bounded(insert(storage, [rec(1, 2**63, 1)]))
+        with pytest.raises(OverflowError):
+            await bounded(insert(storage, [rec(1, 1, 2)._replace(term=2**63)]))
+        assert await bounded(insert(storage, [rec(1, 1, 3)])) == (1, {})
+        assert [r.seq for r in await bounded(storage.fetch(1, 0, 10))] == [1]
+        assert storage.stats.errors == 2
+        await storage.close()
+
+    asyncio.run(run())
+
+
+def test_a_call_that_raises_a_base_exception_fails_alone(tmp_path):
+    async def run() -> None:
+        storage = await started(tmp_path)
+
+        def boom(conn: sqlite3.Connection) -> None:
+            raise Boom("not an Exception")
+
+        with pytest.raises(RuntimeError, match="Boom") as info:
+            await bounded(storage.call(boom))
+        assert isinstance(info.value.__cause__, Boom)
+        assert await bounded(insert(storage, [rec(1, 1, 1)])) == (1, {})
+        await storage.close()
+
+    asyncio.run(run())
+
+
+def test_an_unexpected_error_in_a_batch_fails_its_waiters_and_the_writer_lives(
+    tmp_path, monkeypatch, caplog
+):
+    """Any exception escaping a batch (here: injected into the group commit)
+    fails that batch's inserts and calls with an error, logged with its
+    traceback; the next batch is written."""
+
+    async def run() -> None:
+        storage = await started(tmp_path)
+        real = storage._write
+        failures = [Boom("injected")]
+
+        def failing_write(conn, inserts):
+            if failures:
+                raise failures.pop()
+            return real(conn, inserts)
+
+        monkeypatch.setattr(storage, "_write", failing_write)
+        with pytest.raises(RuntimeError, match="unexpected error"):
+            await bounded(insert(storage, [rec(1, 1, 1)]))
+        assert await bounded(insert(storage, [rec(1, 1, 1)])) == (1, {})
+        assert await bounded(storage.count()) == (1, 1)
+        await storage.close()
+
+    with caplog.at_level(logging.ERROR, logger="plexichat.node.storage"):
+        asyncio.run(run())
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert logged
+    assert logged[0].exc_info[0] is Boom
+
+
+def test_an_insert_callback_that_raises_does_not_starve_the_others(tmp_path, caplog):
+    """Callbacks of one group commit run one after the other on the loop: one
+    that raises is logged, and the others still run."""
+
+    async def run() -> None:
+        storage = await started(tmp_path)
+        gate = threading.Event()
+        held = storage.call(lambda conn: gate.wait(5))  # the writer waits here
+        got: list[tuple[int, BaseException | None]] = []
+
+        def bad(inserted, corrections, error) -> None:
+            raise RuntimeError("a caller's bug")
+
+        storage.insert([rec(1, 1, 1)], bad)
+        done = asyncio.get_running_loop().create_future()
+
+        def good(inserted, corrections, error) -> None:
+            got.append((inserted, error))
+            done.set_result(None)
+
+        storage.insert([rec(1, 2, 2)], good)  # same group commit as the bad one
+        gate.set()
+        await bounded(held)
+        await bounded(done)
+        assert got == [(1, None)]
+        await storage.close()
+
+    with caplog.at_level(logging.ERROR, logger="plexichat.node.storage"):
+        asyncio.run(run())
+    assert any("callback" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dead_writer_fails_every_operation_loudly(tmp_path, caplog):
+    """If the writer thread itself ends (here: its loop crashes at once), the
+    failure is logged as critical, every operation fails at once instead of
+    waiting forever, and the node is told (``on_dead``)."""
+
+    async def run() -> None:
+        storage = Storage(tmp_path / "m.sqlite3")
+        storage.open()
+        told: list[BaseException] = []
+        storage.on_dead = told.append
+
+        def crash() -> None:
+            raise Boom("the writer loop crashed")
+
+        storage._serve = crash  # what the writer thread runs
+        storage.start(asyncio.get_running_loop())
+        with pytest.raises(RuntimeError, match="storage writer"):
+            await bounded(insert(storage, [rec(1, 1, 1)]))
+        with pytest.raises(RuntimeError, match="storage writer"):
+            await bounded(storage.count())
+        assert len(told) == 1
+        assert isinstance(told[0].__cause__, Boom)
+        await bounded(storage.close())
+
+    with caplog.at_level(logging.CRITICAL, logger="plexichat.node.storage"):
+        asyncio.run(run())
+    assert any(r.levelno == logging.CRITICAL for r in caplog.records)

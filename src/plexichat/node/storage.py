@@ -22,6 +22,14 @@ because the WAL is fsynced at checkpoints only.  ``synchronous=FULL``
 (``--sync full``) fsyncs the WAL on every commit and survives power loss too,
 at a cost in throughput.  An acknowledgement is sent only after the commit
 returns.
+
+The writer thread never dies silently: an unexpected exception in a batch
+(anything but the per-write errors, which fail only their write) is logged
+with its traceback and fails that batch's inserts and calls with a
+:class:`StorageError`; the thread goes on with the next batch.  Should the
+thread end anyway, that is logged as critical, :attr:`Storage.on_dead` is
+called on the loop, and every queued and later operation fails at once with
+a :class:`StorageError` instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -47,9 +56,16 @@ from plexichat.node.store import (
     Synchronous,
 )
 
-__all__ = ["InsertCallback", "Storage", "StorageStats", "Synchronous"]
+__all__ = ["InsertCallback", "Storage", "StorageError", "StorageStats", "Synchronous"]
 
 T = TypeVar("T")
+log = logging.getLogger("plexichat.node.storage")
+
+
+class StorageError(RuntimeError):
+    """An operation failed in the writer thread for a reason other than its
+    own write (the batch it was in failed unexpectedly, or the thread ended)."""
+
 
 # AUTOINCREMENT: a row id is never handed out twice, even after the newest
 # rows were deleted (a rollback); the handoff's placement intervals are row
@@ -126,6 +142,8 @@ STATES = (
 
 # (inserted rows, {index in batch: stored seq} for ids stored before, error)
 InsertResult = tuple[int, dict[int, int], BaseException | None]
+# (value, error) of a call()
+CallResult = tuple[Any, BaseException | None]
 Row = tuple[int, int, bytes, int, int, bytes, int]
 StateRow = tuple[int, int, str, int, str, int]
 
@@ -248,6 +266,11 @@ class Storage:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
+        # set once the writer thread ended other than by close(): every
+        # operation fails with it from then on
+        self.dead: StorageError | None = None
+        # called on the loop with that error (the node decides what to do)
+        self.on_dead: Callable[[StorageError], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -372,12 +395,16 @@ class Storage:
             for st in states
         ]
         self._queue.put(_Insert(rows, callback, cuts, saved))
+        if self.dead is not None:
+            self._fail_queued()
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn(connection)`` on the writer thread after queued writes."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Call(fn, future))
+        if self.dead is not None:
+            self._fail_queued()
         return future
 
     async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
@@ -490,6 +517,55 @@ class Storage:
     # -- writer thread ------------------------------------------------------
 
     def _run(self) -> None:
+        """The writer thread: :meth:`_serve` until close(), and if it ever
+        ends otherwise, fail loudly (see the module docstring)."""
+        try:
+            self._serve()
+        except BaseException as exc:  # anything: it must not end silently
+            self._died(exc)
+
+    def _died(self, exc: BaseException) -> None:
+        dead = StorageError(f"the storage writer thread died: {exc!r}")
+        dead.__cause__ = exc
+        self.stats.errors += 1
+        log.critical(
+            "the storage writer thread died; every write and read fails from now",
+            exc_info=exc,
+        )
+        self.dead = dead
+        self._fail_queued()
+        loop = self._loop
+        if loop is not None and self.on_dead is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self.on_dead, dead)
+
+    def _fail_queued(self) -> None:
+        """Fail every queued operation with :attr:`dead` (from any thread:
+        whoever takes an item from the queue fails it)."""
+        error = self.dead
+        assert error is not None
+        inserts: list[_Insert] = []
+        calls: list[_Call] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Insert):
+                inserts.append(item)
+            elif isinstance(item, _Call):
+                calls.append(item)
+        loop = self._loop
+        if loop is None or not (inserts or calls):
+            return
+        results: list[InsertResult] = [(0, {}, error)] * len(inserts)
+        call_results: list[CallResult] = [(None, error)] * len(calls)
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(
+                self._deliver, inserts, results, calls, call_results
+            )
+
+    def _serve(self) -> None:
         conn = self._conn
         loop = self._loop
         assert conn is not None
@@ -521,9 +597,12 @@ class Storage:
                     inserts.append(item)
                 else:
                     calls.append(item)
-            results = self._write(conn, inserts) if inserts else []
-            last_commit = time.monotonic()
-            call_results = [self._call(conn, c) for c in calls]
+            try:
+                results = self._write(conn, inserts) if inserts else []
+                last_commit = time.monotonic()
+                call_results = [self._call(conn, c) for c in calls]
+            except BaseException as exc:  # a bug, or an error no write expected
+                results, call_results = self._batch_failed(conn, exc, inserts, calls)
             if results or call_results:
                 try:
                     loop.call_soon_threadsafe(
@@ -533,6 +612,29 @@ class Storage:
                     return
         with contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _batch_failed(
+        self,
+        conn: sqlite3.Connection,
+        exc: BaseException,
+        inserts: list[_Insert],
+        calls: list[_Call],
+    ) -> tuple[list[InsertResult], list[CallResult]]:
+        """Results failing every operation of a batch that raised *exc*."""
+        self.stats.errors += 1
+        log.error(
+            "storage writer: unexpected error in a batch of %d writes and %d calls; "
+            "they fail, the writer goes on",
+            len(inserts),
+            len(calls),
+            exc_info=exc,
+        )
+        with contextlib.suppress(Exception):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        error = StorageError(f"storage writer: unexpected error in the batch: {exc!r}")
+        error.__cause__ = exc
+        return [(0, {}, error)] * len(inserts), [(None, error)] * len(calls)
 
     def _checkpoints(self) -> None:
         """Copy the WAL into the database every ``checkpoint_interval`` seconds.
@@ -626,6 +728,10 @@ class Storage:
             return call.fn(conn), None
         except Exception as exc:
             return None, exc
+        except BaseException as exc:  # not for the caller's await to re-raise
+            error = StorageError(f"storage call raised {exc!r}")
+            error.__cause__ = exc
+            return None, error
 
     @staticmethod
     def _deliver(
@@ -635,7 +741,10 @@ class Storage:
         call_results: list[tuple[Any, BaseException | None]],
     ) -> None:
         for item, (inserted, corrections, error) in zip(inserts, results, strict=True):
-            item.callback(inserted, corrections, error)
+            try:
+                item.callback(inserted, corrections, error)
+            except Exception:  # one caller's bug must not starve the others
+                log.exception("storage: an insert callback failed")
         for call, (value, error) in zip(calls, call_results, strict=True):
             if call.future.done():
                 continue
