@@ -17,7 +17,7 @@ import pytest
 
 from plexichat.load.client import NodeClient
 from plexilab import faults
-from plexilab.cluster import Cluster, ClusterConfig, prepare, run_cluster, stats_all
+from plexilab.cluster import Cluster, ClusterConfig, prepare, run_cluster
 from plexilab.hosts.local import LocalHost
 from plexilab.links import LinkLayer
 
@@ -46,7 +46,7 @@ def cluster(tmp_path_factory):
 
 
 def _views(cluster):
-    return stats_all(cluster.lab_endpoints, timeout=2.0)
+    return cluster.stats(timeout=2.0)
 
 
 def _wait(predicate, timeout=15.0, what="condition"):

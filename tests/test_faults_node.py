@@ -16,8 +16,9 @@ import pytest
 from plexichat import wire
 from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
+from plexichat.node.peers import peer_handshake
 from plexichat.node.server import Node
-from plexichat.node.testing import InProcessCluster, wait_for
+from plexichat.node.testing import InProcessCluster, admin_client, wait_for
 from plexichat.node.transport import Link, RemoteError
 from plexichat.routing import Ring, key_of
 
@@ -88,7 +89,7 @@ def channel_where(prefix: str, test) -> int:
 
 
 async def client_for(node: Node) -> NodeClient:
-    client = NodeClient("127.0.0.1", node.listen_port, timeout=5.0)
+    client = admin_client(node)
     await client.connect()
     return client
 
@@ -141,10 +142,8 @@ def test_a_higher_term_deposes_the_owner_and_its_writes_are_not_acked(tmp_path):
             client = await client_for(n0)
             assert await client.send(channel, p.message_id(9, 1), 9, b"a") == 1
             # another node (speaking as n2) wins a later term at n1
-            hello = p.encode_json(
-                {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": "n2"}
-            )
-            peer = Link("127.0.0.1", n1.listen_port, hello=hello)
+            handshake = peer_handshake(cluster.credentials, "n2")
+            peer = Link("127.0.0.1", n1.listen_port, handshake=handshake)
             prepare = p.Prepare(channel, 50, ((1, 1),), 1)
             reply = await peer.call(T.HANDOFF, p.encode_prepare(prepare))
             promise = p.decode_promise(reply.payload)

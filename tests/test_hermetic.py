@@ -152,17 +152,19 @@ def test_node_load_and_checker_run_isolated_from_the_load_tools_venv(
     )  # fmt: skip
     try:
         wait_listening(port, node, timeout=60)
+        # no --secret-file: the node made its own credentials in its data dir
+        secret = ["--secret-file", str(tmp_path / "data" / "auth" / "cluster.secret")]
         journal = tmp_path / "journal"
         load = subprocess.run(
             [*python, "plexichat.load.cli", "--nodes", address, "--clients", "2",
              "--count", "500", "--duration", "20", "--channels", "8",
-             "--journal", str(journal)],
+             "--journal", str(journal), *secret],
             env=env, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert load.returncode == 0, load.stderr[-2000:]
         check = subprocess.run(
             [*python, "plexichat.load.checker", "--nodes", address,
-             "--journal", str(journal)],
+             "--journal", str(journal), *secret],
             env=env, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]

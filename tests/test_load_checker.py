@@ -140,10 +140,13 @@ def test_checker_finds_a_deleted_row_and_a_planted_duplicate(tmp_path):
                     channels=8,
                     journal=journal,
                     seed=1,
+                    credentials=cluster.credentials,
                 )
             )
             assert load["acked"] == 300
-            result = await run_check(nodes, journal, replicas=True)
+            result = await run_check(
+                nodes, journal, replicas=True, credentials=cluster.credentials
+            )
             assert result.ok
             assert (result.acked, result.replica_missing) == (300, 0)
 
@@ -152,7 +155,7 @@ def test_checker_finds_a_deleted_row_and_a_planted_duplicate(tmp_path):
             db = sqlite3.connect(owner.storage.path)
             with db:
                 db.execute("DELETE FROM messages WHERE msg_id = ?", (victim.msg_id,))
-            result = await run_check(nodes, journal)
+            result = await run_check(nodes, journal, credentials=cluster.credentials)
             assert (result.lost, result.duplicated) == (1, 0)
 
             # a reader sees committed seqs only: plant the duplicate over a
@@ -172,7 +175,7 @@ def test_checker_finds_a_deleted_row_and_a_planted_duplicate(tmp_path):
                     (other.msg_id, _signed(other.channel), same[0].seq),
                 )
                 assert planted.rowcount == 1
-            result = await run_check(nodes, journal)
+            result = await run_check(nodes, journal, credentials=cluster.credentials)
             assert (result.lost, result.duplicated) == (2, 1)
             assert not result.ok
 

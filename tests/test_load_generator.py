@@ -31,6 +31,14 @@ class ThreadedCluster:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     @property
+    def secret_file(self) -> str:
+        return str(self.cluster.secret_file())
+
+    @property
+    def tool_args(self) -> list[str]:
+        return ["--nodes", self.nodes_arg, "--secret-file", self.secret_file]
+
+    @property
     def nodes_arg(self) -> str:
         return ",".join(f"127.0.0.1:{n.listen_port}" for n in self.cluster.nodes)
 
@@ -54,6 +62,8 @@ def test_cli_chat_run_writes_json_csv_and_a_clean_journal(live, tmp_path, capsys
         [
             "--nodes",
             live.nodes_arg,
+            "--secret-file",
+            live.secret_file,
             "--clients",
             "4",
             "--inflight",
@@ -89,9 +99,7 @@ def test_cli_chat_run_writes_json_csv_and_a_clean_journal(live, tmp_path, capsys
     # every sender's counters 1..n were all acknowledged
     senders = {e.sender for e in entries}
     assert len(senders) == 4
-    code = checker.main(
-        ["--nodes", live.nodes_arg, "--journal", str(journal), "--replicas"]
-    )
+    code = checker.main([*live.tool_args, "--journal", str(journal), "--replicas"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert (report["acked"], report["lost"], report["duplicated"]) == (2000, 0, 0)
@@ -105,7 +113,7 @@ def test_cli_chat_run_writes_json_csv_and_a_clean_journal(live, tmp_path, capsys
                 db.execute("DELETE FROM messages WHERE msg_id = ?", (victim.msg_id,))
     verdict = tmp_path / "check.json"
     code = checker.main(
-        ["--nodes", live.nodes_arg, "--journal", str(journal), "--json", str(verdict)]
+        [*live.tool_args, "--journal", str(journal), "--json", str(verdict)]
     )
     assert code == 1
     assert json.loads(verdict.read_text())["lost"] == 1
@@ -114,6 +122,7 @@ def test_cli_chat_run_writes_json_csv_and_a_clean_journal(live, tmp_path, capsys
 def test_open_loop_zipf_through_any_node(live):
     config = LoadConfig(
         nodes=[("127.0.0.1", n.listen_port) for n in live.cluster.nodes],
+        credentials=live.cluster.credentials,
         clients=3,
         mode="open",
         rate=2000,
@@ -138,6 +147,7 @@ def test_open_loop_zipf_through_any_node(live):
 def test_duration_bounds_a_run(live):
     config = LoadConfig(
         nodes=[("127.0.0.1", n.listen_port) for n in live.cluster.nodes],
+        credentials=live.cluster.credentials,
         clients=2,
         inflight=2,
         count=10**9,
@@ -155,6 +165,8 @@ def test_p2p_scenario_reaches_every_node(live, tmp_path, capsys):
         [
             "--nodes",
             live.nodes_arg,
+            "--secret-file",
+            live.secret_file,
             "--scenario",
             "p2p",
             "--count",

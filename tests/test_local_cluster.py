@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from invoke.context import Context
@@ -14,7 +16,15 @@ from invoke.exceptions import Exit
 
 from plexichat.load.checker import VIOLATIONS
 from plexilab.cli import local as local_cli
-from plexilab.cluster import SRC, ClusterConfig, run_cluster, run_lab, tail
+from plexilab.cluster import (
+    SRC,
+    Cluster,
+    ClusterConfig,
+    prepare,
+    run_cluster,
+    run_lab,
+    tail,
+)
 from plexilab.hosts.base import HostError
 from plexilab.hosts.local import LocalHost, free_ports
 
@@ -165,6 +175,7 @@ def test_cluster_run_reports_zero_loss_and_stops_every_node(tmp_path):
     finally:
         host.close()
     assert res["nodes"] == 3
+    assert res["security"] == "auth"  # the default: never an open cluster
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
     # no faults: every request answered, every checker count 0, replicas too
@@ -218,6 +229,8 @@ def test_invoke_task_writes_json_and_table(tmp_path, monkeypatch, capsys):
         local_cli.cluster(Context(), backend="numba")
     with pytest.raises(Exit):
         local_cli.cluster(Context(), install="docker")
+    with pytest.raises(Exit, match="auth or tls"):
+        local_cli.cluster(Context(), security="insecure")
 
 
 def _short_config(**kw):
@@ -299,3 +312,70 @@ def test_every_checker_violation_fails_the_run(violation, monkeypatch, capsys):
     monkeypatch.setattr(local_cli, "_run", lambda config: fake_result(**{violation: 1}))
     with pytest.raises(Exit):
         local_cli.bench(Context(), rounds=1)
+
+
+def test_each_run_gets_its_own_secret_delivered_privately(tmp_path):
+    host = LocalHost(workdir=tmp_path / "host")
+    runtime = prepare([host], "dev")
+    try:
+        with Cluster([host], ClusterConfig(nodes=2), runtime) as first:
+            node = first.nodes[0]
+            first.deliver_secret(host)
+            path = Path(first.host_secret(host))
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert first.secret is not None
+            assert path.read_text().strip() == first.secret.hex()
+            argv = first.node_argv(node)
+            assert argv[argv.index("--secret-file") + 1] == str(path)
+            assert "--insecure" not in argv
+            assert first.tool_secret_args() == ["--secret-file", str(first.secret_file)]
+            lab_copy = first.secret_file
+            assert stat.S_IMODE(lab_copy.stat().st_mode) == 0o600
+            with Cluster([host], ClusterConfig(nodes=2), runtime) as second:
+                assert second.secret != first.secret
+        assert not lab_copy.exists()  # the lab's copy goes with the run
+    finally:
+        host.close()
+
+
+def test_tls_and_insecure_runs_pass_their_own_arguments(tmp_path):
+    host = LocalHost(workdir=tmp_path / "host")
+    runtime = prepare([host], "dev")
+    try:
+        with Cluster([host], ClusterConfig(nodes=2, security="tls"), runtime) as tls:
+            assert tls.tls is not None
+            argv = tls.node_argv(tls.nodes[1])
+            listen = argv[argv.index("--tls-listen") + 1]
+            assert listen == f"127.0.0.1:{tls.tls_ports[1]}"
+            assert argv[argv.index("--tls-key") + 1] == str(tls.tls.key)
+            load = tls.load_nodes_arg()
+            assert load[load.index("--tls-ca") + 1] == str(tls.tls.ca)
+            assert str(tls.tls_ports[0]) in load[1]
+        config = ClusterConfig(nodes=2, security="insecure")
+        with Cluster([host], config, runtime) as open_:
+            assert open_.secret is None
+            assert "--insecure" in open_.node_argv(open_.nodes[0])
+            assert "--secret-file" not in open_.node_argv(open_.nodes[0])
+            assert open_.tool_secret_args() == []
+    finally:
+        host.close()
+
+
+def test_bench_security_prices_auth_and_tls(tmp_path, monkeypatch, capsys):
+    speeds = {"insecure": iter([100.0, 120.0, 110.0]), "auth": iter([95.0] * 3)}
+    speeds["tls"] = iter([80.0, 90.0, 70.0])
+    seen = []
+
+    def fake_run(config):
+        seen.append(config.security)
+        return fake_result(next(speeds[config.security]))
+
+    monkeypatch.setattr(local_cli, "_run", fake_run)
+    out = tmp_path / "sec.json"
+    local_cli.bench_security(Context(), rounds=3, json=str(out))
+    assert seen == ["insecure", "auth", "tls"] * 3
+    medians = json.loads(out.read_text())["medians"]
+    assert medians["insecure"]["msgs_per_s"] == 110.0
+    assert medians["auth"]["ratio"] == pytest.approx(95 / 110)
+    assert medians["tls"]["ratio"] == pytest.approx(80 / 110)
+    assert "security cost" in capsys.readouterr().out

@@ -96,7 +96,7 @@ def test_logs_are_json_lines():
     logs.setup("warning")
 
 
-async def first_ack(port: int, timeout: float) -> int:
+async def first_ack(port: int, timeout: float, token: str | None = None) -> int:
     """The sequence number a node on *port* gives one message.
 
     Retries only while nothing listens yet; a node that never listens, or that
@@ -105,7 +105,8 @@ async def first_ack(port: int, timeout: float) -> int:
     async with asyncio.timeout(timeout):
         while True:
             try:
-                async with NodeClient("127.0.0.1", port, timeout=timeout) as client:
+                client = NodeClient("127.0.0.1", port, timeout=timeout, token=token)
+                async with client:
                     return await client.send(5, b"\x00" * 16, 0, b"x")
             except ConnectionRefusedError:  # not listening yet
                 await asyncio.sleep(0.01)
@@ -143,9 +144,12 @@ def test_serve_until_sigterm(tmp_path, capsys):
         ]
     )
 
+    config = cli.config_from_args(args)  # makes the node's own credentials
+    token = (tmp_path / "auth" / "admin.token").read_text().strip()
+
     async def scenario() -> None:
-        server = asyncio.create_task(cli.serve(cli.config_from_args(args)))
-        ack = asyncio.create_task(first_ack(port, timeout=20))
+        server = asyncio.create_task(cli.serve(config))
+        ack = asyncio.create_task(first_ack(port, timeout=20, token=token))
         try:
             await asyncio.wait({ack, server}, return_when=asyncio.FIRST_COMPLETED)
             assert not server.done(), f"the node stopped first: {server!r}"

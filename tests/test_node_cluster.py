@@ -13,7 +13,7 @@ from plexichat import wire
 from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
 from plexichat.node.membership import GossipConfig, ManualClock
-from plexichat.node.testing import InProcessCluster, wait_for
+from plexichat.node.testing import InProcessCluster, admin_client, wait_for
 from plexichat.node.transport import RemoteError
 from plexichat.routing import key_of
 
@@ -28,7 +28,7 @@ def run(coro, timeout: float = 60.0):
 
 
 async def client_for(node) -> NodeClient:
-    client = NodeClient("127.0.0.1", node.listen_port, timeout=5.0)
+    client = admin_client(node)
     await client.connect()
     return client
 
@@ -268,6 +268,9 @@ def test_bad_input_is_answered_and_other_clients_keep_working(tmp_path):
             assert (error_code(frame), frame.request_id) == (p.ErrorCode.BAD_VERSION, 3)
             # 5. well-framed but wrong: the connection stays usable
             reader, writer = await raw(node.listen_port)
+            hello = {"version": 1, "token": cluster.token(admin=True)}
+            writer.write(wire.encode_frame(T.HELLO, 2, p.encode_json(hello)))
+            assert (await read_frame(reader)).type == T.WELCOME
             writer.write(wire.encode_frame(T.WELCOME, 4, b"{}"))
             assert error_code(await read_frame(reader)) == p.ErrorCode.UNKNOWN_OP
             writer.write(wire.encode_frame(T.SEND, 5, b"short"))
@@ -300,8 +303,10 @@ async def unread_fetches(node, channel: int, requests: int):
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock)
     fetch = p.encode_fetch(channel, 0, 1000)
+    hello = {"version": 1, "token": node.credentials.token(1)}
     writer.write(
-        b"".join(wire.encode_frame(T.FETCH, i, fetch) for i in range(requests))
+        wire.encode_frame(T.HELLO, 0, p.encode_json(hello))
+        + b"".join(wire.encode_frame(T.FETCH, i, fetch) for i in range(requests))
     )
     host, port = sock.getsockname()[:2]
     name = f"{host}:{port}"
@@ -329,7 +334,7 @@ def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
             assert conn.transport.get_write_buffer_size() < 16 << 20
             assert await other.send(channel, p.message_id(4, 100), 4, b"y") == 101
             decoder, seen = wire.FrameDecoder(), 0
-            while seen < 10:
+            while seen < 11:  # WELCOME and 10 MESSAGES
                 data = await asyncio.wait_for(reader.read(1 << 20), 10)
                 assert data
                 seen += len(decoder.feed(data))

@@ -13,6 +13,7 @@ from plexichat.load import journal as jr
 from plexichat.load.checker import run_check
 from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
+from plexichat.node.auth import Credentials
 from plexichat.node.transport import RemoteError
 from plexichat.routing import Ring, key_of
 from plexilab.cluster import Cluster, ClusterConfig, prepare
@@ -37,10 +38,14 @@ async def send_acked(
         await asyncio.sleep(0.1)
 
 
-async def send_many(endpoint, channels, sender, start, count):
-    """Send *count* messages round robin over *channels*; return journal entries."""
+async def send_many(endpoint, channels, sender, start, count, creds):
+    """Send *count* messages round robin over *channels* as client *sender*;
+    return journal entries."""
     entries = []
-    async with NodeClient(endpoint.host, endpoint.port, timeout=10) as client:
+    token = creds.token(sender)
+    async with NodeClient(
+        endpoint.host, endpoint.port, timeout=10, token=token
+    ) as client:
         for i in range(start, start + count):
             channel = channels[i % len(channels)]
             msg_id = p.message_id(sender, i)
@@ -61,7 +66,8 @@ def test_sigkill_and_restart_loses_no_acknowledged_message(tmp_path):
         # n1 owns some of the channels: its acknowledged writes must survive.
         ring = Ring({"n0": 1.0, "n1": 1.0, "n2": 1.0})
         assert any(ring.owners(c, 1) == ["n1"] for c in channels)
-        before = asyncio.run(send_many(lab[0], channels, 11, 0, 120))
+        creds = Credentials(cluster.secret)
+        before = asyncio.run(send_many(lab[0], channels, 11, 0, 120, creds))
         victim = cluster.nodes[1]
         pid = victim.process.pid
         cluster.kill(1)
@@ -70,10 +76,10 @@ def test_sigkill_and_restart_loses_no_acknowledged_message(tmp_path):
             os.kill(pid, 0)
         # the survivors notice, take over and keep acknowledging
         cluster.wait_converged(timeout=30, nodes=[cluster.nodes[0], cluster.nodes[2]])
-        during = asyncio.run(send_many(lab[2], channels, 12, 0, 60))
+        during = asyncio.run(send_many(lab[2], channels, 12, 0, 60, creds))
         cluster.start_node(victim)  # same ports, same data dir
         cluster.wait_converged(timeout=30)
-        after = asyncio.run(send_many(lab[1], channels, 13, 0, 30))
+        after = asyncio.run(send_many(lab[1], channels, 13, 0, 30, creds))
         entries = before + during + after
         path = tmp_path / "journal.bin"
         jr.write(path, entries)
@@ -82,7 +88,7 @@ def test_sigkill_and_restart_loses_no_acknowledged_message(tmp_path):
         async def checked():
             # the restarted owner gets the writes it missed through handoff
             for _ in range(200):
-                result = await run_check(nodes, path, replicas=True)
+                result = await run_check(nodes, path, replicas=True, credentials=creds)
                 if result.ok and result.replica_missing == 0:
                     return result
                 await asyncio.sleep(0.05)

@@ -7,10 +7,9 @@ import asyncio
 import pytest
 
 from plexichat.cache import LRUCache
-from plexichat.load.client import NodeClient
 from plexichat.node import protocol as p
 from plexichat.node.idfilter import IdFilter
-from plexichat.node.testing import InProcessCluster
+from plexichat.node.testing import InProcessCluster, admin_client
 from plexichat.routing import key_of
 
 
@@ -70,7 +69,7 @@ def test_a_retry_after_a_restart_finds_the_stored_seq(tmp_path):
         async with InProcessCluster(tmp_path) as cluster:
             channel = key_of("retry-after-restart")
             owner = cluster.node(cluster.owners(channel)[0])
-            client = NodeClient("127.0.0.1", owner.listen_port, timeout=5.0)
+            client = admin_client(owner)
             await client.connect()
             assert await client.send(channel, p.message_id(4, 1), 4, b"a") == 1
             owner.recent = LRUCache(16)

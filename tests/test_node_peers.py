@@ -331,3 +331,56 @@ def test_close_without_links_is_harmless():
     h = Harness()
     h.peers.close()
     assert h.peers.links == {}
+
+
+# -- bad addresses (issue 12: gossip can name any host and port) -----------------
+
+BAD_ADDRESSES = [
+    ("127.0.0.1", 99999),  # OverflowError from connect()
+    ("127.0.0.1", -1),
+    ("a" * 300, 7000),  # UnicodeError from the idna codec
+    ("a\x00b", 7000),  # ValueError: embedded null character
+]
+
+
+def test_a_connect_to_a_bad_address_fails_its_requests_and_keeps_the_queue():
+    """Any exception from connecting (not only OSError and timeouts) fails the
+    queued requests with NotSent; later requests to that member are not stuck
+    behind a connect that never ends, and other members keep working."""
+
+    async def scenario() -> None:
+        async with Server(reply=echo) as server:
+            members = {f"bad{i}": a for i, a in enumerate(BAD_ADDRESSES)}
+            h = Harness({**members, "good": server.address})
+            for node_id in members:
+                for attempt in range(2):
+                    futures = [h.request(node_id, T.PING, bytes([i])) for i in range(2)]
+                    results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+                    for frame, error in results:
+                        assert frame is None, (node_id, attempt)
+                        assert isinstance(error, NotSent), (node_id, error)
+                        assert f"connect to {node_id}" in str(error)
+                assert h.peers._connect_queue == {}
+            frame, error = await asyncio.wait_for(h.request("good", T.PING, b"x"), 5)
+            assert error is None
+            assert frame is not None
+            assert frame.payload == b"x"
+            await asyncio.wait_for(h.settle(), 5)  # no task ended with an error
+            h.peers.close()
+
+    run(scenario())
+
+
+def test_gossip_call_and_post_to_a_bad_address_fail_quietly():
+    async def scenario() -> None:
+        h = Harness()
+        for host, port in BAD_ADDRESSES:
+            reply = await asyncio.wait_for(
+                h.peers.gossip_call(host, port, T.PING, {"from": "me"}, 1), 5
+            )
+            assert reply is None
+            h.peers.post((host, port), T.RELAY, b"a", "relay")
+        await asyncio.wait_for(h.settle(), 5)  # no exception escapes the tasks
+        h.peers.close()
+
+    run(scenario())

@@ -167,10 +167,11 @@ def test_append_rejects(body: bytes, match: str):
 def sections(draw: st.DrawFn) -> list[p.AppendSection]:
     """Valid APPEND sections: consecutive seqs, non-decreasing terms <= term."""
     u64 = st.integers(0, 2**64 - 1)
+    below = st.integers(0, p.SEQ_END - 1)  # terms, commits, timestamps
     channels = draw(st.lists(u64, unique=True, max_size=4))
     out = []
     for channel in channels:
-        term = draw(st.integers(0, 2**64 - 1))
+        term = draw(below)
         prev_seq = draw(st.integers(0, 2**40))
         prev_term = draw(st.integers(0, term)) if prev_seq else 0
         terms = sorted(draw(st.lists(st.integers(prev_term, term), max_size=6)))
@@ -180,14 +181,14 @@ def sections(draw: st.DrawFn) -> list[p.AppendSection]:
                 prev_seq + i + 1,
                 draw(st.binary(min_size=16, max_size=16)),
                 draw(u64),
-                draw(u64),
+                draw(below),
                 draw(st.binary(max_size=40)),
                 t,
             )
             for i, t in enumerate(terms)
         )
         out.append(
-            p.AppendSection(channel, term, prev_term, prev_seq, draw(u64), records)
+            p.AppendSection(channel, term, prev_term, prev_seq, draw(below), records)
         )
     return out
 
@@ -207,14 +208,14 @@ def test_append_round_trip_property(secs: list[p.AppendSection], data: st.DataOb
 
 def test_append_results_round_trip_and_rejects():
     results = [
-        p.AppendResult(1, p.AppendStatus.OK, 4, 2**64 - 1),
+        p.AppendResult(1, p.AppendStatus.OK, 4, 2**63 - 1),
         p.AppendResult(2, p.AppendStatus.REFUSED, 9, 0),
         p.AppendResult(3, p.AppendStatus.MISMATCH, 4, 0),
         p.AppendResult(2**64 - 1, p.AppendStatus.FAILED, 0, 0),
     ]
     body = p.encode_append_results(results)
     assert len(body) == 4 + 4 * 25
-    assert body[4:29] == p.APPEND_RESULT.pack(1, 0, 4, 2**64 - 1)
+    assert body[4:29] == p.APPEND_RESULT.pack(1, 0, 4, 2**63 - 1)
     assert p.decode_append_results(body) == results
     assert p.decode_append_results(p.encode_append_results([])) == []
     one = p.COUNT.pack(1)
@@ -499,3 +500,112 @@ def test_node_vectors_are_what_the_spec_generator_writes():
         [sys.executable, str(script), "--check"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+# -- value ranges (issue 12) -------------------------------------------------------
+
+TOP = p.SEQ_END - 1  # the highest seq, term, commit, ts_us, after
+
+
+def _range_section(
+    term: int, prev_term: int, prev_seq: int, commit: int, *recs
+) -> bytes:
+    head = p.APPEND_HEAD.pack(1, term, prev_term, prev_seq, commit, len(recs))
+    return p.COUNT.pack(1) + head + b"".join(recs)
+
+
+def _range_rec(term: int, seq: int, ts_us: int) -> bytes:
+    return p.LOG_RECORD.pack(term, seq, p.message_id(1, seq), 2**64 - 1, ts_us, 0)
+
+
+def _range_record(seq: int, ts_us: int) -> bytes:
+    return p.MESSAGE_RECORD.pack(seq, p.message_id(1, 1), 2**64 - 1, ts_us, 0)
+
+
+def _prepare_json(**fields: Any) -> bytes:
+    obj = {"channel": 2**64 - 1, "term": 1, "epochs": [], "last": 0, **fields}
+    return bytes([p.HandoffKind.PREPARE]) + json.dumps(obj).encode()
+
+
+# (decoder, the body at the top of the range, the body one above it)
+RANGES = [
+    (
+        p.decode_fetch,
+        p.FETCH_BODY.pack(2**64 - 1, TOP, 1),
+        p.FETCH_BODY.pack(1, TOP + 1, 1),
+    ),
+    (
+        p.decode_log_request,
+        p.LOG_REQUEST.pack(10, 2**64 - 1, TOP, 1),
+        p.LOG_REQUEST.pack(10, 1, TOP + 1, 1),
+    ),
+    (p.decode_append, _range_section(TOP, 0, 0, 0), _range_section(TOP + 1, 0, 0, 0)),
+    (p.decode_append, _range_section(1, 0, 0, TOP), _range_section(1, 0, 0, TOP + 1)),
+    (p.decode_append, _range_section(1, 1, TOP, 0), _range_section(1, 1, TOP + 1, 0)),
+    (
+        p.decode_append,
+        _range_section(1, 1, TOP - 1, 0, _range_rec(1, TOP, 1)),
+        _range_section(1, 1, TOP, 0, _range_rec(1, TOP + 1, 1)),
+    ),
+    (
+        p.decode_append,
+        _range_section(1, 0, 0, 0, _range_rec(1, 1, TOP)),
+        _range_section(1, 0, 0, 0, _range_rec(1, 1, TOP + 1)),
+    ),
+    (
+        p.decode_append_results,
+        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 0, TOP, TOP),
+        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 0, 1, TOP + 1),
+    ),
+    (
+        p.decode_append_results,
+        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 1, TOP, 0),
+        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 1, TOP + 1, 0),
+    ),
+    (
+        p.decode_messages,
+        p.MESSAGES_HEAD.pack(1, 1, 0) + _range_record(TOP, TOP),
+        p.MESSAGES_HEAD.pack(1, 1, 0) + _range_record(TOP + 1, 1),
+    ),
+    (
+        p.decode_messages,
+        p.MESSAGES_HEAD.pack(1, 1, 0) + _range_record(1, TOP),
+        p.MESSAGES_HEAD.pack(1, 1, 0) + _range_record(1, TOP + 1),
+    ),
+    (
+        p.decode_deliver,
+        p.CHANNEL_BODY.pack(1) + _range_record(TOP, TOP),
+        p.CHANNEL_BODY.pack(1) + _range_record(1, TOP + 1),
+    ),
+    (p.decode_prepare, _prepare_json(term=TOP), _prepare_json(term=TOP + 1)),
+    (
+        p.decode_prepare,
+        _prepare_json(epochs=[[1, 1]], last=TOP),
+        _prepare_json(epochs=[[1, 1]], last=TOP + 1),
+    ),
+]
+
+
+RANGE_NAMES = [
+    "fetch-after",
+    "log-request-after",
+    "append-term",
+    "append-commit",
+    "append-prev-seq",
+    "append-record-seq",
+    "append-record-ts",
+    "results-match",
+    "results-promised",
+    "messages-seq",
+    "messages-ts",
+    "deliver-ts",
+    "prepare-term",
+    "prepare-last",
+]
+
+
+@pytest.mark.parametrize(("decode", "top", "above"), RANGES, ids=RANGE_NAMES)
+def test_values_below_2_63_decode_and_2_63_is_rejected(decode, top, above):
+    decode(top)
+    with pytest.raises(p.ProtocolError, match="2\\*\\*63"):
+        decode(above)

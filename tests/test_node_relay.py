@@ -21,8 +21,12 @@ MEMBERS = ["n0", "n1", "n2", "n3", "n4", "n5", "n6"]
 class FakeConn:
     """Stands in for a FrameConnection: records what is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, role: str = "peer") -> None:
         self.sent: list[tuple[int, int, bytes]] = []
+        self.role = role  # relayed copies arrive on peer links
+
+    def send_error(self, request_id: int, code: int, message: str) -> None:
+        self.sent.append((12, request_id, p.encode_error(code, message)))
 
     def send(self, type: int, request_id: int, payload: bytes) -> None:
         self.sent.append((type, request_id, payload))

@@ -22,7 +22,7 @@ from plexichat.node.store import (
     MessageStore,
     open_store,
 )
-from plexichat.node.testing import InProcessCluster
+from plexichat.node.testing import InProcessCluster, admin_client
 from plexichat.routing import key_of
 
 BIG = 2**64 - 5  # u64 ids above the signed 64-bit range
@@ -458,14 +458,13 @@ def test_memory_store_refuses_work_after_close(tmp_path):
 def test_cluster_on_memory_stores_replicates_through_the_write_path(tmp_path):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, store="memory") as cluster:
-            from plexichat.load.client import NodeClient
             from plexichat.node.memstore import MemoryStore
 
             assert all(isinstance(n.storage, MemoryStore) for n in cluster.nodes)
             channel = key_of("memory-engine")
             owner, replica = cluster.owners(channel)
             other = next(n for n in cluster.nodes if n.id not in (owner, replica))
-            client = NodeClient("127.0.0.1", other.listen_port, timeout=5.0)
+            client = admin_client(other)
             await client.connect()
             sender = 2**64 - 2
             seqs = [

@@ -694,14 +694,16 @@ def test_only_the_server_side_stops_reading_when_writes_back_up():
 
 
 def test_server_drops_a_peer_whose_replies_pile_up(monkeypatch):
-    monkeypatch.setattr(transport, "MAX_BUFFERED", -1)  # any backlog is too much
+    monkeypatch.setattr(transport, "MAX_BUFFERED", 1000)  # the default max_output
 
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link()
-            # the reply was written before the server cut the peer off: it
-            # arrives, then the connection closes
             assert await link.call(T.PING, b"x", timeout=5) == Frame(T.PONG, 1, b"x")
+            # a reply that would leave more than max_output bytes unsent is
+            # not queued: the server cuts the peer off instead
+            with pytest.raises(ConnectionLost):
+                await link.call(T.PING, b"x" * 2000, timeout=5)
             await asyncio.wait_for(_until_disconnected(link), 5)
             server_conn = server.conns[0]
             assert server_conn.overflowed is True

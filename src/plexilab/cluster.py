@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,9 @@ from typing import Any, Literal
 from plexilab import deps, wheels
 from plexilab import faults as faultlib
 from plexilab.hosts.base import Endpoint, Host, HostError, Process
+from plexilab.hosts.local import free_ports
 from plexilab.links import LinkLayer
+from plexilab.tlscerts import ClusterTls, make_cluster_tls
 
 log = logging.getLogger("plexilab.cluster")
 
@@ -98,6 +101,11 @@ class ClusterConfig:
     # through another node); 0: 10 s, or with faults twice the suspicion
     # timeout within 2..10 s (a client does not wait out a paused node)
     request_timeout: float = 0.0
+    # auth: a per-run cluster secret, peers handshake, clients present tokens
+    # (the default, and all a lab run uses); tls: also the load speaks TLS to
+    # the nodes' TLS listeners (local hosts); insecure: nodes run open, only
+    # as the baseline of the security benchmark (local.bench-security)
+    security: Literal["auth", "tls", "insecure"] = "auth"
 
     def backend_env(self) -> dict[str, str]:
         """``PLEXICHAT_BACKEND*`` for the nodes and lab tools of this run."""
@@ -359,13 +367,22 @@ def run_lab(
     return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
 
 
+def admin_token(secret: bytes | None) -> str | None:
+    """An admin token of the cluster whose secret is *secret* (None: none)."""
+    from plexichat.node.auth import Credentials  # lab side: plexichat from src
+
+    return None if secret is None else Credentials(secret).token(1, admin=True)
+
+
 async def _stats_all(
-    endpoints: Sequence[Endpoint], timeout: float
+    endpoints: Sequence[Endpoint], timeout: float, secret: bytes | None
 ) -> list[dict[str, Any] | None]:
     from plexichat.load.client import NodeClient  # lab side: plexichat from src
 
+    token = admin_token(secret)
+
     async def one(ep: Endpoint) -> dict[str, Any] | None:
-        client = NodeClient(ep.host, ep.port, timeout=timeout)
+        client = NodeClient(ep.host, ep.port, timeout=timeout, token=token)
         try:
             await client.connect()
             info, _ = await client.stats()
@@ -379,10 +396,21 @@ async def _stats_all(
 
 
 def stats_all(
-    endpoints: Sequence[Endpoint], timeout: float = 2.0
+    endpoints: Sequence[Endpoint], timeout: float = 2.0, *, secret: bytes | None
 ) -> list[dict[str, Any] | None]:
-    """STATS of every endpoint (None where the node does not answer)."""
-    return asyncio.run(_stats_all(endpoints, timeout))
+    """STATS of every endpoint (None where the node does not answer), asked
+    with an admin token of the cluster whose secret is *secret*."""
+    return asyncio.run(_stats_all(endpoints, timeout, secret))
+
+
+SECRET_NAME = "cluster.secret"
+
+
+def write_secret_file(path: Path, secret: bytes) -> None:
+    """*secret* as hex in a new file only its owner may read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret.hex() + "\n")
 
 
 # -- the cluster ----------------------------------------------------------------------
@@ -426,12 +454,73 @@ class Cluster:
             )
         self.links: LinkLayer | None = None
         self.started_at = 0.0
+        # A fresh cluster secret per run (never in an image): the nodes get it
+        # as a file next to their data, the lab's tools from a private copy.
+        self.secret: bytes | None = None
+        self._secret_dir = Path(tempfile.mkdtemp(prefix="plexilab-secret-"))
+        self.secret_file = self._secret_dir / SECRET_NAME
+        if config.security != "insecure":
+            self.secret = secrets.token_bytes(32)
+            write_secret_file(self.secret_file, self.secret)
+        self._secret_on: set[int] = set()  # ids of hosts that have it
+        self.tls: ClusterTls | None = None
+        self.tls_ports: list[int] = []
+        if config.security == "tls":
+            if not all(is_local(n.host) for n in self.nodes):
+                raise ClusterError("TLS listeners are set up for local hosts only")
+            self.tls = make_cluster_tls(self._secret_dir / "tls")
+            self.tls_ports = free_ports(len(self.nodes))
 
     def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self._secret_dir, ignore_errors=True)
+
+    def host_secret(self, host: Host) -> str:
+        """Where the cluster secret lies on *host*."""
+        return f"{host.workdir()}/{SECRET_NAME}"
+
+    def deliver_secret(self, host: Host) -> None:
+        """Put the cluster secret on *host* (once per host), readable by its
+        owner only."""
+        if id(host) in self._secret_on or self.secret is None:
+            return
+        remote = self.host_secret(host)
+        host.put(self.secret_file, remote)
+        host.run(["chmod", "600", remote], timeout=30)
+        self._secret_on.add(id(host))
+
+    def stats(self, timeout: float = 2.0) -> list[dict[str, Any] | None]:
+        """STATS of every node (None where one does not answer)."""
+        return stats_all(self.lab_endpoints, timeout, secret=self.secret)
+
+    def tool_secret_args(self) -> list[str]:
+        if self.secret is None:
+            return []
+        return ["--secret-file", str(self.secret_file)]
+
+    def security_args(self, node: NodeHandle) -> list[str]:
+        """The node's authentication (and TLS) arguments."""
+        if self.secret is None:
+            return ["--insecure"]
+        args = ["--secret-file", self.host_secret(node.host)]
+        if self.tls is not None:  # local hosts: the lab's own files
+            port = self.tls_ports[node.index]
+            args += ["--tls-listen", f"{node.listen.host}:{port}"]
+            args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+        return args
+
+    def load_nodes_arg(self) -> list[str]:
+        """``--nodes`` (and ``--tls-ca``) of the load generator."""
+        if self.tls is None:
+            return ["--nodes", self.nodes_arg()]
+        pairs = zip(self.nodes, self.tls_ports, strict=True)
+        eps = [f"{n.lab.host}:{port}" for n, port in pairs]
+        return ["--nodes", ",".join(eps), "--tls-ca", str(self.tls.ca)]
 
     def route_through(self, links: LinkLayer) -> None:
         """Peer traffic through *links* (started, relaying to the lab endpoints).
@@ -496,12 +585,14 @@ class Cluster:
             str(config.ping_timeout),
             "--suspect-timeout",
             str(config.suspect_timeout),
+            *self.security_args(node),
             *source,
             *durability,
             *config.node_args,
         ]
 
     def start_node(self, node: NodeHandle) -> None:
+        self.deliver_secret(node.host)
         node.process = node.host.spawn(
             self.node_argv(node), log_path=node.log_path, env=self.node_env(node)
         )
@@ -532,7 +623,9 @@ class Cluster:
                     f"{dead[0].node_id} exited with {dead[0].process.wait(0)}"  # type: ignore[union-attr]
                     f"; log: {tail(dead[0])}"
                 )
-            infos = stats_all([n.lab for n in self.nodes if n.node_id in expect])
+            infos = stats_all(
+                [n.lab for n in self.nodes if n.node_id in expect], secret=self.secret
+            )
             if all(
                 info is not None
                 and set(info["ring"]) == expect
@@ -607,9 +700,8 @@ class Cluster:
         self, module: str, args: list[str], timeout: float
     ) -> subprocess.CompletedProcess[str]:
         env = {**self.runtime.lab_env, **self.config.backend_env()}
-        return run_lab(
-            [self.runtime.lab_python, "-m", module, *args], timeout=timeout, env=env
-        )
+        argv = [self.runtime.lab_python, "-m", module, *args, *self.tool_secret_args()]
+        return run_lab(argv, timeout=timeout, env=env)
 
     def nodes_arg(self) -> str:
         return ",".join(str(ep) for ep in self.lab_endpoints)
@@ -617,8 +709,7 @@ class Cluster:
     def run_load(self, journal: Path, out: Path) -> dict[str, Any]:
         c = self.config
         args = [
-            "--nodes",
-            self.nodes_arg(),
+            *self.load_nodes_arg(),
             "--clients",
             str(c.clients),
             "--mode",
@@ -873,7 +964,7 @@ def run_cluster(
             progress("checking")
             check = cluster.run_check(journal, results_dir / "check.json")
             step("checked", cluster)
-            infos = stats_all(cluster.lab_endpoints, timeout=5.0)
+            infos = cluster.stats(timeout=5.0)
             per_node = []
             for node, info in zip(cluster.nodes, infos, strict=True):
                 row = node.describe()
@@ -897,6 +988,7 @@ def run_cluster(
         "replicas": config.replicas,
         "backend": _backend_of(infos),
         "requested_backend": config.requested_backend,
+        "security": config.security,
         "host_backends": host_backends,
         "acked": load["acked"],
         "failures": load["failures"],

@@ -65,12 +65,12 @@ from plexilab.cluster import (
     ClusterConfig,
     InstallMode,
     NodeHandle,
+    admin_token,
     build_wheel,
     check_hosts,
     local_venv,
     prepare,
     run_cluster,
-    stats_all,
     verdict,
 )
 from plexilab.hosts.base import Endpoint, Host, HostError
@@ -509,13 +509,16 @@ class VmSampler:
 
 
 def node_histograms(
-    endpoints: Sequence[Endpoint], timeout: float = 10.0
+    endpoints: Sequence[Endpoint], timeout: float = 10.0, *, secret: bytes | None
 ) -> list[dict[str, Any]]:
-    """``{name: Histogram}`` of every node (an empty dict where one does not answer)."""
+    """``{name: Histogram}`` of every node (an empty dict where one does not
+    answer), asked with an admin token of the cluster whose secret is *secret*."""
     from plexichat.load.client import NodeClient
 
+    token = admin_token(secret)
+
     async def one(ep: Endpoint) -> dict[str, Any]:
-        client = NodeClient(ep.host, ep.port, timeout=timeout)
+        client = NodeClient(ep.host, ep.port, timeout=timeout, token=token)
         try:
             await client.connect()
             _, hists = await client.stats()
@@ -603,9 +606,13 @@ class RunState:
         if self.sampler is not None and step in ("converged", "loaded", "p2p"):
             self.sampler.sample(step)
         if step == "loaded":
-            self.send_hists = node_histograms(cluster.lab_endpoints)
+            self.send_hists = node_histograms(
+                cluster.lab_endpoints, secret=cluster.secret
+            )
         elif step == "p2p":
-            self.relay_hists = node_histograms(cluster.lab_endpoints)
+            self.relay_hists = node_histograms(
+                cluster.lab_endpoints, secret=cluster.secret
+            )
             self._clock_drift()
         elif step == "stopped":
             self.fetch_logs()
@@ -769,7 +776,7 @@ def run_p2p_only(
         progress(f"converged in {convergence:.2f}s; p2p ({config.p2p_count} relays)")
         p2p = cluster.run_p2p(results_dir / "p2p.json")
         step("p2p", cluster)
-        infos = stats_all(cluster.lab_endpoints, timeout=5.0)
+        infos = cluster.stats(timeout=5.0)
         per_node = []
         for node, info in zip(cluster.nodes, infos, strict=True):
             row = node.describe()

@@ -30,7 +30,7 @@ MESSAGE_TYPES = {
 ERROR_CODES = {
     "BAD_VERSION": 1, "MALFORMED": 2, "UNKNOWN_OP": 3, "TOO_LARGE": 4,
     "UNAVAILABLE": 5, "TIMEOUT": 6, "NOT_OWNER": 7, "INTERNAL": 8,
-    "SHUTTING_DOWN": 9,
+    "SHUTTING_DOWN": 9, "UNAUTHENTICATED": 10, "FORBIDDEN": 11,
 }  # fmt: skip
 # "REPLICATE (14) -> REPLICATE_ACK (15), HANDOFF (16)": kinds 1 .. 5 are
 # retired (the handoff before terms) and rejected like any unassigned kind
@@ -41,6 +41,10 @@ HANDOFF_KINDS = {
 APPEND_STATUSES = {"OK": 0, "REFUSED": 1, "MISMATCH": 2, "FAILED": 3}
 
 U64_MAX = 2**64 - 1
+# "Value ranges": seq, after, term, prev_term, prev_seq, commit, ts_us,
+# promised, match and the integers of the HANDOFF JSON bodies (but channel)
+# are below 2**63; ids (channel, sender, relay_id) use all 64 bits
+SEQ_MAX = 2**63 - 1
 
 
 def u8(n: int) -> bytes:
@@ -131,7 +135,7 @@ BINARY = bytes(range(256))[::37] + b"\x00\xff\x80"  # not UTF-8
 RECORDS = [
     rec(1, 7, 1, TS, b"hello"),
     rec(2, 0x8000000000000001, U64_MAX, TS + 1, b""),
-    rec(U64_MAX, U64_MAX, 0, U64_MAX, BINARY),
+    rec(SEQ_MAX, U64_MAX, 0, SEQ_MAX, BINARY),
 ]
 # APPEND sections: records at prev_seq + 1, + 2, ... with non-decreasing terms
 # between prev_term and the section's term
@@ -145,15 +149,15 @@ SECTIONS = [
         "records": [
             {"term": 3, **rec(42, 7, 1, TS, b"hello")},
             {"term": 5, **rec(43, 0x8000000000000001, U64_MAX, TS + 1, b"")},
-            {"term": 7, **rec(44, U64_MAX, 0, U64_MAX, BINARY)},
+            {"term": 7, **rec(44, U64_MAX, 0, SEQ_MAX, BINARY)},
         ],
     },
     {  # a commit notice: no records, the commit only
         "channel": U64_MAX,
-        "term": U64_MAX,
-        "prev_term": U64_MAX,
-        "prev_seq": U64_MAX,
-        "commit": U64_MAX,
+        "term": SEQ_MAX,
+        "prev_term": SEQ_MAX,
+        "prev_seq": SEQ_MAX,
+        "commit": SEQ_MAX,
         "records": [],
     },
     {  # the start of a log, terms 0 (numbered before terms) then 1
@@ -170,13 +174,13 @@ SECTIONS = [
 ]
 RESULTS = [
     {"channel": CHANNEL, "status": "OK", "promised": 7, "match": 44},
-    {"channel": 0, "status": "REFUSED", "promised": U64_MAX, "match": 0},
+    {"channel": 0, "status": "REFUSED", "promised": SEQ_MAX, "match": 0},
     {"channel": 5, "status": "MISMATCH", "promised": 7, "match": 0},
     {"channel": U64_MAX, "status": "FAILED", "promised": 0, "match": 0},
 ]
 PREPARES = [
     {"channel": CHANNEL, "term": 8, "epochs": [[0, 1], [3, 12], [7, 40]], "last": 44},
-    {"channel": 0, "term": U64_MAX, "epochs": [], "last": 0},
+    {"channel": 0, "term": SEQ_MAX, "epochs": [], "last": 0},
 ]
 PROMISES = [
     {
@@ -193,7 +197,7 @@ PROMISES = [
         "channel": 0,
         "term": 2,
         "ok": False,
-        "promised": U64_MAX,
+        "promised": SEQ_MAX,
         "accepted": None,
         "epochs": [],
         "last": 0,
@@ -245,7 +249,7 @@ def binary_bodies() -> list[dict[str, Any]]:
     # FETCH: channel u64, after u64, limit u32
     for name, channel, after, limit in [
         ("fetch", CHANNEL, 0, 1000),
-        ("fetch-max", U64_MAX, U64_MAX, 2**32 - 1),
+        ("fetch-max", U64_MAX, SEQ_MAX, 2**32 - 1),
     ]:
         add(
             "FETCH",
@@ -351,7 +355,7 @@ def binary_bodies() -> list[dict[str, Any]]:
     # HANDOFF LOG request: kind u8, channel u64, after u64, limit u32
     for name, channel, after, limit in [
         ("handoff-log-request", CHANNEL, 41, 500),
-        ("handoff-log-request-max", U64_MAX, U64_MAX, 2**32 - 1),
+        ("handoff-log-request-max", U64_MAX, SEQ_MAX, 2**32 - 1),
     ]:
         add(
             "HANDOFF",
@@ -489,12 +493,22 @@ def bad_bodies() -> list[dict[str, Any]]:
     r0 = record(RECORDS[0])
     stats = u32(2) + b"{}"
 
-    def head(term: int, prev_term: int, prev_seq: int, count: int) -> bytes:
-        """An APPEND section head of channel 1 with commit 0."""
-        return u64(1) + u64(term) + u64(prev_term) + u64(prev_seq) + u64(0) + u32(count)
+    def head(
+        term: int, prev_term: int, prev_seq: int, count: int, commit: int = 0
+    ) -> bytes:
+        """An APPEND section head of channel 1 (commit 0 unless given)."""
+        return (
+            u64(1) + u64(term) + u64(prev_term) + u64(prev_seq) + u64(commit)
+            + u32(count)
+        )  # fmt: skip
 
-    def lrec(term: int, seq: int, payload: bytes = b"p") -> bytes:
-        return log_record({"term": term, **rec(seq, 1, seq, TS, payload)})
+    def lrec(term: int, seq: int, payload: bytes = b"p", ts_us: int = TS) -> bytes:
+        return log_record({"term": term, **rec(seq, 1, seq, ts_us, payload)})
+
+    def messages_with(r: dict[str, Any]) -> bytes:
+        return u64(1) + u32(1) + u8(0) + record(r)
+
+    big = 2**63  # the first value out of the "Value ranges"
 
     def append(*parts: bytes, count: int = 1) -> bytes:
         return u32(count) + b"".join(parts)
@@ -517,6 +531,7 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("ACK", "ack-long", bytes(17)),
         ("FETCH", "fetch-short", bytes(19)),
         ("FETCH", "fetch-long", bytes(21)),
+        ("FETCH", "fetch-after-2-63", u64(1) + u64(big) + u32(10)),
         ("SUBSCRIBE", "subscribe-short", bytes(7)),
         ("SUBSCRIBE", "subscribe-long", bytes(9)),
         ("MESSAGES", "messages-head-short", bytes(12)),
@@ -524,9 +539,13 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("MESSAGES", "messages-record-cut", u64(1) + u32(1) + u8(0) + r0[:40]),
         ("MESSAGES", "messages-payload-cut", u64(1) + u32(1) + u8(0) + r0[:-1]),
         ("MESSAGES", "messages-trailing", u64(1) + u32(1) + u8(0) + r0 + b"\x00"),
+        ("MESSAGES", "messages-seq-2-63", messages_with(rec(big, 1, 1, TS, b""))),
+        ("MESSAGES", "messages-ts-2-63", messages_with(rec(1, 1, 1, big, b""))),
         ("DELIVER", "deliver-short", u64(1) + r0[:43]),
         ("DELIVER", "deliver-payload-cut", u64(1) + r0[:-1]),
         ("DELIVER", "deliver-trailing", u64(1) + r0 + b"\x00"),
+        ("DELIVER", "deliver-seq-2-63", u64(1) + record(rec(big, 1, 1, TS, b""))),
+        ("DELIVER", "deliver-ts-2-63", u64(1) + record(rec(1, 1, 1, big, b""))),
         ("RELAY", "relay-short", bytes(18)),
         ("RELAY", "relay-root-cut", bytes(18) + u8(5) + b"ab"),
         ("RELAY", "relay-root-not-utf8", bytes(18) + u8(1) + b"\xff"),
@@ -570,12 +589,27 @@ def bad_bodies() -> list[dict[str, Any]]:
             "append-channel-twice",
             append(head(1, 0, 0, 0), head(1, 0, 0, 0), count=2),
         ),
+        ("REPLICATE", "append-term-2-63", append(head(big, 0, 0, 0))),
+        ("REPLICATE", "append-prev-seq-2-63", append(head(1, 1, big, 0))),
+        ("REPLICATE", "append-commit-2-63", append(head(1, 0, 0, 0, commit=big))),
+        (
+            "REPLICATE",
+            "append-seq-2-63",
+            append(head(1, 1, big - 1, 1), lrec(1, big)),
+        ),
+        (
+            "REPLICATE",
+            "append-ts-2-63",
+            append(head(1, 0, 0, 1), lrec(1, 1, ts_us=big)),
+        ),
         ("REPLICATE_ACK", "results-short", bytes(3)),
         ("REPLICATE_ACK", "results-cut", u32(1) + result(1, 0, 1, 1)[:-1]),
         ("REPLICATE_ACK", "results-trailing", u32(1) + result(1, 0, 1, 1) + b"\x00"),
         ("REPLICATE_ACK", "results-count-high", u32(2) + result(1, 0, 1, 1)),
         ("REPLICATE_ACK", "results-status-4", u32(1) + result(1, 4, 1, 0)),
         ("REPLICATE_ACK", "results-match-refused", u32(1) + result(1, 1, 1, 1)),
+        ("REPLICATE_ACK", "results-promised-2-63", u32(1) + result(1, 1, big, 0)),
+        ("REPLICATE_ACK", "results-match-2-63", u32(1) + result(1, 0, 1, big)),
         (
             "REPLICATE_ACK",
             "results-channel-twice",
@@ -599,6 +633,8 @@ def bad_bodies() -> list[dict[str, Any]]:
         ("PREPARE", "prepare-bool", kind_json("PREPARE", edit(prep, channel=True))),
         ("PREPARE", "prepare-string", kind_json("PREPARE", edit(prep, channel="1"))),
         ("PREPARE", "prepare-term-0", kind_json("PREPARE", edit(prep, term=0))),
+        ("PREPARE", "prepare-term-2-63", kind_json("PREPARE", edit(prep, term=big))),
+        ("PREPARE", "prepare-last-2-63", kind_json("PREPARE", edit(prep, last=big))),
         (
             "PREPARE",
             "prepare-epochs-object",
@@ -697,6 +733,11 @@ def bad_bodies() -> list[dict[str, Any]]:
         ),
         (
             "PROMISE",
+            "promise-promised-2-63",
+            kind_json("PROMISE", edit(prom, ok=False, promised=big)),
+        ),
+        (
+            "PROMISE",
             "promise-epoch-term-above",
             kind_json("PROMISE", edit(prom, epochs=[[3, 1], [9, 40]])),
         ),
@@ -708,6 +749,7 @@ def bad_bodies() -> list[dict[str, Any]]:
         ),
         ("ACCEPT", "accept-member-int", kind_json("ACCEPT", edit(acc, members=[1]))),
         ("ACCEPT", "accept-term-0", kind_json("ACCEPT", edit(acc, term=0))),
+        ("ACCEPT", "accept-term-2-63", kind_json("ACCEPT", edit(acc, term=big))),
         ("ACCEPT", "accept-wrong-kind", kind_json("ACCEPTED", acc)),
         ("ACCEPTED", "accepted-ok-string", kind_json("ACCEPTED", edit(accd, ok="1"))),
         (
@@ -721,15 +763,26 @@ def bad_bodies() -> list[dict[str, Any]]:
             kind_json("ACCEPTED", edit(accd, ok=False, promised=7)),
         ),
         ("ACCEPTED", "accepted-extra-key", kind_json("ACCEPTED", edit(accd, x=None))),
+        (
+            "ACCEPTED",
+            "accepted-promised-2-63",
+            kind_json("ACCEPTED", edit(accd, ok=False, promised=big)),
+        ),
         ("LOG_REQUEST", "log-request-short", log_kind + bytes(19)),
         ("LOG_REQUEST", "log-request-long", log_kind + bytes(21)),
         ("LOG_REQUEST", "log-request-wrong-kind", own_kind + bytes(20)),
+        (
+            "LOG_REQUEST",
+            "log-request-after-2-63",
+            log_kind + u64(1) + u64(big) + u32(10),
+        ),
         ("LOG_REPLY", "log-reply-head-cut", log_kind + head(1, 0, 0, 0)[:-1]),
         ("LOG_REPLY", "log-reply-request", log_kind + bytes(20)),
         ("LOG_REPLY", "log-reply-trailing", log_kind + head(1, 0, 0, 0) + b"\x00"),
         ("LOG_REPLY", "log-reply-seq-skips", log_kind + head(1, 1, 1, 1) + lrec(1, 3)),
         ("LOG_REPLY", "log-reply-term-above", log_kind + head(1, 0, 0, 1) + lrec(2, 1)),
         ("LOG_REPLY", "log-reply-wrong-kind", own_kind + head(1, 0, 0, 0)),
+        ("LOG_REPLY", "log-reply-term-2-63", log_kind + head(big, 0, 0, 0)),
         ("OWN", "own-no-count", own_kind + bytes(3)),
         ("OWN", "own-count-high", own_kind + u32(2) + u64(1)),
         ("OWN", "own-trailing", own_kind + u32(1) + u64(1) + b"\x00"),

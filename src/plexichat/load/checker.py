@@ -42,6 +42,8 @@ from typing import Any, Final
 
 from plexichat.load import journal as jr
 from plexichat.load.client import NodeClient, cluster_view, connect_all
+from plexichat.node import auth
+from plexichat.node.auth import Credentials
 from plexichat.node.server import parse_address
 from plexichat.routing import Ring
 
@@ -253,12 +255,18 @@ async def _wait_for_lagging_replicas(
 
 
 async def run_check(
-    nodes: list[tuple[str, int]], journal_path: Path, *, replicas: bool = False
+    nodes: list[tuple[str, int]],
+    journal_path: Path,
+    *,
+    replicas: bool = False,
+    credentials: Credentials | None = None,
 ) -> CheckResult:
-    """Fetch what the journal needs from the cluster and check it."""
+    """Fetch what the journal needs from the cluster and check it (reading as
+    a client of the cluster whose *credentials* are given)."""
     entries = list(jr.read(journal_path))
     channels = sorted({e.channel for e in entries})
-    clients = await connect_all(nodes)
+    token = None if credentials is None else credentials.token(1)
+    clients = await connect_all(nodes, token=token)
     try:
         live, r, by_id = await cluster_view(clients)
         ring = Ring(live)
@@ -314,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", type=Path, default=None, help="write the result as JSON here"
     )
+    parser.add_argument(
+        "--secret-file", type=Path, default=None, help=auth.SECRET_FILE_HELP
+    )
     return parser
 
 
@@ -321,7 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         nodes = [parse_address(n) for n in args.nodes.split(",") if n.strip()]
-        result = asyncio.run(run_check(nodes, args.journal, replicas=args.replicas))
+        creds = auth.credentials_from(args.secret_file)
+        result = asyncio.run(
+            run_check(nodes, args.journal, replicas=args.replicas, credentials=creds)
+        )
     except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
         print(f"plexichat-check: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from typing import Any
 from plexichat.load import report
 from plexichat.load.generator import LoadConfig, run_load
 from plexichat.load.p2p import P2PConfig, run_p2p
+from plexichat.node import auth
 from plexichat.node.server import parse_address
 
 
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", type=Path, default=None, help="write the report as JSON here")
     add("--csv", type=Path, default=None, help="write the Locust-style CSV here")
     add("--quiet", action="store_true", help="do not print the report")
+    add("--secret-file", type=Path, default=None, help=auth.SECRET_FILE_HELP)
+    add(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="speak TLS to --nodes (their TLS listeners), trusting this CA",
+    )
     return parser
 
 
@@ -89,6 +97,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     nodes = [parse_address(n) for n in args.nodes.split(",") if n.strip()]
     if not nodes:
         raise ValueError("--nodes is empty")
+    creds = auth.credentials_from(args.secret_file)
     if args.scenario == "p2p":
         return await run_p2p(
             P2PConfig(
@@ -99,6 +108,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 ttl=args.ttl,
                 payload=args.payload,
                 timeout=args.timeout,
+                credentials=creds,
             )
         )
     return await run_load(
@@ -119,6 +129,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             journal=args.journal,
             timeout=args.timeout,
             seed=args.seed,
+            credentials=creds,
+            tls_ca=args.tls_ca,
         )
     )
 

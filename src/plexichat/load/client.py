@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from ssl import SSLContext
 from typing import Any
 
 from plexichat import wire
@@ -20,12 +21,21 @@ __all__ = ["NodeClient", "RemoteError", "cluster_view", "connect_all"]
 class NodeClient:
     """Request/reply helpers over a :class:`~plexichat.node.transport.Link`."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        ssl: SSLContext | None = None,
+    ) -> None:
+        self.token = token
         self.host = host
         self.port = port
         self.timeout = timeout
         self.pushes: asyncio.Queue[wire.Frame] = asyncio.Queue()
-        self.link = Link(host, port, on_push=self.pushes.put_nowait)
+        self.link = Link(host, port, on_push=self.pushes.put_nowait, ssl=ssl)
         self.welcome: dict[str, Any] = {}
 
     @property
@@ -37,12 +47,11 @@ class NodeClient:
         return str(self.welcome.get("node_id", ""))
 
     async def connect(self) -> dict[str, Any]:
-        """Connect and say HELLO; return the WELCOME body."""
-        frame = await self.link.call(
-            T.HELLO,
-            p.encode_json({"version": p.PROTOCOL_VERSION, "role": "client"}),
-            self.timeout,
-        )
+        """Connect and say HELLO (with the token, if any); return the WELCOME body."""
+        hello: dict[str, Any] = {"version": p.PROTOCOL_VERSION, "role": "client"}
+        if self.token is not None:
+            hello["token"] = self.token
+        frame = await self.link.call(T.HELLO, p.encode_json(hello), self.timeout)
         if frame.type != T.WELCOME:
             raise p.ProtocolError(f"expected WELCOME, got type {frame.type}")
         self.welcome = p.decode_json(frame.payload)
@@ -112,10 +121,17 @@ class NodeClient:
 
 
 async def connect_all(
-    addresses: Iterable[tuple[str, int]], timeout: float = 10.0
+    addresses: Iterable[tuple[str, int]],
+    timeout: float = 10.0,
+    *,
+    token: str | None = None,
+    ssl: SSLContext | None = None,
 ) -> list[NodeClient]:
     """Connect to every address (HELLO included); raise if one is unreachable."""
-    clients = [NodeClient(h, port, timeout=timeout) for h, port in addresses]
+    clients = [
+        NodeClient(h, port, timeout=timeout, token=token, ssl=ssl)
+        for h, port in addresses
+    ]
     try:
         await asyncio.gather(*(c.connect() for c in clients))
     except BaseException:

@@ -51,13 +51,13 @@ from plexichat.load import report
 from plexichat.load.client import cluster_view, connect_all
 from plexichat.load.journal import JournalWriter
 from plexichat.node import protocol as p
+from plexichat.node.auth import TLS_SERVER_NAME, Credentials, client_context
 from plexichat.node.transport import FrameConnection
 from plexichat.routing import Ring, key_of
 from plexichat.stats import Histogram
 
 T = wire.MessageType
 _MID = struct.Struct(">QQ")
-_HELLO = p.encode_json({"version": p.PROTOCOL_VERSION, "role": "client"})
 
 
 @dataclass
@@ -84,6 +84,13 @@ class LoadConfig:
     retry_delay: float = 0.05  # closed loop: seconds before a failed slot re-issues
     detour: float = 2.0  # seconds a failed channel is sent through another node
     timeline_interval: float = 1.0  # seconds per timeline bucket
+    # The cluster's keys: each sender's own connections HELLO with a client
+    # token of that sender; connections shared by several senders with a
+    # service token.  None: no token (only an insecure cluster accepts it).
+    credentials: Credentials | None = None
+    # Speak TLS to the nodes (their --tls-listen addresses), trusting the
+    # node certificates this CA signed.
+    tls_ca: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,6 +141,8 @@ class Generator:
         self.clients: list[_Client] = []
         self.conns: list[_Conn] = []
         self.pool: dict[tuple[int, int], _Conn] = {}  # (node, slot) -> connection
+        self.hellos: dict[int, bytes] = {}  # slot -> its connections' HELLO body
+        self.ssl = None if config.tls_ca is None else client_context(config.tls_ca)
         self.reconnects = 0
         self.tl_acked: list[int] = []
         self.tl_failed: list[int] = []
@@ -363,7 +372,13 @@ class Generator:
 
     async def _open(self) -> None:
         config = self.config
-        controls = await connect_all(config.nodes, config.timeout)
+        creds = config.credentials
+        controls = await connect_all(
+            config.nodes,
+            config.timeout,
+            token=None if creds is None else creds.token(1, role="service"),
+            ssl=self.ssl,
+        )
         try:
             live, _replicas, _ = await cluster_view(controls)
             ring = Ring(live)
@@ -382,18 +397,20 @@ class Generator:
         async def connection(node: int, slot: int) -> _Conn:
             conn = pool.get((node, slot))
             if conn is None:
-                conn = pool[(node, slot)] = await self._connect(node)
+                conn = pool[(node, slot)] = await self._connect(node, slot)
             return conn
 
         for i in range(config.clients):
             slot = i % config.connections if shared else i
+            sender = int.from_bytes(os.urandom(8), "big") >> 1 or 1
+            if slot not in self.hellos:
+                self.hellos[slot] = self._hello(sender, shared)
             if config.route == "owner":
                 conns = [await connection(node, slot) for node in range(n_nodes)]
                 by_channel = [conns[owner_index[ci]] for ci in range(config.channels)]
             else:
                 conns = [await connection(i % n_nodes, slot)]
                 by_channel = [conns[0]] * config.channels
-            sender = int.from_bytes(os.urandom(8), "big") >> 1
             channels = config.channels
             self.clients.append(
                 _Client(
@@ -408,14 +425,27 @@ class Generator:
                 )
             )
 
-    async def _connect(self, node: int) -> _Conn:
+    def _hello(self, sender: int, shared: bool) -> bytes:
+        body: dict[str, Any] = {"version": p.PROTOCOL_VERSION, "role": "client"}
+        creds = self.config.credentials
+        if creds is not None:
+            body["token"] = creds.token(sender, role="service" if shared else "client")
+        return p.encode_json(body)
+
+    async def _connect(self, node: int, slot: int) -> _Conn:
         host, port = self.config.nodes[node]
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(
-            loop.create_connection(functools.partial(_Conn, self, node), host, port),
+            loop.create_connection(
+                functools.partial(_Conn, self, node),
+                host,
+                port,
+                ssl=self.ssl,
+                server_hostname=None if self.ssl is None else TLS_SERVER_NAME,
+            ),
             self.config.timeout,
         )
-        conn.send(T.HELLO, 0, _HELLO)
+        conn.send(T.HELLO, 0, self.hellos[slot])
         self.conns.append(conn)
         return conn
 
@@ -425,7 +455,7 @@ class Generator:
             if not old.closed or self.stopping:
                 continue
             try:
-                new = await asyncio.wait_for(self._connect(key[0]), 1.0)
+                new = await asyncio.wait_for(self._connect(*key), 1.0)
             except (OSError, TimeoutError):
                 continue
             self.pool[key] = new

@@ -19,6 +19,7 @@ from typing import Any
 from plexichat.load.client import NodeClient, connect_all
 from plexichat.load.report import percentiles_ms
 from plexichat.node import protocol as p
+from plexichat.node.auth import Credentials
 from plexichat.stats import Histogram
 
 
@@ -32,6 +33,7 @@ class P2PConfig:
     payload: int = 64
     settle: float = 10.0
     timeout: float = 10.0
+    credentials: Credentials | None = None  # an admin token resets histograms
 
 
 async def _relay_counts(clients: list[NodeClient]) -> int:
@@ -41,7 +43,9 @@ async def _relay_counts(clients: list[NodeClient]) -> int:
 
 async def run_p2p(config: P2PConfig) -> dict[str, Any]:
     """Inject ``count`` relays; report propagation latency percentiles."""
-    clients = await connect_all(config.nodes, config.timeout)
+    creds = config.credentials
+    token = None if creds is None else creds.token(1, admin=True)
+    clients = await connect_all(config.nodes, config.timeout, token=token)
     try:
         before = await asyncio.gather(*(c.stats(reset=["relay"]) for c in clients))
         base = sum(int(info["counters"]["relays"]) for info, _ in before)

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from plexichat.node import logs
+from plexichat.node.auth import Credentials, ensure_local_credentials, read_secret
 from plexichat.node.membership import GossipConfig
 from plexichat.node.server import Node, NodeConfig, parse_address
 from plexichat.node.store import ENGINES
 
 log = logging.getLogger("plexichat.node")
+
+
+def _default(name: str) -> Any:
+    """The default of NodeConfig field *name* (one source for both)."""
+    return next(f.default for f in dataclasses.fields(NodeConfig) if f.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,22 +90,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for replicas",
     )
     add(
+        "--max-message",
+        type=int,
+        default=_default("max_message"),
+        help="largest message payload (bytes; at most --max-frame - 4096)",
+    )
+    # Limits (docs/protocol.md "Limits")
+    add(
         "--read-timeout",
         type=float,
-        default=10.0,
-        help="close a connection stalled inside a frame for this long",
+        default=_default("read_timeout"),
+        help="seconds a frame may take to arrive whole from its first byte (the "
+        "first frame: from the accept); then ERROR TIMEOUT and the connection "
+        "is closed (default %(default)s)",
     )
     add(
         "--idle-timeout",
         type=float,
-        default=600.0,
-        help="close idle client connections",
+        default=_default("idle_timeout"),
+        help="close a connection that sent no frame for this many seconds, "
+        "unless it is a peer link or holds a subscription; 0: never "
+        "(default %(default)s)",
     )
     add(
-        "--max-message",
+        "--max-connections",
         type=int,
-        default=256 * 1024,
-        help="largest message payload (bytes)",
+        default=_default("max_connections"),
+        help="open connections; one more gets ERROR UNAVAILABLE and is closed "
+        "(default %(default)s)",
+    )
+    add(
+        "--max-inflight",
+        type=int,
+        default=_default("max_inflight"),
+        help="requests of one connection read and not yet answered; beyond it "
+        "the node stops reading that connection until half are answered "
+        "(default %(default)s)",
+    )
+    add(
+        "--max-output",
+        type=int,
+        default=_default("max_output"),
+        help="reply bytes one connection may leave unread before the node "
+        "drops it (default %(default)s)",
+    )
+    add(
+        "--max-fetches",
+        type=int,
+        default=_default("max_fetches"),
+        help="FETCH store reads at once, all connections together; more wait "
+        "(default %(default)s)",
+    )
+    add(
+        "--max-frame",
+        type=int,
+        default=_default("max_frame"),
+        help="largest frame payload the node reads or sends (bytes, at most "
+        "16 MiB; default %(default)s)",
     )
     add(
         "--sync",
@@ -121,8 +170,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="group commit: minimum seconds between SQLite commits (default "
         "%(default)s); larger batches cost less CPU per message, add latency",
     )
+    add(
+        "--secret-file",
+        type=Path,
+        default=None,
+        help="file holding the cluster secret (hex, mode 600; every node of a "
+        "cluster reads the same one).  Without it the node makes its own in "
+        "DATA_DIR/auth/ with an admin token beside it, and says where",
+    )
+    add(
+        "--tls-listen",
+        default=None,
+        help="HOST:PORT of a second listener for clients that speaks the "
+        "protocol inside TLS 1.3 (needs --tls-cert and --tls-key)",
+    )
+    add("--tls-cert", type=Path, default=None, help="PEM certificate chain for TLS")
+    add("--tls-key", type=Path, default=None, help="PEM private key for TLS")
+    add(
+        "--insecure",
+        action="store_true",
+        help="run open: no peer or client authentication (never for a cluster "
+        "other processes can reach)",
+    )
     add("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
+
+
+def credentials_from_args(args: argparse.Namespace) -> Credentials | None:
+    """The cluster's credentials: from --secret-file, or made in the data dir."""
+    if args.insecure:
+        if args.secret_file is not None:
+            raise ValueError("--insecure and --secret-file exclude each other")
+        log.warning(
+            "running insecure: anyone who reaches the port is a client and a peer",
+            extra={"event": "insecure"},
+        )
+        return None
+    if args.secret_file is not None:
+        return Credentials(read_secret(args.secret_file))
+    creds, secret_path, token_path = ensure_local_credentials(args.data_dir)
+    print(
+        f"plexichat-node: no --secret-file given; this node's cluster secret is "
+        f"{secret_path} and an admin token is in {token_path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return creds
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -149,10 +242,20 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         replicate_timeout=args.replicate_timeout,
         read_timeout=args.read_timeout,
         idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_inflight=args.max_inflight,
+        max_output=args.max_output,
+        max_fetches=args.max_fetches,
+        max_frame=args.max_frame,
         max_message=args.max_message,
         synchronous=args.sync,
         commit_interval=args.commit_interval,
         store=args.store,
+        credentials=credentials_from_args(args),
+        tls_listen=parse_address(args.tls_listen) if args.tls_listen else None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        insecure=args.insecure,
     )
 
 

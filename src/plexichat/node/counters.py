@@ -42,6 +42,13 @@ class NodeCounters(TypedDict):
     connections: int
     lease_lapses: int
     lease_refused: int
+    auth_failures: int  # HELLOs whose token or peer proof did not verify
+    refused_ops: int  # operations refused: unauthenticated or forbidden
+    frames_received: int  # whole frames read on connections since closed
+    # limits (docs/protocol.md "Limits")
+    connections_refused: int  # accepted over max_connections, told and closed
+    idle_closed: int  # connections closed by idle_timeout
+    inflight_resets: int  # paused connections whose unanswered requests stuck
 
 
 def new_counters() -> NodeCounters:

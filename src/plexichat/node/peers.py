@@ -9,22 +9,31 @@ waited in a buffer while this node was paused does not renew the lease).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from plexichat import wire
+from plexichat.node import auth
 from plexichat.node import protocol as p
+from plexichat.node.auth import Credentials
 from plexichat.node.membership import Clock
 from plexichat.node.transport import (
     ConnectionLost,
+    Exchange,
+    Handshake,
     Link,
     RemoteError,
     ReplyCallback,
 )
 
 Address = tuple[str, int]
+log = logging.getLogger("plexichat.node.peers")
+# what a failed connect usually raises; anything else (a port outside
+# 0 .. 65535 or a host the resolver refuses, from a member entry that
+# slipped past validation, or a bug) is logged as well, and handled the same
+EXPECTED: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionLost)
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 
@@ -51,8 +60,10 @@ class PeerLinks:
         max_payload: int = wire.MAX_PAYLOAD,
         source_address: str | None = None,
         connect_timeout: float = 5.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self.id = node_id
+        self.credentials = credentials
         self.clock = clock
         self.resolve = resolve
         self.spawn = spawn
@@ -70,15 +81,21 @@ class PeerLinks:
         """The link to *address* (a new one when there is none or it closed)."""
         link = self.links.get(address)
         if link is None or link.closed:
-            hello = p.encode_json(
-                {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": self.id}
-            )
+            hello: bytes | None = None
+            handshake: Handshake | None = None
+            if self.credentials is None:  # an insecure cluster: say who we are
+                hello = p.encode_json(
+                    {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": self.id}
+                )
+            else:
+                handshake = peer_handshake(self.credentials, self.id)
             source = self.source_address
             link = Link(
                 address[0],
                 address[1],
                 max_payload=self.max_payload,
                 hello=hello,
+                handshake=handshake,
                 local_addr=(source, 0) if source else None,
             )
             self.links[address] = link
@@ -128,6 +145,9 @@ class PeerLinks:
             return p.decode_json(frame.payload)
         except (OSError, TimeoutError, RemoteError, p.ProtocolError, ConnectionLost):
             return None
+        except Exception as exc:  # never let a bad address break the caller
+            log.debug("gossip call to %s:%s failed: %r", host, port, exc)
+            return None
 
     def request(
         self,
@@ -166,13 +186,21 @@ class PeerLinks:
             error: BaseException | None = None
             try:
                 await link.connect(self.connect_timeout)
-            except (OSError, TimeoutError, ConnectionLost) as exc:
+            except BaseException as exc:  # a cancel is re-raised below
+                # whatever it is, the queued requests (and every later one to
+                # this link, queued behind them) must not wait forever
                 error = exc
+                if isinstance(exc, Exception) and not isinstance(exc, EXPECTED):
+                    log.warning(
+                        "connect to %s at %s:%s failed: %r", node_id, *address, exc
+                    )
             for item in self._connect_queue.pop(link, []):
                 if error is None:
                     link.request(*item)
                 else:
                     item[2](None, NotSent(f"connect to {node_id}: {error}"))
+            if error is not None and not isinstance(error, Exception):
+                raise error  # cancelled (the node stops)
 
         self.spawn(connect_then_send(), f"connect-{node_id}")
 
@@ -186,6 +214,45 @@ class PeerLinks:
             self.spawn(self._post_later(link, type, payload), name)
 
     async def _post_later(self, link: Link, type: int, payload: bytes) -> None:
-        with contextlib.suppress(OSError, TimeoutError, ConnectionLost):
+        try:
             await link.connect(self.connect_timeout)
             link.post(type, payload)
+        except EXPECTED:
+            pass
+        except Exception as exc:  # a bad address: dropped like an unreachable one
+            log.warning("post to %s failed: %r", link.address, exc)
+
+
+def peer_handshake(credentials: Credentials, node_id: str) -> Handshake:
+    """The connecting side of the peer handshake of node *node_id*
+    (docs/protocol.md, "Authentication"): send a nonce, check the node's
+    proof over both nonces, prove the key back."""
+
+    async def handshake(exchange: Exchange) -> None:
+        client_nonce = auth.new_nonce()
+        hello = {"version": p.PROTOCOL_VERSION, "role": "peer", "node_id": node_id}
+        frame = await exchange(
+            wire.MessageType.HELLO,
+            p.encode_json({**hello, "nonce": client_nonce.hex()}),
+        )
+        welcome = _welcome_body(frame)
+        server_nonce = auth.parse_nonce(welcome.get("nonce"))
+        ids = auth.peer_ids(node_id, str(welcome.get("node_id", "")))
+        credentials.check(
+            welcome.get("proof"),
+            credentials.server_proof(client_nonce, server_nonce, ids),
+        )
+        proof = credentials.client_proof(client_nonce, server_nonce, ids)
+        frame = await exchange(
+            wire.MessageType.HELLO, p.encode_json({**hello, "proof": proof})
+        )
+        if _welcome_body(frame).get("peer") is not True:
+            raise auth.AuthError("the node did not admit this peer")
+
+    return handshake
+
+
+def _welcome_body(frame: wire.Frame) -> dict[str, Any]:
+    if frame.type != wire.MessageType.WELCOME:
+        raise auth.AuthError(f"expected WELCOME, got frame type {frame.type}")
+    return p.decode_json(frame.payload)

@@ -32,6 +32,17 @@ STATS_HEAD: Final = struct.Struct(">I")
 HIST_NAME: Final = struct.Struct(">B")
 HIST_BLOB: Final = struct.Struct(">I")
 
+# Decode ranges (docs/protocol.md, "Operations": "Value ranges").  Every u64
+# field that the node stores or compares as a number other than an id (seq,
+# after, term, prev_term, prev_seq, commit, ts_us, promised, match, and the
+# integers of the HANDOFF JSON bodies) is below 2**63: SQLite stores signed
+# 64-bit integers.  Channel, sender and relay ids use all 64 bits (the store
+# maps ids to signed integers and back).  A decoder checks a value v of such
+# a field with one comparison, ``v >= SEQ_END``, and several at once with
+# ``(a | b | c) >= SEQ_END`` (the bitwise or of non-negative integers is at
+# least 2**63 exactly when one of them is).
+SEQ_END: Final = 1 << 63
+
 
 class ErrorCode(IntEnum):
     """``code`` field of an ERROR body."""
@@ -45,6 +56,8 @@ class ErrorCode(IntEnum):
     NOT_OWNER = 7  # a forwarded SEND reached a node that does not own the channel
     INTERNAL = 8
     SHUTTING_DOWN = 9
+    UNAUTHENTICATED = 10  # no credentials, or credentials that do not verify
+    FORBIDDEN = 11  # authenticated, but not allowed this operation or value
 
 
 class HandoffKind(IntEnum):
@@ -137,6 +150,8 @@ def decode_fetch(body: bytes) -> tuple[int, int, int]:
     if len(body) != FETCH_BODY.size:
         raise ProtocolError(f"FETCH body of {len(body)} bytes != {FETCH_BODY.size}")
     channel, after, limit = FETCH_BODY.unpack(body)
+    if after >= SEQ_END:
+        raise ProtocolError(f"FETCH after {after} is not below 2**63")
     return channel, after, limit
 
 
@@ -162,6 +177,7 @@ def decode_messages(body: bytes) -> tuple[int, list[Record], bool]:
     out: list[Record] = []
     size = MESSAGE_RECORD.size
     unpack = MESSAGE_RECORD.unpack_from
+    top = SEQ_END
     for _ in range(count):
         if pos + size > len(body):
             raise ProtocolError("MESSAGES record truncated")
@@ -169,6 +185,8 @@ def decode_messages(body: bytes) -> tuple[int, list[Record], bool]:
         pos += size
         if pos + length > len(body):
             raise ProtocolError("MESSAGES payload truncated")
+        if (seq | ts_us) >= top:
+            raise ProtocolError(f"MESSAGES record {seq}: seq or ts_us not below 2**63")
         out.append(
             _tuple_new(
                 Record,
@@ -200,6 +218,8 @@ def decode_deliver(body: bytes) -> Record:
     )
     if len(body) != head + length:
         raise ProtocolError("DELIVER payload length mismatch")
+    if (seq | ts_us) >= SEQ_END:
+        raise ProtocolError(f"DELIVER record {seq}: seq or ts_us not below 2**63")
     return Record(channel, seq, msg_id, sender, ts_us, body[head:])
 
 
@@ -421,8 +441,16 @@ def _read_section(body: bytes, pos: int, what: str) -> tuple[AppendSection, int]
         raise ProtocolError(
             f"{what} channel {channel}: record count {count} runs past the end"
         )
+    # ranges: prev_term <= term (above), record terms <= term and record
+    # seqs <= prev_seq + count (below): one comparison covers them all
+    if (term | commit | (prev_seq + count)) >= SEQ_END:
+        raise ProtocolError(
+            f"{what} channel {channel}: term {term}, commit {commit} or the seqs "
+            f"after {prev_seq} (count {count}) not below 2**63"
+        )
     unpack = _unpack_log_record
     new = _tuple_new
+    top = SEQ_END
     records: list[Record] = []
     last_term = prev_term
     want = prev_seq
@@ -433,9 +461,15 @@ def _read_section(body: bytes, pos: int, what: str) -> tuple[AppendSection, int]
         pos += size
         stop = pos + length
         want += 1
-        if stop > end or seq != want or rec_term > term or rec_term < last_term:
+        if (
+            stop > end
+            or seq != want
+            or rec_term > term
+            or rec_term < last_term
+            or ts_us >= top
+        ):
             _bad_record(what, channel, term, prev_seq, last_term, want, stop > end,
-                        seq, rec_term)  # fmt: skip
+                        seq, rec_term, ts_us)  # fmt: skip
         last_term = rec_term
         records.append(
             new(Record, (channel, seq, msg_id, sender, ts_us, body[pos:stop], rec_term))
@@ -455,10 +489,13 @@ def _bad_record(
     truncated: bool,
     seq: int,
     rec_term: int,
+    ts_us: int,
 ) -> NoReturn:
     where = f"{what} channel {channel}"
     if truncated:
         raise ProtocolError(f"{where}: record payload truncated")
+    if ts_us >= SEQ_END:
+        raise ProtocolError(f"{where}: record {seq} has ts_us {ts_us} >= 2**63")
     if seq != want:
         raise ProtocolError(f"{where}: record seq {seq} where {want} was due")
     if rec_term > term:
@@ -526,6 +563,11 @@ def decode_append_results(body: bytes) -> list[AppendResult]:
             raise ProtocolError(
                 f"APPEND result of channel {channel}: match {match} with {status.name}"
             )
+        if (promised | match) >= SEQ_END:
+            raise ProtocolError(
+                f"APPEND result of channel {channel}: promised {promised} or "
+                f"match {match} not below 2**63"
+            )
         if channel in seen:
             raise ProtocolError(f"APPEND results: two results for channel {channel}")
         seen.add(channel)
@@ -548,6 +590,8 @@ def decode_log_request(body: bytes) -> LogRequest:
             f"HANDOFF LOG request of {len(body)} bytes != {LOG_REQUEST.size}"
         )
     _, channel, after, limit = LOG_REQUEST.unpack(body)
+    if after >= SEQ_END:
+        raise ProtocolError(f"HANDOFF LOG request: after {after} is not below 2**63")
     return LogRequest(channel, after, limit)
 
 
@@ -630,15 +674,21 @@ class _Fields:
     def fail(self, message: str) -> ProtocolError:
         return ProtocolError(f"{self.what}: {message}")
 
-    def uint(self, name: str, value: object, low: int = 0) -> int:
-        """*value* as an integer in ``low .. 2**64 - 1`` (not a bool)."""
-        if type(value) is not int or not low <= value < U64_END:
-            wanted = f"an integer in {low} .. 2**64-1"
+    def uint(self, name: str, value: object, low: int = 0, end: int = SEQ_END) -> int:
+        """*value* as an integer in ``low .. end - 1`` (not a bool): below
+        2**63 (a term, a seq) unless *end* says otherwise."""
+        if type(value) is not int or not low <= value < end:
+            top = "2**64-1" if end == U64_END else "2**63-1"
+            wanted = f"an integer in {low} .. {top}"
             raise self.fail(f"{name} must be {wanted}: {_show(value)}")
         return value
 
     def int_key(self, key: str, low: int = 0) -> int:
         return self.uint(key, self.obj[key], low)
+
+    def channel(self) -> int:
+        """The ``channel`` key: a u64 id (all 64 bits)."""
+        return self.uint("channel", self.obj["channel"], 0, U64_END)
 
     def flag(self, key: str) -> bool:
         value = self.obj[key]
@@ -719,7 +769,7 @@ def decode_prepare(body: bytes) -> Prepare:
     f = _Fields(body, HandoffKind.PREPARE, _PREPARE_KEYS)
     term = f.int_key("term", 1)
     epochs, last = f.epochs(term, "term")
-    return Prepare(f.int_key("channel"), term, epochs, last)
+    return Prepare(f.channel(), term, epochs, last)
 
 
 def encode_promise(msg: PromiseMsg) -> bytes:
@@ -761,9 +811,7 @@ def decode_promise(body: bytes) -> PromiseMsg:
     commit = f.int_key("commit")
     if commit > last:
         raise f.fail(f"commit {commit} above last {last}")
-    return PromiseMsg(
-        f.int_key("channel"), term, ok, promised, accepted, epochs, last, commit
-    )
+    return PromiseMsg(f.channel(), term, ok, promised, accepted, epochs, last, commit)
 
 
 def encode_accept(msg: AcceptMsg) -> bytes:
@@ -776,7 +824,7 @@ def encode_accept(msg: AcceptMsg) -> bytes:
 def decode_accept(body: bytes) -> AcceptMsg:
     f = _Fields(body, HandoffKind.ACCEPT, _ACCEPT_KEYS)
     term = f.int_key("term", 1)
-    return AcceptMsg(f.int_key("channel"), term, f.members("members", f.obj["members"]))
+    return AcceptMsg(f.channel(), term, f.members("members", f.obj["members"]))
 
 
 def encode_accepted(msg: AcceptedMsg) -> bytes:
@@ -795,7 +843,7 @@ def decode_accepted(body: bytes) -> AcceptedMsg:
     f = _Fields(body, HandoffKind.ACCEPTED, _ACCEPTED_KEYS)
     term = f.int_key("term", 1)
     ok = f.flag("ok")
-    return AcceptedMsg(f.int_key("channel"), term, ok, f.answer(term, ok))
+    return AcceptedMsg(f.channel(), term, ok, f.answer(term, ok))
 
 
 # -- RELAY -------------------------------------------------------------------

@@ -9,9 +9,10 @@ a replica's (or a new owner's) commit moves.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from plexichat import wire
 from plexichat.node import protocol as p
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from plexichat.node.server import Node
 
 T = wire.MessageType
+FRAME_ROOM: Final = 4096  # bytes of a frame kept for what surrounds the records
+READ_FRAMES: Final = 8  # a store read holds at most this many frames of records
 
 
 def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
@@ -45,6 +48,38 @@ class Readers:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.subscribers: dict[int, set[FrameConnection]] = {}
+        # FETCH store reads at once (the store thread also writes; each read
+        # holds a few frames of records at most): more FETCHes wait their turn
+        self._reads = asyncio.Semaphore(node.config.max_fetches)
+
+    async def read(
+        self, channel: int, after: int, count: int, budget: int
+    ) -> list[p.Record]:
+        """Up to *count* records of *channel* with ``seq > after``, by seq,
+        read in pieces until they hold more than *budget* bytes.  A piece is
+        as many rows as the sizes seen so far say still fit, but never more
+        than READ_FRAMES budgets of the largest messages: however a channel
+        mixes small and big messages, a read holds a few frames of them."""
+        node = self.node
+        fetch = node.storage.fetch
+        head = p.MESSAGE_RECORD.size
+        largest = node.config.max_message + head
+        # enough of the largest messages to pass the budget
+        first = min(count, budget // largest + 1)
+        most = max(first, READ_FRAMES * budget // largest)
+        rows = await fetch(channel, after, first)
+        if len(rows) < first:  # the channel ends here
+            return rows
+        size = sum(len(r.payload) for r in rows) + head * len(rows)
+        while size <= budget and len(rows) < count:
+            fits = (budget - size) // (size // len(rows) + 1) + 1
+            step = min(count - len(rows), fits, most)
+            more = await fetch(channel, rows[-1].seq, step)
+            rows += more
+            size += sum(len(r.payload) for r in more) + head * len(more)
+            if len(more) < step:
+                break
+        return rows
 
     # -- SUBSCRIBE, DELIVER ----------------------------------------------------------
 
@@ -72,8 +107,9 @@ class Readers:
     async def _deliver_range(self, channel: int, old: int, new: int) -> None:
         node = self.node
         after = old
+        budget = node.config.max_frame - FRAME_ROOM
         while after < new:
-            rows = await node.storage.fetch(channel, after, node.config.fetch_limit)
+            rows = await self.read(channel, after, node.config.fetch_limit, budget)
             rows = [r for r in rows if r.seq <= new]
             if not rows:
                 return
@@ -106,27 +142,30 @@ class Readers:
     ) -> None:
         node = self.node
         t0 = time.perf_counter_ns()
-        meta = node.order.metas.get(channel)
-        commit = 0 if meta is None else meta.commit
-        rows = []
-        if after < commit:  # only committed records are visible
-            try:
-                rows = await node.storage.fetch(
-                    channel, after, min(limit, commit - after) + 1
-                )
-            except Exception as exc:
-                node.error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
+        budget = node.config.max_frame - FRAME_ROOM
+        async with self._reads:
+            if conn.closed:  # (dropped while this FETCH waited its turn)
                 return
-            rows = [r for r in rows if r.seq <= commit]
-        total = len(rows) + (commit > after + len(rows))
-        rows = whole_seqs(rows, limit)
-        budget = node.config.max_frame - 4096
-        size = 0
-        for index, rec in enumerate(rows):
-            size += p.MESSAGE_RECORD.size + len(rec.payload)
-            if size > budget:
-                rows = whole_seqs(rows, index)
-                break
-        more = len(rows) < total
-        conn.send(T.MESSAGES, rid, p.encode_messages(channel, rows, more))
+            meta = node.order.metas.get(channel)
+            commit = 0 if meta is None else meta.commit
+            rows: list[p.Record] = []
+            if after < commit:  # only committed records are visible
+                try:
+                    rows = await self.read(
+                        channel, after, min(limit, commit - after) + 1, budget
+                    )
+                except Exception as exc:
+                    node.error(conn, rid, p.ErrorCode.INTERNAL, f"fetch: {exc}")
+                    return
+                rows = [r for r in rows if r.seq <= commit]
+            total = len(rows) + (commit > after + len(rows))
+            rows = whole_seqs(rows, limit)
+            size = 0
+            for index, rec in enumerate(rows):
+                size += p.MESSAGE_RECORD.size + len(rec.payload)
+                if size > budget:
+                    rows = whole_seqs(rows, index)
+                    break
+            more = len(rows) < total
+            conn.send(T.MESSAGES, rid, p.encode_messages(channel, rows, more))
         node.hist["fetch"].record(max(1, (time.perf_counter_ns() - t0) // 1000))

@@ -73,6 +73,12 @@ class Relayer:
         forward to this node's children while the TTL lasts."""
         relay = p.decode_relay(payload)
         injected = not relay.root
+        if not injected and conn.role != "peer":
+            self.counters["refused_ops"] += 1
+            conn.send_error(
+                rid, p.ErrorCode.FORBIDDEN, "a RELAY with a root is for peers only"
+            )
+            return
         if injected:
             conn.send(T.ACK, rid, p.encode_ack(0, relay.relay_id))
         if relay.relay_id in self.seen:

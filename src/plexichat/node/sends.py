@@ -75,6 +75,17 @@ class SendRouter:
             node.error(conn, rid, p.ErrorCode.SHUTTING_DOWN, "node is stopping")
             return
         channel, msg_id, sender = p.SEND_HEAD.unpack_from(payload)
+        prefix = conn.sender_prefix
+        if prefix is not None and (
+            sender != conn.sender or not msg_id.startswith(prefix)
+        ):
+            node.refuse(
+                conn,
+                rid,
+                p.ErrorCode.FORBIDDEN,
+                f"sender and the first 8 bytes of msg_id must be {conn.sender}",
+            )
+            return
         if channel in self.gates:  # older SENDs of the channel wait: keep the order
             self.gate(channel, [(conn, rid, channel, msg_id, sender, payload, now, ())])
             return

@@ -29,19 +29,20 @@ from typing import Any, Final
 from plexichat import accel, wire
 from plexichat.cache import LRUCache
 from plexichat.node import protocol as p
+from plexichat.node.auth import Credentials, server_context
 from plexichat.node.channels import ChannelOrder
-from plexichat.node.control import Control
+from plexichat.node.control import ANONYMOUS_OPS, PEER_OPS, Control
 from plexichat.node.counters import NodeCounters, new_counters
 from plexichat.node.gcstats import GCPauses
 from plexichat.node.idfilter import IdFilter
 from plexichat.node.membership import MONOTONIC, Clock, GossipConfig, Membership
 from plexichat.node.peers import PeerLinks
-from plexichat.node.readers import Readers
+from plexichat.node.readers import FRAME_ROOM, Readers
 from plexichat.node.rebalance import Rebalancer
 from plexichat.node.relay import Relayer
 from plexichat.node.sends import SendRouter
 from plexichat.node.store import Engine, MessageStore, Synchronous, open_store
-from plexichat.node.transport import FrameConnection, Link
+from plexichat.node.transport import MAX_BUFFERED, FrameConnection, Link, Refused
 from plexichat.node.writes import WritePath
 from plexichat.routing import Ring
 from plexichat.stats import Histogram
@@ -51,6 +52,10 @@ log = logging.getLogger("plexichat.node")
 
 T = wire.MessageType
 HISTOGRAMS: Final = ("send", "forward", "replicate", "fetch", "relay")
+
+# Seconds a paused connection's count of requests in flight may stand still
+# before the node stops waiting for those replies (see Node._sweeper).
+STUCK_AFTER: Final = 60.0
 
 SendItem = tuple[FrameConnection, int, int, bytes, int, bytes, int, tuple[str, ...]]
 
@@ -73,8 +78,6 @@ class NodeConfig:
     replicate_timeout: float = 5.0
     forward_timeout: float = 5.0
     sync_timeout: float = 1.0
-    read_timeout: float = 10.0
-    idle_timeout: float = 600.0
     max_frame: int = wire.MAX_PAYLOAD
     max_message: int = 256 * 1024
     synchronous: Synchronous = "normal"
@@ -89,6 +92,40 @@ class NodeConfig:
     # a cut-off owner from committing alone.
     lease: float = 0.0
     fetch_limit: int = 1000
+    # Authentication (docs/protocol.md "Authentication"): the cluster's keys.
+    # A node without them refuses to start unless *insecure* says it may run
+    # open (every connection may do everything; the lab never does that).
+    credentials: Credentials | None = None
+    insecure: bool = False
+    # TLS for clients: a second listener (HOST, PORT) speaking the same
+    # protocol inside TLS 1.3 with this certificate chain and key.
+    tls_listen: tuple[str, int] | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Limits (docs/protocol.md "Limits"): what one connection, and all of
+    # them, may hold of this node, and for how long.
+    read_timeout: float = 10.0  # seconds to receive a whole frame (first: from accept)
+    idle_timeout: float = 300.0  # seconds without a frame (0: never; see _sweeper)
+    max_connections: int = 1024  # open connections; more are refused
+    max_inflight: int = 1024  # a connection's unanswered requests before it is paused
+    max_output: int = MAX_BUFFERED  # a connection's unsent reply bytes before a drop
+    max_fetches: int = 16  # FETCH store reads at once (node-wide); more wait
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_frame <= wire.HARD_MAX_PAYLOAD:
+            raise ValueError(f"max_frame must be within 1..{wire.HARD_MAX_PAYLOAD}")
+        if not 0 <= self.max_message <= self.max_frame - FRAME_ROOM:
+            # a message the node could store but not serve in a frame
+            raise ValueError(
+                f"max_message must be within 0..max_frame - {FRAME_ROOM} "
+                f"({self.max_frame - FRAME_ROOM})"
+            )
+        if self.read_timeout <= 0 or self.idle_timeout < 0:
+            raise ValueError("read_timeout must be > 0 and idle_timeout >= 0")
+        if min(self.max_connections, self.max_inflight, self.max_fetches) < 1:
+            raise ValueError("max_connections, max_inflight, max_fetches must be >= 1")
+        if self.max_output < self.max_frame:
+            raise ValueError("max_output must hold at least one frame (max_frame)")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -109,6 +146,14 @@ class Node:
     def __init__(self, config: NodeConfig, *, clock: Clock = MONOTONIC) -> None:
         if config.replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if config.credentials is None and not config.insecure:
+            raise ValueError(
+                "a node needs credentials (a cluster secret); insecure=True runs "
+                "it open to anyone who reaches its port"
+            )
+        self.credentials = None if config.insecure else config.credentials
+        # What a new connection may do before (or without) a HELLO.
+        self._first_ops = PEER_OPS if self.credentials is None else ANONYMOUS_OPS
         self.config = config
         self.clock = clock
         self.id = config.node_id
@@ -128,6 +173,7 @@ class Node:
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
         self.conns: set[FrameConnection] = set()
+        self._refused_logged = -10.0  # when refused connections were last logged
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
         self.counters: NodeCounters = new_counters()
         self.advertise: tuple[str, int] = ("", 0)
@@ -135,6 +181,8 @@ class Node:
         self.gc = GCPauses()
         self.started = time.monotonic()
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
+        self.tls_port = 0  # the TLS listener's port (0: none)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -151,6 +199,7 @@ class Node:
             max_payload=config.max_frame,
             source_address=config.source_address,
             connect_timeout=config.forward_timeout,
+            credentials=self.credentials,
         )
         self.relayer = Relayer(
             self.id,
@@ -207,6 +256,16 @@ class Node:
         )
         port = self._server.sockets[0].getsockname()[1]
         self.listen_port = int(port)
+        if config.tls_listen is not None:
+            self._tls_server = await self.loop.create_server(
+                self._new_connection,
+                config.tls_listen[0],
+                config.tls_listen[1],
+                ssl=server_context(config.tls_cert, config.tls_key),
+                reuse_address=True,
+                backlog=1024,
+            )
+            self.tls_port = int(self._tls_server.sockets[0].getsockname()[1])
         self.advertise = (
             config.advertise_host or config.listen_host,
             config.advertise_port or self.listen_port,
@@ -253,6 +312,8 @@ class Node:
             await self.membership.stop(leave=leave)
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -290,20 +351,47 @@ class Node:
 
     # -- connections ------------------------------------------------------------
 
-    def _new_connection(self) -> FrameConnection:
+    def _new_connection(self) -> FrameConnection | Refused:
+        config = self.config
+        if len(self.conns) >= config.max_connections:
+            return self._refuse_connection()
         conn = FrameConnection(
             self._on_frames,
-            max_payload=self.config.max_frame,
+            max_payload=config.max_frame,
             on_wire_error=self._on_wire_error,
             on_close=self._on_close,
             server_side=True,
+            max_inflight=config.max_inflight,
+            max_output=config.max_output,
         )
+        conn.allowed = self._first_ops
+        conn.admin = self.credentials is None
         self.conns.add(conn)
         self.counters["connections"] += 1
         return conn
 
+    def _refuse_connection(self) -> Refused:
+        """A connection over ``max_connections``: ERROR UNAVAILABLE, closed."""
+        self.counters["connections_refused"] += 1
+        limit = self.config.max_connections
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:  # a flood logs once per 10 s
+            self._refused_logged = now
+            log.warning(
+                "refusing connections: %d open (max_connections)",
+                limit,
+                extra={"event": "connections_refused", "limit": limit},
+            )
+        message = f"too many connections (max_connections {limit})"
+        return Refused(
+            wire.encode_frame(
+                T.ERROR, 0, p.encode_error(p.ErrorCode.UNAVAILABLE, message)
+            )
+        )
+
     def _on_close(self, conn: FrameConnection, exc: BaseException | None) -> None:
         self.conns.discard(conn)
+        self.counters["frames_received"] += conn.rx_frames
         if conn.overflowed:
             self.counters["slow_readers_closed"] += 1
             log.warning(
@@ -328,12 +416,48 @@ class Node:
         self.counters["errors_sent"] += 1
         conn.send_error(rid, code, message)
 
+    def refuse(self, conn: FrameConnection, rid: int, code: int, message: str) -> None:
+        """Answer a request this connection may not make (``refused_ops``)."""
+        self.counters["refused_ops"] += 1
+        self.error(conn, rid, code, message)
+
+    def _not_allowed(self, conn: FrameConnection, frame: wire.Frame) -> None:
+        ftype = frame.type
+        if ftype == T.ERROR:  # never answer an error with an error
+            return
+        if ftype not in PEER_OPS:
+            self.counters["unknown_ops"] += 1
+            self.error(
+                conn,
+                frame.request_id,
+                p.ErrorCode.UNKNOWN_OP,
+                f"operation {ftype} not accepted",
+            )
+        elif conn.allowed is ANONYMOUS_OPS or not conn.allowed:
+            self.refuse(
+                conn,
+                frame.request_id,
+                p.ErrorCode.UNAUTHENTICATED,
+                f"operation {ftype} needs an authenticated connection (HELLO with "
+                "a token, or the peer handshake)",
+            )
+        else:
+            self.refuse(
+                conn,
+                frame.request_id,
+                p.ErrorCode.FORBIDDEN,
+                f"operation {ftype} is for cluster peers only",
+            )
+
     def _on_frames(self, conn: FrameConnection, frames: list[wire.Frame]) -> None:
         now = time.perf_counter_ns()
         handlers = self._handlers
         sends = self.sends
         for frame in frames:
             ftype = frame.type
+            if ftype not in conn.allowed:  # HELLO may widen it mid-batch
+                self._not_allowed(conn, frame)
+                continue
             if ftype == T.SEND:
                 now = sends.arrival = max(now, sends.arrival + 1)
                 sends.on_send(conn, frame.request_id, frame.payload, now)
@@ -355,29 +479,70 @@ class Node:
                 self.error(conn, frame.request_id, p.ErrorCode.MALFORMED, str(exc))
 
     async def _sweeper(self) -> None:
-        """Close connections that stall inside a frame or stay idle too long."""
+        """Enforce the connection deadlines (docs/protocol.md "Limits").
+
+        * ``read_timeout``: a frame must arrive whole within it of its first
+          byte (the first frame: of the accept), else ERROR TIMEOUT and close;
+        * ``idle_timeout``: a connection without a frame for that long is
+          closed, unless it is a peer link or holds a subscription (both may
+          be quiet for long) or it holds requests the node has not read yet;
+        * a paused connection (its peer does not read its replies, or too
+          many of its requests are in flight) has no frame deadline: the node
+          stopped reading it.  If its count of requests in flight does not
+          move for ``STUCK_AFTER`` seconds (a request never answered), the
+          count is reset.
+        """
         config = self.config
         period = max(0.05, min(1.0, config.read_timeout / 4))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for conn in list(self.conns):
-                idle = now - conn.last_rx
-                if conn.decoder.pending and idle > config.read_timeout:
+                started = conn.partial_since
+                if conn.paused:
+                    self._check_stuck(conn, now)
+                elif started and now - started > config.read_timeout:
                     self.counters["timeouts_closed"] += 1
                     log.warning(
-                        "closing %s: partial frame stalled for %.1fs",
+                        "closing %s: no whole frame within %.1fs",
                         conn.peername,
-                        idle,
+                        now - started,
                         extra={"event": "read_timeout", "peer": conn.peername},
                     )
-                    self.error(
-                        conn, 0, p.ErrorCode.TIMEOUT, "read timeout inside a frame"
+                    message = f"no whole frame within {config.read_timeout:g}s"
+                    self.error(conn, 0, p.ErrorCode.TIMEOUT, message)
+                    conn.close()
+                    continue
+                if (
+                    config.idle_timeout
+                    and now - conn.last_rx > config.idle_timeout
+                    and not conn.holding
+                    and conn.role != "peer"
+                    and not conn.data.get("subs")
+                ):
+                    self.counters["idle_closed"] += 1
+                    log.info(
+                        "closing idle connection %s",
+                        conn.peername,
+                        extra={"event": "idle_closed", "peer": conn.peername},
                     )
                     conn.close()
-                elif idle > config.idle_timeout and not conn.data.get("subs"):
-                    log.info("closing idle connection %s", conn.peername)
-                    conn.close()
+
+    def _check_stuck(self, conn: FrameConnection, now: float) -> None:
+        seen = conn.data.get("inflight_seen")
+        if seen is None or seen[0] != conn.inflight:
+            conn.data["inflight_seen"] = (conn.inflight, now)
+        elif now - seen[1] > STUCK_AFTER and conn.inflight > 0:
+            self.counters["inflight_resets"] += 1
+            log.warning(
+                "%s: %d requests unanswered for %.0fs; counting them as answered",
+                conn.peername,
+                conn.inflight,
+                now - seen[1],
+                extra={"event": "inflight_reset", "peer": conn.peername},
+            )
+            del conn.data["inflight_seen"]
+            conn.reset_inflight()
 
     # -- membership and ring ------------------------------------------------------
 

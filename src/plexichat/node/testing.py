@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plexichat.load.client import NodeClient
+from plexichat.node.auth import Credentials, write_secret
 from plexichat.node.membership import Clock, GossipConfig, ManualClock
 from plexichat.node.server import Node, NodeConfig
 
@@ -45,9 +47,12 @@ class InProcessCluster:
         replicas: int = 2,
         gossip: GossipConfig | None = None,
         clock: Clock | None = None,
+        secret: bytes | None = None,
         **node_options: Any,
     ) -> None:
         self.base_dir = Path(base_dir)
+        self.secret = secret or Credentials.generate()[1]
+        self.credentials = Credentials(self.secret)
         self.clock: Clock = ManualClock() if clock is None else clock
         self.size = size
         self.replicas = replicas
@@ -58,7 +63,11 @@ class InProcessCluster:
 
     def config(self, node_id: str, port: int = 0) -> NodeConfig:
         seeds = [("127.0.0.1", n.listen_port) for n in self.nodes if not n._stopping]
-        options = {"handoff_delay": FAST_HANDOFF, **self.node_options}
+        options = {
+            "handoff_delay": FAST_HANDOFF,
+            "credentials": self.credentials,
+            **self.node_options,
+        }
         return NodeConfig(
             node_id=node_id,
             data_dir=self.base_dir / node_id,
@@ -143,6 +152,26 @@ class InProcessCluster:
             "leases renewed",
         )
 
+    def secret_file(self) -> Path:
+        """The cluster secret in a file (as the lab's tools take it)."""
+        path = self.base_dir / "cluster.secret"
+        if not path.exists():
+            write_secret(path, self.secret)
+        return path
+
+    def token(self, sender: int = 1, *, admin: bool = False) -> str:
+        """A client token of this cluster for *sender*."""
+        return self.credentials.token(sender, admin=admin)
+
+    def client(
+        self, node: Node | str, sender: int = 1, *, admin: bool = False
+    ) -> NodeClient:
+        """A (not yet connected) client of *node*, authenticated as *sender*."""
+        target = self.node(node) if isinstance(node, str) else node
+        return NodeClient(
+            "127.0.0.1", target.listen_port, token=self.token(sender, admin=admin)
+        )
+
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.id == node_id and not n._stopping)
 
@@ -163,3 +192,11 @@ class InProcessCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def admin_client(node: Node, *, timeout: float = 5.0) -> NodeClient:
+    """A (not yet connected) admin client of in-process *node* (may send as
+    any sender)."""
+    creds = node.credentials
+    token = None if creds is None else creds.token(1, admin=True)
+    return NodeClient("127.0.0.1", node.listen_port, timeout=timeout, token=token)

@@ -74,6 +74,7 @@ def _config(**kw: Any) -> ClusterConfig:
         fault_duration=kw.get("fault_duration", 0.0),
         ping_timeout=kw.get("ping_timeout", 0.3),
         suspect_timeout=kw.get("suspect_timeout", 1.0),
+        security=kw.get("security", "auth"),
     )
 
 
@@ -193,6 +194,8 @@ def _write(path: str, doc: dict[str, Any]) -> None:
         "(default 0.3)",
         "suspect_timeout": "failure detector: seconds a suspected node has to "
         "refute before the others route around it (default 1)",
+        "security": "auth: a per-run cluster secret, peer handshakes and client "
+        "tokens; tls: that, and the load speaks TLS to the nodes (default auth)",
     }
 )
 def cluster(
@@ -214,10 +217,13 @@ def cluster(
     fault_duration: float = 0.0,
     ping_timeout: float = 0.3,
     suspect_timeout: float = 1.0,
+    security: str = "auth",
 ) -> None:
     """Run a local PlexiChat cluster under load and check that nothing was lost."""
     if backend not in ("", "auto", "python"):
         raise Exit("--backend must be auto or python", code=2)
+    if security not in ("auth", "tls"):
+        raise Exit("--security must be auth or tls", code=2)
     if install not in ("dev", "wheel"):
         raise Exit("--install must be dev or wheel", code=2)
     try:
@@ -284,4 +290,77 @@ def bench(
         raise Exit("a run failed: " + "; ".join(reasons), code=1)
 
 
-local = Collection("local", cluster, bench)
+SECURITY_MODES = ("insecure", "auth", "tls")
+
+
+@task(
+    name="bench-security",
+    help={
+        **COMMON_HELP,
+        "rounds": "run every mode this many times, modes alternating; "
+        "medians are compared (default 3)",
+    },
+)
+def bench_security(
+    c: Context,
+    nodes: int = 3,
+    duration: float = 20.0,
+    json: str = "",
+    replicas: int = 2,
+    clients: int = 8,
+    inflight: int = 64,
+    payload: int = 64,
+    channels: int = 256,
+    connections: int = 1,
+    install: str = "wheel",
+    results: str = "",
+    rounds: int = 3,
+) -> None:
+    """Throughput with authentication and TLS on versus off, in one run.
+
+    The baseline runs the nodes --insecure: the only place the lab does, to
+    price authentication (goal: under 10%) and TLS (under 25%).
+    """
+    options = dict(locals())
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in SECURITY_MODES}
+    for round_ in range(max(1, rounds)):
+        for mode in SECURITY_MODES:
+            sub = str(Path(results) / f"{mode}-{round_}") if results else ""
+            config = _config(**{**options, "backend": "", "results": sub})
+            config.security = mode  # type: ignore[assignment]
+            res = _run(config)
+            runs[mode].append(res)
+            console.print(
+                f"round {round_ + 1} {mode}: "
+                f"{res['throughput_msgs_per_s']:,.0f} msg/s, "
+                f"p99 {res['latency_ms']['p99']:.2f} ms"
+            )
+    medians = {
+        mode: statistics.median(r["throughput_msgs_per_s"] for r in rows)
+        for mode, rows in runs.items()
+    }
+    base = medians["insecure"]
+    table = Table(title=f"security cost ({rounds} rounds, medians)")
+    for column in ("mode", "msg/s", "vs insecure", "cost", "p99 ms (median)"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    summary: dict[str, Any] = {}
+    for mode in SECURITY_MODES:
+        ratio = medians[mode] / base if base else float("nan")
+        p99 = statistics.median(r["latency_ms"]["p99"] for r in runs[mode])
+        summary[mode] = {"msgs_per_s": medians[mode], "ratio": ratio, "p99_ms": p99}
+        table.add_row(
+            mode,
+            f"{medians[mode]:,.0f}",
+            f"{ratio:.3f}",
+            f"{1 - ratio:+.1%}",
+            f"{p99:.2f}",
+        )
+    console.print(table)
+    _write(json, {"medians": summary, "runs": runs})
+    every = [r for rows in runs.values() for r in rows]
+    reasons = sorted({reason for r in every for reason in verdict(r)})
+    if reasons:
+        raise Exit("a run failed: " + "; ".join(reasons), code=1)
+
+
+local = Collection("local", cluster, bench, bench_security)
