@@ -513,3 +513,34 @@ def test_no_write_before_every_replica_promised_the_new_term(tmp_path):
             await client.close()
 
     run(scenario())
+
+
+def test_a_takeover_of_a_channel_of_big_messages_moves_it_in_frames(tmp_path):
+    """Log pulls and installs used to take up to handoff_batch records
+    whatever their size: 8 messages of 250 KiB made a 2 MiB APPEND that the
+    replica refused as oversized, and the channel could never be taken over."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, size=3) as cluster:
+            channel = key_of("bigtake")
+            first = cluster.owners(channel)[0]
+            owner = cluster.node(first)
+            client = await client_for(owner)
+            big = [bytes([i]) * (250 << 10) for i in range(8)]
+            for i, body in enumerate(big):
+                assert await client.send(channel, p.message_id(1, i), 1, body) == i + 1
+            await client.close()
+            await owner.stop(leave=False)
+            await cluster.wait_dead(first)
+            new_owner = cluster.node(cluster.owners(channel)[0])
+            client = await client_for(new_owner)
+            assert await client.send(channel, p.message_id(1, 9), 1, b"after") == 9
+            await client.close()
+            for node in cluster.running():
+                assert node.counters["bad_frames"] == 0
+            assert await history(new_owner, channel) == [
+                *((i + 1, body) for i, body in enumerate(big)),
+                (9, b"after"),
+            ]
+
+    run(scenario())

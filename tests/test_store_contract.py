@@ -17,6 +17,7 @@ import pytest
 from plexichat.node import protocol as p
 from plexichat.node.store import (
     ENGINES,
+    RECORD_COST,
     ChannelLog,
     ChannelState,
     MessageStore,
@@ -286,6 +287,23 @@ def test_fetch_pages_by_seq_hold_at_most_limit(engine, tmp_path):
             assert await store.fetch(7, 5, 10) == rows[5:]
             assert await store.fetch(7, 9, 10) == []
             assert await store.fetch(7, 0, 0) == []
+
+    run(scenario())
+
+
+@engines
+def test_fetch_stops_before_max_bytes_but_returns_at_least_one(engine, tmp_path):
+    async def scenario() -> None:
+        async with opened(engine, tmp_path) as store:
+            sizes = [100, 100, 1000, 100]
+            rows = [rec(7, s, s, b"x" * n) for s, n in enumerate(sizes, start=1)]
+            await insert(store, rows)
+            cost = RECORD_COST
+            assert await store.fetch(7, 0, 10, 2 * (100 + cost)) == rows[:2]
+            assert await store.fetch(7, 0, 10, 2 * (100 + cost) - 1) == rows[:1]
+            assert await store.fetch(7, 2, 10, 10) == [rows[2]]  # one always
+            assert await store.fetch(7, 0, 1, 10**9) == rows[:1]  # limit too
+            assert await store.fetch(7, 0, 10, None) == rows
 
     run(scenario())
 

@@ -67,6 +67,7 @@ class ChannelOrder:
         call_timeout: float,
         data_timeout: float,
         batch: int,
+        section_bytes: int = 512 * 1024,
     ) -> None:
         self.id = node_id
         self.storage = storage
@@ -80,6 +81,8 @@ class ChannelOrder:
         self.call_timeout = call_timeout
         self.data_timeout = data_timeout
         self.batch = batch
+        # payload bytes of one log pull or install section (a frame holds it)
+        self.section_bytes = section_bytes
         self.metas: dict[int, ChannelMeta] = {}
         self.takeovers: dict[int, asyncio.Task[None]] = {}
         self._dirty: set[int] = set()  # channels whose commit is not stored yet
@@ -360,7 +363,9 @@ class ChannelOrder:
             self._check(meta, term)
             records: list[p.Record] = []
             if after < meta.last:
-                rows = await self.storage.fetch(channel, after, self.batch)
+                rows = await self.storage.fetch(
+                    channel, after, self.batch, self.section_bytes
+                )
                 records = [r for r in rows if r.seq <= meta.last]
                 if not records or records[0].seq != after + 1:
                     raise TakeoverFailed(f"own log of {channel} unreadable at {after}")
@@ -527,7 +532,9 @@ class ChannelOrder:
         if after > meta.last:
             records: list[p.Record] = []
         else:
-            rows = await self.storage.fetch(request.channel, after, limit)
+            rows = await self.storage.fetch(
+                request.channel, after, limit, self.section_bytes
+            )
             records = _contiguous([r for r in rows if r.seq <= meta.last], after)
         if after > meta.last:
             after, prev_term = meta.last, meta.term_at(meta.last)

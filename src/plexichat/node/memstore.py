@@ -24,7 +24,13 @@ from collections.abc import Mapping, Sequence
 from typing import Final, TypeVar
 
 from plexichat.node.protocol import Record
-from plexichat.node.store import ChannelLog, ChannelState, InsertCallback, StorageStats
+from plexichat.node.store import (
+    ChannelLog,
+    ChannelState,
+    InsertCallback,
+    StorageStats,
+    within_bytes,
+)
 
 T = TypeVar("T")
 
@@ -181,13 +187,16 @@ class MemoryStore:
         stats.largest_group = max(stats.largest_group, len(records))
         loop.call_soon(callback, inserted, corrections, None)
 
-    async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
-        """Like SQLite's: by seq, at most *limit*."""
+    async def fetch(
+        self, channel: int, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Record]:
+        """Like SQLite's: by seq, at most *limit* (and *max_bytes*)."""
         self._check()
         index = self._channels.get(channel, [])
         start = bisect.bisect_right(index, (after, self._next_rowid))
         stop = start + max(limit, 0)
-        return await self._result([self._rows[i] for _, i in index[start:stop]])
+        rows = (self._rows[i] for _, i in index[start:stop])
+        return await self._result(within_bytes(rows, max_bytes))
 
     async def lookup(
         self, keys: Sequence[tuple[int, bytes]]

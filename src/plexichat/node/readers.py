@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 T = wire.MessageType
 FRAME_ROOM: Final = 4096  # bytes of a frame kept for what surrounds the records
-READ_FRAMES: Final = 8  # a store read holds at most this many frames of records
 
 
 def whole_seqs(rows: list[p.Record], limit: int) -> list[p.Record]:
@@ -55,31 +54,10 @@ class Readers:
     async def read(
         self, channel: int, after: int, count: int, budget: int
     ) -> list[p.Record]:
-        """Up to *count* records of *channel* with ``seq > after``, by seq,
-        read in pieces until they hold more than *budget* bytes.  A piece is
-        as many rows as the sizes seen so far say still fit, but never more
-        than READ_FRAMES budgets of the largest messages: however a channel
-        mixes small and big messages, a read holds a few frames of them."""
-        node = self.node
-        fetch = node.storage.fetch
-        head = p.MESSAGE_RECORD.size
-        largest = node.config.max_message + head
-        # enough of the largest messages to pass the budget
-        first = min(count, budget // largest + 1)
-        most = max(first, READ_FRAMES * budget // largest)
-        rows = await fetch(channel, after, first)
-        if len(rows) < first:  # the channel ends here
-            return rows
-        size = sum(len(r.payload) for r in rows) + head * len(rows)
-        while size <= budget and len(rows) < count:
-            fits = (budget - size) // (size // len(rows) + 1) + 1
-            step = min(count - len(rows), fits, most)
-            more = await fetch(channel, rows[-1].seq, step)
-            rows += more
-            size += sum(len(r.payload) for r in more) + head * len(more)
-            if len(more) < step:
-                break
-        return rows
+        """Up to *count* records of *channel* with ``seq > after``, by seq, no
+        more than fit *budget* bytes (at least one): the store stops reading
+        there, so a read never holds more than about one frame of records."""
+        return await self.node.storage.fetch(channel, after, count, budget)
 
     # -- SUBSCRIBE, DELIVER ----------------------------------------------------------
 

@@ -223,6 +223,7 @@ class Node:
             call_timeout=max(config.sync_timeout, 2 * config.gossip.ping_timeout),
             data_timeout=config.replicate_timeout,
             batch=config.handoff_batch,
+            section_bytes=config.max_frame // 2,
         )
         self.writes = WritePath(self)
         self.ids = IdFilter()  # (channel, msg_id) pairs this node may store

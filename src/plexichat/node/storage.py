@@ -54,6 +54,7 @@ from plexichat.node.store import (
     InsertCallback,
     StorageStats,
     Synchronous,
+    within_bytes,
 )
 
 __all__ = ["InsertCallback", "Storage", "StorageError", "StorageStats", "Synchronous"]
@@ -407,13 +408,17 @@ class Storage:
             self._fail_queued()
         return future
 
-    async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
+    async def fetch(
+        self, channel: int, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Record]:
         """Messages of *channel* with ``seq > after``, by seq, at most *limit*
-        (a seq holds one message, so a page never splits one)."""
+        (and *max_bytes*: :func:`~plexichat.node.store.within_bytes`)."""
 
         def run(conn: sqlite3.Connection) -> list[Record]:
             rows = conn.execute(FETCH, (_to_signed(channel), after, limit))
-            return [_record(*row) for row in rows]
+            if max_bytes is None:
+                return [_record(*row) for row in rows]
+            return within_bytes((_record(*row) for row in rows), max_bytes)
 
         return await self.call(run)
 

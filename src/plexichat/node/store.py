@@ -28,7 +28,7 @@ channel (docs/design/channel-order.md), written in the same operation as rows
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -157,10 +157,13 @@ class MessageStore(Protocol):
         """
         ...
 
-    async def fetch(self, channel: int, after: int, limit: int) -> list[Record]:
+    async def fetch(
+        self, channel: int, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Record]:
         """Messages of *channel* with ``seq > after``, by seq, at most *limit*
-        of them.  A seq holds at most one message, so a reader that goes on
-        with ``after = last seq`` of a page skips nothing."""
+        of them and, with *max_bytes*, only as many as :func:`within_bytes`
+        keeps (always the first).  A seq holds at most one message, so a
+        reader that goes on with ``after = last seq`` of a page skips nothing."""
         ...
 
     async def lookup(
@@ -229,3 +232,24 @@ def open_store(
 
         return MemoryStore()
     raise ValueError(f"unknown store engine {engine!r} (expected one of {ENGINES})")
+
+
+RECORD_COST = 64  # bytes a record costs in a frame besides its payload (at most)
+
+
+def within_bytes(records: Iterable[Record], max_bytes: int | None) -> list[Record]:
+    """The records of *records* (in order) until the next one would make
+    ``sum(len(payload) + RECORD_COST)`` exceed *max_bytes*; the first one
+    always (a message fits a frame on its own).  Stops reading *records*
+    there, so a lazy source is read no further."""
+    out: list[Record] = []
+    if max_bytes is None:
+        out.extend(records)
+        return out
+    size = 0
+    for rec in records:
+        size += len(rec.payload) + RECORD_COST
+        if size > max_bytes and out:
+            break
+        out.append(rec)
+    return out
