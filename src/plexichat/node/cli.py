@@ -259,8 +259,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def serve(config: NodeConfig) -> None:
-    """Run a node until SIGTERM or SIGINT, then stop it cleanly."""
+async def serve(config: NodeConfig) -> int:
+    """Run a node until SIGTERM or SIGINT, then stop it cleanly (exit status
+    0); or until something it cannot run without fails (a background loop,
+    the storage writer: see ``Node.fatal``), then leave the ring (status 1)."""
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -269,9 +271,17 @@ async def serve(config: NodeConfig) -> None:
     await node.start()
     gc.freeze()  # start-up objects never need scanning again: shorter GC pauses
     print(f"ready {node.id} {config.listen_host}:{node.listen_port}", flush=True)
-    await stop.wait()
-    log.info("signal received, stopping", extra={"event": "stopping"})
+    waits = {
+        asyncio.ensure_future(stop.wait()),
+        asyncio.ensure_future(node.failed.wait()),
+    }
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if node.failure is None:
+        log.info("signal received, stopping", extra={"event": "stopping"})
     await node.stop()
+    return 0 if node.failure is None else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"plexichat-node: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
-    return 0
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -655,6 +655,8 @@ class Membership:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise  # our caller was cancelled too: do not swallow it
+            except Exception as exc:  # a crashed loop: still leave cleanly
+                log.warning("the membership loop had failed: %r", exc)
             self._task = None
         if not leave:
             return

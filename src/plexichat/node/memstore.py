@@ -7,12 +7,8 @@ after :meth:`MemoryStore.close` still holds them).  Meant for tests and
 simulations: no threads and no files, every operation runs on the event loop,
 and results are handed back through ``loop.call_soon`` (never synchronously
 inside the call), so the order in which callbacks and results arrive matches
-the SQLite engine's.
-
-A node keeps ``placed.json`` and ``ring.json`` in its data directory whatever
-the engine; the row ids in ``placed.json`` describe the rows of the store that
-wrote them, so a node restarted on a memory store should get a fresh data
-directory.
+the SQLite engine's.  Channel states (terms, commit) live here too, so a
+node restarted on a memory store starts with no log and no promises.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeVar
 
 from plexichat.node.protocol import Record
@@ -66,6 +62,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.stats = StorageStats()
+        self.on_dead: Callable[[Exception], None] | None = None  # never dies
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opened = False
         self._closed = False

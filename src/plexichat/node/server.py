@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from plexichat import accel, wire
 from plexichat.cache import LRUCache
@@ -56,6 +57,12 @@ HISTOGRAMS: Final = ("send", "forward", "replicate", "fetch", "relay")
 # Seconds a paused connection's count of requests in flight may stand still
 # before the node stops waiting for those replies (see Node._sweeper).
 STUCK_AFTER: Final = 60.0
+
+# How a background task is supervised: any exception is fatal (ERRORS), or
+# any end at all, for loops that must run as long as the node (FOREVER).
+Supervision = Literal["errors", "forever"]
+ERRORS: Final = "errors"
+FOREVER: Final = "forever"
 
 SendItem = tuple[FrameConnection, int, int, bytes, int, bytes, int, tuple[str, ...]]
 
@@ -184,6 +191,9 @@ class Node:
         self._tls_server: asyncio.Server | None = None
         self.tls_port = 0  # the TLS listener's port (0: none)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # set when a supervised loop or the storage writer died (see fatal)
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
         self._stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sends = SendRouter(self)
@@ -246,6 +256,7 @@ class Node:
         config = self.config
         self.loop = asyncio.get_running_loop()
         self.storage.open()
+        self.storage.on_dead = functools.partial(self.fatal, "storage writer")
         self.order.load(self.storage.channel_logs())
         self.storage.start(self.loop)
         self._server = await self.loop.create_server(
@@ -284,11 +295,15 @@ class Node:
         )
         self._membership_changed()
         self.membership.start()
-        self._spawn(self._sweeper(), "sweeper")
-        self._spawn(self.rebalancer.run(), "rebalance")
-        self._spawn(self._commit_flusher(), "commits")
-        self._spawn(self._load_ids(), "load-ids")
-        self._spawn(self._lease_keeper(), "lease")
+        self._spawn(self._sweeper(), "sweeper", supervise=FOREVER)
+        self._spawn(self.rebalancer.run(), "rebalance", supervise=FOREVER)
+        self._spawn(self._commit_flusher(), "commits", supervise=FOREVER)
+        self._spawn(self._load_ids(), "load-ids", supervise=ERRORS)
+        self._spawn(self._lease_keeper(), "lease", supervise=FOREVER)
+        if self.membership._task is not None:
+            self.membership._task.add_done_callback(
+                functools.partial(self._supervised, ERRORS, "membership")
+            )
         self.gc.install()
         self.started = time.monotonic()
         self.ready.set()
@@ -330,16 +345,48 @@ class Node:
         self.gc.uninstall()
         log.info("stopped", extra={"event": "stopped"})
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        name: str,
+        *,
+        supervise: Supervision | None = None,
+    ) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{self.id}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        if supervise is not None:
+            task.add_done_callback(functools.partial(self._supervised, supervise, name))
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _supervised(self, how: Supervision, name: str, task: asyncio.Task[Any]) -> None:
+        """A background loop ended: an exception (or, for a loop that must run
+        as long as the node, any end) outside :meth:`stop` is fatal."""
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        if exc is None and how is ERRORS:
+            return
+        self.fatal(name, exc or RuntimeError(f"background loop {name} returned"))
+
+    def fatal(self, what: str, exc: BaseException) -> None:
+        """Something the node cannot run without failed: log it with its
+        traceback and set :attr:`failed`; whoever runs the node (the CLI)
+        then stops it, leaving the ring, and exits non-zero."""
+        if self.failure is None:
+            self.failure = exc
+            log.critical(
+                "%s failed: the node leaves the ring and exits",
+                what,
+                exc_info=exc,
+                extra={"event": "fatal", "what": what},
+            )
+        self.failed.set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run *coro* as one of this node's tasks (cancelled by :meth:`stop`)."""

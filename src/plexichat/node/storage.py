@@ -271,7 +271,7 @@ class Storage:
         # operation fails with it from then on
         self.dead: StorageError | None = None
         # called on the loop with that error (the node decides what to do)
-        self.on_dead: Callable[[StorageError], None] | None = None
+        self.on_dead: Callable[[Exception], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 

@@ -91,6 +91,10 @@ class MessageStore(Protocol):
     them.
     """
 
+    # Called on the loop, with the error, if the engine can no longer work
+    # at all (its writer died); the node treats that as fatal.
+    on_dead: Callable[[Exception], None] | None
+
     @property
     def stats(self) -> StorageStats:
         """Write counters (read by the node's STATS reply)."""
