@@ -238,6 +238,21 @@ def _child_setup() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def parent_death_setup() -> Callable[[], None]:
+    """A ``preexec_fn`` (made in the forking thread): SIGKILL the child when
+    that thread ends, and end it at once if this process died before the
+    ``prctl`` took hold.  Fork from :func:`in_launcher` so "that thread" is
+    the process-lifetime launcher."""
+    parent = os.getpid()
+
+    def setup() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return setup
+
+
 _live: weakref.WeakSet[Machine] = weakref.WeakSet()
 _handlers_installed = False
 

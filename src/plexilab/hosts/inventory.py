@@ -19,6 +19,20 @@ Example ``hosts.toml``::
     7100 = 40123
 
 A host must be pinned: ``host_key`` or ``known_hosts`` is required.
+
+No stray nodes: a real machine outlives the lab, so its nodes are held by a
+lease (:class:`plexilab.ssh.RemoteLease`).  The lab keeps one SSH session
+per host open to a small watchdog shell; when that session ends -- the lab
+exits, is SIGKILLed, or loses its connection -- the watchdog SIGKILLs the
+process group of every node it has recorded (pidfiles under
+``<workdir>/leases/<lab>/nodes/``).  This is the parent-death signal over
+SSH: it needs nothing on the host but ``sh``, ``/proc`` and coreutils, and
+acts at once, on EOF, never on a timer that a busy lab could miss.  When
+the watchdog could not act (it was killed, or the lab host vanished without
+closing the connection, so the lab's heartbeat to the lease stopped), the
+next lab to connect reaps the leftovers recorded by pidfile:
+``inventory_hosts()`` does it for every host, and so does the first spawn on
+a host (``InventoryHost.reap_leftovers()`` on demand).
 """
 
 from __future__ import annotations
@@ -84,7 +98,9 @@ def load_inventory(path: Path) -> list[InventoryEntry]:
 
 
 class InventoryHost(SSHHost):
-    """A real machine from the inventory."""
+    """A real machine from the inventory (its nodes die with the lab)."""
+
+    lease_nodes = True
 
     def __init__(self, entry: InventoryEntry) -> None:
         key: paramiko.PKey
@@ -136,12 +152,14 @@ class InventoryHost(SSHHost):
 def inventory_hosts(
     path: Path, *, connect_timeout: float = 30.0
 ) -> list[InventoryHost]:
-    """Connected hosts of an inventory file."""
+    """Connected hosts of an inventory file, with dead labs' leftover nodes reaped."""
     hosts = [InventoryHost(e) for e in load_inventory(path)]
     try:
         for host in hosts:
             host.ssh.connect(timeout=connect_timeout)
             host.run(["mkdir", "-p", host.workdir()], timeout=60)
+            # nodes a dead lab left behind (their watchdog could not kill them)
+            host.reap_leftovers()
     except BaseException:
         for host in hosts:
             host.close()

@@ -3,6 +3,16 @@
 Every endpoint is on 127.0.0.1; ports are picked free when the host is made
 (one per node index).  Spawned processes get their own session (process
 group) so that stopping one also stops whatever it started.
+
+No stray nodes: a spawned process dies with the lab, even a SIGKILLed one.
+It is forked from the lab's process-lifetime launcher thread
+(:func:`plexilab.machine.in_launcher`; ``PR_SET_PDEATHSIG`` follows the
+thread that forked, and nodes are also restarted from worker threads such as
+the fault injector's) with ``PR_SET_PDEATHSIG=SIGKILL``.  It is also recorded
+as a pidfile in the lab's run directory
+(:func:`plexilab.machine.current_run_dir`), removed once the process has been
+waited for, so :func:`plexilab.machine.reap` (``invoke qemu.reap``, and every
+later lab run) kills it should the signal not have fired.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from plexilab import machine
 from plexilab.hosts.base import CommandResult, Endpoint, Host, HostError, Process
 
 LOOPBACK = "127.0.0.1"
@@ -41,13 +52,21 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
 
 
 class LocalProcess(Process):
-    """A ``subprocess.Popen`` in its own session; signals go to its group."""
+    """A ``subprocess.Popen`` in its own session; signals go to its group.
+
+    *pidfile* (the reaper's record of it) is removed once it has been waited for.
+    """
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], log: IO[bytes], log_path: str
+        self,
+        popen: subprocess.Popen[bytes],
+        log: IO[bytes],
+        log_path: str,
+        pidfile: Path | None = None,
     ) -> None:
         self.popen = popen
         self.log_path = log_path
+        self.pidfile = pidfile
         self._log = log
 
     @property
@@ -70,6 +89,8 @@ class LocalProcess(Process):
             return None
         if not self._log.closed:
             self._log.close()
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
         return code
 
     def kill(self) -> int | None:
@@ -84,6 +105,9 @@ class LocalHost(Host):
     Partitions between its nodes go through a lab link layer
     (:class:`plexilab.links.LinkLayer`): every node is a process on this
     machine, so the lab can relay all of their peer traffic.
+
+    Spawned processes die with the lab (see the module docstring);
+    *die_with_lab* False leaves only the pidfile (for tests of the reaper).
     """
 
     fault_kinds = frozenset({"kill", "pause", "partition", "split"})
@@ -96,8 +120,10 @@ class LocalHost(Host):
         python: str | None = None,
         ports: int = 16,
         env: Mapping[str, str] | None = None,
+        die_with_lab: bool = True,
     ) -> None:
         self.name = name
+        self.die_with_lab = die_with_lab
         self.arch = platform.machine()
         self._owns_workdir = workdir is None
         self._workdir = Path(workdir or tempfile.mkdtemp(prefix=f"plexilab-{name}-"))
@@ -159,22 +185,46 @@ class LocalHost(Host):
         path = Path(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         log = open(path, "ab")  # noqa: SIM115 - closed when the process is waited for
-        try:
-            popen = subprocess.Popen(
+        run_env = self._env(env)
+        die = self.die_with_lab
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._env(env),
+                env=run_env,
                 cwd=self._workdir,
                 start_new_session=True,
+                preexec_fn=machine.parent_death_setup() if die else None,
+            )
+
+        try:
+            popen: subprocess.Popen[bytes] = (
+                machine.in_launcher(start) if die else start()
             )
         except OSError as exc:
             log.close()
             raise HostError(f"cannot start {argv[0]}: {exc}") from exc
         process = LocalProcess(popen, log, str(path))
+        try:
+            process.pidfile = self._record(popen.pid, path.name)
+        except OSError as exc:
+            process.kill()
+            raise HostError(
+                f"cannot record {argv[0]} (pid {popen.pid}): {exc}"
+            ) from exc
         self.processes.append(process)
         return process
+
+    def _record(self, pid: int, log_name: str) -> Path:
+        """Write the reaper's pidfile of *pid* in this lab's run directory."""
+        nodes = machine.current_run_dir() / "nodes"
+        nodes.mkdir(exist_ok=True)
+        pidfile = nodes / f"{self.name}-{pid}.pid"
+        machine.record(pidfile, pid, f"{self.name} process ({log_name})")
+        return pidfile
 
     def put(self, local: Path, remote: str) -> None:
         target = Path(remote)
