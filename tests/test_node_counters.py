@@ -11,7 +11,7 @@ from plexichat.node.testing import InProcessCluster, admin_client
 def test_new_counters_are_every_declared_key_at_zero():
     counters = new_counters()
     assert set(counters) == set(NodeCounters.__required_keys__)
-    assert len(counters) == 36
+    assert len(counters) == 37
     assert set(counters.values()) == {0}
 
 

@@ -725,3 +725,58 @@ async def _round_trip(server: Server, link: Link, payload: bytes) -> bytes:
     conn, frame = await server.next()
     conn.send(T.ACK, frame.request_id, frame.payload)
     return (await call).payload
+
+
+async def _hello_handshake(exchange: Any) -> None:
+    await exchange(T.HELLO, b"{}")
+
+
+def test_a_handshake_fails_at_once_when_the_server_hangs_up():
+    """A lab relay that refuses a partitioned pair accepts and closes at once:
+    the handshake must fail then, not wait out its timeout (it held every
+    probe of the failure detector for 5 s, so a partitioned node was never
+    suspected within a 5 s fault)."""
+
+    async def scenario() -> None:
+        async def hang_up(reader: Any, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            link = Link(LOOPBACK, port, handshake=_hello_handshake)
+            loop = asyncio.get_running_loop()
+            for _ in range(5):
+                start = loop.time()
+                with pytest.raises(ConnectionError):
+                    await link.connect(5.0)
+                assert loop.time() - start < 1.0
+            link.close()
+
+    run(scenario())
+
+
+def test_a_connect_waits_no_longer_than_its_own_timeout():
+    """Callers share one connect attempt, but each waits only its own timeout
+    (a 0.3 s probe must not wait for a 5 s attempt another caller began)."""
+
+    async def scenario() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: Any) -> None:
+            await reader.read()  # never answers the HELLO
+
+        server = await asyncio.start_server(silent, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            link = Link(LOOPBACK, port, handshake=_hello_handshake)
+            slow = asyncio.ensure_future(link.connect(5.0))
+            await asyncio.sleep(0.05)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(TimeoutError):
+                await link.connect(0.3)
+            assert loop.time() - start < 1.0
+            link.close()
+            with contextlib.suppress(Exception):
+                await slow
+
+    run(scenario())

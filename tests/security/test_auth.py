@@ -492,3 +492,37 @@ def test_token_round_trip_and_claims():
         creds.verify_token("a" * (auth.MAX_TOKEN + 1))
     with pytest.raises(ValueError, match="16 bytes"):
         Credentials(b"short")
+
+
+def test_unauthenticated_connections_cannot_crowd_out_clients(tmp_path):
+    """A process without credentials holds at most max_unauthenticated
+    connections (a new one closes the oldest) and none for longer than
+    auth_timeout; clients that authenticate keep being served."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            size=1,
+            replicas=1,
+            max_connections=12,
+            max_unauthenticated=4,
+            auth_timeout=0.5,
+        ) as cluster:
+            node = cluster.nodes[0]
+            port = node.listen_port
+            flood = [await Raw.open(port) for _ in range(10)]
+            await asyncio.sleep(0.05)
+            assert len(node._anonymous) == 4
+            assert node.counters["unauthenticated_closed"] >= 6
+            # a client still gets in and is served (the flood is at the cap)
+            client = cluster.client(node, 5)
+            async with client:
+                channel = key_of("crowd")
+                assert await client.send(channel, p.message_id(5, 1), 5, b"x") == 1
+                # the survivors of the flood are closed after auth_timeout;
+                # the authenticated client is not
+                assert all([await conn.closed() for conn in flood])
+                assert await client.send(channel, p.message_id(5, 2), 5, b"y") == 2
+            assert node._anonymous == {}
+
+    run(scenario())

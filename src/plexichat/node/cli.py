@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     add(
+        "--max-unauthenticated",
+        type=int,
+        default=_default("max_unauthenticated"),
+        help="connections that have not authenticated yet; a new one closes "
+        "the oldest (default %(default)s)",
+    )
+    add(
+        "--auth-timeout",
+        type=float,
+        default=_default("auth_timeout"),
+        help="seconds a connection may stay unauthenticated (default %(default)s)",
+    )
+    add(
         "--max-frame",
         type=int,
         default=_default("max_frame"),
@@ -246,6 +259,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_inflight=args.max_inflight,
         max_output=args.max_output,
         max_fetches=args.max_fetches,
+        max_unauthenticated=args.max_unauthenticated,
+        auth_timeout=args.auth_timeout,
         max_frame=args.max_frame,
         max_message=args.max_message,
         synchronous=args.sync,

@@ -51,6 +51,7 @@ class Control:
             if body.get("role") == "peer":
                 if creds is None:  # an insecure node: peers are whoever says so
                     self._admit_peer(conn, _node_id(body))
+                    node.authenticated(conn)
                     reply = self._welcome()
                 else:
                     reply = self._peer_hello(conn, creds, body)
@@ -68,6 +69,7 @@ class Control:
                     )
                     conn.admin = identity.admin
                     conn.allowed = CLIENT_OPS
+                    node.authenticated(conn)
                     reply["sender"] = identity.sender
                     reply["role"] = identity.role
         except auth.AuthError as exc:
@@ -109,6 +111,7 @@ class Control:
             body.get("proof"), creds.client_proof(client_nonce, server_nonce, ids)
         )
         self._admit_peer(conn, claimed)
+        node.authenticated(conn)
         return {"version": p.PROTOCOL_VERSION, "node_id": node.id, "peer": True}
 
     @staticmethod

@@ -47,6 +47,7 @@ class NodeCounters(TypedDict):
     frames_received: int  # whole frames read on connections since closed
     # limits (docs/protocol.md "Limits")
     connections_refused: int  # accepted over max_connections, told and closed
+    unauthenticated_closed: int  # over max_unauthenticated or auth_timeout
     idle_closed: int  # connections closed by idle_timeout
     inflight_resets: int  # paused connections whose unanswered requests stuck
 

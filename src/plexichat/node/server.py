@@ -117,6 +117,11 @@ class NodeConfig:
     max_inflight: int = 1024  # a connection's unanswered requests before it is paused
     max_output: int = MAX_BUFFERED  # a connection's unsent reply bytes before a drop
     max_fetches: int = 16  # FETCH store reads at once (node-wide); more wait
+    # Connections not (yet) authenticated: at most this many (a new one
+    # evicts the oldest), each for at most auth_timeout seconds.  Whoever
+    # lacks credentials cannot crowd out peers and clients.
+    max_unauthenticated: int = 64
+    auth_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.max_frame <= wire.HARD_MAX_PAYLOAD:
@@ -131,6 +136,8 @@ class NodeConfig:
             raise ValueError("read_timeout must be > 0 and idle_timeout >= 0")
         if min(self.max_connections, self.max_inflight, self.max_fetches) < 1:
             raise ValueError("max_connections, max_inflight, max_fetches must be >= 1")
+        if self.max_unauthenticated < 1 or self.auth_timeout <= 0:
+            raise ValueError("max_unauthenticated must be >= 1, auth_timeout > 0")
         if self.max_output < self.max_frame:
             raise ValueError("max_output must hold at least one frame (max_frame)")
 
@@ -180,6 +187,8 @@ class Node:
         self.owner_cache: LRUCache[int, tuple[str, ...]] = LRUCache(capacity)
         self.recent: LRUCache[bytes, tuple[int, int]] = LRUCache(capacity)
         self.conns: set[FrameConnection] = set()
+        # unauthenticated connections -> accept time, oldest first
+        self._anonymous: dict[FrameConnection, float] = {}
         self._refused_logged = -10.0  # when refused connections were last logged
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
         self.counters: NodeCounters = new_counters()
@@ -416,7 +425,26 @@ class Node:
         conn.admin = self.credentials is None
         self.conns.add(conn)
         self.counters["connections"] += 1
+        if self.credentials is not None:
+            anonymous = self._anonymous
+            if len(anonymous) >= config.max_unauthenticated:
+                oldest = next(iter(anonymous))
+                del anonymous[oldest]
+                self.counters["unauthenticated_closed"] += 1
+                self.error(
+                    oldest,
+                    0,
+                    p.ErrorCode.UNAUTHENTICATED,
+                    "closed: too many unauthenticated connections "
+                    f"(max_unauthenticated {config.max_unauthenticated})",
+                )
+                oldest.close()
+            anonymous[conn] = time.monotonic()
         return conn
+
+    def authenticated(self, conn: FrameConnection) -> None:
+        """*conn* proved who it is: it no longer counts as unauthenticated."""
+        self._anonymous.pop(conn, None)
 
     def _refuse_connection(self) -> Refused:
         """A connection over ``max_connections``: ERROR UNAVAILABLE, closed."""
@@ -439,6 +467,7 @@ class Node:
 
     def _on_close(self, conn: FrameConnection, exc: BaseException | None) -> None:
         self.conns.discard(conn)
+        self._anonymous.pop(conn, None)
         self.counters["frames_received"] += conn.rx_frames
         if conn.overflowed:
             self.counters["slow_readers_closed"] += 1
@@ -526,6 +555,19 @@ class Node:
             except (p.ProtocolError, ValueError, TypeError) as exc:
                 self.error(conn, frame.request_id, p.ErrorCode.MALFORMED, str(exc))
 
+    def _close_unauthenticated(self, now: float) -> None:
+        """Close connections that did not authenticate within auth_timeout."""
+        limit = self.config.auth_timeout
+        anonymous = self._anonymous
+        for conn, since in list(anonymous.items()):
+            if now - since <= limit:
+                break  # the rest came later
+            del anonymous[conn]
+            self.counters["unauthenticated_closed"] += 1
+            message = f"no authentication within {limit:g}s"
+            self.error(conn, 0, p.ErrorCode.UNAUTHENTICATED, message)
+            conn.close()
+
     async def _sweeper(self) -> None:
         """Enforce the connection deadlines (docs/protocol.md "Limits").
 
@@ -545,6 +587,7 @@ class Node:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            self._close_unauthenticated(now)
             for conn in list(self.conns):
                 started = conn.partial_since
                 if conn.paused:

@@ -418,7 +418,8 @@ class Link:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._open(timeout))
             self._connecting.add_done_callback(_retrieve)
-        await asyncio.shield(self._connecting)
+        # each caller waits its own timeout at most, whoever began the attempt
+        await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
 
     async def _open(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -440,7 +441,10 @@ class Link:
             raise ConnectionLost(f"link to {self.address} was closed while connecting")
         if self.handshake is not None:
             # Requests wait (the link is not connected) until the handshake
-            # is done; a failed one leaves no connection behind.
+            # is done; a failed one leaves no connection behind.  A peer that
+            # hung up already (before this coroutine resumed) fails it now.
+            if protocol.closed:
+                raise ConnectionLost(f"{self.address} closed the connection at once")
             self._handshaking = protocol
             try:
                 await self.handshake(
