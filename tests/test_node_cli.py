@@ -38,9 +38,14 @@ def test_arguments_become_a_config(tmp_path):
             "1",
             "--sync",
             "full",
+            "--max-members",
+            "32",
+            "--forget-after",
+            "5",
         ]
     )
     config = cli.config_from_args(args)
+    assert (config.gossip.max_members, config.gossip.forget_after) == (32, 5.0)
     assert (config.listen_host, config.listen_port) == ("0.0.0.0", 7000)
     assert (config.advertise_host, config.advertise_port) == ("::1", 7001)
     assert config.seeds == [("10.0.2.100", 7000), ("10.0.2.101", 7000)]

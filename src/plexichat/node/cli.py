@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a suspect has to refute before it is declared dead",
     )
     add(
+        "--max-members",
+        type=int,
+        default=GossipConfig.max_members,
+        help="members a node keeps in its table, itself included; gossip about "
+        "more is dropped (default %(default)s)",
+    )
+    add(
+        "--forget-after",
+        type=float,
+        default=GossipConfig.forget_after,
+        help="seconds a dead or left member stays in the table (default %(default)s)",
+    )
+    add(
         "--indirect-pings",
         type=int,
         default=2,
@@ -251,6 +264,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             ping_timeout=args.ping_timeout,
             suspect_timeout=args.suspect_timeout,
             indirect=args.indirect_pings,
+            max_members=args.max_members,
+            forget_after=args.forget_after,
         ),
         replicate_timeout=args.replicate_timeout,
         read_timeout=args.read_timeout,
