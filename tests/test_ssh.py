@@ -61,7 +61,10 @@ def _pump(src: object, send: object) -> None:
         data = src.read1(65536)  # type: ignore[attr-defined]
         if not data:
             return
-        send(data)  # type: ignore[operator]
+        try:
+            send(data)  # type: ignore[operator]
+        except OSError:  # the client closed the channel (a lab that went away)
+            return
 
 
 def _serve_exec(chan: paramiko.Channel, command: bytes) -> None:
