@@ -407,10 +407,10 @@ SECRET_NAME = "cluster.secret"
 
 
 def write_secret_file(path: Path, secret: bytes) -> None:
-    """*secret* as hex in a new file only its owner may read."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secret.hex() + "\n")
+    """*secret* in a file only its owner may read, as the nodes read it."""
+    from plexichat.node.auth import write_secret  # lab side: plexichat from src
+
+    write_secret(path, secret)
 
 
 # -- the cluster ----------------------------------------------------------------------

@@ -9,7 +9,6 @@ that name, whatever address (loopback, a forwarded guest port) they dial.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +32,6 @@ class ClusterTls:
 
 def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
 
 
 def make_cluster_tls(directory: Path) -> ClusterTls:
@@ -105,12 +98,12 @@ def make_cluster_tls(directory: Path) -> ClusterTls:
     )
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(node.public_bytes(serialization.Encoding.PEM))
-    _write_private(
-        files.key,
-        node_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+    from plexichat.node.auth import write_private  # lab side: plexichat from src
+
+    key_pem = node_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )
+    write_private(files.key, key_pem.decode("ascii"))
     return files

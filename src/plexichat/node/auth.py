@@ -257,10 +257,6 @@ def read_secret(path: Path) -> bytes:
     return secret
 
 
-def read_token(path: Path) -> str:
-    return path.read_text().strip()
-
-
 def credentials_from(path: Path | None) -> Credentials | None:
     """The credentials of the secret file at *path* (None: no file given)."""
     return None if path is None else Credentials(read_secret(path))

@@ -257,6 +257,8 @@ class Node:
             T.HANDOFF: self.rebalancer.on_handoff,
             T.PING: self.control.on_ping,
         }
+        # what a connection may be allowed, SEND aside, has a handler
+        assert PEER_OPS - {T.SEND} <= self._handlers.keys()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -510,7 +512,7 @@ class Node:
                 p.ErrorCode.UNKNOWN_OP,
                 f"operation {ftype} not accepted",
             )
-        elif conn.allowed is ANONYMOUS_OPS or not conn.allowed:
+        elif conn.allowed is ANONYMOUS_OPS:
             self.refuse(
                 conn,
                 frame.request_id,
@@ -539,19 +541,8 @@ class Node:
                 now = sends.arrival = max(now, sends.arrival + 1)
                 sends.on_send(conn, frame.request_id, frame.payload, now)
                 continue
-            handler = handlers.get(ftype)
-            if handler is None:
-                if ftype != T.ERROR:  # never answer an error with an error
-                    self.counters["unknown_ops"] += 1
-                    self.error(
-                        conn,
-                        frame.request_id,
-                        p.ErrorCode.UNKNOWN_OP,
-                        f"operation {ftype} not accepted",
-                    )
-                continue
-            try:
-                handler(conn, frame.request_id, frame.payload)
+            try:  # every allowed operation but SEND has a handler
+                handlers[ftype](conn, frame.request_id, frame.payload)
             except (p.ProtocolError, ValueError, TypeError) as exc:
                 self.error(conn, frame.request_id, p.ErrorCode.MALFORMED, str(exc))
 

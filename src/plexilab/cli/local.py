@@ -16,6 +16,7 @@ from __future__ import annotations
 import json as jsonlib
 import logging
 import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,15 +267,14 @@ def bench(
     rounds: int = 1,
 ) -> None:
     """Run the cluster with compiled backends, then with PLEXICHAT_BACKEND=python."""
-    options = dict(locals())
-    runs: dict[str, list[dict[str, Any]]] = {"auto": [], "python": []}
-    for round_ in range(max(1, rounds)):
-        for backend in ("auto", "python"):
-            sub = str(Path(results) / f"{backend}-{round_}") if results else ""
-            config = _config(**{**options, "backend": backend, "results": sub})
-            res = _run(config)
-            runs[backend].append(res)
-            console.print(results_table(res, f"round {round_ + 1}: {res['backend']}"))
+    runs = _alternate(
+        dict(locals()),
+        "backend",
+        ("auto", "python"),
+        lambda round_, _backend, res: console.print(
+            results_table(res, f"round {round_ + 1}: {res['backend']}")
+        ),
+    )
     fast = statistics.median(r["throughput_msgs_per_s"] for r in runs["auto"])
     slow = statistics.median(r["throughput_msgs_per_s"] for r in runs["python"])
     ratio = fast / slow if slow else float("inf")
@@ -284,7 +284,31 @@ def bench(
         f"ratio [bold]{ratio:.2f}x[/bold]"
     )
     _write(json, {"ratio": ratio, "compiled": fast, "python": slow, "runs": runs})
-    every = runs["auto"] + runs["python"]
+    _fail_on_any(runs)
+
+
+Shown = Callable[[int, str, dict[str, Any]], None]
+
+
+def _alternate(
+    options: dict[str, Any], key: str, variants: Sequence[str], show: Shown
+) -> dict[str, list[dict[str, Any]]]:
+    """``options["rounds"]`` rounds of one cluster run per variant (the
+    option *key* set to it), variants alternating; *show* each result."""
+    results = options["results"]
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for round_ in range(max(1, options["rounds"])):
+        for variant in variants:
+            sub = str(Path(results) / f"{variant}-{round_}") if results else ""
+            res = _run(_config(**{**options, key: variant, "results": sub}))
+            runs[variant].append(res)
+            show(round_, variant, res)
+    return runs
+
+
+def _fail_on_any(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Exit 1 with every reason any of *runs* failed for."""
+    every = [r for rows in runs.values() for r in rows]
     reasons = sorted({reason for r in every for reason in verdict(r)})
     if reasons:
         raise Exit("a run failed: " + "; ".join(reasons), code=1)
@@ -321,20 +345,16 @@ def bench_security(
     The baseline runs the nodes --insecure: the only place the lab does, to
     price authentication (goal: under 10%) and TLS (under 25%).
     """
-    options = dict(locals())
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in SECURITY_MODES}
-    for round_ in range(max(1, rounds)):
-        for mode in SECURITY_MODES:
-            sub = str(Path(results) / f"{mode}-{round_}") if results else ""
-            config = _config(**{**options, "backend": "", "results": sub})
-            config.security = mode  # type: ignore[assignment]
-            res = _run(config)
-            runs[mode].append(res)
-            console.print(
-                f"round {round_ + 1} {mode}: "
-                f"{res['throughput_msgs_per_s']:,.0f} msg/s, "
-                f"p99 {res['latency_ms']['p99']:.2f} ms"
-            )
+    runs = _alternate(
+        {**locals(), "backend": ""},
+        "security",
+        SECURITY_MODES,
+        lambda round_, mode, res: console.print(
+            f"round {round_ + 1} {mode}: "
+            f"{res['throughput_msgs_per_s']:,.0f} msg/s, "
+            f"p99 {res['latency_ms']['p99']:.2f} ms"
+        ),
+    )
     medians = {
         mode: statistics.median(r["throughput_msgs_per_s"] for r in rows)
         for mode, rows in runs.items()
@@ -357,10 +377,7 @@ def bench_security(
         )
     console.print(table)
     _write(json, {"medians": summary, "runs": runs})
-    every = [r for rows in runs.values() for r in rows]
-    reasons = sorted({reason for r in every for reason in verdict(r)})
-    if reasons:
-        raise Exit("a run failed: " + "; ".join(reasons), code=1)
+    _fail_on_any(runs)
 
 
 local = Collection("local", cluster, bench, bench_security)
