@@ -91,7 +91,7 @@ def build(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Run ruff (lint and format check)."""
+    """Run ruff (lint and format check) and the import-layer contracts."""
     install(session, "lint")
     targets = session.posargs or [
         "src",
@@ -102,6 +102,8 @@ def lint(session: nox.Session) -> None:
     ]
     session.run("ruff", "check", *targets)
     session.run("ruff", "format", "--check", *targets)
+    # the layer contracts of pyproject.toml's [tool.importlinter]
+    session.run("lint-imports", "--no-cache", env={"PYTHONPATH": "src"})
 
 
 @nox.session
@@ -172,7 +174,7 @@ def benchmark(session: nox.Session) -> None:
         "--set-commit-hash", commit.strip(), *session.posargs,
     )  # fmt: skip
     session.run(
-        "python", "-m", "plexilab.asvreport", "--machine", "lab",
+        "python", "-m", "plexilab.results.asvreport", "--machine", "lab",
         env={"PYTHONPATH": str(SRC)},
     )  # fmt: skip
 
@@ -184,7 +186,7 @@ def wheels(session: nox.Session) -> None:
     session.run(
         "python",
         "-m",
-        "plexilab.wheels",
+        "plexilab.infra.wheels",
         *session.posargs,
         env={"PYTHONPATH": str(SRC), **REQUIRE_EXT},
     )

@@ -12,7 +12,7 @@
   was already running is left alone.
 
 This file is also shipped alone into the QEMU guests with ``tests/golden``
-(``plexilab.cli.qemu.tests_tar``): it must need nothing but pytest and the
+(``plexilab.providers.qemu.tests_tar``): it must need nothing but pytest and the
 installed ``plexichat`` wheel.
 """
 
@@ -268,9 +268,9 @@ _engine_was_running = pytest.StashKey[bool | None]()
 
 
 def _containers() -> ModuleType | None:
-    """``plexilab.containers`` where the lab is installed (not in the guests)."""
+    """``plexilab.infra.engine`` where the lab is installed (not in the guests)."""
     try:
-        from plexilab import containers
+        from plexilab.infra import engine as containers
     except ImportError:
         return None
     return containers

@@ -7,7 +7,7 @@ output in ``<run>/logs/<step>.log``):
    ``quick``: ``nox -s tests -- -m "not qemu and not docker"``);
 2. ``benchmark`` (``nox -s benchmark``: asv on HEAD into ``.asv/results/lab``)
    and ``compare`` (in process: HEAD's asv result against the previous
-   commit's, see :func:`plexilab.history.compare_head`);
+   commit's, see :func:`plexilab.results.history.compare_head`);
 3. ``wheels-x86_64`` and ``wheels-aarch64`` (``nox -s wheels -- --arch A``);
 4. ``cluster``: ``invoke qemu.cluster`` when this checkout has that task,
    otherwise ``invoke local.cluster`` -- the fallback is recorded in the report;
@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from plexilab import asvreport, history
+from plexilab.results import asvreport, history
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS: tuple[str, ...] = (
@@ -640,7 +640,9 @@ class Nightly:
         }
         path = self.run_dir / "nightly.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
-        from plexilab import report  # matplotlib: only once there is a run to draw
+        from plexilab.results import (
+            report,  # matplotlib: only once there is a run to draw
+        )
 
         try:
             made = report.build(self.run_dir)

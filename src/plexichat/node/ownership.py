@@ -3,7 +3,7 @@
 This is the specification the node follows (``node/order.py``,
 ``node/channels.py`` and ``node/writes.py`` implement it with the log in the
 store); ``docs/design/channel-order.md`` describes both and
-``tests/test_ownership_sim.py`` checks this model under simulated faults.
+``tests/node/test_ownership_sim.py`` checks this model under simulated faults.
 
 One :class:`ChannelReplica` is one node's view of one channel.  It does no I/O
 and reads no clock: every method returns *effects* (messages to send, client

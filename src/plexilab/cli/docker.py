@@ -28,9 +28,11 @@ from invoke.tasks import task
 from rich.console import Console
 from rich.table import Table
 
-from plexilab import containers
-from plexilab.cli.local import COMMON_HELP, results_table
-from plexilab.cluster import ClusterConfig, verdict
+from plexilab.cli.local import COMMON_HELP
+from plexilab.infra import engine as containers
+from plexilab.results.tables import results_table
+from plexilab.run.cluster import ClusterConfig, verdict
+from plexilab.run.container import run_container_cluster
 
 console = Console()
 
@@ -133,8 +135,6 @@ def cluster(
     worktree: bool = False,
 ) -> None:
     """Run a PlexiChat cluster of node containers under load; check nothing was lost."""
-    from plexilab.hosts.container import run_container_cluster
-
     if backend not in ("", "auto", "python") or install not in ("dev", "wheel"):
         raise Exit("--backend must be auto|python, --install dev|wheel", code=2)
     logging.basicConfig(level=logging.WARNING)

@@ -5,7 +5,7 @@ waits for membership to converge, runs the chat load, the P2P scenario and
 the checker, stops everything and prints a results table; it exits non-zero
 when the checker found a lost, duplicated or reordered message.
 ``--faults=partition,kill,pause`` (or ``default``, ``none``) injects faults
-during the load every ``--fault-interval`` seconds (see ``plexilab.faults``);
+during the load every ``--fault-interval`` seconds (see ``plexilab.run.faults``);
 the results then carry the fault timeline and availability numbers.
 ``invoke local.bench`` runs it twice (compiled, then PLEXICHAT_BACKEND=python)
 and prints the throughput ratio.
@@ -27,9 +27,10 @@ from invoke.tasks import task
 from rich.console import Console
 from rich.table import Table
 
-from plexilab import faults as faultlib
-from plexilab.cluster import ClusterConfig, run_cluster, verdict
-from plexilab.hosts.local import LocalHost
+from plexilab.providers.local import LocalHost
+from plexilab.results.tables import results_table
+from plexilab.run import faults as faultlib
+from plexilab.run.cluster import ClusterConfig, run_cluster, verdict
 
 console = Console()
 
@@ -90,92 +91,6 @@ def _run(config: ClusterConfig) -> dict[str, Any]:
         )
     finally:
         host.close()
-
-
-# rows of the results table that hold checker counts -> the counts in them
-VERDICT_ROWS: dict[str, tuple[str, ...]] = {
-    "lost / duplicated / reordered": ("lost", "duplicated", "reordered"),
-    "misplaced / shared seq / gaps": ("seq_mismatch", "shared_seq", "gaps"),
-    "replica missing / divergence": ("replica_missing", "divergence"),
-}
-
-
-def results_table(
-    results: dict[str, Any], title: str = "PlexiChat local cluster"
-) -> Table:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    lat = results["latency_ms"]
-    p2p = results["p2p_latency_ms"]
-    rows: list[tuple[str, str]] = [
-        ("nodes / replicas", f"{results['nodes']} / {results['replicas']}"),
-        ("backend", results["backend"]),
-        ("acked", f"{results['acked']:,}"),
-        ("failures", f"{results['failures']:,}"),
-        (
-            "lost / duplicated / reordered",
-            f"{results['lost']} / {results['duplicated']} / {results['reordered']}",
-        ),
-        (
-            "misplaced / shared seq / gaps",
-            f"{results['seq_mismatch']} / {results['shared_seq']} / {results['gaps']}",
-        ),
-        (
-            "replica missing / divergence",
-            f"{results['replica_missing']} / {results['divergence']}"
-            if results["replicas_checked"]
-            else "not checked",
-        ),
-        ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
-        (
-            "latency p50 / p99 / p99.9 (ms)",
-            f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f}",
-        ),
-        ("convergence (s)", f"{results['convergence_s']:.2f}"),
-        ("p2p latency p50 / p99 (ms)", f"{p2p['p50']:.2f} / {p2p['p99']:.2f}"),
-        ("p2p coverage", f"{results['p2p_coverage']:.2%}"),
-    ]
-    if results.get("faults"):
-        counts = results.get("fault_counts") or {}
-        rows.append(("faults", ", ".join(f"{k} x{v}" for k, v in counts.items())))
-        for window, v in (results.get("availability") or {}).items():
-            rows.append(
-                (
-                    f"{window.replace('_', ' ')}: ok / failed (acked/s)",
-                    f"{v['ok']:,} / {v['failed']:,} ({v['acked_per_s']:,.0f})",
-                )
-            )
-        for kind, (served, total, worst) in _served_by_kind(results).items():
-            rows.append(
-                (
-                    f"{kind}: healthy side fully served within the fault",
-                    f"{served} of {total} faults (slowest after {worst})",
-                )
-            )
-        rows.append(("recovery after healing (s)", f"{results['recovery_s']:.2f}"))
-    for error in results.get("fault_errors") or []:
-        rows.append(("fault error", error))
-    for name, value in rows:
-        bad = name == "fault error" or any(
-            results.get(count) for count in VERDICT_ROWS.get(name, ())
-        )
-        table.add_row(name, value, style="red" if bad else None)
-    return table
-
-
-def _served_by_kind(results: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
-    """Per fault kind: faults whose healthy side was served, of all, slowest."""
-    out: dict[str, tuple[int, int, str]] = {}
-    for row in results.get("fault_service") or []:
-        served, total, worst = out.get(row["kind"], (0, 0, "-"))
-        after = row.get("served_after_s")
-        if after is not None:
-            served += 1
-            if worst == "-" or after > float(worst.rstrip("s")):
-                worst = f"{after:g}s"
-        out[row["kind"]] = (served, total + 1, worst)
-    return out
 
 
 def _write(path: str, doc: dict[str, Any]) -> None:

@@ -22,14 +22,10 @@ Every task runs ``invoke setup``'s checks first.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import statistics
 import sys
-import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,20 +36,24 @@ from invoke.tasks import task
 from rich.console import Console
 from rich.table import Table
 
-from plexilab import images, machine, setup_host, wheels
-from plexilab.hosts.base import Host
-from plexilab.hosts.qemu import (
-    GUEST_VENV_PYTHON,
-    GUEST_WORKDIR,
-    AttachedGuest,
+from plexilab.host import Host
+from plexilab.infra import images, machine, setup_host, wheels
+from plexilab.infra.artifacts import DIST, ensure_artifacts
+from plexilab.infra.ssh import lab_key
+from plexilab.providers.docker_in_guests import GuestContainerHost
+from plexilab.providers.qemu import (
     GuestSpec,
+    QemuHost,
     QemuLab,
+    guest,
+    push_to,
+    run_golden,
 )
-from plexilab.ssh import SSHClient, SSHHost, lab_key, public_key
+from plexilab.results import tables
+from plexilab.run import faults as faultlib
+from plexilab.run import qemu as qemu_cluster
 
 console = Console()
-REPO = wheels.REPO
-DIST = REPO / "dist"
 
 
 def _arches(arch: str) -> tuple[str, ...]:
@@ -69,133 +69,6 @@ def _setup() -> None:
         setup_host.ensure()
     except setup_host.HostSetupError as exc:
         raise Exit(str(exc), code=1) from None
-
-
-def newest_source() -> float:
-    """mtime of the newest file that goes into the wheel."""
-    paths = [REPO / "setup.py", REPO / "pyproject.toml"]
-    paths += [p for p in (REPO / "src" / "plexichat").rglob("*") if p.is_file()]
-    return max(
-        p.stat().st_mtime for p in paths if p.suffix not in {".so", ".c", ".html"}
-    )
-
-
-def ensure_artifacts(
-    arch: str, *, rebuild: bool = False, numba: bool = False
-) -> tuple[Path, Path]:
-    """(wheel, wheelhouse) of *arch* in dist/; rebuilt when older than the sources."""
-    found = wheels.artifacts(arch, DIST)
-    has_numba = bool(found and any(found[1].glob("numba-*.whl")))
-    fresh = found and found[0].stat().st_mtime >= newest_source()
-    if found and fresh and not rebuild and has_numba == numba:
-        return found
-    start = time.monotonic()
-    result = wheels.build(arch, DIST, numba=numba)
-    console.print(
-        f"built {result.wheel.name} in {time.monotonic() - start:.1f} s "
-        f"{result.seconds}"
-    )
-    return result.wheel, result.wheelhouse
-
-
-@contextlib.contextmanager
-def guest(
-    arch: str, *, deps_disk: Path | None, name: str | None = None
-) -> Iterator[SSHHost]:
-    """A running guest of *arch* (from ``qemu.up``) or a fresh one for this task.
-
-    *deps_disk* is a wheelhouse: a fresh guest gets a deps disk made from it.
-    """
-    for state in machine.running_guests(arch):
-        ssh = SSHClient(
-            "127.0.0.1",
-            int(state["ssh_port"]),
-            host_key=public_key(state["host_key"]),
-            name=state["name"],
-        )
-        host = AttachedGuest(
-            state["name"],
-            arch,
-            ssh,
-            python=GUEST_VENV_PYTHON,
-            workdir=GUEST_WORKDIR,
-            deps=images.DEPS_MOUNT if state.get("deps_disk") else None,
-        )
-        ssh.connect(timeout=30)
-        host.run(["mkdir", "-p", GUEST_WORKDIR], timeout=30)
-        console.print(
-            f"using running guest {state['name']} (ssh port {state['ssh_port']})"
-        )
-        try:
-            yield host
-        finally:
-            ssh.close()
-        return
-    spec = GuestSpec(name or f"{arch}-task", arch, [], wheelhouse=deps_disk)
-    lab = QemuLab([spec])
-    with lab:
-        console.print(
-            f"booted {spec.name} ({lab.machines[0].accel}) "
-            f"in {lab.boot_seconds[spec.name]:.1f} s"
-        )
-        yield lab.hosts[0]
-
-
-def push_to(host: SSHHost, wheel: Path, wheelhouse: Path) -> dict[str, Any]:
-    """Install wheel (+ deps) on *host* and run the accel check; return timings."""
-    start = time.monotonic()
-    report = host.install(wheel, wheelhouse)
-    check = host.run(
-        [host.python(), "-m", "plexichat.accel", "--require-compiled"],
-        timeout=300,
-        check=False,
-    )
-    total = time.monotonic() - start
-    print(check.stdout.rstrip(), flush=True)  # the guest's table, unwrapped
-    if check.stderr.strip():
-        print(check.stderr.rstrip(), file=sys.stderr)
-    return {
-        "bytes_sent": report.bytes_sent,
-        "push_s": round(report.push_seconds, 2),
-        "install_s": round(report.install_seconds, 2),
-        "accel_s": round(check.seconds, 2),
-        "total_s": round(total, 2),
-        "installed": report.output,
-        "require_compiled_rc": check.returncode,
-    }
-
-
-def tests_tar() -> bytes:
-    """tests/conftest.py, tests/golden and tests/vectors plus a guest pytest.ini."""
-    buf = io.BytesIO()
-    tests = REPO / "tests"
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        files = [tests / "conftest.py", *sorted((tests / "golden").glob("*.py"))]
-        files += sorted((tests / "vectors").glob("*.json"))
-        for path in files:
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(tests)))
-        ini = b"[pytest]\naddopts = -p no:cacheprovider -ra\n"
-        info = tarfile.TarInfo("pytest.ini")
-        info.size = len(ini)
-        tar.addfile(info, io.BytesIO(ini))
-    return buf.getvalue()
-
-
-def run_golden(host: SSHHost, *, timeout: float = 900.0) -> tuple[int, str]:
-    """Run the golden-vector tests on *host*; return (pytest exit code, output)."""
-    remote = f"{host.workdir()}/tests"
-    host.ssh.run(
-        f"rm -rf {remote} && mkdir -p {remote} && tar -x -C {remote}",
-        timeout=60,
-        input=tests_tar(),
-    )
-    res = host.ssh.run(
-        f"cd {remote} && {host.python()} -m pytest golden -q",
-        timeout=timeout,
-        check=False,
-    )
-    return res.returncode, res.stdout + res.stderr
 
 
 def _show(title: str, rows: dict[str, Any]) -> None:
@@ -258,7 +131,7 @@ def wheel(c: Context, arch: str = "aarch64", out: str = str(DIST)) -> None:
 def up(c: Context, arch: str = "x86_64", name: str = "", deps: bool = True) -> None:
     """Boot a guest and keep it until Ctrl-C (other qemu tasks then use it)."""
     _setup()
-    house = ensure_artifacts(arch)[1] if deps else None
+    house = ensure_artifacts(arch, progress=console.print)[1] if deps else None
     spec = GuestSpec(name or f"{arch}-up", arch, [], wheelhouse=house)
     with QemuLab([spec]) as lab:
         m = lab.machines[0]
@@ -303,8 +176,12 @@ def push(
     _setup()
     results = {}
     for a in _arches(arch):
-        whl, house = ensure_artifacts(a, rebuild=rebuild, numba=numba)
-        with guest(a, deps_disk=house if disk else None) as host:
+        whl, house = ensure_artifacts(
+            a, rebuild=rebuild, numba=numba, progress=console.print
+        )
+        with guest(
+            a, deps_disk=house if disk else None, progress=console.print
+        ) as host:
             results[a] = push_to(host, whl, house)
         _show(f"push {a}", results[a])
     if json:
@@ -325,8 +202,12 @@ def golden(
     _setup()
     failed = []
     for a in _arches(arch):
-        whl, house = ensure_artifacts(a, rebuild=rebuild, numba=numba)
-        with guest(a, deps_disk=house if disk else None) as host:
+        whl, house = ensure_artifacts(
+            a, rebuild=rebuild, numba=numba, progress=console.print
+        )
+        with guest(
+            a, deps_disk=house if disk else None, progress=console.print
+        ) as host:
             push_to(host, whl, house)
             start = time.monotonic()
             code, output = run_golden(host)
@@ -377,7 +258,7 @@ def boot_bench(
 def ssh(c: Context, arch: str = "x86_64", command: str = "uname -a") -> None:
     """Run a command in a running guest (``qemu.up``) or a fresh one."""
     _setup()
-    with guest(arch, deps_disk=None) as host:
+    with guest(arch, deps_disk=None, progress=console.print) as host:
         res = host.ssh.run(command, timeout=600, check=False)
     sys.stdout.write(res.stdout)
     sys.stderr.write(res.stderr)
@@ -414,7 +295,7 @@ qemu = Collection("qemu", image, wheel, up, push, boot_bench, ssh, reap, kvm)
 qemu.add_task(golden, name="test")
 
 
-# -- cluster runs in guests (src/plexilab/qemu_cluster.py) ----------------------------
+# -- cluster runs in guests (src/plexilab/run/qemu.py) ----------------------------
 
 CLUSTER_HELP = {
     "nodes": "number of nodes, one guest each (default 3)",
@@ -430,8 +311,6 @@ CLUSTER_HELP = {
 
 
 def _cluster_options(**kw: Any) -> Any:
-    from plexilab import qemu_cluster
-
     results = kw.pop("results", "")
     try:
         return qemu_cluster.QemuClusterOptions(
@@ -442,9 +321,7 @@ def _cluster_options(**kw: Any) -> Any:
 
 
 def _finish(result: dict[str, Any], json_path: str) -> None:
-    from plexilab import qemu_cluster
-
-    qemu_cluster.print_results(result, console)
+    tables.print_results(result, console)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
@@ -455,8 +332,6 @@ def _finish(result: dict[str, Any], json_path: str) -> None:
 
 
 def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> dict[str, Any]:
-    from plexilab import qemu_cluster
-
     try:
         result: dict[str, Any] = qemu_cluster.run(
             options, scenario=scenario, console=console
@@ -510,14 +385,9 @@ def cluster(
     runtime: str = "process",
 ) -> None:
     """Run a PlexiChat cluster in QEMU guests (one per node): load, P2P, checker."""
-    from plexilab import faults as faultlib
-    from plexilab.hosts.qemu import QemuHost
-
     json_path = json
     provider: type[Host] = QemuHost
     if runtime == "docker":
-        from plexilab.guest_docker import GuestContainerHost
-
         provider = GuestContainerHost
     try:  # "default" is resolved by the provider that runs (QEMU or the fallback)
         kinds = (

@@ -13,7 +13,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from plexilab import setup_host
+from plexilab.infra import setup_host
 
 
 @task(default=True)

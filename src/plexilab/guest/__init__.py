@@ -1,0 +1,1 @@
+"""Code that runs inside guests or as lab relays, shipped as files."""

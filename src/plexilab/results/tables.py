@@ -1,0 +1,278 @@
+"""Every rich table of a run's results (local, container and QEMU runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+# rows of the results table that hold checker counts -> the counts in them
+VERDICT_ROWS: dict[str, tuple[str, ...]] = {
+    "lost / duplicated / reordered": ("lost", "duplicated", "reordered"),
+    "misplaced / shared seq / gaps": ("seq_mismatch", "shared_seq", "gaps"),
+    "replica missing / divergence": ("replica_missing", "divergence"),
+}
+
+
+def results_table(
+    results: dict[str, Any], title: str = "PlexiChat local cluster"
+) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lat = results["latency_ms"]
+    p2p = results["p2p_latency_ms"]
+    rows: list[tuple[str, str]] = [
+        ("nodes / replicas", f"{results['nodes']} / {results['replicas']}"),
+        ("backend", results["backend"]),
+        ("acked", f"{results['acked']:,}"),
+        ("failures", f"{results['failures']:,}"),
+        (
+            "lost / duplicated / reordered",
+            f"{results['lost']} / {results['duplicated']} / {results['reordered']}",
+        ),
+        (
+            "misplaced / shared seq / gaps",
+            f"{results['seq_mismatch']} / {results['shared_seq']} / {results['gaps']}",
+        ),
+        (
+            "replica missing / divergence",
+            f"{results['replica_missing']} / {results['divergence']}"
+            if results["replicas_checked"]
+            else "not checked",
+        ),
+        ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
+        (
+            "latency p50 / p99 / p99.9 (ms)",
+            f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f}",
+        ),
+        ("convergence (s)", f"{results['convergence_s']:.2f}"),
+        ("p2p latency p50 / p99 (ms)", f"{p2p['p50']:.2f} / {p2p['p99']:.2f}"),
+        ("p2p coverage", f"{results['p2p_coverage']:.2%}"),
+    ]
+    if results.get("faults"):
+        counts = results.get("fault_counts") or {}
+        rows.append(("faults", ", ".join(f"{k} x{v}" for k, v in counts.items())))
+        for window, v in (results.get("availability") or {}).items():
+            rows.append(
+                (
+                    f"{window.replace('_', ' ')}: ok / failed (acked/s)",
+                    f"{v['ok']:,} / {v['failed']:,} ({v['acked_per_s']:,.0f})",
+                )
+            )
+        for kind, (served, total, worst) in _served_by_kind(results).items():
+            rows.append(
+                (
+                    f"{kind}: healthy side fully served within the fault",
+                    f"{served} of {total} faults (slowest after {worst})",
+                )
+            )
+        rows.append(("recovery after healing (s)", f"{results['recovery_s']:.2f}"))
+    for error in results.get("fault_errors") or []:
+        rows.append(("fault error", error))
+    for name, value in rows:
+        bad = name == "fault error" or any(
+            results.get(count) for count in VERDICT_ROWS.get(name, ())
+        )
+        table.add_row(name, value, style="red" if bad else None)
+    return table
+
+
+def _served_by_kind(results: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
+    """Per fault kind: faults whose healthy side was served, of all, slowest."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for row in results.get("fault_service") or []:
+        served, total, worst = out.get(row["kind"], (0, 0, "-"))
+        after = row.get("served_after_s")
+        if after is not None:
+            served += 1
+            if worst == "-" or after > float(worst.rstrip("s")):
+                worst = f"{after:g}s"
+        out[row["kind"]] = (served, total + 1, worst)
+    return out
+
+
+# -- tables ---------------------------------------------------------------------------
+
+
+def _ms(summary: Mapping[str, Any] | None, key: str) -> str:
+    if not summary or not summary.get("count"):
+        return "-"
+    return f"{summary[key]:.2f}"
+
+
+def _num(value: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _table(title: str, columns: Sequence[str]) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i < 3)
+    return table
+
+
+def node_table(result: Mapping[str, Any]) -> Table:
+    """Per node: where it ran, what it did, its latencies (ms)."""
+    if result.get("scenario") == "p2p":
+        return p2p_node_table(result)
+    table = _table(
+        "per node (latencies in ms, node-side)",
+        ["node", "guest", "arch", "boot s", "acked", "send p50", "send p99",
+         "relay p50"],
+    )  # fmt: skip
+    for row in result["per_node"]:
+        send = row.get("send_latency_ms")
+        counters = row.get("counters") or {}
+        table.add_row(
+            row["node_id"],
+            row["host"],
+            row.get("arch", "?"),
+            _num(row.get("boot_s"), "{:.1f}"),
+            f"{counters.get('acked', 0):,}",
+            _ms(send, "p50"),
+            _ms(send, "p99"),
+            _ms(row.get("relay_latency_ms"), "p50"),
+        )
+    return table
+
+
+def p2p_node_table(result: Mapping[str, Any]) -> Table:
+    table = _table(
+        "per node (relay propagation from injection, ms)",
+        ["node", "guest", "arch", "boot s", "relays", "p50", "p99", "max"],
+    )
+    for row in result["per_node"]:
+        relay = row.get("relay_latency_ms")
+        table.add_row(
+            row["node_id"],
+            row["host"],
+            row.get("arch", "?"),
+            _num(row.get("boot_s"), "{:.1f}"),
+            f"{(row.get('counters') or {}).get('relays', 0):,}",
+            _ms(relay, "p50"),
+            _ms(relay, "p99"),
+            _ms(relay, "max"),
+        )
+    return table
+
+
+def vm_table(result: Mapping[str, Any]) -> Table:
+    """Per guest: QMP-sampled CPU and memory, clock offset."""
+    table = _table(
+        "per guest VM (QMP samples; load = from convergence to the end of the load)",
+        ["guest", "accel", "load vCPU s", "vCPU use", "QEMU CPU s", "RSS MiB",
+         "RSS max", "clock ms"],
+    )  # fmt: skip
+    for row in result["per_node"]:
+        vm = row.get("vm") or {}
+        clock = row.get("clock") or {}
+        table.add_row(
+            row["host"],
+            str(row.get("accel") or "-"),
+            _num(vm.get("load_vcpu_s"), "{:.1f}"),
+            _num(vm.get("load_vcpu_util"), "{:.0%}"),
+            _num(vm.get("qemu_cpu_s"), "{:.1f}"),
+            _num(vm.get("rss_mib_after_load"), "{:.0f}"),
+            _num(vm.get("rss_mib_max"), "{:.0f}"),
+            _num(clock.get("offset_after_ms", clock.get("offset_ms")), "{:+.2f}"),
+        )
+    return table
+
+
+def arch_table(result: Mapping[str, Any]) -> Table:
+    """Per arch: the nodes' SEND and RELAY histograms merged (ms)."""
+    if result.get("scenario") == "p2p":
+        table = _table(
+            "per architecture (relay propagation, ms)",
+            ["arch", "nodes", "relays", "p50", "p99", "p99.9", "max"],
+        )
+        for arch, r in sorted((result.get("p2p_latency_by_arch") or {}).items()):
+            table.add_row(
+                arch,
+                str(r["nodes"]),
+                f"{r['count']:,}",
+                _ms(r, "p50"),
+                _ms(r, "p99"),
+                _ms(r, "p99.9"),
+                _ms(r, "max"),
+            )
+        return table
+    table = _table(
+        "per architecture (node-side histograms merged, ms)",
+        ["arch", "nodes", "acked", "send p50", "send p99", "send p99.9",
+         "relay p50", "relay p99"],
+    )  # fmt: skip
+    send = result.get("latency_by_arch") or {}
+    relay = result.get("p2p_latency_by_arch") or {}
+    for arch in sorted(set(send) | set(relay)):
+        rows = [r for r in result["per_node"] if r.get("arch") == arch]
+        acked = sum((r.get("counters") or {}).get("acked", 0) for r in rows)
+        s, p = send.get(arch), relay.get(arch)
+        table.add_row(
+            arch,
+            str(len(rows)),
+            f"{acked:,}",
+            _ms(s, "p50"),
+            _ms(s, "p99"),
+            _ms(s, "p99.9"),
+            _ms(p, "p50"),
+            _ms(p, "p99"),
+        )
+    return table
+
+
+def phase_table(result: Mapping[str, Any]) -> Table:
+    table = _table(f"phases (total {result.get('total_s', 0):.1f} s)", ["phase", "s"])
+    for name, secs in result.get("phases_s", {}).items():
+        table.add_row(name, f"{secs:.2f}")
+    return table
+
+
+def p2p_table(result: Mapping[str, Any]) -> Table:
+    p2p = result["p2p"]
+    table = Table(title=f"P2P relay ({result.get('provider', '?')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lat = result["p2p_latency_ms"]
+    rows = [
+        ("nodes", str(result["nodes"])),
+        ("relays injected / fanout", f"{p2p['injected']} / {p2p['fanout']}"),
+        (
+            "deliveries / expected",
+            f"{p2p['deliveries']} / {p2p['expected_deliveries']}",
+        ),
+        ("coverage", f"{result['p2p_coverage']:.2%}"),
+        ("propagation p50 / p99 / max (ms)",
+         f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat.get('max', 0):.2f}"),
+        ("convergence (s)", f"{result['convergence_s']:.2f}"),
+    ]  # fmt: skip
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def print_results(result: Mapping[str, Any], console: Console) -> None:
+    """Summary (as local.cluster), per node, per arch and phase tables."""
+    provider = result.get("provider", "?")
+    if result.get("scenario") == "p2p":
+        console.print(p2p_table(result))
+    else:
+        title = f"PlexiChat cluster ({provider}, {result.get('arch_mode', '?')})"
+        console.print(results_table(dict(result), title))
+    console.print(node_table(result))
+    if result.get("provider") == "qemu":
+        console.print(vm_table(result))
+    console.print(arch_table(result))
+    console.print(phase_table(result))
+    if result.get("fallback_reason"):
+        console.print(
+            f"[bold yellow]provider: local (fallback): {result['fallback_reason']}"
+        )
+    if result.get("leftover_qemu_pids"):
+        console.print(
+            f"[bold red]QEMU processes left behind: {result['leftover_qemu_pids']}"
+        )
