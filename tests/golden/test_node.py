@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.membership import parse_update
 from plexichat.wire import MessageType
@@ -40,7 +41,7 @@ def _record(r: dict[str, Any], channel: int | None = None) -> p.Record:
     )
 
 
-def _section(s: dict[str, Any]) -> p.AppendSection:
+def _section(s: dict[str, Any]) -> pp.AppendSection:
     records = tuple(
         p.Record(
             s["channel"],
@@ -53,45 +54,45 @@ def _section(s: dict[str, Any]) -> p.AppendSection:
         )
         for r in s["records"]
     )
-    return p.AppendSection(
+    return pp.AppendSection(
         s["channel"], s["term"], s["prev_term"], s["prev_seq"], s["commit"], records
     )
 
 
-def _result(r: dict[str, Any]) -> p.AppendResult:
-    return p.AppendResult(
-        r["channel"], p.AppendStatus[r["status"]], r["promised"], r["match"]
+def _result(r: dict[str, Any]) -> pp.AppendResult:
+    return pp.AppendResult(
+        r["channel"], pp.AppendStatus[r["status"]], r["promised"], r["match"]
     )
 
 
-def _epochs(epochs: list[list[int]]) -> p.Epochs:
+def _epochs(epochs: list[list[int]]) -> pp.Epochs:
     return tuple((term, first) for term, first in epochs)
 
 
-def _prepare(f: dict[str, Any]) -> p.Prepare:
-    return p.Prepare(f["channel"], f["term"], _epochs(f["epochs"]), f["last"])
+def _prepare(f: dict[str, Any]) -> pp.Prepare:
+    return pp.Prepare(f["channel"], f["term"], _epochs(f["epochs"]), f["last"])
 
 
-def _promise(f: dict[str, Any]) -> p.PromiseMsg:
+def _promise(f: dict[str, Any]) -> pp.PromiseMsg:
     acc = f["accepted"]
-    return p.PromiseMsg(
+    return pp.PromiseMsg(
         f["channel"],
         f["term"],
         f["ok"],
         f["promised"],
-        None if acc is None else p.AcceptedConfig(acc["term"], tuple(acc["members"])),
+        None if acc is None else pp.AcceptedConfig(acc["term"], tuple(acc["members"])),
         _epochs(f["epochs"]),
         f["last"],
         f["commit"],
     )
 
 
-def _accept(f: dict[str, Any]) -> p.AcceptMsg:
-    return p.AcceptMsg(f["channel"], f["term"], tuple(f["members"]))
+def _accept(f: dict[str, Any]) -> pp.AcceptMsg:
+    return pp.AcceptMsg(f["channel"], f["term"], tuple(f["members"]))
 
 
-def _accepted(f: dict[str, Any]) -> p.AcceptedMsg:
-    return p.AcceptedMsg(f["channel"], f["term"], f["ok"], f["promised"])
+def _accepted(f: dict[str, Any]) -> pp.AcceptedMsg:
+    return pp.AcceptedMsg(f["channel"], f["term"], f["ok"], f["promised"])
 
 
 # HANDOFF kinds whose body is the kind byte then JSON (any formatting)
@@ -134,27 +135,27 @@ def encode(op: str, f: dict[str, Any]) -> bytes:
     if op == "ERROR":
         return p.encode_error(f["code"], f["message"])
     if op == "REPLICATE":
-        return p.encode_append([_section(s) for s in f["sections"]])
+        return pp.encode_append([_section(s) for s in f["sections"]])
     if op == "REPLICATE_ACK":
-        return p.encode_append_results([_result(r) for r in f["results"]])
+        return pp.encode_append_results([_result(r) for r in f["results"]])
     if op == "HANDOFF":
         kind = f["kind"]
         if kind == "PREPARE":
-            return p.encode_prepare(_prepare(f))
+            return pp.encode_prepare(_prepare(f))
         if kind == "PROMISE":
-            return p.encode_promise(_promise(f))
+            return pp.encode_promise(_promise(f))
         if kind == "ACCEPT":
-            return p.encode_accept(_accept(f))
+            return pp.encode_accept(_accept(f))
         if kind == "ACCEPTED":
-            return p.encode_accepted(_accepted(f))
+            return pp.encode_accepted(_accepted(f))
         if kind == "LOG" and "section" in f:
-            return p.encode_log_reply(_section(f["section"]))
+            return pp.encode_log_reply(_section(f["section"]))
         if kind == "LOG":
-            return p.encode_log_request(
-                p.LogRequest(f["channel"], f["after"], f["limit"])
+            return pp.encode_log_request(
+                pp.LogRequest(f["channel"], f["after"], f["limit"])
             )
         if kind == "OWN":
-            return p.encode_own(f["channels"])
+            return pp.encode_own(f["channels"])
     raise AssertionError(f"no encoder for {op} {f}")
 
 
@@ -183,11 +184,11 @@ def check_decode(op: str, body: bytes, f: dict[str, Any]) -> None:
     elif op == "ERROR":
         assert p.decode_error(body) == (f["code"], f["message"])
     elif op == "REPLICATE":
-        assert p.decode_append(body) == [_section(s) for s in f["sections"]]
+        assert pp.decode_append(body) == [_section(s) for s in f["sections"]]
     elif op == "REPLICATE_ACK":
-        assert p.decode_append_results(body) == [_result(r) for r in f["results"]]
+        assert pp.decode_append_results(body) == [_result(r) for r in f["results"]]
     elif op == "HANDOFF":
-        assert p.handoff_kind(body) is p.HandoffKind[f["kind"]]
+        assert pp.handoff_kind(body) is p.HandoffKind[f["kind"]]
         assert KIND_DECODERS[f["kind"]](body) == KIND_FIELDS[f["kind"]](f)
     elif op == "STATS_REPLY":
         hists = {name: bytes.fromhex(blob) for name, blob in f["histograms"]}
@@ -198,24 +199,24 @@ def check_decode(op: str, body: bytes, f: dict[str, Any]) -> None:
 
 def _decode_log(body: bytes) -> object:
     """A LOG reply (a section) or a LOG request (21 bytes)."""
-    if len(body) == p.LOG_REQUEST.size:
-        return p.decode_log_request(body)
-    return p.decode_log_reply(body)
+    if len(body) == pp.LOG_REQUEST.size:
+        return pp.decode_log_request(body)
+    return pp.decode_log_reply(body)
 
 
 def _log_fields(f: dict[str, Any]) -> object:
     if "section" in f:
         return _section(f["section"])
-    return p.LogRequest(f["channel"], f["after"], f["limit"])
+    return pp.LogRequest(f["channel"], f["after"], f["limit"])
 
 
 KIND_DECODERS: dict[str, Callable[[bytes], object]] = {
-    "PREPARE": p.decode_prepare,
-    "PROMISE": p.decode_promise,
-    "ACCEPT": p.decode_accept,
-    "ACCEPTED": p.decode_accepted,
+    "PREPARE": pp.decode_prepare,
+    "PROMISE": pp.decode_promise,
+    "ACCEPT": pp.decode_accept,
+    "ACCEPTED": pp.decode_accepted,
     "LOG": _decode_log,
-    "OWN": p.decode_own,
+    "OWN": pp.decode_own,
 }
 KIND_FIELDS: dict[str, Callable[[dict[str, Any]], object]] = {
     "PREPARE": _prepare,
@@ -272,7 +273,7 @@ def test_numbering_matches_the_spec() -> None:
     assert {t.name: int(t) for t in MessageType} == VECTORS["message_types"]
     assert {c.name: int(c) for c in p.ErrorCode} == VECTORS["error_codes"]
     assert {k.name: int(k) for k in p.HandoffKind} == VECTORS["handoff_kinds"]
-    assert {s.name: int(s) for s in p.AppendStatus} == VECTORS["append_statuses"]
+    assert {s.name: int(s) for s in pp.AppendStatus} == VECTORS["append_statuses"]
     for case in BODIES + JSON_BODIES:
         assert VECTORS["message_types"][case["op"]] == case["type"]
     assert p.PROTOCOL_VERSION == 1
@@ -351,16 +352,16 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
     "DELIVER": p.decode_deliver,
     "RELAY": p.decode_relay,
     "ERROR": p.decode_error,
-    "REPLICATE": p.decode_append,
-    "REPLICATE_ACK": p.decode_append_results,
-    "HANDOFF_KIND": p.handoff_kind,
-    "PREPARE": p.decode_prepare,
-    "PROMISE": p.decode_promise,
-    "ACCEPT": p.decode_accept,
-    "ACCEPTED": p.decode_accepted,
-    "LOG_REQUEST": p.decode_log_request,
-    "LOG_REPLY": p.decode_log_reply,
-    "OWN": p.decode_own,
+    "REPLICATE": pp.decode_append,
+    "REPLICATE_ACK": pp.decode_append_results,
+    "HANDOFF_KIND": pp.handoff_kind,
+    "PREPARE": pp.decode_prepare,
+    "PROMISE": pp.decode_promise,
+    "ACCEPT": pp.decode_accept,
+    "ACCEPTED": pp.decode_accepted,
+    "LOG_REQUEST": pp.decode_log_request,
+    "LOG_REPLY": pp.decode_log_reply,
+    "OWN": pp.decode_own,
     "STATS_REPLY": p.decode_stats_reply,
     "JSON": p.decode_json,
 }

@@ -15,6 +15,7 @@ import pytest
 
 from plexichat import wire
 from plexichat.load.client import NodeClient
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.peers import peer_handshake
 from plexichat.node.server import Node
@@ -144,9 +145,9 @@ def test_a_higher_term_deposes_the_owner_and_its_writes_are_not_acked(tmp_path):
             # another node (speaking as n2) wins a later term at n1
             handshake = peer_handshake(cluster.credentials, "n2")
             peer = Link("127.0.0.1", n1.listen_port, handshake=handshake)
-            prepare = p.Prepare(channel, 50, ((1, 1),), 1)
-            reply = await peer.call(T.HANDOFF, p.encode_prepare(prepare))
-            promise = p.decode_promise(reply.payload)
+            prepare = pp.Prepare(channel, 50, ((1, 1),), 1)
+            reply = await peer.call(T.HANDOFF, pp.encode_prepare(prepare))
+            promise = pp.decode_promise(reply.payload)
             assert (promise.ok, promise.promised, promise.last) == (True, 50, 1)
             peer.close()
             # n0's APPEND of term 1 is refused: its write is not acknowledged

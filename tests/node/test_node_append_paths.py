@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.channels import ChannelOrder
 from plexichat.node.order import ChannelMeta, plan_append
@@ -68,7 +69,7 @@ def _record(seq: int, term: int) -> p.Record:
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> tuple[ChannelMeta, p.AppendSection, str]:
+def cases(draw: st.DrawFn) -> tuple[ChannelMeta, pp.AppendSection, str]:
     steps = draw(st.lists(st.integers(0, 2), max_size=6))
     terms, term = [], 1
     for step in steps:
@@ -94,7 +95,7 @@ def cases(draw: st.DrawFn) -> tuple[ChannelMeta, p.AppendSection, str]:
     )
     records = tuple(_record(prev_seq + 1 + i, t) for i, t in enumerate(rec_terms))
     commit = draw(st.integers(0, prev_seq + count + 1))
-    section = p.AppendSection(CHANNEL, sec_term, prev_term, prev_seq, commit, records)
+    section = pp.AppendSection(CHANNEL, sec_term, prev_term, prev_seq, commit, records)
     return meta, section, draw(st.sampled_from(["a", "b"]))
 
 
@@ -112,7 +113,7 @@ def _shape(meta: ChannelMeta) -> tuple[Any, ...]:
 @settings(max_examples=2000, deadline=None)
 @given(cases())
 def test_on_append_does_what_plan_append_says(
-    case: tuple[ChannelMeta, p.AppendSection, str],
+    case: tuple[ChannelMeta, pp.AppendSection, str],
 ) -> None:
     meta, section, src = case
     planned = copy.deepcopy(meta)
@@ -125,8 +126,8 @@ def test_on_append_does_what_plan_append_says(
     order.metas[CHANNEL] = applied = copy.deepcopy(meta)
     conn = _Conn()
     conn.peer_id = src
-    order.on_append(conn, 1, p.encode_append([section]))  # type: ignore[arg-type]
-    [result] = p.decode_append_results(conn.replies[0])
+    order.on_append(conn, 1, pp.encode_append([section]))  # type: ignore[arg-type]
+    [result] = pp.decode_append_results(conn.replies[0])
     assert (result.status, result.promised, result.match) == (
         plan.status,
         planned.promised,
@@ -150,7 +151,7 @@ def test_a_replica_answer_that_leaves_a_channel_out_fails_that_channel() -> None
 
     writes = SimpleNamespace(node=SimpleNamespace(order=SimpleNamespace(metas={})))
     group = WriteGroup(writes, [], [], {}, parts=2)  # type: ignore[arg-type]
-    ok = p.encode_append_results([p.AppendResult(1, p.AppendStatus.OK, 3, 9)])
+    ok = pp.encode_append_results([pp.AppendResult(1, pp.AppendStatus.OK, 3, 9)])
     group.replica_done([1, 2], wire.Frame(wire.MessageType.REPLICATE_ACK, 1, ok), None)
     assert set(group.failed) == {2}
     assert "left it out" in group.failed[2][1]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.order import ChannelMeta, Role, plan_append
 from plexichat.node.ownership import SafetyError
 from plexichat.node.store import ChannelLog, ChannelState
 
 OK, REFUSED, MISMATCH = (
-    p.AppendStatus.OK,
-    p.AppendStatus.REFUSED,
-    p.AppendStatus.MISMATCH,
+    pp.AppendStatus.OK,
+    pp.AppendStatus.REFUSED,
+    pp.AppendStatus.MISMATCH,
 )
 
 
@@ -28,8 +29,8 @@ def section(
     records: list[p.Record],
     commit: int = 0,
     channel: int = 7,
-) -> p.AppendSection:
-    return p.AppendSection(channel, term, prev[0], prev[1], commit, tuple(records))
+) -> pp.AppendSection:
+    return pp.AppendSection(channel, term, prev[0], prev[1], commit, tuple(records))
 
 
 def meta_with(terms: list[int], commit: int = 0) -> ChannelMeta:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 
 REC = p.Record(
@@ -74,7 +75,7 @@ def _rec(seq: int, term: int, payload: bytes = b"p") -> p.Record:
     return p.Record(9, seq, p.message_id(3, seq), 3, 1000 + seq, payload, term)
 
 
-SECTION = p.AppendSection(
+SECTION = pp.AppendSection(
     9, 5, 2, 3, 2, (_rec(4, 2), _rec(5, 4, b""), _rec(6, 5, b"x" * 300))
 )
 
@@ -82,28 +83,28 @@ SECTION = p.AppendSection(
 def _head(
     channel: int, term: int, prev_term: int, prev_seq: int, commit: int, count: int
 ) -> bytes:
-    return p.APPEND_HEAD.pack(channel, term, prev_term, prev_seq, commit, count)
+    return pp.APPEND_HEAD.pack(channel, term, prev_term, prev_seq, commit, count)
 
 
 def _log_record(term: int, seq: int, payload: bytes = b"p") -> bytes:
     return (
-        p.LOG_RECORD.pack(term, seq, p.message_id(3, seq), 3, 1000 + seq, len(payload))
+        pp.LOG_RECORD.pack(term, seq, p.message_id(3, seq), 3, 1000 + seq, len(payload))
         + payload
     )
 
 
 def test_append_round_trip_and_layout():
-    empty = p.AppendSection(2**64 - 1, 0, 0, 0, 0, ())
-    body = p.encode_append([SECTION, empty])
+    empty = pp.AppendSection(2**64 - 1, 0, 0, 0, 0, ())
+    body = pp.encode_append([SECTION, empty])
     assert body[:4] == (2).to_bytes(4, "big")
     assert body[4:48] == _head(9, 5, 2, 3, 2, 3)
     assert body[48:100] == _log_record(2, 4)[:52]
     assert len(body) == 4 + 2 * 44 + 3 * 52 + 1 + 0 + 300
-    assert p.decode_append(body) == [SECTION, empty]
-    assert p.decode_append(p.encode_append([])) == []
+    assert pp.decode_append(body) == [SECTION, empty]
+    assert pp.decode_append(pp.encode_append([])) == []
     # the section's channel is sent, not each record's
-    other = p.AppendSection(9, 5, 0, 0, 0, (_rec(1, 5)._replace(channel=1),))
-    assert p.decode_append(p.encode_append([other]))[0].records == (_rec(1, 5),)
+    other = pp.AppendSection(9, 5, 0, 0, 0, (_rec(1, 5)._replace(channel=1),))
+    assert pp.decode_append(pp.encode_append([other]))[0].records == (_rec(1, 5),)
 
 
 def _case_id(value: object) -> str:
@@ -160,11 +161,11 @@ def _append(head: bytes, *records: bytes, count: int = 1) -> bytes:
 )
 def test_append_rejects(body: bytes, match: str):
     with pytest.raises(p.ProtocolError, match=match):
-        p.decode_append(body)
+        pp.decode_append(body)
 
 
 @st.composite
-def sections(draw: st.DrawFn) -> list[p.AppendSection]:
+def sections(draw: st.DrawFn) -> list[pp.AppendSection]:
     """Valid APPEND sections: consecutive seqs, non-decreasing terms <= term."""
     u64 = st.integers(0, 2**64 - 1)
     below = st.integers(0, p.SEQ_END - 1)  # terms, commits, timestamps
@@ -188,56 +189,56 @@ def sections(draw: st.DrawFn) -> list[p.AppendSection]:
             for i, t in enumerate(terms)
         )
         out.append(
-            p.AppendSection(channel, term, prev_term, prev_seq, draw(below), records)
+            pp.AppendSection(channel, term, prev_term, prev_seq, draw(below), records)
         )
     return out
 
 
 @settings(deadline=None, max_examples=150)
 @given(sections(), st.data())
-def test_append_round_trip_property(secs: list[p.AppendSection], data: st.DataObject):
-    body = p.encode_append(secs)
-    assert p.decode_append(body) == secs
+def test_append_round_trip_property(secs: list[pp.AppendSection], data: st.DataObject):
+    body = pp.encode_append(secs)
+    assert pp.decode_append(body) == secs
     for section in secs:
-        assert p.decode_log_reply(p.encode_log_reply(section)) == section
+        assert pp.decode_log_reply(pp.encode_log_reply(section)) == section
     cut = data.draw(st.integers(0, len(body) - 1))
     for bad in (body[:cut], body + b"\x00"):
         with pytest.raises(p.ProtocolError):
-            p.decode_append(bad)
+            pp.decode_append(bad)
 
 
 def test_append_results_round_trip_and_rejects():
     results = [
-        p.AppendResult(1, p.AppendStatus.OK, 4, 2**63 - 1),
-        p.AppendResult(2, p.AppendStatus.REFUSED, 9, 0),
-        p.AppendResult(3, p.AppendStatus.MISMATCH, 4, 0),
-        p.AppendResult(2**64 - 1, p.AppendStatus.FAILED, 0, 0),
+        pp.AppendResult(1, pp.AppendStatus.OK, 4, 2**63 - 1),
+        pp.AppendResult(2, pp.AppendStatus.REFUSED, 9, 0),
+        pp.AppendResult(3, pp.AppendStatus.MISMATCH, 4, 0),
+        pp.AppendResult(2**64 - 1, pp.AppendStatus.FAILED, 0, 0),
     ]
-    body = p.encode_append_results(results)
+    body = pp.encode_append_results(results)
     assert len(body) == 4 + 4 * 25
-    assert body[4:29] == p.APPEND_RESULT.pack(1, 0, 4, 2**63 - 1)
-    assert p.decode_append_results(body) == results
-    assert p.decode_append_results(p.encode_append_results([])) == []
+    assert body[4:29] == pp.APPEND_RESULT.pack(1, 0, 4, 2**63 - 1)
+    assert pp.decode_append_results(body) == results
+    assert pp.decode_append_results(pp.encode_append_results([])) == []
     one = p.COUNT.pack(1)
     for bad, match in [
         (b"\x00", "no count"),
         (body[:-1], "for count 4"),
         (body + b"\x00", "for count 4"),
-        (one + p.APPEND_RESULT.pack(1, 4, 0, 0), "unknown status 4"),
-        (one + p.APPEND_RESULT.pack(1, 2, 0, 3), "match 3 with MISMATCH"),
-        (p.COUNT.pack(2) + p.APPEND_RESULT.pack(1, 0, 0, 0) * 2, "two results"),
+        (one + pp.APPEND_RESULT.pack(1, 4, 0, 0), "unknown status 4"),
+        (one + pp.APPEND_RESULT.pack(1, 2, 0, 3), "match 3 with MISMATCH"),
+        (p.COUNT.pack(2) + pp.APPEND_RESULT.pack(1, 0, 0, 0) * 2, "two results"),
     ]:
         with pytest.raises(p.ProtocolError, match=match):
-            p.decode_append_results(bad)
+            pp.decode_append_results(bad)
 
 
 def test_handoff_kind():
     for kind in p.HandoffKind:
-        assert p.handoff_kind(bytes([kind]) + b"rest") is kind
+        assert pp.handoff_kind(bytes([kind]) + b"rest") is kind
     assert [int(k) for k in p.HandoffKind] == list(range(6, 12))
     for bad, match in [(b"", "empty"), (b"\x00", "kind 0"), (b"\x0c", "kind 12")]:
         with pytest.raises(p.ProtocolError, match=match):
-            p.handoff_kind(bad)
+            pp.handoff_kind(bad)
 
 
 @pytest.mark.parametrize(
@@ -255,15 +256,15 @@ def test_handoff_kind():
 def test_retired_handoff_kinds_are_rejected(body: bytes) -> None:
     """Kinds 1 .. 5 (the handoff before terms) are unknown kinds now."""
     with pytest.raises(p.ProtocolError, match=f"unknown HANDOFF kind {body[0]}"):
-        p.handoff_kind(body)
+        pp.handoff_kind(body)
     assert body[0] not in {int(k) for k in p.HandoffKind}
 
 
 def test_log_request_and_reply():
-    req = p.LogRequest(2**64 - 1, 41, 500)
-    body = p.encode_log_request(req)
-    assert body == b"\x0a" + p.LOG_REQUEST.pack(10, 2**64 - 1, 41, 500)[1:]
-    assert p.decode_log_request(body) == req
+    req = pp.LogRequest(2**64 - 1, 41, 500)
+    body = pp.encode_log_request(req)
+    assert body == b"\x0a" + pp.LOG_REQUEST.pack(10, 2**64 - 1, 41, 500)[1:]
+    assert pp.decode_log_request(body) == req
     for bad, match in [
         (body[:-1], "20 bytes != 21"),
         (body + b"\x00", "22 bytes != 21"),
@@ -271,10 +272,10 @@ def test_log_request_and_reply():
         (b"", "empty"),
     ]:
         with pytest.raises(p.ProtocolError, match=match):
-            p.decode_log_request(bad)
-    reply = p.encode_log_reply(SECTION)
-    assert reply == b"\x0a" + p.encode_append([SECTION])[4:]
-    assert p.decode_log_reply(reply) == SECTION
+            pp.decode_log_request(bad)
+    reply = pp.encode_log_reply(SECTION)
+    assert reply == b"\x0a" + pp.encode_append([SECTION])[4:]
+    assert pp.decode_log_reply(reply) == SECTION
     for bad, match in [
         (reply + b"\x00", "trailing"),
         (reply[:-1], "payload truncated"),
@@ -283,57 +284,57 @@ def test_log_request_and_reply():
         (b"\x0a" + _head(1, 1, 0, 0, 0, 1) + _log_record(2, 1), "above term 1"),
     ]:
         with pytest.raises(p.ProtocolError, match=match):
-            p.decode_log_reply(bad)
+            pp.decode_log_reply(bad)
 
 
 def test_own_round_trip_and_rejects():
-    body = p.encode_own([5, 2**64 - 1, 0])
+    body = pp.encode_own([5, 2**64 - 1, 0])
     assert body == b"\x0b" + p.COUNT.pack(3) + b"".join(
-        p.U64.pack(c) for c in (5, 2**64 - 1, 0)
+        pp.U64.pack(c) for c in (5, 2**64 - 1, 0)
     )
-    assert p.decode_own(body) == (5, 2**64 - 1, 0)
-    ack = p.encode_own([])
+    assert pp.decode_own(body) == (5, 2**64 - 1, 0)
+    ack = pp.encode_own([])
     assert ack == b"\x0b\x00\x00\x00\x00"
-    assert p.decode_own(ack) == ()
+    assert pp.decode_own(ack) == ()
     for bad, match in [
         (b"\x0b\x00\x00", "no count"),
         (body[:-1], "for count 3"),
         (body + b"\x00", "for count 3"),
-        (b"\x0b" + p.COUNT.pack(2) + p.U64.pack(1) * 2, "twice"),
+        (b"\x0b" + p.COUNT.pack(2) + pp.U64.pack(1) * 2, "twice"),
         (b"\x0a" + body[1:], "LOG body where OWN"),
     ]:
         with pytest.raises(p.ProtocolError, match=match):
-            p.decode_own(bad)
+            pp.decode_own(bad)
 
 
-PREPARE = p.Prepare(2**64 - 1, 7, ((0, 1), (3, 4), (7, 9)), 12)
-PROMISE = p.PromiseMsg(
-    5, 8, True, 8, p.AcceptedConfig(7, ("n1", "n2")), ((1, 1), (7, 3)), 4, 3
+PREPARE = pp.Prepare(2**64 - 1, 7, ((0, 1), (3, 4), (7, 9)), 12)
+PROMISE = pp.PromiseMsg(
+    5, 8, True, 8, pp.AcceptedConfig(7, ("n1", "n2")), ((1, 1), (7, 3)), 4, 3
 )
-ACCEPT = p.AcceptMsg(5, 8, ("n2", "n1", "n3"))
-ACCEPTED = p.AcceptedMsg(5, 8, False, 9)
+ACCEPT = pp.AcceptMsg(5, 8, ("n2", "n1", "n3"))
+ACCEPTED = pp.AcceptedMsg(5, 8, False, 9)
 
 
 def test_json_handoff_round_trips():
     cases: list[tuple[Any, Any, Any, int]] = [
-        (PREPARE, p.encode_prepare, p.decode_prepare, 6),
-        (p.Prepare(1, 1, (), 0), p.encode_prepare, p.decode_prepare, 6),
-        (PROMISE, p.encode_promise, p.decode_promise, 7),
+        (PREPARE, pp.encode_prepare, pp.decode_prepare, 6),
+        (pp.Prepare(1, 1, (), 0), pp.encode_prepare, pp.decode_prepare, 6),
+        (PROMISE, pp.encode_promise, pp.decode_promise, 7),
         (
-            p.PromiseMsg(5, 3, False, 9, None, (), 0, 0),
-            p.encode_promise,
-            p.decode_promise,
+            pp.PromiseMsg(5, 3, False, 9, None, (), 0, 0),
+            pp.encode_promise,
+            pp.decode_promise,
             7,
         ),
-        (ACCEPT, p.encode_accept, p.decode_accept, 8),
-        (ACCEPTED, p.encode_accepted, p.decode_accepted, 9),
-        (p.AcceptedMsg(5, 8, True, 8), p.encode_accepted, p.decode_accepted, 9),
+        (ACCEPT, pp.encode_accept, pp.decode_accept, 8),
+        (ACCEPTED, pp.encode_accepted, pp.decode_accepted, 9),
+        (pp.AcceptedMsg(5, 8, True, 8), pp.encode_accepted, pp.decode_accepted, 9),
     ]
     for msg, encode, decode, kind in cases:
         body = encode(msg)
         assert body[0] == kind
         assert decode(body) == msg
-    assert json.loads(p.encode_promise(PROMISE)[1:]) == {
+    assert json.loads(pp.encode_promise(PROMISE)[1:]) == {
         "channel": 5,
         "term": 8,
         "ok": True,
@@ -349,13 +350,13 @@ def _json(kind: int, obj: object) -> bytes:
     return bytes([kind]) + json.dumps(obj).encode()
 
 
-def _with(base: p.Prepare | p.PromiseMsg | p.AcceptMsg | p.AcceptedMsg, **kw: Any):
+def _with(base: pp.Prepare | pp.PromiseMsg | pp.AcceptMsg | pp.AcceptedMsg, **kw: Any):
     """The JSON object of *base* with keys replaced (``...``: deleted)."""
     encode = {
-        p.Prepare: p.encode_prepare,
-        p.PromiseMsg: p.encode_promise,
-        p.AcceptMsg: p.encode_accept,
-        p.AcceptedMsg: p.encode_accepted,
+        pp.Prepare: pp.encode_prepare,
+        pp.PromiseMsg: pp.encode_promise,
+        pp.AcceptMsg: pp.encode_accept,
+        pp.AcceptedMsg: pp.encode_accepted,
     }[type(base)]
     body = encode(base)  # type: ignore[operator]
     obj = json.loads(body[1:])
@@ -395,7 +396,7 @@ BAD_PREPARES = [
     (_with(PREPARE, epochs=[]), "last 12 with no epochs"),
     (_with(PREPARE, epochs=[[8, 1]]), "term 8 above term 7"),
     (_with(PREPARE, last=-1), "last must be"),
-    (b"\x07" + p.encode_prepare(PREPARE)[1:], "PROMISE body where PREPARE"),
+    (b"\x07" + pp.encode_prepare(PREPARE)[1:], "PROMISE body where PREPARE"),
 ]
 
 BAD_PROMISES = [
@@ -430,7 +431,7 @@ BAD_ACCEPTS = [
     (_with(ACCEPT, members=["a", None]), "non-empty strings"),
     (_with(ACCEPT, members=...), "missing keys"),
     (_with(ACCEPT, promised=1), "unknown keys"),
-    (b"\x09" + p.encode_accept(ACCEPT)[1:], "ACCEPTED body where ACCEPT"),
+    (b"\x09" + pp.encode_accept(ACCEPT)[1:], "ACCEPTED body where ACCEPT"),
 ]
 
 BAD_ACCEPTEDS = [
@@ -446,10 +447,10 @@ BAD_ACCEPTEDS = [
 
 @pytest.mark.parametrize(
     ("decode", "body", "match"),
-    [(p.decode_prepare, b, m) for b, m in BAD_PREPARES]
-    + [(p.decode_promise, b, m) for b, m in BAD_PROMISES]
-    + [(p.decode_accept, b, m) for b, m in BAD_ACCEPTS]
-    + [(p.decode_accepted, b, m) for b, m in BAD_ACCEPTEDS],
+    [(pp.decode_prepare, b, m) for b, m in BAD_PREPARES]
+    + [(pp.decode_promise, b, m) for b, m in BAD_PROMISES]
+    + [(pp.decode_accept, b, m) for b, m in BAD_ACCEPTS]
+    + [(pp.decode_accepted, b, m) for b, m in BAD_ACCEPTEDS],
     ids=_case_id,
 )
 def test_json_handoff_rejects(decode: Any, body: bytes, match: str):
@@ -510,12 +511,12 @@ TOP = p.SEQ_END - 1  # the highest seq, term, commit, ts_us, after
 def _range_section(
     term: int, prev_term: int, prev_seq: int, commit: int, *recs
 ) -> bytes:
-    head = p.APPEND_HEAD.pack(1, term, prev_term, prev_seq, commit, len(recs))
+    head = pp.APPEND_HEAD.pack(1, term, prev_term, prev_seq, commit, len(recs))
     return p.COUNT.pack(1) + head + b"".join(recs)
 
 
 def _range_rec(term: int, seq: int, ts_us: int) -> bytes:
-    return p.LOG_RECORD.pack(term, seq, p.message_id(1, seq), 2**64 - 1, ts_us, 0)
+    return pp.LOG_RECORD.pack(term, seq, p.message_id(1, seq), 2**64 - 1, ts_us, 0)
 
 
 def _range_record(seq: int, ts_us: int) -> bytes:
@@ -535,32 +536,32 @@ RANGES = [
         p.FETCH_BODY.pack(1, TOP + 1, 1),
     ),
     (
-        p.decode_log_request,
-        p.LOG_REQUEST.pack(10, 2**64 - 1, TOP, 1),
-        p.LOG_REQUEST.pack(10, 1, TOP + 1, 1),
+        pp.decode_log_request,
+        pp.LOG_REQUEST.pack(10, 2**64 - 1, TOP, 1),
+        pp.LOG_REQUEST.pack(10, 1, TOP + 1, 1),
     ),
-    (p.decode_append, _range_section(TOP, 0, 0, 0), _range_section(TOP + 1, 0, 0, 0)),
-    (p.decode_append, _range_section(1, 0, 0, TOP), _range_section(1, 0, 0, TOP + 1)),
-    (p.decode_append, _range_section(1, 1, TOP, 0), _range_section(1, 1, TOP + 1, 0)),
+    (pp.decode_append, _range_section(TOP, 0, 0, 0), _range_section(TOP + 1, 0, 0, 0)),
+    (pp.decode_append, _range_section(1, 0, 0, TOP), _range_section(1, 0, 0, TOP + 1)),
+    (pp.decode_append, _range_section(1, 1, TOP, 0), _range_section(1, 1, TOP + 1, 0)),
     (
-        p.decode_append,
+        pp.decode_append,
         _range_section(1, 1, TOP - 1, 0, _range_rec(1, TOP, 1)),
         _range_section(1, 1, TOP, 0, _range_rec(1, TOP + 1, 1)),
     ),
     (
-        p.decode_append,
+        pp.decode_append,
         _range_section(1, 0, 0, 0, _range_rec(1, 1, TOP)),
         _range_section(1, 0, 0, 0, _range_rec(1, 1, TOP + 1)),
     ),
     (
-        p.decode_append_results,
-        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 0, TOP, TOP),
-        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 0, 1, TOP + 1),
+        pp.decode_append_results,
+        p.COUNT.pack(1) + pp.APPEND_RESULT.pack(1, 0, TOP, TOP),
+        p.COUNT.pack(1) + pp.APPEND_RESULT.pack(1, 0, 1, TOP + 1),
     ),
     (
-        p.decode_append_results,
-        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 1, TOP, 0),
-        p.COUNT.pack(1) + p.APPEND_RESULT.pack(1, 1, TOP + 1, 0),
+        pp.decode_append_results,
+        p.COUNT.pack(1) + pp.APPEND_RESULT.pack(1, 1, TOP, 0),
+        p.COUNT.pack(1) + pp.APPEND_RESULT.pack(1, 1, TOP + 1, 0),
     ),
     (
         p.decode_messages,
@@ -577,9 +578,9 @@ RANGES = [
         p.CHANNEL_BODY.pack(1) + _range_record(TOP, TOP),
         p.CHANNEL_BODY.pack(1) + _range_record(1, TOP + 1),
     ),
-    (p.decode_prepare, _prepare_json(term=TOP), _prepare_json(term=TOP + 1)),
+    (pp.decode_prepare, _prepare_json(term=TOP), _prepare_json(term=TOP + 1)),
     (
-        p.decode_prepare,
+        pp.decode_prepare,
         _prepare_json(epochs=[[1, 1]], last=TOP),
         _prepare_json(epochs=[[1, 1]], last=TOP + 1),
     ),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from plexichat import wire
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.counters import NodeCounters
 from plexichat.node.order import AppendPlan, ChannelMeta, Role, plan_append
@@ -231,19 +232,21 @@ class ChannelOrder:
         quorum = len(voters) // 2 + 1
         others = [v for v in voters if v != self.id]
         self._check(meta, term)
-        body = p.encode_prepare(p.Prepare(channel, term, meta.epoch_tuple(), meta.last))
+        body = pp.encode_prepare(
+            pp.Prepare(channel, term, meta.epoch_tuple(), meta.last)
+        )
         frames = await asyncio.gather(
             *(self.call(n, T.HANDOFF, body, self.call_timeout) for n in others)
         )
         self._check(meta, term)
-        promises: dict[str, p.PromiseMsg] = {
-            self.id: p.PromiseMsg(
+        promises: dict[str, pp.PromiseMsg] = {
+            self.id: pp.PromiseMsg(
                 channel, term, True, term, self._accepted(meta),
                 meta.epoch_tuple(), meta.last, meta.commit,
             )
         }  # fmt: skip
         for node, frame in zip(others, frames, strict=True):
-            msg = _decode(frame, p.HandoffKind.PROMISE, p.decode_promise)
+            msg = _decode(frame, p.HandoffKind.PROMISE, pp.decode_promise)
             if msg is None or msg.term != term or msg.channel != channel:
                 continue
             if not msg.ok:
@@ -287,14 +290,14 @@ class ChannelOrder:
         self._check(meta, term)
         meta.accepted_term, meta.accepted_members = term, members
         await self._persist(meta)
-        body = p.encode_accept(p.AcceptMsg(channel, term, members))
+        body = pp.encode_accept(pp.AcceptMsg(channel, term, members))
         frames = await asyncio.gather(
             *(self.call(n, T.HANDOFF, body, self.call_timeout) for n in others)
         )
         self._check(meta, term)
         accepts = 1
         for node, frame in zip(others, frames, strict=True):
-            reply = _decode(frame, p.HandoffKind.ACCEPTED, p.decode_accepted)
+            reply = _decode(frame, p.HandoffKind.ACCEPTED, pp.decode_accepted)
             if reply is None or reply.term != term:
                 continue
             if not reply.ok:
@@ -315,13 +318,13 @@ class ChannelOrder:
         )
 
     @staticmethod
-    def _accepted(meta: ChannelMeta) -> p.AcceptedConfig | None:
+    def _accepted(meta: ChannelMeta) -> pp.AcceptedConfig | None:
         if not meta.accepted_term:
             return None
-        return p.AcceptedConfig(meta.accepted_term, meta.accepted_members)
+        return pp.AcceptedConfig(meta.accepted_term, meta.accepted_members)
 
     async def _adopt(
-        self, meta: ChannelMeta, term: int, source: str, best: p.PromiseMsg
+        self, meta: ChannelMeta, term: int, source: str, best: pp.PromiseMsg
     ) -> None:
         """Make this node's log *source*'s (whose shape *best* describes):
         truncate the conflicting tail, pull the missing records."""
@@ -332,9 +335,9 @@ class ChannelOrder:
             await self._stored(self.store(truncate={channel: base}))
         after = base
         while after < best.last:
-            body = p.encode_log_request(p.LogRequest(channel, after, self.batch))
+            body = pp.encode_log_request(pp.LogRequest(channel, after, self.batch))
             frame = await self.call(source, T.HANDOFF, body, self.data_timeout)
-            section = _decode(frame, p.HandoffKind.LOG, p.decode_log_reply)
+            section = _decode(frame, p.HandoffKind.LOG, pp.decode_log_reply)
             self._check(meta, term)
             if section is None or not section.records:
                 raise TakeoverFailed(f"log pull from {source} after {after} failed")
@@ -354,7 +357,7 @@ class ChannelOrder:
             raise TakeoverFailed(f"storage: {error}")
 
     async def _install(
-        self, meta: ChannelMeta, term: int, replica: str, promise: p.PromiseMsg
+        self, meta: ChannelMeta, term: int, replica: str, promise: pp.PromiseMsg
     ) -> None:
         """APPEND this node's log to *replica* from the common prefix on."""
         channel = meta.channel
@@ -370,16 +373,16 @@ class ChannelOrder:
                 if not records or records[0].seq != after + 1:
                     raise TakeoverFailed(f"own log of {channel} unreadable at {after}")
                 records = _contiguous(records, after)
-            section = p.AppendSection(
+            section = pp.AppendSection(
                 channel, term, meta.term_at(after), after, meta.commit, tuple(records)
             )
             frame = await self.call(
-                replica, T.REPLICATE, p.encode_append([section]), self.data_timeout
+                replica, T.REPLICATE, pp.encode_append([section]), self.data_timeout
             )
             result = _decode_results(frame, channel)
-            if result is None or result.status is not p.AppendStatus.OK:
+            if result is None or result.status is not pp.AppendStatus.OK:
                 status = "no answer" if result is None else result.status.name
-                if result is not None and result.status is p.AppendStatus.REFUSED:
+                if result is not None and result.status is pp.AppendStatus.REFUSED:
                     meta.seen = max(meta.seen, result.promised)
                 raise TakeoverFailed(f"install on {replica}: {status}")
             self.counters["log_installed"] += len(records)
@@ -409,14 +412,14 @@ class ChannelOrder:
         self._notice_handle = None
         channels, self._notices = self._notices, set()
         metas = self.metas
-        batches: dict[str, list[p.AppendSection]] = {}
+        batches: dict[str, list[pp.AppendSection]] = {}
         for channel in sorted(channels):
             meta = metas[channel]
             commit = meta.commit
             if meta.role is not Role.OWNER or commit <= meta.carried:
                 continue  # deposed, or a later APPEND carried it
             meta.carried = commit
-            notice = p.AppendSection(
+            notice = pp.AppendSection(
                 channel, meta.term, meta.term_at(commit), commit, commit, ()
             )
             for replica in meta.members[1:]:
@@ -425,20 +428,20 @@ class ChannelOrder:
             self.peers.request(
                 replica,
                 T.REPLICATE,
-                p.encode_append(batch),
+                pp.encode_append(batch),
                 functools.partial(self._noticed, batch),
             )
 
     def _noticed(
         self,
-        sections: list[p.AppendSection],
+        sections: list[pp.AppendSection],
         frame: wire.Frame | None,
         error: BaseException | None,
     ) -> None:
         if frame is None or frame.type != T.REPLICATE_ACK:
             return  # the next write or notice tells it again
         try:
-            results = p.decode_append_results(frame.payload)
+            results = pp.decode_append_results(frame.payload)
         except p.ProtocolError:
             return
         terms = {s.channel: s.term for s in sections}
@@ -446,7 +449,7 @@ class ChannelOrder:
             meta = self.metas.get(result.channel)
             if meta is None or meta.term != terms.get(result.channel):
                 continue
-            if result.status is p.AppendStatus.REFUSED:
+            if result.status is pp.AppendStatus.REFUSED:
                 meta.seen = max(meta.seen, result.promised)
                 meta.step_down()
 
@@ -454,13 +457,13 @@ class ChannelOrder:
 
     def on_handoff(self, conn: FrameConnection, rid: int, payload: bytes) -> bool:
         """Answer a channel-order HANDOFF (False: not one of its kinds)."""
-        kind = p.handoff_kind(payload)
+        kind = pp.handoff_kind(payload)
         if kind is p.HandoffKind.PREPARE:
-            self._on_prepare(conn, rid, p.decode_prepare(payload))
+            self._on_prepare(conn, rid, pp.decode_prepare(payload))
         elif kind is p.HandoffKind.ACCEPT:
-            self._on_accept(conn, rid, p.decode_accept(payload))
+            self._on_accept(conn, rid, pp.decode_accept(payload))
         elif kind is p.HandoffKind.LOG:
-            request = p.decode_log_request(payload)
+            request = pp.decode_log_request(payload)
             self.spawn(self._on_log(conn, rid, request), "log")
         elif kind in (p.HandoffKind.PROMISE, p.HandoffKind.ACCEPTED):
             raise p.ProtocolError(f"HANDOFF {kind.name} is a reply, not a request")
@@ -468,39 +471,41 @@ class ChannelOrder:
             return False
         return True
 
-    def _on_prepare(self, conn: FrameConnection, rid: int, msg: p.Prepare) -> None:
+    def _on_prepare(self, conn: FrameConnection, rid: int, msg: pp.Prepare) -> None:
         src = conn.peer_id
         meta = self.meta(msg.channel)
         if not src or not meta.allows(msg.term, src):
             self.counters["prepares_refused"] += 1
-            conn.send(T.HANDOFF, rid, p.encode_promise(self._promise(meta, msg, False)))
+            conn.send(
+                T.HANDOFF, rid, pp.encode_promise(self._promise(meta, msg, False))
+            )
             return
         meta.observe(msg.term, src)
-        reply = p.encode_promise(self._promise(meta, msg, True))
+        reply = pp.encode_promise(self._promise(meta, msg, True))
         self._after_store(conn, rid, T.HANDOFF, reply, states=[meta.state()])
 
-    def _promise(self, meta: ChannelMeta, msg: p.Prepare, ok: bool) -> p.PromiseMsg:
-        return p.PromiseMsg(
+    def _promise(self, meta: ChannelMeta, msg: pp.Prepare, ok: bool) -> pp.PromiseMsg:
+        return pp.PromiseMsg(
             msg.channel, msg.term, ok, meta.promised, self._accepted(meta),
             meta.epoch_tuple(), meta.last, meta.commit,
         )  # fmt: skip
 
-    def _on_accept(self, conn: FrameConnection, rid: int, msg: p.AcceptMsg) -> None:
+    def _on_accept(self, conn: FrameConnection, rid: int, msg: pp.AcceptMsg) -> None:
         src = conn.peer_id
         meta = self.meta(msg.channel)
         if not src or not meta.allows(msg.term, src):
             conn.send(
                 T.HANDOFF,
                 rid,
-                p.encode_accepted(
-                    p.AcceptedMsg(msg.channel, msg.term, False, meta.promised)
+                pp.encode_accepted(
+                    pp.AcceptedMsg(msg.channel, msg.term, False, meta.promised)
                 ),
             )
             return
         meta.observe(msg.term, src)
         meta.accepted_term, meta.accepted_members = msg.term, tuple(msg.members)
-        reply = p.encode_accepted(
-            p.AcceptedMsg(msg.channel, msg.term, True, meta.promised)
+        reply = pp.encode_accepted(
+            pp.AcceptedMsg(msg.channel, msg.term, True, meta.promised)
         )
         self._after_store(conn, rid, T.HANDOFF, reply, states=[meta.state()])
 
@@ -524,7 +529,7 @@ class ChannelOrder:
         self.storage.insert((), done, states=states)
 
     async def _on_log(
-        self, conn: FrameConnection, rid: int, request: p.LogRequest
+        self, conn: FrameConnection, rid: int, request: pp.LogRequest
     ) -> None:
         meta = self.meta(request.channel)
         limit = max(1, min(request.limit, self.batch))
@@ -540,11 +545,11 @@ class ChannelOrder:
             after, prev_term = meta.last, meta.term_at(meta.last)
         else:
             prev_term = meta.term_at(after)
-        section = p.AppendSection(
+        section = pp.AppendSection(
             request.channel, meta.promised, prev_term, after, meta.commit,
             tuple(records),
         )  # fmt: skip
-        conn.send(T.HANDOFF, rid, p.encode_log_reply(section))
+        conn.send(T.HANDOFF, rid, pp.encode_log_reply(section))
 
     def on_append(self, conn: FrameConnection, rid: int, payload: bytes) -> None:
         """A REPLICATE (APPEND sections) from an owner or candidate."""
@@ -553,9 +558,9 @@ class ChannelOrder:
             conn.send_error(rid, p.ErrorCode.NOT_OWNER, "REPLICATE needs a peer HELLO")
             return
         t0 = time.perf_counter_ns()
-        sections = p.decode_append(payload)
-        ok = p.AppendStatus.OK
-        results: list[p.AppendResult] = []
+        sections = pp.decode_append(payload)
+        ok = pp.AppendStatus.OK
+        results: list[pp.AppendResult] = []
         commits: list[tuple[ChannelMeta, int, int]] = []  # meta, from, to
         ops: list[tuple[list[p.Record], dict[int, int]]] = [([], {})]
         states: dict[int, ChannelState] = {}
@@ -589,7 +594,7 @@ class ChannelOrder:
                     commits.append((meta, before, meta.commit))
                 ops[-1][0].extend(recs)
                 stored.extend(recs)
-                results.append(_new_tuple(p.AppendResult, (channel, ok, term, match)))
+                results.append(_new_tuple(pp.AppendResult, (channel, ok, term, match)))
                 continue
             if (
                 not recs
@@ -604,17 +609,17 @@ class ChannelOrder:
                     meta.commit = min(commit, prev_seq)
                     commits.append((meta, before, meta.commit))
                 results.append(
-                    _new_tuple(p.AppendResult, (channel, ok, term, prev_seq))
+                    _new_tuple(pp.AppendResult, (channel, ok, term, prev_seq))
                 )
                 continue
             try:
                 plan = plan_append(meta, section, src)
             except SafetyError as exc:
                 log.error("refused an APPEND: %s", exc)
-                plan = AppendPlan(p.AppendStatus.FAILED, reason=str(exc))
-            if plan.status is p.AppendStatus.REFUSED:
+                plan = AppendPlan(pp.AppendStatus.FAILED, reason=str(exc))
+            if plan.status is pp.AppendStatus.REFUSED:
                 self.counters["append_refused"] += 1
-            elif plan.status is p.AppendStatus.MISMATCH:
+            elif plan.status is pp.AppendStatus.MISMATCH:
                 self.counters["append_mismatch"] += 1
             records, truncate = ops[-1]
             if plan.truncate_after is not None:
@@ -630,7 +635,7 @@ class ChannelOrder:
             if plan.commit_to > plan.commit_from:
                 commits.append((meta, plan.commit_from, plan.commit_to))
             result = (channel, plan.status, meta.promised, plan.match)
-            results.append(_new_tuple(p.AppendResult, result))
+            results.append(_new_tuple(pp.AppendResult, result))
         if stored:
             self.on_stored(stored)
         if not states and not any(recs or cut for recs, cut in ops):
@@ -652,13 +657,13 @@ class ChannelOrder:
             if failed:
                 log.error("storage failed under an APPEND: %s", failed[0])
                 for i, res in enumerate(results):
-                    if res.status is p.AppendStatus.OK:
-                        results[i] = p.AppendResult(
-                            res.channel, p.AppendStatus.FAILED, res.promised, 0
+                    if res.status is pp.AppendStatus.OK:
+                        results[i] = pp.AppendResult(
+                            res.channel, pp.AppendStatus.FAILED, res.promised, 0
                         )
             else:
                 self.counters["replicated"] += len(stored)
-            conn.send(T.REPLICATE_ACK, rid, p.encode_append_results(results))
+            conn.send(T.REPLICATE_ACK, rid, pp.encode_append_results(results))
             self.hist["replicate"].record(max(1, (time.perf_counter_ns() - t0) // 1000))
             if not failed:
                 for meta, before, after in commits:
@@ -695,18 +700,18 @@ def _decode(
     if frame is None or frame.type != T.HANDOFF:
         return None
     try:
-        if p.handoff_kind(frame.payload) is not kind:
+        if pp.handoff_kind(frame.payload) is not kind:
             return None
         return decode(frame.payload)
     except p.ProtocolError:
         return None
 
 
-def _decode_results(frame: wire.Frame | None, channel: int) -> p.AppendResult | None:
+def _decode_results(frame: wire.Frame | None, channel: int) -> pp.AppendResult | None:
     if frame is None or frame.type != T.REPLICATE_ACK:
         return None
     try:
-        results = p.decode_append_results(frame.payload)
+        results = pp.decode_append_results(frame.payload)
     except p.ProtocolError:
         return None
     return next((r for r in results if r.channel == channel), None)

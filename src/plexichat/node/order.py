@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.ownership import SafetyError, common_prefix
 from plexichat.node.store import ChannelLog, ChannelState
@@ -163,7 +164,7 @@ class ChannelMeta:
 class AppendPlan:
     """What a replica does with one APPEND section."""
 
-    status: p.AppendStatus
+    status: pp.AppendStatus
     match: int = 0
     truncate_after: int | None = None  # drop records above this first
     records: list[p.Record] = field(default_factory=list)  # then store these
@@ -173,7 +174,7 @@ class AppendPlan:
     reason: str = ""
 
 
-def plan_append(meta: ChannelMeta, section: p.AppendSection, src: str) -> AppendPlan:
+def plan_append(meta: ChannelMeta, section: pp.AppendSection, src: str) -> AppendPlan:
     """Apply *section* (from *src*) to *meta* and say what to store.
 
     *meta* is updated at once (the node's later frames see the new shape);
@@ -181,14 +182,14 @@ def plan_append(meta: ChannelMeta, section: p.AppendSection, src: str) -> Append
     """
     if not meta.allows(section.term, src):
         return AppendPlan(
-            p.AppendStatus.REFUSED,
+            pp.AppendStatus.REFUSED,
             reason=f"promised term {meta.promised} to {meta.promised_to}",
         )
     changed = meta.observe(section.term, src)
     prev = section.prev_seq
     if prev > meta.last or meta.term_at(prev) != section.prev_term:
         return AppendPlan(
-            p.AppendStatus.MISMATCH,
+            pp.AppendStatus.MISMATCH,
             promise_changed=changed,
             reason=f"no record ({section.prev_term}, {prev}): last {meta.last}",
         )
@@ -223,7 +224,7 @@ def plan_append(meta: ChannelMeta, section: p.AppendSection, src: str) -> Append
     before = meta.commit
     meta.commit = max(meta.commit, min(section.commit, match))
     return AppendPlan(
-        p.AppendStatus.OK,
+        pp.AppendStatus.OK,
         match=match,
         truncate_after=truncate_after,
         records=fresh,

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from plexichat import wire
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.transport import FrameConnection
 
@@ -97,11 +98,11 @@ class Rebalancer:
             frame = await node.order.call(
                 target,
                 T.HANDOFF,
-                p.encode_own(channels),
+                pp.encode_own(channels),
                 4 * node.config.replicate_timeout,
             )
             try:
-                ok = ok and frame is not None and not p.decode_own(frame.payload)
+                ok = ok and frame is not None and not pp.decode_own(frame.payload)
             except p.ProtocolError:
                 ok = False
         log.info(
@@ -142,8 +143,8 @@ class Rebalancer:
             return
         if node.order.on_handoff(conn, rid, payload):
             return
-        if p.handoff_kind(payload) is p.HandoffKind.OWN:
-            channels = p.decode_own(payload)
+        if pp.handoff_kind(payload) is p.HandoffKind.OWN:
+            channels = pp.decode_own(payload)
             node.spawn(self._on_own(conn, rid, channels), "own")
             return
         raise p.ProtocolError(f"HANDOFF kind {payload[0]} not accepted")
@@ -157,4 +158,4 @@ class Rebalancer:
         failed = await self.take_over_all(
             [(c, o) for c in channels if (o := node.owners(c)) and o[0] == node.id]
         )
-        conn.send(T.HANDOFF, rid, p.encode_own(failed))
+        conn.send(T.HANDOFF, rid, pp.encode_own(failed))

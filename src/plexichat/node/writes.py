@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from plexichat import wire
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.order import ChannelMeta, Role
 from plexichat.node.transport import FrameConnection
@@ -99,7 +100,7 @@ class WriteGroup:
                 self.failed.setdefault(channel, (p.ErrorCode.UNAVAILABLE, reason))
         else:
             try:
-                results = p.decode_append_results(frame.payload)
+                results = pp.decode_append_results(frame.payload)
             except p.ProtocolError as exc:
                 results = []
                 reason = f"replica answered badly: {exc}"
@@ -108,7 +109,7 @@ class WriteGroup:
             metas = self.writes.node.order.metas
             answered: set[int] = set()
             for result in results:
-                if result.status is p.AppendStatus.OK:
+                if result.status is pp.AppendStatus.OK:
                     answered.add(result.channel)
                     continue
                 self.failed.setdefault(
@@ -119,7 +120,7 @@ class WriteGroup:
                     ),
                 )
                 meta = metas.get(result.channel)
-                if meta is not None and result.status is p.AppendStatus.REFUSED:
+                if meta is not None and result.status is pp.AppendStatus.REFUSED:
                     meta.seen = max(meta.seen, result.promised)
             if not answered.issuperset(channels):
                 for channel in channels:  # no OK for it: not stored there
@@ -356,7 +357,7 @@ class WritePath:
         caller queues the local store operation)."""
         node = self.node
         metas = node.order.metas
-        add = p.add_append_section
+        add = pp.add_append_section
         frames: list[tuple[bytes, list[int]]] = []
         parts: list[bytes] = [b""]
         channels: list[int] = []  # of the frame being built
@@ -374,10 +375,10 @@ class WritePath:
                 )
                 channels.append(channel)
                 if size >= CHUNK_BYTES:
-                    frames.append((p.join_append(parts, len(channels)), channels))
+                    frames.append((pp.join_append(parts, len(channels)), channels))
                     parts, channels, size = [b""], [], 0
         if channels:
-            frames.append((p.join_append(parts, len(channels)), channels))
+            frames.append((pp.join_append(parts, len(channels)), channels))
         replicas = owners[1:]
         group = WriteGroup(
             self, records, waiters, terms, 1 + len(replicas) * len(frames)
@@ -477,7 +478,7 @@ def _pieces(
         return
     start = size = 0
     for i, rec in enumerate(records):
-        size += p.LOG_RECORD.size + len(rec.payload)
+        size += pp.LOG_RECORD.size + len(rec.payload)
         if size >= CHUNK_BYTES or i == len(records) - 1:
             yield records[start : i + 1], prev_term
             prev_term, start, size = rec.term, i + 1, 0

@@ -22,6 +22,7 @@ import pytest
 
 from plexichat import wire
 from plexichat.load.client import NodeClient
+from plexichat.node import peer_protocol as pp
 from plexichat.node import protocol as p
 from plexichat.node.server import Node
 from plexichat.node.testing import InProcessCluster, wait_for
@@ -149,12 +150,12 @@ def test_fetch_after_2_63_is_malformed(tmp_path):
 def _section_head(
     channel: int, term: int, prev_term: int, prev_seq: int, commit: int, count: int
 ) -> bytes:
-    return p.APPEND_HEAD.pack(channel, term, prev_term, prev_seq, commit, count)
+    return pp.APPEND_HEAD.pack(channel, term, prev_term, prev_seq, commit, count)
 
 
 def _log_record(term: int, seq: int, ts_us: int, payload: bytes = b"forged") -> bytes:
     mid = p.message_id(666, seq)
-    return p.LOG_RECORD.pack(term, seq, mid, 666, ts_us, len(payload)) + payload
+    return pp.LOG_RECORD.pack(term, seq, mid, 666, ts_us, len(payload)) + payload
 
 
 def test_replicate_and_handoff_values_at_2_63_are_malformed_and_nothing_is_stored(
@@ -209,7 +210,7 @@ def test_replicate_and_handoff_values_at_2_63_are_malformed_and_nothing_is_store
                     got[f"{node.id} {name}"] = error_code(
                         await raw.call(T.HANDOFF, payload)
                     )
-                log_req = p.LOG_REQUEST.pack(p.HandoffKind.LOG, channel, BIG, 10)
+                log_req = pp.LOG_REQUEST.pack(p.HandoffKind.LOG, channel, BIG, 10)
                 got[f"{node.id} log after"] = error_code(
                     await raw.call(T.HANDOFF, log_req)
                 )
