@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from plexilab.infra import images, setup_host
+from plexilab.infra import depsdisk, images, setup_host, wheels
 
 DISK_TOOLS = ("mke2fs", "qemu-img", "debugfs")
 
@@ -216,7 +216,6 @@ def _tiny_wheel(directory: Path, name: str) -> Path:
 
 @pytest.mark.usefixtures("disk_tools")
 def test_deps_disk_installs_the_wheelhouse(tmp_path: Path, monkeypatch) -> None:
-    from plexilab.infra import wheels
 
     # The installer wheel the wheelhouses carry, fetched here if no earlier
     # build left one in dist/ (no reliance on test order).
@@ -230,8 +229,8 @@ def test_deps_disk_installs_the_wheelhouse(tmp_path: Path, monkeypatch) -> None:
     house.mkdir()
     shutil.copy(installer[0], house)
     _tiny_wheel(house, "tinydep")
-    disk = images.deps_disk("aarch64", house)
-    assert images.deps_disk("aarch64", house) == disk  # cached
+    disk = depsdisk.deps_disk("aarch64", house)
+    assert depsdisk.deps_disk("aarch64", house) == disk  # cached
     raw = tmp_path / "deps.raw"
     subprocess.run(
         ["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True

@@ -41,8 +41,8 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from plexilab import deps
-from plexilab.infra import images, setup_host, wheels
+from plexilab import deps, proc
+from plexilab.infra import buildsteps, images, setup_host, wheels
 
 REPO = Path(__file__).resolve().parents[3]
 CONTEXT_WHEELS = REPO / "build" / "docker" / "wheels"
@@ -69,7 +69,7 @@ class ContainerError(RuntimeError):
 
 def run_dir() -> Path:
     """``<cache>/docker/engine``: dockerd's pidfile and log."""
-    path = images.cache_root() / "docker" / "engine"
+    path = buildsteps.cache_root() / "docker" / "engine"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -143,25 +143,18 @@ def start_engine(timeout: float = 60.0) -> int:
         "--ip-masq=false",
     ]
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        engine = proc.spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+    answered = proc.wait_until(
+        lambda: engine.poll() is not None or engine_running(), timeout, 0.25
+    )
+    if engine.poll() is not None:
+        tail = log_path.read_text(errors="replace").splitlines()[-20:]
+        raise ContainerError(
+            f"dockerd exited {engine.returncode}; log {log_path}:\n" + "\n".join(tail)
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-20:]
-            raise ContainerError(
-                f"dockerd exited {proc.returncode}; log {log_path}:\n" + "\n".join(tail)
-            )
-        if engine_running():
-            return proc.pid
-        time.sleep(0.25)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    if answered:
+        return engine.pid
+    proc.terminate(engine, grace=10.0)
     raise ContainerError(f"dockerd did not answer within {timeout:g}s; see {log_path}")
 
 
@@ -170,15 +163,7 @@ def stop_engine(timeout: float = 30.0) -> bool:
     pid = _engine_pid()
     if pid is None:
         return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return True
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    proc.terminate_pid(pid, None, grace=timeout, interval=0.2)
     return True
 
 
@@ -246,7 +231,7 @@ def base_key(kind: str) -> str:
     """Hash of the *kind* base recipe (packages, suite, options, arch)."""
     argv = mmdebstrap_argv(kind)[:-1]  # the sources path is not part of the recipe
     parts = [("argv", "\0".join(argv).encode()), ("format", str(BASE_FORMAT).encode())]
-    return images._digest(parts)
+    return buildsteps.digest(parts)
 
 
 def _image_label(client: docker.DockerClient, tag: str, label: str) -> str | None:
@@ -276,8 +261,8 @@ def ensure_base(
     """The *kind* base image, made with mmdebstrap | docker import when missing."""
     tag = base_tag(kind)
     key = base_key(kind)
-    lock = images.cache_root() / "docker" / f"base-{kind}.lock"
-    with images.locked(lock):
+    lock = buildsteps.cache_root() / "docker" / f"base-{kind}.lock"
+    with buildsteps.locked(lock):
         start = time.monotonic()
         if not rebuild and _image_label(client, tag, RECIPE_LABEL) == key:
             size = int(client.images.get(tag).attrs["Size"])
@@ -285,22 +270,22 @@ def ensure_base(
         if os.geteuid() != 0:
             raise PermissionError("mmdebstrap --mode=root needs root: rerun with sudo")
         install_packages(BASE_TOOLS)
-        images.console.log(f"making {tag} ({key}) with mmdebstrap | docker import")
-        proc = subprocess.Popen(
+        buildsteps.console.log(f"making {tag} ({key}) with mmdebstrap | docker import")
+        bootstrap = proc.spawn(
             mmdebstrap_argv(kind),
+            stdin=None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            start_new_session=True,
         )
-        assert proc.stdout is not None
-        assert proc.stderr is not None
+        assert bootstrap.stdout is not None
+        assert bootstrap.stderr is not None
         repository, _, version = tag.rpartition(":")
         changes = [
             f"LABEL {RECIPE_LABEL}={key} {OWNER_LABEL}={OWNER}",
             'CMD ["/bin/sh"]',
             "ENV LANG=C.UTF-8",
         ]
-        stdout = proc.stdout
+        stdout = bootstrap.stdout
         try:
             client.api.import_image_from_data(
                 iter(lambda: stdout.read(1 << 20), b""),
@@ -309,19 +294,20 @@ def ensure_base(
                 changes=changes,
             )
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.signal_group(bootstrap.pid, signal.SIGKILL)
             raise
         finally:
-            err = proc.stderr.read().decode(errors="replace")
-            proc.wait()
-        if proc.returncode != 0:
-            raise ContainerError(f"mmdebstrap exited {proc.returncode}:\n{err[-3000:]}")
+            err = bootstrap.stderr.read().decode(errors="replace")
+            bootstrap.wait()
+        if bootstrap.returncode != 0:
+            raise ContainerError(
+                f"mmdebstrap exited {bootstrap.returncode}:\n{err[-3000:]}"
+            )
         if _image_label(client, tag, RECIPE_LABEL) != key:
             raise ContainerError(f"docker import did not produce {tag}")
         size = int(client.images.get(tag).attrs["Size"])
         seconds = round(time.monotonic() - start, 2)
-        images.console.log(f"{tag}: {images.mb(size)} in {seconds:.1f} s")
+        buildsteps.console.log(f"{tag}: {buildsteps.mb(size)} in {seconds:.1f} s")
         return BaseResult(tag, key, True, seconds, size)
 
 
@@ -467,7 +453,7 @@ def build_image(
             if "Using cache" in line:
                 cached += 1
             if progress:
-                images.console.log(line)
+                buildsteps.console.log(line)
         aux = chunk.get("aux")
         if isinstance(aux, dict) and "ID" in aux:
             image_id = str(aux["ID"])

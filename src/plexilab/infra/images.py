@@ -27,34 +27,39 @@ the variant folders, so adding or editing a variant never rebuilds it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
+import concurrent.futures
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from plexilab.infra import setup_host
+
+# The cache and build plumbing (plexilab.infra.buildsteps) and the deps disk
+# (plexilab.infra.depsdisk) moved out of this module; the names stay importable
+# from here for callers that still use them as ``images.<name>``.
+from plexilab.infra.buildsteps import Step, digest, du, run
+from plexilab.infra.buildsteps import cache_root as cache_root
+from plexilab.infra.buildsteps import console as console
+from plexilab.infra.buildsteps import locked as locked
+from plexilab.infra.buildsteps import mb as mb
+from plexilab.infra.depsdisk import DEPS_MOUNT as DEPS_MOUNT
+from plexilab.infra.depsdisk import GUEST_VENV as GUEST_VENV
+from plexilab.infra.depsdisk import deps_disk as deps_disk
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "qemu"
 ARCHES = ("x86_64", "aarch64")
 VARIANTS = ("docker",)  # folders under qemu/ that are variants, not plain recipe
 IMAGE_FORMAT = 1  # bump when the build steps (not the recipes) change
-console = Console(stderr=True, highlight=False)
 
 
 @dataclass(frozen=True)
@@ -116,21 +121,6 @@ def load_profile(arch: str, variant: str = "") -> Profile:
     return Profile(**data)
 
 
-def cache_root() -> Path:
-    """``$PLEXILAB_CACHE`` or ``~/.cache/plexilab``."""
-    env = os.environ.get("PLEXILAB_CACHE")
-    root = Path(env) if env else Path.home() / ".cache" / "plexilab"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _digest(parts: Sequence[tuple[str, bytes]]) -> str:
-    h = hashlib.sha256()
-    for name, data in parts:
-        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()[:16]
-
-
 def recipe_files(variant: str = "") -> list[Path]:
     """Files of the plain recipe under ``qemu/`` (sorted), or of *variant*'s folder."""
     if check_variant(variant):
@@ -159,7 +149,7 @@ def image_key(arch: str, variant: str = "") -> str:
             (f"variant:{p.relative_to(RECIPES)}", p.read_bytes())
             for p in recipe_files(variant)
         ]
-    return _digest(parts)
+    return digest(parts)
 
 
 def image_name(arch: str, key: str, variant: str = "") -> str:
@@ -219,7 +209,7 @@ def rootfs_key(profile: Profile, variant: str = "") -> str:
         ("suite", host_suite().encode()),
         ("options", " ".join(mmdebstrap_options(profile, variant)).encode()),
     ]
-    return _digest(parts)
+    return digest(parts)
 
 
 def mmdebstrap_options(profile: Profile, variant: str = "") -> list[str]:
@@ -295,79 +285,6 @@ def compile_python(root: Path) -> None:
         [python, "-m", "compileall", "-q", "-j", "0", "-s", str(root), "-p", "/"]
         + [str(d) for d in dirs if d.is_dir()]
     )
-
-
-class Step:
-    """Times one build step and logs it."""
-
-    def __init__(self, name: str, timings: dict[str, float]) -> None:
-        self.name = name
-        self.timings = timings
-        self.note = ""
-
-    def __enter__(self) -> Step:
-        self.start = time.monotonic()
-        self._status: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._status = console.status(f"[bold]{self.name}[/]...")
-            self._status.__enter__()
-        else:
-            console.log(f"{self.name}...")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.__exit__(None, None, None)
-        seconds = time.monotonic() - self.start
-        self.timings[self.name] = round(seconds, 2)
-        ok = "[green]done[/]" if exc[0] is None else "[red]failed[/]"
-        note = f" ({self.note})" if self.note else ""
-        console.log(f"{self.name}: {ok} in {seconds:.1f} s{note}")
-
-
-def run(argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Run a build command; raise with its output on failure."""
-    proc = subprocess.run(
-        list(argv),
-        text=True,
-        capture_output=True,
-        check=False,
-        **kwargs,  # type: ignore[call-overload]
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} exited {proc.returncode}\n{proc.stdout[-3000:]}"
-            f"\n{proc.stderr[-3000:]}"
-        )
-    return proc  # type: ignore[no-any-return]
-
-
-def du(path: Path) -> int:
-    """Bytes used by a file or tree (allocated blocks)."""
-    if path.is_file():
-        return path.stat().st_blocks * 512
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
-
-
-def mb(n: int) -> str:
-    return f"{n / 1e6:.0f} MB"
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file: one builder per cache entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def fetch_kernel(profile: Profile, work: Path) -> tuple[Path, str]:
@@ -655,86 +572,6 @@ def image(arch: str, *, rebuild: bool = False, variant: str = "") -> Image:
     return build_image(arch, rebuild=rebuild)
 
 
-DEPS_MOUNT = "/opt/plexichat-deps"
-GUEST_VENV = "/opt/plexichat"
-
-# Runs on the lab host with `installer` imported from its wheel: installs wheels
-# into a staging tree laid out for the guest (scripts point at the guest venv),
-# byte-compiled here (same CPython 3.11 bytecode as the guests' python3.11).
-_STAGE_DEPS = r"""
-import glob, os, sys
-stage, installer_whl, *wheels = sys.argv[1:]
-sys.path.insert(0, installer_whl)
-from installer import install
-from installer.destinations import SchemeDictionaryDestination
-from installer.sources import WheelFile
-scheme = {"purelib": f"{stage}/site-packages", "platlib": f"{stage}/site-packages",
-          "scripts": f"{stage}/bin", "data": f"{stage}/data",
-          "headers": f"{stage}/include"}
-dest = SchemeDictionaryDestination(
-    scheme, interpreter="%s/bin/python", script_kind="posix",
-    bytecode_optimization_levels=(0,),
-)
-for wheel in wheels:
-    with WheelFile.open(wheel) as source:
-        install(source, dest, {"INSTALLER": b"plexilab"})
-"""
-
-
-def deps_disk(arch: str, wheelhouse: Path) -> Path:
-    """A read-only ext4 disk with the wheelhouse's dependencies installed.
-
-    The runtime dependencies (everything in *wheelhouse*) are installed on the
-    lab host from their wheels into a tree that the guest mounts at
-    ``DEPS_MOUNT`` (``site-packages`` is put on the guest venv's path by a
-    ``.pth`` file), byte-compiled.  Pushing only the small plexichat wheel then
-    makes a fresh guest ready in seconds.  Cached by wheel names and sizes.
-    """
-    wheels = sorted(
-        p for p in wheelhouse.glob("*.whl") if not p.name.startswith("plexichat-")
-    )
-    installers = [p for p in wheels if p.name.startswith("installer-")]
-    if not installers:
-        raise RuntimeError(f"{wheelhouse} has no installer wheel")
-    parts = [(p.name, str(p.stat().st_size).encode()) for p in wheels]
-    key = _digest([*parts, ("arch", arch.encode()), ("stage", _STAGE_DEPS.encode())])
-    final = cache_root() / "deps" / f"{arch}-{key}.qcow2"
-    if final.is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"deps-{arch}-", dir=final.parent) as t:
-        stage = Path(t) / "stage"
-        stage.mkdir()
-        script = _STAGE_DEPS.replace("%s", GUEST_VENV)
-        run(
-            [
-                sys.executable,
-                "-I",
-                "-c",
-                script,
-                str(stage),
-                str(installers[0]),
-                *map(str, wheels),
-            ]
-        )
-        size_mib = du(stage) * 13 // 10 // (1 << 20) + 64
-        raw = Path(t) / "deps.raw"
-        run(
-            ["mke2fs", "-q", "-F", "-t", "ext4", "-m", "0", "-L", "plexideps",
-             "-d", str(stage), str(raw), f"{size_mib}M"]
-        )  # fmt: skip
-        tmp = Path(t) / "deps.qcow2"
-        run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(tmp)])
-        tmp.chmod(0o444)
-        tmp.rename(final)
-    console.log(
-        f"deps disk {arch}: {len(wheels)} wheels, {mb(final.stat().st_size)} "
-        f"in {time.monotonic() - start:.1f} s"
-    )
-    return final
-
-
 def build_images(
     arches: Sequence[str],
     *,
@@ -743,8 +580,6 @@ def build_images(
     variant: str = "",
 ) -> list[Image]:
     """Build several images in parallel (each is mostly one long subprocess)."""
-    import concurrent.futures
-
     kw: dict[str, Any] = {"rebuild": rebuild, "rebuild_rootfs": rebuild_rootfs}
     if variant:
         kw["variant"] = variant
