@@ -20,12 +20,12 @@ import paramiko
 import pytest
 
 from plexilab.host import HostError
-from plexilab.infra.ssh import (
+from plexilab.infra.ssh import SSHHost
+from plexilab.infra.sshclient import (
     CommandTimeout,
     ConnectError,
     HostKeyPair,
     SSHClient,
-    SSHHost,
     backoff_delays,
     lab_key,
     wait_for_banner,

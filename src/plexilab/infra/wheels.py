@@ -19,8 +19,8 @@ session calls exactly this) writes ``dist/<arch>/plexichat-*.whl`` and
 * Every wheel is checked: its extension modules must be ELF files for the
   target machine and every ``src/plexichat/*/_speedups.pyx`` must be in it.
 
-This module also carries ``GUEST_INSTALLER``, the script that installs a
-wheelhouse offline into a venv on a guest (``plexilab.infra.ssh.SSHHost.install``).
+The script that installs a wheelhouse offline into a venv on a guest is
+:mod:`plexilab.guest.install` (``plexilab.infra.ssh.SSHHost.install``).
 """
 
 from __future__ import annotations
@@ -308,63 +308,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in results:
             print(f"{row['arch']}: {row['wheel']} ({row['seconds']})")
     return 0
-
-
-# Runs on a guest with the guest's python3: install every wheel of a directory
-# into a venv with `installer` (pure Python, imported from its own wheel), no
-# bytecode compilation, skipping distributions already installed at the same
-# version (the plexichat wheel is always reinstalled).
-GUEST_INSTALLER = r"""
-import glob, os, shutil, sys, sysconfig, time
-venv, house, deps, *always = sys.argv[1:]
-start = time.monotonic()
-paths = sysconfig.get_paths("venv", vars={"base": venv, "platbase": venv})
-site = paths["purelib"]
-deps_site = os.path.join(deps, "site-packages") if deps != "-" else ""
-if deps_site and os.path.isdir(deps_site):
-    with open(os.path.join(site, "_plexilab_deps.pth"), "w") as fh:
-        fh.write(deps_site + "\n")
-found = glob.glob(os.path.join(house, "installer-*.whl"))
-sys.path.insert(0, found[0] if found else deps_site)
-from installer import install
-from installer.destinations import SchemeDictionaryDestination
-from installer.sources import WheelFile
-scheme = {k: paths[k] for k in ("purelib", "platlib", "scripts", "data")}
-scheme["headers"] = os.path.join(paths["include"], "site")
-dest = SchemeDictionaryDestination(
-    scheme, interpreter=os.path.join(venv, "bin", "python"), script_kind="posix",
-    bytecode_optimization_levels=(),
-)
-def norm(name):
-    return name.replace("-", "_").replace(".", "_").lower()
-def infos(where):
-    return {d: os.path.basename(d).removesuffix(".dist-info").split("-", 1)
-            for d in glob.glob(os.path.join(where, "*.dist-info"))}
-provided = {norm(n): v for n, v in infos(deps_site).values()} if deps_site else {}
-def remove(dist_info):
-    record = os.path.join(dist_info, "RECORD")
-    if os.path.exists(record):
-        for line in open(record):
-            path = os.path.normpath(os.path.join(site, line.rsplit(",", 2)[0]))
-            if path.startswith(venv) and os.path.isfile(path):
-                os.unlink(path)
-    shutil.rmtree(dist_info, ignore_errors=True)
-done = []
-for wheel in sorted(glob.glob(os.path.join(house, "*.whl"))):
-    name, version = os.path.basename(wheel).split("-")[:2]
-    if norm(name) not in always and provided.get(norm(name)) == version:
-        continue
-    mine = infos(site)
-    existing = [d for d, (n, _v) in mine.items() if norm(n) == norm(name)]
-    if norm(name) not in always and any(mine[d][1] == version for d in existing):
-        continue
-    for d in existing:
-        remove(d)
-    with WheelFile.open(wheel) as source:
-        install(source, dest, {"INSTALLER": b"plexilab"})
-    done.append(f"{name}-{version}")
-print(f"installed {len(done)} in {time.monotonic() - start:.2f} s: {' '.join(done)}")
-"""
 
 
 if __name__ == "__main__":
