@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from plexilab.infra import images, machine
-from plexilab.infra.machine import ProbeResult, choose_accel
-from plexilab.infra.ssh import HostKeyPair
+from plexilab import guest
+from plexilab.infra import images, kvm
+from plexilab.infra import rundir as runs
+from plexilab.infra.kvm import ProbeResult, choose_accel
+from plexilab.infra.sshclient import HostKeyPair
+from plexilab.proc import proc_starttime
 from plexilab.providers.inventory import InventoryEntry, entries_toml, load_inventory
 from plexilab.providers.qemu import GuestSpec, plan
 
@@ -107,9 +110,9 @@ def test_probe_boot_needs_the_kernel_to_reach_its_panic(tmp_path, kernel) -> Non
     booted = _fake_qemu(
         tmp_path, "echo 'Linux version 6.1'; echo 'Kernel panic - not syncing: VFS'"
     )
-    assert machine.probe_boot(booted, kernel, timeout=10).ok
+    assert kvm.probe_boot(booted, kernel, timeout=10).ok
     hangs = _fake_qemu(tmp_path, "echo 'Booting from ROM..'; exec sleep 30")
-    result = machine.probe_boot(hangs, kernel, timeout=0.5)
+    result = kvm.probe_boot(hangs, kernel, timeout=0.5)
     assert not result.ok
     assert result.detail.startswith("timeout")
 
@@ -129,22 +132,22 @@ def test_reaper_kills_leftovers_of_dead_owners_only(tmp_path: Path) -> None:
     live_dir = tmp_path / "live-owner"
     for d in (dead_dir, live_dir):
         d.mkdir()
-    machine.record(live_dir / "owner.json", os.getpid(), "owner")
+    runs.record(live_dir / "owner.json", os.getpid(), "owner")
     (dead_dir / "owner.json").write_text(
         json.dumps({"pid": _dead_pid(), "starttime": 1})
     )
     orphan, kept = _sleeper(), _sleeper()
     try:
-        machine.record(dead_dir / "qemu.pid", orphan.pid, "qemu")
-        machine.record(live_dir / "qemu.pid", kept.pid, "qemu")
-        killed = machine.reap(root=tmp_path)
+        runs.record(dead_dir / "qemu.pid", orphan.pid, "qemu")
+        runs.record(live_dir / "qemu.pid", kept.pid, "qemu")
+        killed = runs.reap(root=tmp_path)
         assert orphan.wait(10) == -signal.SIGTERM
         assert len(killed) == 1
         assert "qemu" in killed[0]
         assert not dead_dir.exists()
         assert kept.poll() is None
         assert live_dir.exists()
-        assert machine.reap(root=tmp_path, everything=True)
+        assert runs.reap(root=tmp_path, everything=True)
         assert kept.wait(10) == -signal.SIGTERM
     finally:
         for p in (orphan, kept):
@@ -160,14 +163,14 @@ def test_reaper_checks_the_start_time(tmp_path: Path) -> None:
     (rundir / "owner.json").write_text(json.dumps({"pid": _dead_pid(), "starttime": 1}))
     bystander = _sleeper()
     try:
-        start = machine.proc_starttime(bystander.pid)
+        start = proc_starttime(bystander.pid)
         assert start is not None
         (rundir / "qemu.pid").write_text(
             json.dumps(
                 {"pid": bystander.pid, "pgid": bystander.pid, "starttime": start + 1}
             )
         )
-        assert machine.reap(root=tmp_path) == []
+        assert runs.reap(root=tmp_path) == []
         assert bystander.poll() is None
     finally:
         bystander.kill()
@@ -191,11 +194,11 @@ def test_relay_bridges_a_connection_and_cleans_up(tmp_path: Path) -> None:
 
     threading.Thread(target=echo_upper, daemon=True).start()
     relay = tmp_path / "relay.py"
-    relay.write_text(machine.RELAY_SOURCE)
+    relay.write_text(guest.source("relay.py"))
     piddir = tmp_path / "relays"
     piddir.mkdir()
     fake_qemu = _sleeper()
-    machine.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
+    runs.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
     guest_side, relay_side = socket.socketpair()
     proc = subprocess.Popen(
         [
@@ -243,9 +246,9 @@ def test_relay_exits_when_qemu_is_gone(tmp_path: Path) -> None:
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     relay = tmp_path / "relay.py"
-    relay.write_text(machine.RELAY_SOURCE)
+    relay.write_text(guest.source("relay.py"))
     fake_qemu = _sleeper()
-    machine.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
+    runs.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
     guest_side, relay_side = socket.socketpair()
     port = str(server.getsockname()[1])
     proc = subprocess.Popen(
@@ -350,9 +353,9 @@ def test_reap_can_keep_the_logs_of_dead_runs(tmp_path: Path) -> None:
     (rundir / "owner.json").write_text(json.dumps({"pid": _dead_pid(), "starttime": 1}))
     for name in ("g0.serial.log", "disk.qcow2", "seed.tar"):
         (rundir / "g0" / name).write_text("x")
-    assert machine.reap(root=tmp_path, keep_logs=True) == []
+    assert runs.reap(root=tmp_path, keep_logs=True) == []
     assert sorted(p.name for p in (rundir / "g0").iterdir()) == ["g0.serial.log"]
-    machine.reap(root=tmp_path)
+    runs.reap(root=tmp_path)
     assert not rundir.exists()
 
 
@@ -385,8 +388,8 @@ def test_a_run_reaps_only_under_its_own_run_root(tmp_path: Path, monkeypatch) ->
             json.dumps({"pid": _dead_pid(), "starttime": 1})
         )
     monkeypatch.setenv("PLEXILAB_RUN_ROOT", str(ours))
-    assert machine.run_root() == ours
-    machine.reap()
+    assert runs.run_root() == ours
+    runs.reap()
     assert not (ours / "dead").exists()
     assert (theirs / "dead" / "owner.json").exists()
 
@@ -395,5 +398,5 @@ def test_the_suite_runs_under_its_own_run_root() -> None:
     """conftest points every lab run of the suite away from the user's root."""
     root = Path(os.environ["PLEXILAB_RUN_ROOT"])
     assert root.name == "run-tests"
-    assert machine.run_root() == root
+    assert runs.run_root() == root
     assert root != images.cache_root() / "run"
