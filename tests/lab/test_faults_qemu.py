@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from plexilab.infra.machine import RELAY_SOURCE, proc_starttime
+from plexilab.infra.machine import RELAY_SOURCE
+from plexilab.proc import proc_starttime
 from plexilab.providers.qemu import QemuHost, RelayNetwork
 from plexilab.run import faults
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from plexilab.infra.images import DEPS_MOUNT
+from plexilab.infra.depsdisk import DEPS_MOUNT
 from plexilab.infra.machine import link_address
-from plexilab.infra.ssh import lab_key
+from plexilab.infra.sshclient import lab_key
 from plexilab.providers.inventory import (
     InventoryEntry,
     entries_toml,

@@ -22,7 +22,7 @@ import paramiko
 import pytest
 
 from plexilab.infra import images
-from plexilab.infra.ssh import HostKeyPair, SSHClient, known_hosts_name
+from plexilab.infra.sshclient import HostKeyPair, SSHClient, known_hosts_name
 from plexilab.providers import docker_in_guests as gd
 from plexilab.run import qemu as qc
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from plexilab.infra import machine
-from plexilab.infra.ssh import lab_key
+from plexilab.infra.sshclient import lab_key
 from plexilab.providers.inventory import InventoryEntry, InventoryHost
 from plexilab.providers.qemu import GuestSpec, QemuHost, QemuLab
 

@@ -35,7 +35,7 @@ import paramiko
 import pytest
 
 from plexilab.infra import machine
-from plexilab.infra.ssh import lab_key
+from plexilab.infra.sshclient import lab_key
 from plexilab.providers.inventory import (
     InventoryEntry,
     InventoryHost,

@@ -39,7 +39,7 @@ from rich.table import Table
 from plexilab.host import Host
 from plexilab.infra import images, machine, setup_host, wheels
 from plexilab.infra.artifacts import DIST, ensure_artifacts
-from plexilab.infra.ssh import lab_key
+from plexilab.infra.sshclient import lab_key
 from plexilab.providers.docker_in_guests import GuestContainerHost
 from plexilab.providers.qemu import (
     GuestSpec,

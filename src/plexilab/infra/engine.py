@@ -121,10 +121,9 @@ def _engine_pid() -> int | None:
     pidfile = run_dir() / "dockerd.pid"
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return pid
+    return pid if proc.signal_process(pid, 0) else None
 
 
 def start_engine(timeout: float = 60.0) -> int:

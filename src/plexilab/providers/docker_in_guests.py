@@ -42,7 +42,8 @@ from docker.transport import SSHHTTPAdapter
 from plexilab.host import Endpoint, Host, HostError
 from plexilab.infra import images
 from plexilab.infra.engine import IMAGE, cleanup, leftovers, new_run_id
-from plexilab.infra.ssh import SSHClient, SSHHost, wait_for_banner
+from plexilab.infra.ssh import SSHHost
+from plexilab.infra.sshclient import SSHClient, wait_for_banner
 from plexilab.providers.container import ContainerHost
 from plexilab.providers.qemu import QemuHost, RelayNetwork
 

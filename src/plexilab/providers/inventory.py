@@ -46,7 +46,8 @@ from typing import Any
 import paramiko
 
 from plexilab.host import Endpoint, Host
-from plexilab.infra.ssh import SSHClient, SSHHost, lab_key, public_key
+from plexilab.infra.ssh import SSHHost
+from plexilab.infra.sshclient import SSHClient, lab_key, public_key
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any
 
 from plexilab.host import Endpoint, Host, HostError, Process
 from plexilab.infra import images, machine
-from plexilab.infra.images import DEPS_MOUNT, deps_disk
+from plexilab.infra.depsdisk import DEPS_MOUNT, deps_disk
 from plexilab.infra.machine import (
     GuestLink,
     Machine,
@@ -50,7 +50,8 @@ from plexilab.infra.machine import (
     free_port,
     link_address,
 )
-from plexilab.infra.ssh import SSHClient, SSHHost, public_key
+from plexilab.infra.ssh import SSHHost
+from plexilab.infra.sshclient import SSHClient, public_key
 from plexilab.infra.wheels import REPO
 
 DEFAULT_PORT_BASE = 7100
