@@ -25,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(requests, failures, requests/s, latency percentiles) as JSON and CSV.",
     )
     add = parser.add_argument
+    add(
+        "--config",
+        type=Path,
+        default=None,
+        help="a JSON object of these options by name (clients, secret_file, ...); "
+        "flags given as well override it",
+    )
     add("--nodes", required=True, help="comma-separated HOST:PORT of the nodes")
     add(
         "--scenario",
@@ -135,8 +142,70 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def apply_config(parser: argparse.ArgumentParser, data: object) -> None:
+    """Make the options in *data* (a JSON object by option name) *parser*'s
+    defaults, checked like flags are; an unknown name is an error."""
+    if not isinstance(data, dict):
+        parser.error("--config must hold a JSON object")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(data) - set(actions))
+    if unknown:
+        parser.error(
+            f"--config: unknown option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(actions))}"
+        )
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        action = actions[name]
+        values[name] = _config_value(parser, action, value)
+        action.required = False
+    parser.set_defaults(**values)
+
+
+def _config_value(
+    parser: argparse.ArgumentParser, action: argparse.Action, value: object
+) -> Any:
+    name = action.dest
+    if value is None:
+        return None
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            parser.error(f"--config: {name} must be true or false")
+        return value
+    kind = action.type
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        parser.error(f"--config: {name} must be an integer, not {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            parser.error(f"--config: {name} must be a number, not {value!r}")
+        value = float(value)
+    if kind in (None, Path) and not isinstance(value, str):
+        parser.error(f"--config: {name} must be a string, not {value!r}")
+    if kind is Path:
+        value = Path(str(value))
+    if action.choices is not None and value not in action.choices:
+        shown = ", ".join(map(str, action.choices))
+        parser.error(f"--config: {name} must be one of {shown}, not {value!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of *argv*, on top of a ``--config`` JSON file if it names one."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    first, _rest = pre.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            data = json.loads(first.config.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--config {first.config}: {exc}")
+        apply_config(parser, data)
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     gc.freeze()  # imported modules need no GC scans during the run
     try:
         result = asyncio.run(_run(args))
