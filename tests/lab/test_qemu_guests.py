@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from plexilab.infra import machine
+from plexilab.infra import machine, rundir
 from plexilab.infra.sshclient import lab_key
 from plexilab.providers.inventory import InventoryEntry, InventoryHost
 from plexilab.providers.qemu import GuestSpec, QemuHost, QemuLab
@@ -188,9 +188,9 @@ def test_resources_are_sampled_over_qmp(lab: QemuLab) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from plexilab.infra import machine
+from plexilab.infra import rundir
 from plexilab.infra.machine import Machine, MachineConfig
-machine.run_root = lambda: Path(sys.argv[1])  # a private run root, not the lab's
+rundir.run_root = lambda: Path(sys.argv[1])  # a private run root, not the lab's
 m = Machine(MachineConfig(arch="x86_64", name="orphan"))
 m.launch()
 print(m.pid, m.dir, flush=True)
@@ -268,7 +268,7 @@ def test_invoke_tasks(artifacts, capsys, tmp_path: Path, monkeypatch) -> None:
     cli.kvm(c, arch="x86_64")
     cli.golden(c, arch="x86_64")
     with monkeypatch.context() as patch:
-        patch.setattr(machine, "run_root", lambda: tmp_path)
+        patch.setattr(rundir, "run_root", lambda: tmp_path)
         cli.reap(c)
     out = capsys.readouterr().out
     assert "golden tests on x86_64: exit 0" in out

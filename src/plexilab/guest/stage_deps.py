@@ -6,7 +6,7 @@ Runs on the lab host with ``installer`` imported from its wheel: installs
 each WHEEL into STAGE (``site-packages``, ``bin``, ``data``, ``include``),
 with scripts pointing at ``GUEST_VENV/bin/python``, byte-compiled here (the
 lab host's CPython 3.11 writes the same bytecode as the guests' python3.11).
-``plexilab.infra.images.deps_disk`` runs this file's source with
+``plexilab.infra.depsdisk.deps_disk`` runs this file's source with
 ``python -I -c``: it needs only the standard library and imports nothing
 from plexilab.
 """

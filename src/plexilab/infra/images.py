@@ -43,17 +43,14 @@ from typing import Any
 
 from plexilab.infra import setup_host
 
-# The cache and build plumbing (plexilab.infra.buildsteps) and the deps disk
-# (plexilab.infra.depsdisk) moved out of this module; the names stay importable
-# from here for callers that still use them as ``images.<name>``.
-from plexilab.infra.buildsteps import Step, digest, du, run
+# cache_root, console, locked (plexilab.infra.buildsteps) and DEPS_MOUNT
+# (plexilab.infra.depsdisk) moved out of this module; the "X as X" imports keep
+# them reachable as ``images.<name>`` for providers.qemu/docker_in_guests.
+from plexilab.infra.buildsteps import Step, digest, du, mb, run
 from plexilab.infra.buildsteps import cache_root as cache_root
 from plexilab.infra.buildsteps import console as console
 from plexilab.infra.buildsteps import locked as locked
-from plexilab.infra.buildsteps import mb as mb
 from plexilab.infra.depsdisk import DEPS_MOUNT as DEPS_MOUNT
-from plexilab.infra.depsdisk import GUEST_VENV as GUEST_VENV
-from plexilab.infra.depsdisk import deps_disk as deps_disk
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "qemu"

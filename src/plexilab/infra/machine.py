@@ -49,20 +49,17 @@ from plexilab import guest, proc
 from plexilab.infra import images, kvm, rundir
 from plexilab.infra.images import Image
 
-# Names that moved out of this module, kept here for callers that still reach
-# them as ``machine.<name>`` (providers.local, providers.qemu, run.qemu,
-# cli.qemu and tests): import them from their modules instead.
-from plexilab.infra.kvm import ProbeResult as ProbeResult
+# The "X as X" imports are names that moved to plexilab.proc, infra.rundir and
+# infra.kvm, kept reachable as ``machine.<name>`` for providers.local,
+# providers.qemu, run.qemu, cli.qemu and tests: use their new modules instead.
 from plexilab.infra.kvm import choose_accel as choose_accel
 from plexilab.infra.kvm import kvm_cache_path as kvm_cache_path
-from plexilab.infra.kvm import probe_boot as probe_boot
 from plexilab.infra.qmp import QMP
 from plexilab.infra.rundir import current_run_dir as current_run_dir
 from plexilab.infra.rundir import in_launcher as in_launcher
 from plexilab.infra.rundir import parent_death_setup as parent_death_setup
 from plexilab.infra.rundir import reap as reap
 from plexilab.infra.rundir import record as record
-from plexilab.infra.rundir import run_root as run_root
 from plexilab.infra.rundir import running_guests as running_guests
 from plexilab.infra.sshclient import HostKeyPair, SSHClient, lab_key
 from plexilab.proc import alive as alive

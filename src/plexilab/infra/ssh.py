@@ -21,18 +21,7 @@ from pathlib import Path
 from plexilab import guest
 from plexilab.host import CommandResult, Host, HostError, Process
 from plexilab.infra.leases import LEASE_STALE, SPAWN_WRAPPER, RemoteLease, reap_leases
-
-# The client side moved to plexilab.infra.sshclient; these names stay importable
-# from here for the callers that still do (providers, cli, tests).
-from plexilab.infra.sshclient import CommandTimeout as CommandTimeout
-from plexilab.infra.sshclient import ConnectError as ConnectError
-from plexilab.infra.sshclient import HostKeyPair as HostKeyPair
-from plexilab.infra.sshclient import SSHClient as SSHClient
-from plexilab.infra.sshclient import backoff_delays as backoff_delays
-from plexilab.infra.sshclient import known_hosts_name as known_hosts_name
-from plexilab.infra.sshclient import lab_key as lab_key
-from plexilab.infra.sshclient import public_key as public_key
-from plexilab.infra.sshclient import wait_for_banner as wait_for_banner
+from plexilab.infra.sshclient import SSHClient
 
 
 class SSHProcess(Process):
