@@ -12,6 +12,7 @@ derived from it:
   processes); the help always shows the default that applies;
 * JSON: :func:`to_json` and :func:`from_json` carry a whole set of options to
   another process (the nightly, the load generator) without rebuilding argv;
+  every generated task takes ``--options FILE.json``;
 * :func:`schema` lists every option for a program that asks which ones a
   checkout knows (``python -m plexilab.options``), instead of scraping
   ``invoke --help``.
@@ -28,6 +29,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from invoke.context import Context
@@ -339,6 +341,7 @@ class Chosen:
 
 
 Body = Callable[[Context, Chosen], None]
+OPTIONS_FLAG = "options"  # every generated task: --options FILE.json
 
 
 def task(
@@ -377,6 +380,9 @@ def task(
         params.append(
             inspect.Parameter(opt, inspect.Parameter.KEYWORD_ONLY, default=default)
         )
+    params.append(
+        inspect.Parameter(OPTIONS_FLAG, inspect.Parameter.KEYWORD_ONLY, default="")
+    )
     help_text = {
         opt: f"{text}{_choices(listed[opt])} (default {_shown(values[opt])})"
         for opt, text in helps.items()
@@ -384,11 +390,20 @@ def task(
     help_text.update(
         {opt: f"{text} (default {_shown(d)})" for opt, (d, text) in extra.items()}
     )
+    help_text[OPTIONS_FLAG] = (
+        "a JSON object of these options by name (python -m plexilab.options "
+        "lists them); flags set to other than their default override it"
+    )
 
     def decorate(body: Body) -> Task[Any]:
         def run(c: Context, **kw: Any) -> None:
             given = {k: kw[k] for k in cli_names if k in kw}
             try:
+                if kw.get(OPTIONS_FLAG):
+                    given = {
+                        **_read(kw[OPTIONS_FLAG], cli_names),
+                        **{k: v for k, v in given.items() if v != values[k]},
+                    }
                 for opt, allowed in narrowed.items():
                     if opt in given and given[opt] not in allowed:
                         shown = ", ".join(repr(a) for a in allowed)
@@ -408,6 +423,23 @@ def task(
         return Task(run, name=name, help=help_text, auto_shortflags=False)
 
     return decorate
+
+
+def _read(path: str, names: Sequence[str]) -> dict[str, Any]:
+    """The options in the JSON file *path* (only *names* are allowed)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"--{OPTIONS_FLAG} {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise OptionError(f"--{OPTIONS_FLAG} {path}: not a JSON object")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise OptionError(
+            f"--{OPTIONS_FLAG} {path}: unknown option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(names)}"
+        )
+    return data
 
 
 def _choices(allowed: Sequence[Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,3 +101,22 @@ def test_fault_kinds_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert shown["clients"]["group"] == "LoadOptions"
     assert shown["arch"]["choices"] == ["mixed", "x86_64", "aarch64"]
     assert set(shown) == set(o.schema())
+
+
+def test_a_task_takes_its_options_from_json_and_flags_override(
+    tmp_path: Path,
+) -> None:
+    seen: list[o.Chosen] = []
+    task = _make("qemu", seen)
+    path = tmp_path / "opts.json"
+    path.write_text(json.dumps({"clients": 2, "nodes": 5, "faults": "kill"}))
+    assert _invoke(task, "run", f"--options={path}", "--nodes=7") == 0
+    chosen = seen[-1]
+    assert chosen[o.LoadOptions].clients == 2
+    assert chosen[o.ClusterOptions].nodes == 7
+    assert chosen[o.FaultOptions].kinds == ["kill"]
+    assert chosen[o.LoadOptions].inflight == 32  # the preset's, not in the file
+    path.write_text(json.dumps({"arch": "mixed"}))  # not an option of this task
+    assert _invoke(task, "run", f"--options={path}") == 2
+    assert _invoke(task, "run", f"--options={tmp_path / 'absent.json'}") == 2
+    assert len(seen) == 1
