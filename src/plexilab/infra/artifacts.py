@@ -1,24 +1,187 @@
-"""The per-arch wheel and wheelhouse the guests install, built when stale."""
+"""Build artifacts keyed by content: the plexichat wheel, wheelhouses, anything built.
+
+One cache for everything the lab builds from the sources:
+
+* :func:`source_key` hashes what goes into the wheel (``setup.py``,
+  ``pyproject.toml`` and the source files of ``src/plexichat``: relative
+  path and bytes, never mtimes), so touching a file rebuilds nothing and a
+  checkout of other sources is never taken for fresh.
+* :func:`cached` is the content-addressed store: ``<cache>/artifacts/<kind>/
+  <key>/`` is built once by a callback into a temporary directory, under a
+  lock (one builder, the others wait and reuse), and published by rename
+  with a ``.complete`` marker, so a crashed build is never reused.
+* :func:`wheel` is the one way to get a plexichat wheel for an arch
+  (:func:`plexilab.infra.wheels.build_wheel`, native or cross), and
+  :func:`wheel_and_wheelhouse` adds the offline wheelhouse of the locked
+  dependencies (keyed by the lock too).
+* :func:`ensure_artifacts` keeps its old contract -- ``dist/<arch>/`` holds
+  the wheel and wheelhouse the guests install -- but decides freshness by
+  the content key recorded next to them (``dist/<arch>/.artifact-key``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from plexilab import deps
 from plexilab.infra import wheels
+from plexilab.infra.buildsteps import cache_root, digest, locked
 
 REPO = wheels.REPO
 DIST = REPO / "dist"
+ARTIFACT_FORMAT = 1  # bump when the build steps (not the sources) change
+SOURCE_SUFFIXES = frozenset({".py", ".pyx", ".pyi", ".pxd", ".h", ".typed"})
+COMPLETE = ".complete"
+KEY_FILE = ".artifact-key"
 
 
+# --------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------
+def source_files(repo: Path = REPO) -> list[Path]:
+    """The files that go into the wheel, sorted: build files plus sources.
+
+    Under ``src/plexichat``: every file with a source suffix, and every file
+    of the vendored code; never build outputs (``.so``, generated ``.c``,
+    annotation ``.html``) or caches (``__pycache__``).
+    """
+    package = repo / "src" / "plexichat"
+    files = [
+        p
+        for p in package.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and (
+            p.suffix in SOURCE_SUFFIXES
+            or ("_vendor" in p.relative_to(package).parts and p.suffix != ".so")
+        )
+    ]
+    return [repo / "setup.py", repo / "pyproject.toml", *sorted(files)]
+
+
+def content_key(files: Iterable[Path], root: Path, *extra: tuple[str, bytes]) -> str:
+    """A 16-hex-digit key of *files* (path relative to *root* and bytes) + *extra*."""
+    parts = [(str(p.relative_to(root)), p.read_bytes()) for p in files]
+    return digest([*parts, *extra])
+
+
+def source_key(repo: Path = REPO) -> str:
+    """Content key of everything that goes into the plexichat wheel."""
+    return content_key(
+        source_files(repo), repo, ("format", str(ARTIFACT_FORMAT).encode())
+    )
+
+
+def lock_digest() -> str:
+    """sha256 of ``constraints.txt`` (the pinned dependency versions)."""
+    return hashlib.sha256(deps.LOCK.read_bytes()).hexdigest()
+
+
+def artifact_key(arch: str, *, numba: bool = False, repo: Path = REPO) -> str:
+    """Key of the (wheel, wheelhouse) pair of *arch*: sources, arch, lock, numba."""
+    return digest(
+        [
+            ("sources", source_key(repo).encode()),
+            ("arch", arch.encode()),
+            ("lock", lock_digest().encode()),
+            ("numba", b"1" if numba else b"0"),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------
+# The content-addressed store
+# --------------------------------------------------------------------------
+def store_root() -> Path:
+    """``<cache>/artifacts``."""
+    return cache_root() / "artifacts"
+
+
+def cached(
+    kind: str,
+    key: str,
+    build: Callable[[Path], None],
+    *,
+    root: Path | None = None,
+) -> Path:
+    """The directory of artifact *kind* with content *key*, built when missing.
+
+    *build* fills the (empty, temporary) directory it is given; the result is
+    published atomically as ``<root>/<kind>/<key>/`` with a ``.complete``
+    marker.  Concurrent callers wait on a lock and reuse the first build; a
+    build that raised leaves nothing behind.
+    """
+    base = (root or store_root()) / kind
+    final = base / key
+    if (final / COMPLETE).is_file():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    with locked(base / f"{key}.lock"):
+        if (final / COMPLETE).is_file():
+            return final
+        with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=base) as tmp:
+            work = Path(tmp) / "out"
+            work.mkdir()
+            build(work)
+            (work / COMPLETE).write_text(f"{key}\n")
+            shutil.rmtree(final, ignore_errors=True)
+            work.rename(final)
+    return final
+
+
+def wheel(arch: str, *, root: Path | None = None) -> Path:
+    """The plexichat wheel of *arch* for the current sources (built once per key).
+
+    The same build as ``python -m plexilab.infra.wheels`` (native, or cross
+    for aarch64 on x86_64), with compiled extensions required.
+    """
+    key = digest([("sources", source_key().encode()), ("arch", arch.encode())])
+
+    def build(out: Path) -> None:
+        wheels.build_wheel(arch, out)
+
+    directory = cached("wheel", f"{arch}-{key}", build, root=root)
+    (found,) = directory.glob("plexichat-*.whl")
+    return found
+
+
+def wheel_and_wheelhouse(
+    arch: str, *, numba: bool = False, root: Path | None = None
+) -> tuple[Path, Path]:
+    """(wheel, wheelhouse) of *arch*, keyed by sources, lock and the numba choice."""
+    key = artifact_key(arch, numba=numba)
+
+    def build(out: Path) -> None:
+        wheels.build(arch, out, numba=numba)
+
+    directory = cached("wheelhouse", f"{arch}-{key}", build, root=root) / arch
+    (found,) = directory.glob("plexichat-*.whl")
+    return found, directory / "wheelhouse"
+
+
+# --------------------------------------------------------------------------
+# dist/<arch>/: what the guests install
+# --------------------------------------------------------------------------
 def newest_source() -> float:
-    """mtime of the newest file that goes into the wheel."""
+    """mtime of the newest file that goes into the wheel (the old freshness test)."""
     paths = [REPO / "setup.py", REPO / "pyproject.toml"]
     paths += [p for p in (REPO / "src" / "plexichat").rglob("*") if p.is_file()]
     return max(
         p.stat().st_mtime for p in paths if p.suffix not in {".so", ".c", ".html"}
     )
+
+
+def recorded_key(arch: str, dist: Path | None = None) -> str | None:
+    """The artifact key ``dist/<arch>/`` was built from, or None."""
+    try:
+        return ((dist or DIST) / arch / KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def ensure_artifacts(
@@ -28,14 +191,29 @@ def ensure_artifacts(
     numba: bool = False,
     progress: Callable[[str], None] = print,
 ) -> tuple[Path, Path]:
-    """(wheel, wheelhouse) of *arch* in dist/; rebuilt when older than the sources."""
+    """(wheel, wheelhouse) of *arch* in dist/; rebuilt unless built from these sources.
+
+    Freshness is the content key (:func:`artifact_key`) recorded in
+    ``dist/<arch>/.artifact-key``.  Artifacts from before the key was
+    recorded are adopted once when their mtimes say they are fresh.
+    """
+    key = artifact_key(arch, numba=numba)
     found = wheels.artifacts(arch, DIST)
-    has_numba = bool(found and any(found[1].glob("numba-*.whl")))
-    fresh = found and found[0].stat().st_mtime >= newest_source()
-    if found and fresh and not rebuild and has_numba == numba:
-        return found
+    if found and not rebuild:
+        has_numba = any(found[1].glob("numba-*.whl"))
+        recorded = recorded_key(arch)
+        if recorded == key:
+            return found
+        if (
+            recorded is None
+            and has_numba == numba
+            and found[0].stat().st_mtime >= newest_source()
+        ):
+            (DIST / arch / KEY_FILE).write_text(key + "\n")
+            return found
     start = time.monotonic()
     result = wheels.build(arch, DIST, numba=numba)
+    (DIST / arch / KEY_FILE).write_text(key + "\n")
     progress(
         f"built {result.wheel.name} in {time.monotonic() - start:.1f} s "
         f"{result.seconds}"
