@@ -112,6 +112,7 @@ def test_launch_query_and_quit(fake: Path, image: Image, tmp_path: Path) -> None
     assert m.shutdown() == 0  # idempotent
 
 
+@pytest.mark.slow  # quit's 3 s, then SIGTERM's 3 s grace before SIGKILL
 def test_a_qemu_ignoring_quit_and_sigterm_is_killed(
     fake: Path, image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
