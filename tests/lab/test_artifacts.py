@@ -26,6 +26,8 @@ def _repo(root: Path) -> Path:
     (pkg / "node" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"pyc")
     (pkg / "_vendor" / "xxhash" / "xxhash.h").write_text("#define X 1\n")
     (pkg / "_vendor" / "xxhash" / "LICENSE").write_text("BSD\n")
+    (pkg / "vendor" / "other").mkdir(parents=True)
+    (pkg / "vendor" / "other" / "COPYING").write_text("MIT\n")
     return root
 
 
@@ -40,6 +42,7 @@ def test_source_files_are_the_sources_only(tmp_path: Path) -> None:
         "src/plexichat/_vendor/xxhash/xxhash.h",
         "src/plexichat/node/_speedups.pyx",
         "src/plexichat/py.typed",
+        "src/plexichat/vendor/other/COPYING",
     ]
 
 

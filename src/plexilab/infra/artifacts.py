@@ -36,6 +36,7 @@ REPO = wheels.REPO
 DIST = REPO / "dist"
 ARTIFACT_FORMAT = 1  # bump when the build steps (not the sources) change
 SOURCE_SUFFIXES = frozenset({".py", ".pyx", ".pyi", ".pxd", ".h", ".typed"})
+VENDOR_DIRS = frozenset({"_vendor", "vendor"})  # vendored code: every file counts
 COMPLETE = ".complete"
 KEY_FILE = ".artifact-key"
 
@@ -58,7 +59,7 @@ def source_files(repo: Path = REPO) -> list[Path]:
         and "__pycache__" not in p.parts
         and (
             p.suffix in SOURCE_SUFFIXES
-            or ("_vendor" in p.relative_to(package).parts and p.suffix != ".so")
+            or (VENDOR_DIRS & set(p.relative_to(package).parts) and p.suffix != ".so")
         )
     ]
     return [repo / "setup.py", repo / "pyproject.toml", *sorted(files)]
