@@ -38,7 +38,7 @@ class ReplacingBuildExt(build_ext):
 
 ROOT = Path(__file__).parent
 SRC = ROOT / "src"
-VENDOR = SRC / "plexichat" / "_vendor"
+VENDOR = SRC / "plexichat" / "vendor"
 
 
 def truthy(name: str) -> bool:
