@@ -204,7 +204,8 @@ def test_three_container_cluster_loses_nothing(
     config = ClusterConfig(
         nodes=3, duration=5.0, p2p_count=50, results_dir=tmp_path / "run"
     )
-    res = run_container_cluster(client, config, image=TAG)
+    res = run_container_cluster(client, config, image=TAG).to_dict()
+    assert res["provider"] == "container"
     assert res["acked"] > 0
     assert (res["lost"], res["duplicated"], res["reordered"]) == (0, 0, 0)
     # no faults: every request answered, every checker count 0, replicas too

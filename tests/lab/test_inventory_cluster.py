@@ -19,14 +19,16 @@ import pytest
 from plexilab.infra.depsdisk import DEPS_MOUNT
 from plexilab.infra.machine import link_address
 from plexilab.infra.sshclient import lab_key
+from plexilab.providers.guests import leftover_pids
 from plexilab.providers.inventory import (
     InventoryEntry,
+    InventoryProvider,
     entries_toml,
-    inventory_hosts,
     load_inventory,
 )
 from plexilab.providers.qemu import GuestSpec, QemuHost, QemuLab
-from plexilab.run import qemu as qc
+from plexilab.run import pipeline
+from plexilab.run.config import ClusterConfig
 
 pytestmark = [pytest.mark.qemu]
 if importlib.util.find_spec("pytest_timeout") is not None:
@@ -73,21 +75,23 @@ def test_inventory_hosts_run_the_cluster(tmp_path: Path, skips) -> None:
         path = tmp_path / "hosts.toml"
         path.write_text(entries_toml(entries))
         assert load_inventory(path) == entries
-        hosts = inventory_hosts(path)
-        try:
-            options = qc.QemuClusterOptions(
-                nodes=2, duration=4.0, p2p_count=40, clock_sync=False
-            )
-            res = qc.run_on_hosts(
-                hosts,
-                options,
-                artifacts=artifacts,
-                phases=qc.Phases(),
-                results_dir=tmp_path / "run",
-            )
-        finally:
-            for host in hosts:
-                host.close()
+        # the provider of `invoke inventory.cluster`: it connects (reaping
+        # dead labs' nodes), installs the pushed wheels, closes the hosts
+        provider = InventoryProvider(path, artifacts=artifacts)
+        config = ClusterConfig(
+            nodes=2,
+            duration=4.0,
+            clients=4,
+            inflight=32,
+            p2p_count=40,
+            ping_timeout=2.0,  # TCG guests (as qemu.cluster)
+            suspect_timeout=10.0,
+            converge_timeout=120.0,
+            install="wheel",
+            results_dir=tmp_path / "run",
+        )
+        res = pipeline.run(provider, config).to_dict()
+        assert provider.hosts == []  # closed
     assert [n["host"] for n in res["per_node"]] == ["inv-x86_64", "inv-aarch64"]
     assert [n["arch"] for n in res["per_node"]] == list(ARCHES)
     assert [n["lab"] for n in res["per_node"]] == [
@@ -103,7 +107,8 @@ def test_inventory_hosts_run_the_cluster(tmp_path: Path, skips) -> None:
     assert set(res["host_backends"]) == {"inv-x86_64", "inv-aarch64"}
     assert all(n["install_s"] > 0 for n in res["per_node"])
     assert set(res["latency_by_arch"]) == set(ARCHES)
-    assert qc.leftover_pids(pids) == []
+    assert res["provider"] == "inventory"
+    assert leftover_pids(pids) == []
     ps = subprocess.run(
         ["pgrep", "-a", "-f", "qemu-system-"], capture_output=True, text=True
     ).stdout

@@ -27,6 +27,7 @@ from plexilab.run.cluster import (
     run_lab,
     tail,
 )
+from plexilab.run.result import RunResult
 
 
 def test_local_host_runs_spawns_and_copies(tmp_path):
@@ -249,17 +250,17 @@ def test_tail_of_a_missing_log(tmp_path):
     assert tail(node) == "(no log)"
 
 
-def fake_result(throughput: float = 100.0, **violations: int) -> dict:
-    """A cluster result as run_cluster returns it (checker counts all 0 unless
+def fake_result(throughput: float = 100.0, **violations: int) -> RunResult:
+    """A cluster result as the pipeline returns it (checker counts all 0 unless
     given as *violations*)."""
     counts = {k: violations.get(k, 0) for k in VIOLATIONS}
-    return {
+    return RunResult.from_dict({
         "nodes": 3, "replicas": 2, "acked": 10, "failures": 0, **counts,
         "replicas_checked": True, "violations": {k: v for k, v in counts.items() if v},
         "backend": "compiled", "throughput_msgs_per_s": throughput,
         "convergence_s": 0.1, "latency_ms": {"p50": 1.0, "p99": 2.0, "p99.9": 3.0},
         "p2p_latency_ms": {"p50": 1.0, "p99": 2.0}, "p2p_coverage": 1.0,
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def test_bench_reports_the_median_ratio(tmp_path, monkeypatch, capsys):
@@ -269,7 +270,7 @@ def test_bench_reports_the_median_ratio(tmp_path, monkeypatch, capsys):
     def fake_run(config):
         seen.append(config.backend)
         result = fake_result(next(speeds))
-        result["backend"] = "compiled" if config.backend == "auto" else "python"
+        result.backend = "compiled" if config.backend == "auto" else "python"
         return result
 
     monkeypatch.setattr(local_cli, "_run", fake_run)

@@ -22,9 +22,16 @@ import pytest
 from invoke.context import Context
 from invoke.exceptions import Exit
 
+from plexilab.guest import clock as clock_server
 from plexilab.host import Endpoint
 from plexilab.infra.machine import ResourceSample
+from plexilab.providers import clock, guests
+from plexilab.providers.base import Phases
+from plexilab.providers.vmsampler import VmSampler
+from plexilab.run import pipeline
 from plexilab.run import qemu as qc
+from plexilab.run.histograms import by_arch, hist_summary
+from plexilab.run.result import RunResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,7 +85,7 @@ def test_guest_specs_one_guest_per_node_with_its_arch_wheelhouse(
 
 
 def test_phases_accumulate_and_lap() -> None:
-    phases = qc.Phases()
+    phases = Phases()
     with phases("a"):
         time.sleep(0.01)
     time.sleep(0.01)
@@ -102,13 +109,16 @@ def _free_port() -> int:
 
 def test_clock_reading_against_the_same_clock_is_near_zero() -> None:
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-c", qc.CLOCK_SERVER, str(port)])
+    # the source the lab ships (importlib.resources), run stand-alone with -I
+    source = clock.server_source()
+    assert source == Path(clock_server.__file__).read_text()
+    server = subprocess.Popen([sys.executable, "-I", "-c", source, str(port)])
     try:
-        with qc.connect_clock(Endpoint("127.0.0.1", port), timeout=30) as sock:
-            reading = qc.read_clock(sock, rounds=5)
+        with clock.connect_clock(Endpoint("127.0.0.1", port), timeout=30) as sock:
+            reading = clock.read_clock(sock, rounds=5)
         assert reading.rtt_ns > 0
         assert abs(reading.offset_ns) <= max(reading.rtt_ns, 5_000_000)
-        report = qc.measure_clock(Endpoint("127.0.0.1", port))
+        report = clock.measure_clock(Endpoint("127.0.0.1", port))
         assert set(report) == {"offset_ms", "rtt_ms"}
     finally:
         server.kill()
@@ -134,7 +144,7 @@ def test_vm_sampler_summarises_the_load_window() -> None:
         [(0.0, 1.0, 2.0, 100 << 20), (10.0, 2.0, 3.5, 200 << 20),
          (20.0, 7.0, 9.0, 300 << 20)],
     )  # fmt: skip
-    sampler = qc.VmSampler([m])  # type: ignore[list-item]
+    sampler = VmSampler([m])  # type: ignore[list-item]
     sampler.sample("start")
     sampler.sample("converged")
     sampler.sample("loaded")
@@ -146,7 +156,7 @@ def test_vm_sampler_summarises_the_load_window() -> None:
     assert summary["rss_mib_before_load"] == 200.0
     assert summary["rss_mib_max"] == 300.0
     assert summary["qemu_cpu_s"] == 9.0
-    assert qc.VmSampler([]).summary("nobody") == {}
+    assert VmSampler([]).summary("nobody") == {}
 
 
 def test_latency_by_arch_merges_node_histograms() -> None:
@@ -163,27 +173,27 @@ def test_latency_by_arch_merges_node_histograms() -> None:
         {"send": hist([5000] * 30)},
         {},  # a node that did not answer
     ]
-    out = qc.by_arch(["x86_64", "aarch64", "aarch64", "x86_64"], hists, "send")
+    out = by_arch(["x86_64", "aarch64", "aarch64", "x86_64"], hists, "send")
     assert out["x86_64"]["nodes"] == 2
     assert out["x86_64"]["count"] == 10
     assert out["x86_64"]["p50"] == pytest.approx(1.0, rel=0.01)
     assert out["aarch64"]["count"] == 40
     assert out["aarch64"]["p50"] == pytest.approx(5.0, rel=0.01)
     assert out["aarch64"]["p99"] >= out["aarch64"]["p50"]
-    assert qc.hist_summary(None) == {"count": 0}
+    assert hist_summary(None) == {"count": 0}
 
 
 # -- degrading -------------------------------------------------------------------------
 
 
 def test_failed_lists_checker_findings_and_leftovers() -> None:
-    assert qc.failed({"violations": {}, "leftover_qemu_pids": []}) == []
+    assert qc.failed(RunResult(violations={}, leftover_qemu_pids=[])) == []
     reasons = qc.failed(
-        {"violations": {"lost": 2, "duplicated": 1}, "leftover_qemu_pids": [9]}
+        RunResult(violations={"lost": 2, "duplicated": 1}, leftover_qemu_pids=[9])
     )
     assert len(reasons) == 3
     # two messages at one seq and replicas that disagree fail the run too
-    reasons = qc.failed({"violations": {"shared_seq": 4, "divergence": 2}})
+    reasons = qc.failed(RunResult(violations={"shared_seq": 4, "divergence": 2}))
     assert reasons == ["4 shared seq", "2 divergence"]
 
 
@@ -200,7 +210,7 @@ def test_without_qemu_and_fallback_none_the_task_says_why(
 ) -> None:
     from plexilab.cli import qemu as cli
 
-    monkeypatch.setattr(qc, "qemu_unavailable", lambda arches: "no qemu (test)")
+    monkeypatch.setattr(guests, "qemu_unavailable", lambda arches: "no qemu (test)")
     with pytest.raises(Exit) as info:
         cli.cluster(Context(), fallback="none")
     assert info.value.code == 1
@@ -210,7 +220,7 @@ def test_without_qemu_and_fallback_none_the_task_says_why(
 def test_without_qemu_the_run_falls_back_to_local_and_records_why(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(qc, "qemu_unavailable", lambda arches: "no qemu (test)")
+    monkeypatch.setattr(guests, "qemu_unavailable", lambda arches: "no qemu (test)")
     options = qc.QemuClusterOptions(
         nodes=3,
         duration=1.0,
@@ -223,7 +233,7 @@ def test_without_qemu_the_run_falls_back_to_local_and_records_why(
         results=tmp_path / "run",
         lab_install="dev",
     )
-    res = qc.run(options)
+    res = qc.run(options).to_dict()
     assert res["provider"] == "local"
     assert res["fallback_reason"] == "no qemu (test)"
     assert res["acked"] > 0
@@ -235,6 +245,7 @@ def test_without_qemu_the_run_falls_back_to_local_and_records_why(
     assert res["guests"] == []
     assert set(res["latency_by_arch"]) == {os.uname().machine}
     assert {"load", "p2p", "check", "convergence"} <= set(res["phases_s"])
+    assert res["phases_s"]["teardown"] >= 0
 
 
 def test_guests_that_do_not_boot_fall_back_with_the_reason(
@@ -260,8 +271,10 @@ def test_guests_that_do_not_boot_fall_back_with_the_reason(
         labs.append(BrokenLab())
         return labs[-1]
 
-    monkeypatch.setattr(qc, "qemu_unavailable", lambda arches: None)
-    monkeypatch.setattr(qc, "ensure_artifacts", lambda a, **kw: (tmp_path, tmp_path))
+    monkeypatch.setattr(guests, "qemu_unavailable", lambda arches: None)
+    monkeypatch.setattr(
+        guests, "ensure_artifacts", lambda a, **kw: (tmp_path, tmp_path)
+    )
     monkeypatch.setattr(images, "images_for", lambda arches: [])
     monkeypatch.setattr(qc, "QemuLab", make_lab)
     calls: list[str] = []
@@ -314,7 +327,7 @@ def test_three_mixed_guests_lose_nothing_and_leave_nothing(
         fallback="none",
         name_prefix=prefix,
     )
-    res = qc.run(options)
+    res = qc.run(options).to_dict()
     json.dumps(res)  # the result is JSON as it is
     assert res["provider"] == "qemu"
     assert res["fallback_reason"] is None
@@ -357,19 +370,19 @@ def test_an_interrupted_run_powers_every_guest_off(
 ) -> None:
     seen: list[int] = []
 
-    def interrupted(hosts: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def interrupted(job: Any, hosts: Any, *args: Any, **kwargs: Any) -> None:
         seen.extend(h.machine.pid for h in hosts)
         assert _our_qemus(prefix)  # the guests run right now
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qc, "run_on_hosts", interrupted)
+    monkeypatch.setattr(pipeline._Run, "on_hosts", interrupted)
     options = qc.QemuClusterOptions(
         nodes=1, arch="x86_64", results=tmp_path, fallback="none", name_prefix=prefix
     )
     with pytest.raises(KeyboardInterrupt):
         qc.run(options)
     assert len(seen) == 1
-    assert qc.leftover_pids(seen, timeout=5) == []
+    assert guests.leftover_pids(seen, timeout=5) == []
     assert _our_qemus(prefix) == []
 
 

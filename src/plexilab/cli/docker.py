@@ -31,7 +31,7 @@ from rich.table import Table
 from plexilab.cli.local import COMMON_HELP
 from plexilab.infra import engine as containers
 from plexilab.results.tables import results_table
-from plexilab.run.cluster import ClusterConfig, verdict
+from plexilab.run.config import ClusterConfig
 from plexilab.run.container import run_container_cluster
 
 console = Console()
@@ -161,16 +161,15 @@ def cluster(
     res = run_container_cluster(
         client, config, progress=lambda msg: console.log(f"[cyan]{msg}")
     )
-    if build_doc is not None:
-        res["build"] = build_doc
+    res.build = build_doc
     console.print(results_table(res, f"PlexiChat cluster: {nodes} containers"))
-    info = res["containers"]
+    info = res.containers or {}
     console.print(
-        f"health: {info['health']}\nremoved by label: {info['removed']}, "
-        f"left over: {info['leftovers']}"
+        f"health: {info.get('health')}\nremoved by label: {info.get('removed')}, "
+        f"left over: {info.get('leftovers')}"
     )
-    _write(json, res)
-    reasons = verdict(res)
+    _write(json, res.to_dict())
+    reasons = res.verdict()
     if reasons:
         raise Exit("the run failed: " + "; ".join(reasons), code=1)
 

@@ -27,10 +27,12 @@ from invoke.tasks import task
 from rich.console import Console
 from rich.table import Table
 
-from plexilab.providers.local import LocalHost
+from plexilab.providers.local import LOCAL, LocalProvider
 from plexilab.results.tables import results_table
 from plexilab.run import faults as faultlib
-from plexilab.run.cluster import ClusterConfig, run_cluster, verdict
+from plexilab.run import pipeline
+from plexilab.run.config import ClusterConfig
+from plexilab.run.result import RunResult
 
 console = Console()
 
@@ -51,7 +53,7 @@ COMMON_HELP = {
 }
 FAULT_HELP = {
     "faults": "comma list of faults to inject during the load: "
-    f"{', '.join(LocalHost.fault_kinds & set(faultlib.KINDS))}; "
+    f"{', '.join(LOCAL.supported_faults())}; "
     "default (all of them) or none (default none)",
     "fault_interval": "seconds between fault starts (default 10)",
     "fault_duration": "seconds each fault lasts (default: half the interval)",
@@ -80,17 +82,14 @@ def _config(**kw: Any) -> ClusterConfig:
     )
 
 
-def _run(config: ClusterConfig) -> dict[str, Any]:
+def _run(config: ClusterConfig) -> RunResult:
     logging.basicConfig(level=logging.WARNING)
-    host = LocalHost(
+    provider = LocalProvider(
         workdir=config.results_dir / "hosts" if config.results_dir else None
     )
-    try:
-        return run_cluster(
-            [host], config, progress=lambda msg: console.log(f"[cyan]{msg}")
-        )
-    finally:
-        host.close()
+    return pipeline.run(
+        provider, config, progress=lambda msg: console.log(f"[cyan]{msg}")
+    )
 
 
 def _write(path: str, doc: dict[str, Any]) -> None:
@@ -143,9 +142,7 @@ def cluster(
     if install not in ("dev", "wheel"):
         raise Exit("--install must be dev or wheel", code=2)
     try:
-        fault_kinds = faultlib.parse_kinds(
-            faults, faultlib.supported([LocalHost]), "local"
-        )
+        fault_kinds = faultlib.parse_kinds(faults, LOCAL.supported_faults(), "local")
     except faultlib.FaultError as exc:
         raise Exit(f"--faults: {exc}", code=2) from exc
     if fault_kinds and not 0 <= fault_duration < fault_interval:
@@ -153,8 +150,8 @@ def cluster(
     config = _config(**locals())
     res = _run(config)
     console.print(results_table(res))
-    _write(json, res)
-    reasons = verdict(res)
+    _write(json, res.to_dict())
+    reasons = res.verdict()
     if reasons:
         raise Exit("the run failed: " + "; ".join(reasons), code=1)
 
@@ -187,31 +184,41 @@ def bench(
         "backend",
         ("auto", "python"),
         lambda round_, _backend, res: console.print(
-            results_table(res, f"round {round_ + 1}: {res['backend']}")
+            results_table(res, f"round {round_ + 1}: {res.backend}")
         ),
     )
-    fast = statistics.median(r["throughput_msgs_per_s"] for r in runs["auto"])
-    slow = statistics.median(r["throughput_msgs_per_s"] for r in runs["python"])
+    fast = statistics.median(_throughput(r) for r in runs["auto"])
+    slow = statistics.median(_throughput(r) for r in runs["python"])
     ratio = fast / slow if slow else float("inf")
-    name = runs["auto"][0]["backend"]
+    name = runs["auto"][0].backend
     console.print(
         f"median throughput: {name} {fast:,.0f} msg/s, python {slow:,.0f} msg/s, "
         f"ratio [bold]{ratio:.2f}x[/bold]"
     )
-    _write(json, {"ratio": ratio, "compiled": fast, "python": slow, "runs": runs})
+    doc = {"ratio": ratio, "compiled": fast, "python": slow, "runs": _docs(runs)}
+    _write(json, doc)
     _fail_on_any(runs)
 
 
-Shown = Callable[[int, str, dict[str, Any]], None]
+Shown = Callable[[int, str, RunResult], None]
+Runs = dict[str, list[RunResult]]
+
+
+def _throughput(result: RunResult) -> float:
+    return result.throughput_msgs_per_s or 0.0
+
+
+def _docs(runs: Runs) -> dict[str, list[dict[str, Any]]]:
+    return {k: [r.to_dict() for r in rows] for k, rows in runs.items()}
 
 
 def _alternate(
     options: dict[str, Any], key: str, variants: Sequence[str], show: Shown
-) -> dict[str, list[dict[str, Any]]]:
+) -> Runs:
     """``options["rounds"]`` rounds of one cluster run per variant (the
     option *key* set to it), variants alternating; *show* each result."""
     results = options["results"]
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    runs: Runs = {v: [] for v in variants}
     for round_ in range(max(1, options["rounds"])):
         for variant in variants:
             sub = str(Path(results) / f"{variant}-{round_}") if results else ""
@@ -221,15 +228,19 @@ def _alternate(
     return runs
 
 
-def _fail_on_any(runs: dict[str, list[dict[str, Any]]]) -> None:
+def _fail_on_any(runs: Runs) -> None:
     """Exit 1 with every reason any of *runs* failed for."""
     every = [r for rows in runs.values() for r in rows]
-    reasons = sorted({reason for r in every for reason in verdict(r)})
+    reasons = sorted({reason for r in every for reason in r.verdict()})
     if reasons:
         raise Exit("a run failed: " + "; ".join(reasons), code=1)
 
 
 SECURITY_MODES = ("insecure", "auth", "tls")
+
+
+def _p99(result: RunResult) -> float:
+    return float((result.latency_ms or {}).get("p99", 0.0))
 
 
 @task(
@@ -266,12 +277,12 @@ def bench_security(
         SECURITY_MODES,
         lambda round_, mode, res: console.print(
             f"round {round_ + 1} {mode}: "
-            f"{res['throughput_msgs_per_s']:,.0f} msg/s, "
-            f"p99 {res['latency_ms']['p99']:.2f} ms"
+            f"{_throughput(res):,.0f} msg/s, "
+            f"p99 {_p99(res):.2f} ms"
         ),
     )
     medians = {
-        mode: statistics.median(r["throughput_msgs_per_s"] for r in rows)
+        mode: statistics.median(_throughput(r) for r in rows)
         for mode, rows in runs.items()
     }
     base = medians["insecure"]
@@ -281,7 +292,7 @@ def bench_security(
     summary: dict[str, Any] = {}
     for mode in SECURITY_MODES:
         ratio = medians[mode] / base if base else float("nan")
-        p99 = statistics.median(r["latency_ms"]["p99"] for r in runs[mode])
+        p99 = statistics.median(_p99(r) for r in runs[mode])
         summary[mode] = {"msgs_per_s": medians[mode], "ratio": ratio, "p99_ms": p99}
         table.add_row(
             mode,
@@ -291,7 +302,7 @@ def bench_security(
             f"{p99:.2f}",
         )
     console.print(table)
-    _write(json, {"medians": summary, "runs": runs})
+    _write(json, {"medians": summary, "runs": _docs(runs)})
     _fail_on_any(runs)
 
 

@@ -36,14 +36,13 @@ from invoke.tasks import task
 from rich.console import Console
 from rich.table import Table
 
-from plexilab.host import Host
 from plexilab.infra import images, machine, setup_host, wheels
 from plexilab.infra.artifacts import DIST, ensure_artifacts
 from plexilab.infra.sshclient import lab_key
-from plexilab.providers.docker_in_guests import GuestContainerHost
+from plexilab.providers.docker_in_guests import DOCKER_IN_GUESTS
 from plexilab.providers.qemu import (
+    QEMU,
     GuestSpec,
-    QemuHost,
     QemuLab,
     guest,
     push_to,
@@ -52,6 +51,7 @@ from plexilab.providers.qemu import (
 from plexilab.results import tables
 from plexilab.run import faults as faultlib
 from plexilab.run import qemu as qemu_cluster
+from plexilab.run.result import RunResult
 
 console = Console()
 
@@ -320,25 +320,23 @@ def _cluster_options(**kw: Any) -> Any:
         raise Exit(str(exc), code=2) from None
 
 
-def _finish(result: dict[str, Any], json_path: str) -> None:
+def finish_run(result: RunResult, json_path: str, what: str = "qemu") -> None:
+    """Print the tables, write the JSON, exit 1 when the run failed."""
     tables.print_results(result, console)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         console.log(f"wrote {json_path}")
-    reasons = qemu_cluster.failed(result)
+    reasons = result.verdict()
     if reasons:
-        raise Exit("qemu cluster run failed: " + "; ".join(reasons), code=1)
+        raise Exit(f"{what} cluster run failed: " + "; ".join(reasons), code=1)
 
 
-def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> dict[str, Any]:
+def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> RunResult:
     try:
-        result: dict[str, Any] = qemu_cluster.run(
-            options, scenario=scenario, console=console
-        )
+        return qemu_cluster.run(options, scenario=scenario, console=console)
     except qemu_cluster.QemuUnavailable as exc:
         raise Exit(f"QEMU cannot run here: {exc}", code=1) from None
-    return result
 
 
 @task(
@@ -386,14 +384,12 @@ def cluster(
 ) -> None:
     """Run a PlexiChat cluster in QEMU guests (one per node): load, P2P, checker."""
     json_path = json
-    provider: type[Host] = QemuHost
-    if runtime == "docker":
-        provider = GuestContainerHost
+    caps = DOCKER_IN_GUESTS if runtime == "docker" else QEMU
     try:  # "default" is resolved by the provider that runs (QEMU or the fallback)
         kinds = (
             ["default"]
             if faults.strip() == "default"
-            else faultlib.parse_kinds(faults, faultlib.supported([provider]), "qemu")
+            else faultlib.parse_kinds(faults, caps.supported_faults(), "qemu")
         )
     except faultlib.FaultError as exc:
         raise Exit(f"--faults: {exc}", code=2) from None
@@ -416,7 +412,7 @@ def cluster(
         fault_duration=fault_duration,
         runtime=runtime,
     )
-    _finish(_run_cluster(options, "cluster"), json_path)
+    finish_run(_run_cluster(options, "cluster"), json_path)
 
 
 @task(
@@ -451,7 +447,7 @@ def p2p(
         results=results,
         fallback=fallback,
     )
-    _finish(_run_cluster(options, "p2p"), json_path)
+    finish_run(_run_cluster(options, "p2p"), json_path)
 
 
 qemu.add_task(cluster)

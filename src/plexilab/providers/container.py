@@ -29,7 +29,16 @@ from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
 from plexilab.host import CommandResult, Endpoint, Host, HostError, Process
-from plexilab.infra.engine import IMAGE, labels
+from plexilab.infra.engine import IMAGE, cleanup, labels, leftovers, new_run_id
+from plexilab.providers.base import (
+    Capabilities,
+    Phases,
+    Progress,
+    Provider,
+    ProviderReport,
+    Sampler,
+    register,
+)
 from plexilab.providers.local import LOOPBACK, free_ports
 
 WORKDIR = "/var/lib/plexichat"
@@ -301,3 +310,77 @@ def wait_healthy(
         if done or time.monotonic() > deadline:
             return status
         time.sleep(0.5)
+
+
+# containers of the lab host's engine: signals and docker pause
+CONTAINERS = Capabilities()
+register(ContainerHost, "container", CONTAINERS)
+
+
+class _Health:
+    """Sampler: every node container's HEALTHCHECK once the cluster converged."""
+
+    def __init__(self, hosts: Sequence[ContainerHost]) -> None:
+        self.hosts = hosts
+        self.status: dict[str, str] = {}
+
+    def on_step(self, step: str) -> None:
+        if step == "converged":
+            procs = [p for h in self.hosts for p in h.processes]
+            self.status.update(wait_healthy(procs))
+
+    def stop(self) -> None:
+        pass
+
+
+class ContainerProvider(Provider):
+    """One container host per node (or *hosts*) on the lab host's engine.
+
+    Everything carries the run's labels: teardown closes the hosts, then
+    removes whatever still carries them (success, failure and Ctrl-C) and
+    counts what is left (``containers`` in the result).
+    """
+
+    name = "container"
+    capabilities = CONTAINERS
+
+    def __init__(
+        self, client: docker.DockerClient, *, image: str = IMAGE, hosts: int = 0
+    ) -> None:
+        self.client = client
+        self.image = image
+        self.count = hosts
+        self.run_id = new_run_id()
+        self.hosts: list[ContainerHost] = []
+        self.health = _Health(self.hosts)
+        self.removed: dict[str, int] = {}
+
+    def provision(self, nodes: int, phases: Phases, progress: Progress) -> list[Host]:
+        count = self.count or nodes
+        for i in range(count):
+            self.hosts.append(
+                ContainerHost(self.client, f"c{i}", self.run_id, image=self.image)
+            )
+        progress(f"run {self.run_id}: {count} container hosts of {self.image}")
+        return list(self.hosts)
+
+    def samplers(self) -> list[Sampler]:
+        return [self.health]
+
+    def teardown(self) -> None:
+        try:
+            for host in self.hosts:
+                host.close()
+        finally:
+            self.removed = cleanup(self.client, self.run_id)
+
+    def report(self) -> ProviderReport:
+        return ProviderReport(
+            containers={
+                "run_id": self.run_id,
+                "image": self.image,
+                "health": dict(self.health.status),
+                "removed": self.removed,
+                "leftovers": leftovers(self.client, self.run_id),
+            }
+        )

@@ -40,11 +40,20 @@ from docker.errors import APIError, DockerException, ImageNotFound
 from docker.transport import SSHHTTPAdapter
 
 from plexilab.host import Endpoint, Host, HostError
+from plexilab.infra import engine as containers
 from plexilab.infra import images
 from plexilab.infra.engine import IMAGE, cleanup, leftovers, new_run_id
 from plexilab.infra.ssh import SSHHost
 from plexilab.infra.sshclient import SSHClient, wait_for_banner
+from plexilab.providers.base import (
+    Capabilities,
+    Phases,
+    ProviderReport,
+    ProviderUnavailable,
+    register,
+)
 from plexilab.providers.container import ContainerHost
+from plexilab.providers.guests import GuestPlan, QemuProvider
 from plexilab.providers.qemu import QemuHost, RelayNetwork
 
 VARIANT = "docker"
@@ -264,8 +273,6 @@ class GuestContainerHost(ContainerHost):
     guest's ``hostfwd`` ports and other guests through its guestfwd relays.
     """
 
-    fault_kinds = frozenset({"kill", "pause", "partition", "split"})
-
     def __init__(
         self,
         client: docker.DockerClient,
@@ -295,6 +302,13 @@ class GuestContainerHost(ContainerHost):
     def network_for(self, nodes: Sequence[tuple[Host, int]]) -> RelayNetwork:
         """Partitions through the guests' relays (as for the process runtime)."""
         return RelayNetwork([(self._guest_of(h), i) for h, i in nodes])
+
+
+# containers on the guests' engines: signals, docker pause, the guests' relays
+DOCKER_IN_GUESTS = Capabilities(
+    fault_kinds=frozenset({"kill", "pause", "partition", "split"})
+)
+register(GuestContainerHost, "qemu", DOCKER_IN_GUESTS)
 
 
 @dataclass
@@ -405,3 +419,78 @@ class DockerGuests:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- the provider ----------------------------------------------------------------------
+
+
+def docker_artifacts(progress: Progress) -> tuple[SavedImage, dict[str, Any]]:
+    """The PlexiChat image on the lab host's engine (built from HEAD, layer
+    cache), saved and gzip-compressed for the guests (cached per image id)."""
+    try:
+        client = containers.ensure_engine()
+    except (containers.ContainerError, DockerException, PermissionError) as exc:
+        raise ProviderUnavailable(f"no Docker engine on the lab host: {exc}") from exc
+    try:
+        progress(f"docker build {containers.IMAGE} (HEAD, layer cache)")
+        built = containers.build_image(client, source="head")
+        saved = saved_image(client, containers.IMAGE)
+    finally:
+        client.close()
+    return saved, {
+        "seconds": built.seconds,
+        "size": built.size,
+        "steps": built.steps,
+        "cached_steps": built.cached_steps,
+        "save_s": saved.seconds,
+    }
+
+
+class DockerInGuestsProvider(QemuProvider):
+    """QEMU guests of the ``docker`` image variant whose engines run the nodes
+    as containers of the lab host's PlexiChat image (``--runtime=docker``)."""
+
+    capabilities = DOCKER_IN_GUESTS
+
+    def __init__(self, plan: GuestPlan, **kwargs: Any) -> None:
+        plan.variant = VARIANT
+        super().__init__(plan, **kwargs)
+        self.saved: SavedImage | None = None
+        self.build: dict[str, Any] = {}
+        self.engines: DockerGuests | None = None
+
+    def artifacts(self, phases: Phases, progress: Progress) -> None:
+        self.saved, self.build = docker_artifacts(progress)
+        self.check_images()
+
+    def provision(self, nodes: int, phases: Phases, progress: Progress) -> list[Host]:
+        super().provision(nodes, phases, progress)  # the guests
+        assert self.saved is not None
+        assert self.lab is not None
+        self.engines = DockerGuests(self.lab.hosts, self.saved)
+        with phases("docker"):
+            hosts = self.engines.start(progress)
+        progress(
+            "engines ready: "
+            + ", ".join(
+                f"{n} dockerd {g['dockerd_s']:.1f}s, "
+                f"load {g['load']['seconds']:.1f}s "
+                f"({g['load']['mb_per_s']:.2f} MB/s)"
+                for n, g in self.engines.report()["guests"].items()
+            )
+        )
+        return list(hosts)
+
+    def teardown(self) -> None:
+        try:
+            if self.engines is not None:
+                self.engines.close()  # containers and volumes first, then the guests
+        finally:
+            super().teardown()
+
+    def report(self) -> ProviderReport:
+        report = super().report()
+        report.runtime = "docker"
+        if self.engines is not None:
+            report.docker = {**self.engines.report(), "build": self.build}
+        return report

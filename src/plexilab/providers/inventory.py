@@ -46,8 +46,18 @@ from typing import Any
 import paramiko
 
 from plexilab.host import Endpoint, Host
+from plexilab.infra.artifacts import ensure_artifacts
 from plexilab.infra.ssh import SSHHost
 from plexilab.infra.sshclient import SSHClient, lab_key, public_key
+from plexilab.providers.base import (
+    Capabilities,
+    Phases,
+    Progress,
+    Provider,
+    ProviderUnavailable,
+    register,
+)
+from plexilab.providers.guests import Artifacts, install_all
 
 
 @dataclass
@@ -166,6 +176,89 @@ def inventory_hosts(
             host.close()
         raise
     return hosts
+
+
+# real machines over SSH: signals only, no partitions, no power switch
+INVENTORY = Capabilities(remote_shell=True)
+register(InventoryHost, "inventory", INVENTORY)
+
+
+class InventoryProvider(Provider):
+    """The hosts of an inventory file (``invoke inventory.cluster --hosts``).
+
+    ``artifacts`` builds (or finds) the wheel and wheelhouse of every arch in
+    the inventory; ``install`` pushes and installs them on every host in
+    parallel (``push=False``: the hosts already have plexichat at their
+    ``python``).  Leftover nodes of dead labs are reaped when the hosts
+    connect; teardown closes the connections (their leases kill the nodes).
+    """
+
+    name = "inventory"
+    capabilities = INVENTORY
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        hosts: Sequence[InventoryHost] | None = None,
+        push: bool = True,
+        artifacts: Artifacts | None = None,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        if (path is None) == (hosts is None):
+            raise ValueError("an inventory provider needs a path or hosts")
+        self.path = path
+        self.given = list(hosts) if hosts is not None else None
+        self.push = push
+        self.wheels = artifacts
+        self.connect_timeout = connect_timeout
+        self.hosts: list[InventoryHost] = []
+        self.entries = load_inventory(path) if path is not None else []
+
+    @property
+    def arches(self) -> list[str]:
+        if self.given is not None:
+            return sorted({h.arch for h in self.given})
+        return sorted({e.arch for e in self.entries})
+
+    def preflight(self, phases: Phases, progress: Progress) -> None:
+        if self.given is None and not self.entries:
+            raise ProviderUnavailable(f"{self.path} lists no [[host]]")
+
+    def artifacts(self, phases: Phases, progress: Progress) -> None:
+        if self.push and self.wheels is None:
+            progress(f"artifacts for {', '.join(self.arches)} (wheels)")
+            self.wheels = {
+                a: ensure_artifacts(a, progress=progress) for a in self.arches
+            }
+
+    def provision(self, nodes: int, phases: Phases, progress: Progress) -> list[Host]:
+        with phases("connect"):
+            if self.given is not None:
+                self.hosts = list(self.given)
+            else:
+                assert self.path is not None
+                progress(f"connecting to {len(self.entries)} hosts of {self.path}")
+                self.hosts = inventory_hosts(
+                    self.path, connect_timeout=self.connect_timeout
+                )
+        return list(self.hosts)
+
+    def install(
+        self, hosts: Sequence[Host], phases: Phases, progress: Progress
+    ) -> dict[str, float]:
+        if not self.push or self.wheels is None:
+            return {}
+        progress("installing the wheels (in parallel)")
+        with phases("install"):
+            return install_all(hosts, self.wheels)
+
+    def teardown(self) -> None:
+        if self.given is not None:
+            return  # the caller's hosts: the caller closes them
+        for host in self.hosts:
+            host.close()
+        self.hosts = []
 
 
 def entries_toml(entries: Sequence[InventoryEntry]) -> str:

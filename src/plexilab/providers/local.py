@@ -33,6 +33,7 @@ from typing import IO
 
 from plexilab.host import CommandResult, Endpoint, Host, HostError, Process
 from plexilab.infra import machine
+from plexilab.providers.base import Capabilities, Phases, Progress, Provider, register
 
 LOOPBACK = "127.0.0.1"
 
@@ -109,8 +110,6 @@ class LocalHost(Host):
     Spawned processes die with the lab (see the module docstring);
     *die_with_lab* False leaves only the pidfile (for tests of the reaper).
     """
-
-    fault_kinds = frozenset({"kill", "pause", "partition", "split"})
 
     def __init__(
         self,
@@ -265,3 +264,30 @@ class LocalHost(Host):
         for process in self.processes:
             process.stop(timeout=5.0)
         self.processes.clear()
+
+
+# local processes: this machine's Python, a lab link layer for partitions
+LOCAL = Capabilities(
+    local_python=True, fault_kinds=frozenset({"kill", "pause", "partition", "split"})
+)
+register(LocalHost, "local", LOCAL)
+
+
+class LocalProvider(Provider):
+    """One :class:`LocalHost` (every node a process of this machine)."""
+
+    name = "local"
+    capabilities = LOCAL
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.workdir = workdir
+        self.hosts: list[LocalHost] = []
+
+    def provision(self, nodes: int, phases: Phases, progress: Progress) -> list[Host]:
+        self.hosts = [LocalHost(workdir=self.workdir, ports=max(16, nodes))]
+        return list(self.hosts)
+
+    def teardown(self) -> None:
+        for host in self.hosts:
+            host.close()
+        self.hosts.clear()

@@ -53,6 +53,7 @@ from plexilab.infra.machine import (
 from plexilab.infra.ssh import SSHHost
 from plexilab.infra.sshclient import SSHClient, public_key
 from plexilab.infra.wheels import REPO
+from plexilab.providers.base import FAULT_KINDS, Capabilities, register
 
 DEFAULT_PORT_BASE = 7100
 GUEST_VENV_PYTHON = "/opt/plexichat/bin/python"
@@ -77,8 +78,6 @@ class GuestSpec:
 
 class QemuHost(SSHHost):
     """A booted guest (a :class:`Machine`) reached over SSH."""
-
-    fault_kinds = frozenset({"kill", "pause", "poweroff", "partition", "split"})
 
     def __init__(
         self,
@@ -223,6 +222,13 @@ class RelayNetwork:
 
     def heal(self) -> None:
         self._write({h: set() for h, _ in self.nodes})
+
+
+# guests: QMP stop/cont, a hard power cut, relays between guests
+QEMU = Capabilities(
+    power_control=True, fault_kinds=frozenset(FAULT_KINDS), remote_shell=True
+)
+register(QemuHost, "qemu", QEMU)
 
 
 class AttachedGuest(SSHHost):

@@ -1,4 +1,7 @@
-"""Every rich table of a run's results (local, container and QEMU runs)."""
+"""Every rich table of a run's results (local, container, inventory and QEMU runs).
+
+Every table reads the typed :class:`~plexilab.run.result.RunResult`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from plexilab.run.result import RunResult
+
 # rows of the results table that hold checker counts -> the counts in them
 VERDICT_ROWS: dict[str, tuple[str, ...]] = {
     "lost / duplicated / reordered": ("lost", "duplicated", "reordered"),
@@ -17,74 +22,79 @@ VERDICT_ROWS: dict[str, tuple[str, ...]] = {
 }
 
 
-def results_table(
-    results: dict[str, Any], title: str = "PlexiChat local cluster"
-) -> Table:
+def _count(value: float | None, fmt: str = "{:,}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def results_table(r: RunResult, title: str = "PlexiChat local cluster") -> Table:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    lat = results["latency_ms"]
-    p2p = results["p2p_latency_ms"]
+    lat = r.latency_ms or {}
+    p2p = r.p2p_latency_ms
     rows: list[tuple[str, str]] = [
-        ("nodes / replicas", f"{results['nodes']} / {results['replicas']}"),
-        ("backend", results["backend"]),
-        ("acked", f"{results['acked']:,}"),
-        ("failures", f"{results['failures']:,}"),
+        ("nodes / replicas", f"{r.nodes} / {r.replicas}"),
+        ("backend", r.backend),
+        ("acked", _count(r.acked)),
+        ("failures", _count(r.failures)),
         (
             "lost / duplicated / reordered",
-            f"{results['lost']} / {results['duplicated']} / {results['reordered']}",
+            f"{r.lost} / {r.duplicated} / {r.reordered}",
         ),
         (
             "misplaced / shared seq / gaps",
-            f"{results['seq_mismatch']} / {results['shared_seq']} / {results['gaps']}",
+            f"{r.seq_mismatch} / {r.shared_seq} / {r.gaps}",
         ),
         (
             "replica missing / divergence",
-            f"{results['replica_missing']} / {results['divergence']}"
-            if results["replicas_checked"]
+            f"{r.replica_missing} / {r.divergence}"
+            if r.replicas_checked
             else "not checked",
         ),
-        ("throughput (msg/s)", f"{results['throughput_msgs_per_s']:,.0f}"),
+        ("throughput (msg/s)", _count(r.throughput_msgs_per_s, "{:,.0f}")),
         (
             "latency p50 / p99 / p99.9 (ms)",
-            f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f}",
+            " / ".join(_num(lat.get(k)) for k in ("p50", "p99", "p99.9")),
         ),
-        ("convergence (s)", f"{results['convergence_s']:.2f}"),
-        ("p2p latency p50 / p99 (ms)", f"{p2p['p50']:.2f} / {p2p['p99']:.2f}"),
-        ("p2p coverage", f"{results['p2p_coverage']:.2%}"),
+        ("convergence (s)", f"{r.convergence_s:.2f}"),
+        (
+            "p2p latency p50 / p99 (ms)",
+            f"{_num(p2p.get('p50'))} / {_num(p2p.get('p99'))}",
+        ),
+        ("p2p coverage", _count(r.p2p_coverage, "{:.2%}")),
     ]
-    if results.get("faults"):
-        counts = results.get("fault_counts") or {}
+    if r.faults:
+        counts = r.fault_counts or {}
         rows.append(("faults", ", ".join(f"{k} x{v}" for k, v in counts.items())))
-        for window, v in (results.get("availability") or {}).items():
+        for window, v in (r.availability or {}).items():
             rows.append(
                 (
                     f"{window.replace('_', ' ')}: ok / failed (acked/s)",
                     f"{v['ok']:,} / {v['failed']:,} ({v['acked_per_s']:,.0f})",
                 )
             )
-        for kind, (served, total, worst) in _served_by_kind(results).items():
+        for kind, (served, total, worst) in _served_by_kind(r).items():
             rows.append(
                 (
                     f"{kind}: healthy side fully served within the fault",
                     f"{served} of {total} faults (slowest after {worst})",
                 )
             )
-        rows.append(("recovery after healing (s)", f"{results['recovery_s']:.2f}"))
-    for error in results.get("fault_errors") or []:
+        rows.append(("recovery after healing (s)", _num(r.recovery_s)))
+    for error in r.fault_errors:
         rows.append(("fault error", error))
     for name, value in rows:
         bad = name == "fault error" or any(
-            results.get(count) for count in VERDICT_ROWS.get(name, ())
+            getattr(r, count) for count in VERDICT_ROWS.get(name, ())
         )
         table.add_row(name, value, style="red" if bad else None)
     return table
 
 
-def _served_by_kind(results: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
+def _served_by_kind(r: RunResult) -> dict[str, tuple[int, int, str]]:
     """Per fault kind: faults whose healthy side was served, of all, slowest."""
     out: dict[str, tuple[int, int, str]] = {}
-    for row in results.get("fault_service") or []:
+    for row in r.fault_service or []:
         served, total, worst = out.get(row["kind"], (0, 0, "-"))
         after = row.get("served_after_s")
         if after is not None:
@@ -115,44 +125,44 @@ def _table(title: str, columns: Sequence[str]) -> Table:
     return table
 
 
-def node_table(result: Mapping[str, Any]) -> Table:
+def node_table(result: RunResult) -> Table:
     """Per node: where it ran, what it did, its latencies (ms)."""
-    if result.get("scenario") == "p2p":
+    if result.scenario == "p2p":
         return p2p_node_table(result)
     table = _table(
         "per node (latencies in ms, node-side)",
         ["node", "guest", "arch", "boot s", "acked", "send p50", "send p99",
          "relay p50"],
     )  # fmt: skip
-    for row in result["per_node"]:
-        send = row.get("send_latency_ms")
-        counters = row.get("counters") or {}
+    for row in result.per_node:
+        send = row.send_latency_ms
+        counters = row.counters or {}
         table.add_row(
-            row["node_id"],
-            row["host"],
-            row.get("arch", "?"),
-            _num(row.get("boot_s"), "{:.1f}"),
+            row.node_id,
+            row.host,
+            row.arch,
+            _num(row.boot_s, "{:.1f}"),
             f"{counters.get('acked', 0):,}",
             _ms(send, "p50"),
             _ms(send, "p99"),
-            _ms(row.get("relay_latency_ms"), "p50"),
+            _ms(row.relay_latency_ms, "p50"),
         )
     return table
 
 
-def p2p_node_table(result: Mapping[str, Any]) -> Table:
+def p2p_node_table(result: RunResult) -> Table:
     table = _table(
         "per node (relay propagation from injection, ms)",
         ["node", "guest", "arch", "boot s", "relays", "p50", "p99", "max"],
     )
-    for row in result["per_node"]:
-        relay = row.get("relay_latency_ms")
+    for row in result.per_node:
+        relay = row.relay_latency_ms
         table.add_row(
-            row["node_id"],
-            row["host"],
-            row.get("arch", "?"),
-            _num(row.get("boot_s"), "{:.1f}"),
-            f"{(row.get('counters') or {}).get('relays', 0):,}",
+            row.node_id,
+            row.host,
+            row.arch,
+            _num(row.boot_s, "{:.1f}"),
+            f"{(row.counters or {}).get('relays', 0):,}",
             _ms(relay, "p50"),
             _ms(relay, "p99"),
             _ms(relay, "max"),
@@ -160,19 +170,19 @@ def p2p_node_table(result: Mapping[str, Any]) -> Table:
     return table
 
 
-def vm_table(result: Mapping[str, Any]) -> Table:
+def vm_table(result: RunResult) -> Table:
     """Per guest: QMP-sampled CPU and memory, clock offset."""
     table = _table(
         "per guest VM (QMP samples; load = from convergence to the end of the load)",
         ["guest", "accel", "load vCPU s", "vCPU use", "QEMU CPU s", "RSS MiB",
          "RSS max", "clock ms"],
     )  # fmt: skip
-    for row in result["per_node"]:
-        vm = row.get("vm") or {}
-        clock = row.get("clock") or {}
+    for row in result.per_node:
+        vm = row.vm or {}
+        clock = row.clock or {}
         table.add_row(
-            row["host"],
-            str(row.get("accel") or "-"),
+            row.host,
+            str(row.accel or "-"),
             _num(vm.get("load_vcpu_s"), "{:.1f}"),
             _num(vm.get("load_vcpu_util"), "{:.0%}"),
             _num(vm.get("qemu_cpu_s"), "{:.1f}"),
@@ -183,14 +193,14 @@ def vm_table(result: Mapping[str, Any]) -> Table:
     return table
 
 
-def arch_table(result: Mapping[str, Any]) -> Table:
+def arch_table(result: RunResult) -> Table:
     """Per arch: the nodes' SEND and RELAY histograms merged (ms)."""
-    if result.get("scenario") == "p2p":
+    if result.scenario == "p2p":
         table = _table(
             "per architecture (relay propagation, ms)",
             ["arch", "nodes", "relays", "p50", "p99", "p99.9", "max"],
         )
-        for arch, r in sorted((result.get("p2p_latency_by_arch") or {}).items()):
+        for arch, r in sorted(result.p2p_latency_by_arch.items()):
             table.add_row(
                 arch,
                 str(r["nodes"]),
@@ -206,11 +216,11 @@ def arch_table(result: Mapping[str, Any]) -> Table:
         ["arch", "nodes", "acked", "send p50", "send p99", "send p99.9",
          "relay p50", "relay p99"],
     )  # fmt: skip
-    send = result.get("latency_by_arch") or {}
-    relay = result.get("p2p_latency_by_arch") or {}
+    send = result.latency_by_arch
+    relay = result.p2p_latency_by_arch
     for arch in sorted(set(send) | set(relay)):
-        rows = [r for r in result["per_node"] if r.get("arch") == arch]
-        acked = sum((r.get("counters") or {}).get("acked", 0) for r in rows)
+        rows = [r for r in result.per_node if r.arch == arch]
+        acked = sum((r.counters or {}).get("acked", 0) for r in rows)
         s, p = send.get(arch), relay.get(arch)
         table.add_row(
             arch,
@@ -225,54 +235,54 @@ def arch_table(result: Mapping[str, Any]) -> Table:
     return table
 
 
-def phase_table(result: Mapping[str, Any]) -> Table:
-    table = _table(f"phases (total {result.get('total_s', 0):.1f} s)", ["phase", "s"])
-    for name, secs in result.get("phases_s", {}).items():
+def phase_table(result: RunResult) -> Table:
+    table = _table(f"phases (total {result.total_s:.1f} s)", ["phase", "s"])
+    for name, secs in result.phases_s.items():
         table.add_row(name, f"{secs:.2f}")
     return table
 
 
-def p2p_table(result: Mapping[str, Any]) -> Table:
-    p2p = result["p2p"]
-    table = Table(title=f"P2P relay ({result.get('provider', '?')})")
+def p2p_table(result: RunResult) -> Table:
+    p2p = result.p2p or {}
+    table = Table(title=f"P2P relay ({result.provider})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    lat = result["p2p_latency_ms"]
+    lat = result.p2p_latency_ms
     rows = [
-        ("nodes", str(result["nodes"])),
+        ("nodes", str(result.nodes)),
         ("relays injected / fanout", f"{p2p['injected']} / {p2p['fanout']}"),
         (
             "deliveries / expected",
             f"{p2p['deliveries']} / {p2p['expected_deliveries']}",
         ),
-        ("coverage", f"{result['p2p_coverage']:.2%}"),
+        ("coverage", _count(result.p2p_coverage, "{:.2%}")),
         ("propagation p50 / p99 / max (ms)",
          f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat.get('max', 0):.2f}"),
-        ("convergence (s)", f"{result['convergence_s']:.2f}"),
+        ("convergence (s)", f"{result.convergence_s:.2f}"),
     ]  # fmt: skip
     for name, value in rows:
         table.add_row(name, value)
     return table
 
 
-def print_results(result: Mapping[str, Any], console: Console) -> None:
+def print_results(result: RunResult, console: Console) -> None:
     """Summary (as local.cluster), per node, per arch and phase tables."""
-    provider = result.get("provider", "?")
-    if result.get("scenario") == "p2p":
+    if result.scenario == "p2p":
         console.print(p2p_table(result))
     else:
-        title = f"PlexiChat cluster ({provider}, {result.get('arch_mode', '?')})"
-        console.print(results_table(dict(result), title))
+        mode = result.arch_mode or "?"
+        title = f"PlexiChat cluster ({result.provider}, {mode})"
+        console.print(results_table(result, title))
     console.print(node_table(result))
-    if result.get("provider") == "qemu":
+    if result.guests:
         console.print(vm_table(result))
     console.print(arch_table(result))
     console.print(phase_table(result))
-    if result.get("fallback_reason"):
+    if result.fallback_reason:
         console.print(
-            f"[bold yellow]provider: local (fallback): {result['fallback_reason']}"
+            f"[bold yellow]provider: local (fallback): {result.fallback_reason}"
         )
-    if result.get("leftover_qemu_pids"):
+    if result.leftover_qemu_pids:
         console.print(
-            f"[bold red]QEMU processes left behind: {result['leftover_qemu_pids']}"
+            f"[bold red]QEMU processes left behind: {result.leftover_qemu_pids}"
         )

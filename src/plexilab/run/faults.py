@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from plexilab.host import Host
+from plexilab.providers.base import FAULT_KINDS, common_capabilities
 
 log = logging.getLogger("plexilab.run.faults")
 
-KINDS = ("partition", "kill", "pause", "poweroff", "split")
+KINDS = FAULT_KINDS
 NETWORK_KINDS = frozenset({"partition", "split"})
 FIRST_FAULT_S = 1.0  # load warm-up before the first fault
 
@@ -84,11 +85,9 @@ class Network(Protocol):
 
 
 def supported(hosts: Sequence[Host | type[Host]]) -> list[str]:
-    """Fault kinds every one of *hosts* (or host classes) can take, in order."""
-    common = set(KINDS)
-    for host in hosts:
-        common &= set(host.fault_kinds)
-    return [k for k in KINDS if k in common]
+    """Fault kinds every one of *hosts* (or host classes) can take, in order
+    (as their providers declare them)."""
+    return common_capabilities(hosts).supported_faults()
 
 
 def parse_kinds(
