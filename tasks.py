@@ -14,6 +14,7 @@ from invoke.collection import Collection
 
 from plexilab.cli.deps import deps
 from plexilab.cli.docker import docker
+from plexilab.cli.inventory import inventory
 from plexilab.cli.local import local
 from plexilab.cli.nightly import nightly
 from plexilab.cli.qemu import qemu
@@ -22,6 +23,7 @@ from plexilab.cli.setup import setup
 ns = Collection()
 ns.add_collection(deps)
 ns.add_collection(docker)
+ns.add_collection(inventory)
 ns.add_collection(local)
 ns.add_collection(nightly)
 ns.add_collection(qemu)
