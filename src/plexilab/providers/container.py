@@ -30,6 +30,7 @@ from docker.models.containers import Container
 
 from plexilab.host import CommandResult, Endpoint, Host, HostError, Process
 from plexilab.infra.engine import IMAGE, cleanup, labels, leftovers, new_run_id
+from plexilab.proc import wait_until
 from plexilab.providers.base import (
     Capabilities,
     Phases,
@@ -303,13 +304,14 @@ def wait_healthy(
     processes: Sequence[ContainerProcess], timeout: float = 30.0
 ) -> dict[str, str]:
     """Poll the containers' HEALTHCHECK until all are healthy (or *timeout*)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = {p.name: p.health() for p in processes}
-        done = all(s in ("healthy", "unhealthy", "none") for s in status.values())
-        if done or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
+    status: dict[str, str] = {}
+
+    def settled() -> bool:
+        status.update({p.name: p.health() for p in processes})
+        return all(s in ("healthy", "unhealthy", "none") for s in status.values())
+
+    wait_until(settled, timeout, interval=0.5)
+    return status
 
 
 # containers of the lab host's engine: signals and docker pause

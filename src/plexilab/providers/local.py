@@ -17,7 +17,6 @@ later lab run) kills it should the signal not have fired.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import shutil
@@ -31,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from plexilab import proc
 from plexilab.host import CommandResult, Endpoint, Host, HostError, Process
 from plexilab.infra import machine
 from plexilab.providers.base import Capabilities, Phases, Progress, Provider, register
@@ -80,8 +80,7 @@ class LocalProcess(Process):
     def send_signal(self, signum: int) -> None:
         if self.popen.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signum)
+        proc.signal_group(self.popen.pid, signum)
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -188,14 +187,12 @@ class LocalHost(Host):
         die = self.die_with_lab
 
         def start() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
+            return proc.spawn(
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=run_env,
                 cwd=self._workdir,
-                start_new_session=True,
                 preexec_fn=machine.parent_death_setup() if die else None,
             )
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from plexilab.host import Host
+from plexilab.proc import Deadline
 from plexilab.providers.base import FAULT_KINDS, common_capabilities
 
 log = logging.getLogger("plexilab.run.faults")
@@ -255,9 +256,9 @@ class Nemesis:
         return not self._stop.wait(max(0.0, deadline - time.time()))
 
     def _run(self) -> None:
-        limit = time.monotonic() + 60.0
+        limit = Deadline(60.0)  # the load's journal appears when it runs
         while self.ready is not None and not self.ready():
-            if self._stop.wait(0.05) or time.monotonic() > limit:
+            if self._stop.wait(0.05) or limit.expired():
                 break
         self.started_at = t0 = time.time()
         slot = 0

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from plexilab import proc
 from plexilab.host import Endpoint
 from plexilab.run.credentials import admin_token
 
@@ -24,22 +25,24 @@ def run_lab(
     argv: Sequence[str], *, timeout: float, env: Mapping[str, str]
 ) -> subprocess.CompletedProcess[str]:
     """Run a lab tool in its own process group; kill the group on timeout/Ctrl-C."""
-    proc = subprocess.Popen(
-        list(argv),
+    child = proc.spawn(
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
         env={**os.environ, **env},
-        start_new_session=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        out, err = child.communicate(timeout=timeout)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.signal_group(child.pid, signal.SIGKILL)  # the tool and its children
+        child.communicate()
         raise
-    return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(
+        list(argv),
+        child.returncode,
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+    )
 
 
 async def _stats(

@@ -25,6 +25,7 @@ from typing import Any, cast
 from plexilab.host import Endpoint, Host, HostError, Process
 from plexilab.infra.links import LinkLayer
 from plexilab.infra.tlscerts import ClusterTls, make_cluster_tls
+from plexilab.proc import Deadline
 from plexilab.providers.base import Capabilities, PowerControl, common_capabilities
 from plexilab.providers.local import free_ports
 from plexilab.run.config import ClusterConfig, ClusterError
@@ -268,7 +269,7 @@ class Cluster:
     ) -> float:
         """Poll STATS until all nodes see *nodes* alive; return seconds since start."""
         expect = {n.node_id for n in (nodes or self.nodes)}
-        deadline = time.monotonic() + (timeout or self.config.converge_timeout)
+        deadline = Deadline(timeout or self.config.converge_timeout)
         while True:
             dead = [n for n in self._dead() if n.node_id in expect]
             if dead:
@@ -286,10 +287,10 @@ class Cluster:
                 for info in infos
             ):
                 return time.monotonic() - self.started_at
-            if time.monotonic() > deadline:
+            if deadline.expired():
                 views = {str(i and i["node_id"]): i and i["ring"] for i in infos}
                 raise ClusterError(f"membership did not converge in time: {views}")
-            time.sleep(0.05)
+            deadline.sleep(0.05)
 
     def kill(self, index: int) -> None:
         """SIGKILL node *index* (its data dir stays)."""
