@@ -26,13 +26,6 @@ from plexichat.routing import Ring, key_of
 T = wire.MessageType
 
 
-def run(coro, timeout: float = 60.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 async def freeze(cluster: InProcessCluster) -> None:
     """Stop every failure detector: views change only when a test says so."""
     for node in cluster.nodes:
@@ -95,7 +88,7 @@ async def client_for(node: Node) -> NodeClient:
     return client
 
 
-def test_a_write_under_a_transient_view_reaches_the_settled_owners(tmp_path):
+def test_a_write_under_a_transient_view_reaches_the_settled_owners(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
@@ -134,7 +127,7 @@ def test_a_write_under_a_transient_view_reaches_the_settled_owners(tmp_path):
     run(scenario())
 
 
-def test_a_higher_term_deposes_the_owner_and_its_writes_are_not_acked(tmp_path):
+def test_a_higher_term_deposes_the_owner_and_its_writes_are_not_acked(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
@@ -170,7 +163,7 @@ def test_a_higher_term_deposes_the_owner_and_its_writes_are_not_acked(tmp_path):
     run(scenario())
 
 
-def test_forwards_queued_behind_a_reconnect_keep_their_order(tmp_path):
+def test_forwards_queued_behind_a_reconnect_keep_their_order(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
@@ -206,7 +199,7 @@ def test_forwards_queued_behind_a_reconnect_keep_their_order(tmp_path):
     run(scenario())
 
 
-def test_pipelined_sends_keep_their_order_while_the_owner_steps_down(tmp_path):
+def test_pipelined_sends_keep_their_order_while_the_owner_steps_down(tmp_path, run):
     """A sender pipelines SENDs to one channel while its owner loses the
     channel again and again (as after failed writes): whatever is in flight
     (being looked up, gated behind a takeover) is numbered in send order."""
@@ -237,7 +230,7 @@ def test_pipelined_sends_keep_their_order_while_the_owner_steps_down(tmp_path):
     run(scenario())
 
 
-def test_pipelined_sends_keep_their_order_when_the_channel_moves_away(tmp_path):
+def test_pipelined_sends_keep_their_order_when_the_channel_moves_away(tmp_path, run):
     """Mid-stream the ring gives the channel to another node: SENDs still
     being looked up on the old owner are forwarded before the newer ones."""
 
@@ -277,7 +270,7 @@ def test_pipelined_sends_keep_their_order_when_the_channel_moves_away(tmp_path):
     run(scenario())
 
 
-def test_sends_held_for_a_takeover_are_routed_again_after_a_ring_change(tmp_path):
+def test_sends_held_for_a_takeover_are_routed_again_after_a_ring_change(tmp_path, run):
     async def scenario() -> None:
         ghost = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
         async with InProcessCluster(tmp_path) as cluster:
@@ -319,7 +312,7 @@ def test_sends_held_for_a_takeover_are_routed_again_after_a_ring_change(tmp_path
     run(scenario())
 
 
-def test_the_minority_side_refuses_writes_and_the_majority_keeps_them(tmp_path):
+def test_the_minority_side_refuses_writes_and_the_majority_keeps_them(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=5) as cluster:
             await wait_for(lambda: all(len(n.ring_members) == 5 for n in cluster.nodes))
@@ -361,7 +354,7 @@ def test_the_minority_side_refuses_writes_and_the_majority_keeps_them(tmp_path):
     run(scenario())
 
 
-def test_an_owner_without_a_lease_stops_writing_then_takes_over_again(tmp_path):
+def test_an_owner_without_a_lease_stops_writing_then_takes_over_again(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
@@ -402,7 +395,7 @@ def test_an_owner_without_a_lease_stops_writing_then_takes_over_again(tmp_path):
     run(scenario())
 
 
-def test_a_write_no_replica_received_is_not_acked_and_keeps_one_seq(tmp_path):
+def test_a_write_no_replica_received_is_not_acked_and_keeps_one_seq(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
@@ -434,6 +427,7 @@ def test_a_write_no_replica_received_is_not_acked_and_keeps_one_seq(tmp_path):
 
 def test_an_old_owners_unacked_tail_never_shares_a_seq_with_the_new_owners(
     tmp_path,
+    run,
 ):
     """Issue 11's shared-seq trace: an owner stores m1 at S but its replica
     never answers (the outcome is unknown: the frame went out, no reply came);
@@ -495,7 +489,7 @@ def test_an_old_owners_unacked_tail_never_shares_a_seq_with_the_new_owners(
     run(scenario())
 
 
-def test_no_write_before_every_replica_promised_the_new_term(tmp_path):
+def test_no_write_before_every_replica_promised_the_new_term(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await freeze(cluster)
@@ -516,7 +510,7 @@ def test_no_write_before_every_replica_promised_the_new_term(tmp_path):
     run(scenario())
 
 
-def test_a_takeover_of_a_channel_of_big_messages_moves_it_in_frames(tmp_path):
+def test_a_takeover_of_a_channel_of_big_messages_moves_it_in_frames(tmp_path, run):
     """Log pulls and installs used to take up to handoff_batch records
     whatever their size: 8 messages of 250 KiB made a 2 MiB APPEND that the
     replica refused as oversized, and the channel could never be taken over."""

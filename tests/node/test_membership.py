@@ -37,13 +37,6 @@ HOST = "127.0.0.1"  # fake addresses: FakeNet never opens a socket
 SUSPECT_TIMEOUT = 3.0
 
 
-def run(coro, timeout: float = 30.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 def config(**overrides: Any) -> GossipConfig:
     values: dict[str, Any] = {
         "interval": 0.01,
@@ -389,7 +382,7 @@ def test_stale_or_alive_news_about_itself_is_not_refuted():
     assert m.me.status == "alive"
 
 
-def test_left_about_itself_is_refuted_only_while_running():
+def test_left_about_itself_is_refuted_only_while_running(run):
     async def scenario() -> None:
         m = solo(cfg=config(interval=3600.0))
         inc = m.me.incarnation
@@ -405,7 +398,7 @@ def test_left_about_itself_is_refuted_only_while_running():
     run(scenario())
 
 
-def test_suspected_member_refutes_through_piggybacked_pings():
+def test_suspected_member_refutes_through_piggybacked_pings(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -537,7 +530,7 @@ def test_next_target_visits_every_live_member_once_per_round():
 # -- probes -----------------------------------------------------------------------
 
 
-def test_probe_of_a_reachable_member_keeps_it_alive():
+def test_probe_of_a_reachable_member_keeps_it_alive(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -554,7 +547,7 @@ def test_probe_of_a_reachable_member_keeps_it_alive():
     run(scenario())
 
 
-def test_probe_falls_back_to_indirect_pings_through_helpers():
+def test_probe_falls_back_to_indirect_pings_through_helpers(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -573,7 +566,7 @@ def test_probe_falls_back_to_indirect_pings_through_helpers():
     run(scenario())
 
 
-def test_probe_suspects_a_member_nobody_reaches():
+def test_probe_suspects_a_member_nobody_reaches(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock(50.0)
@@ -599,7 +592,7 @@ def test_probe_suspects_a_member_nobody_reaches():
     run(scenario())
 
 
-def test_probe_without_helpers_suspects_directly():
+def test_probe_without_helpers_suspects_directly(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -614,7 +607,7 @@ def test_probe_without_helpers_suspects_directly():
     run(scenario())
 
 
-def test_ping_of_unknown_or_self_is_false_without_a_call():
+def test_ping_of_unknown_or_self_is_false_without_a_call(run):
     async def scenario() -> None:
         net = FakeNet()
         a = net.add("a", ManualClock())
@@ -626,7 +619,7 @@ def test_ping_of_unknown_or_self_is_false_without_a_call():
     run(scenario())
 
 
-def test_ping_req_handler():
+def test_ping_req_handler(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -743,7 +736,7 @@ def test_left_members_do_not_count_as_voters_for_the_majority():
 # -- join, sync, leave -------------------------------------------------------------
 
 
-def test_join_through_a_seed_exchanges_tables():
+def test_join_through_a_seed_exchanges_tables(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -779,7 +772,7 @@ def test_join_through_a_seed_exchanges_tables():
     run(scenario())
 
 
-def test_join_with_no_seed_answering_fails():
+def test_join_with_no_seed_answering_fails(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -800,7 +793,7 @@ def test_seeds_leave_out_the_node_itself():
     assert m.seeds == [(HOST, 7005), (HOST, 7006)]
 
 
-def test_sync_exchanges_full_tables_with_a_live_peer():
+def test_sync_exchanges_full_tables_with_a_live_peer(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -823,7 +816,7 @@ def test_sync_exchanges_full_tables_with_a_live_peer():
     run(scenario())
 
 
-def test_stop_with_leave_tells_every_live_member():
+def test_stop_with_leave_tells_every_live_member(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -849,7 +842,7 @@ def test_stop_with_leave_tells_every_live_member():
     run(scenario())
 
 
-def test_stop_without_leave_is_silent():
+def test_stop_without_leave_is_silent(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -864,7 +857,7 @@ def test_stop_without_leave_is_silent():
     run(scenario())
 
 
-def test_stop_does_not_swallow_its_callers_cancellation():
+def test_stop_does_not_swallow_its_callers_cancellation(run):
     async def scenario() -> None:
         m = solo(cfg=config(interval=3600.0))
         m.start()
@@ -885,7 +878,7 @@ def test_stop_does_not_swallow_its_callers_cancellation():
 # -- the probe loop -----------------------------------------------------------------
 
 
-def test_probe_loop_joins_detects_a_failure_and_leaves():
+def test_probe_loop_joins_detects_a_failure_and_leaves(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -940,7 +933,7 @@ def test_probe_loop_joins_detects_a_failure_and_leaves():
     run(scenario())
 
 
-def test_probe_loop_survives_a_failing_round(caplog):
+def test_probe_loop_survives_a_failing_round(caplog, run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -962,7 +955,7 @@ def test_probe_loop_survives_a_failing_round(caplog):
     assert failed[0].exc_info[0] is RuntimeError
 
 
-def test_stop_cancels_a_round_waiting_on_the_network():
+def test_stop_cancels_a_round_waiting_on_the_network(run):
     async def scenario() -> None:
         net = FakeNet()
         clock = ManualClock()
@@ -1062,7 +1055,7 @@ def test_a_gossiped_infinite_weight_is_dropped_and_the_ring_still_builds(caplog)
     assert "dropped 2 invalid member update(s)" in warnings[0]
 
 
-def test_invalid_entries_are_dropped_valid_ones_in_the_same_message_apply():
+def test_invalid_entries_are_dropped_valid_ones_in_the_same_message_apply(run):
     async def scenario() -> None:
         m = solo()
         good = upd("b", 1, port=9002)
@@ -1090,7 +1083,7 @@ def test_invalid_entries_are_dropped_valid_ones_in_the_same_message_apply():
     run(scenario())
 
 
-def test_joins_of_new_members_stop_at_the_member_cap(caplog):
+def test_joins_of_new_members_stop_at_the_member_cap(caplog, run):
     """Issue 12: any number of fake members could join."""
 
     async def scenario() -> None:
@@ -1170,7 +1163,7 @@ def test_live_members_and_this_node_are_never_forgotten():
     assert sorted(m.members) == ["a", "b", "c"]
 
 
-def test_the_probe_loop_forgets_dead_members():
+def test_the_probe_loop_forgets_dead_members(run):
     async def scenario() -> None:
         clock = ManualClock()
         m = solo(clock, cfg=config(forget_after=5.0))

@@ -20,13 +20,6 @@ from plexichat.routing import key_of
 T = wire.MessageType
 
 
-def run(coro, timeout: float = 60.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 async def client_for(node) -> NodeClient:
     client = admin_client(node)
     await client.connect()
@@ -37,7 +30,7 @@ async def stored(node, channel: int) -> list[p.Record]:
     return await node.storage.fetch(channel, 0, 10_000)
 
 
-def test_three_nodes_converge_and_expose_their_view(tmp_path):
+def test_three_nodes_converge_and_expose_their_view(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             for node in cluster.nodes:
@@ -57,7 +50,7 @@ def test_three_nodes_converge_and_expose_their_view(tmp_path):
     run(scenario())
 
 
-def test_send_through_non_owner_lands_on_owner_and_replica(tmp_path):
+def test_send_through_non_owner_lands_on_owner_and_replica(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             channel = key_of("general")
@@ -89,7 +82,7 @@ def test_send_through_non_owner_lands_on_owner_and_replica(tmp_path):
     run(scenario())
 
 
-def test_subscribe_delivers_committed_messages(tmp_path):
+def test_subscribe_delivers_committed_messages(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             channel = key_of("news")
@@ -112,7 +105,7 @@ def test_subscribe_delivers_committed_messages(tmp_path):
     run(scenario())
 
 
-def test_relay_reaches_every_node_once(tmp_path):
+def test_relay_reaches_every_node_once(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=4) as cluster:
             client = await client_for(cluster.nodes[2])
@@ -139,7 +132,7 @@ def test_relay_reaches_every_node_once(tmp_path):
     run(scenario())
 
 
-def test_join_hands_channels_off_and_keeps_sequences_increasing(tmp_path):
+def test_join_hands_channels_off_and_keeps_sequences_increasing(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             channels = [key_of(f"room-{i}") for i in range(24)]
@@ -168,7 +161,7 @@ def test_join_hands_channels_off_and_keeps_sequences_increasing(tmp_path):
     run(scenario())
 
 
-def test_failed_node_is_detected_and_writes_continue(tmp_path):
+def test_failed_node_is_detected_and_writes_continue(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             victim = cluster.nodes[2]
@@ -191,7 +184,7 @@ def test_failed_node_is_detected_and_writes_continue(tmp_path):
     run(scenario())
 
 
-def test_graceful_leave_updates_every_view(tmp_path):
+def test_graceful_leave_updates_every_view(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             await cluster.stop_node("n1")  # leave=True: tells the others
@@ -204,7 +197,7 @@ def test_graceful_leave_updates_every_view(tmp_path):
     run(scenario())
 
 
-def test_unavailable_with_fewer_nodes_than_replicas(tmp_path):
+def test_unavailable_with_fewer_nodes_than_replicas(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=1) as cluster:
             client = await client_for(cluster.nodes[0])
@@ -235,7 +228,7 @@ def error_code(frame: wire.Frame) -> int:
     return p.decode_error(frame.payload)[0]
 
 
-def test_bad_input_is_answered_and_other_clients_keep_working(tmp_path):
+def test_bad_input_is_answered_and_other_clients_keep_working(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=2, read_timeout=0.3) as cluster:
             node = cluster.nodes[0]
@@ -314,7 +307,7 @@ async def unread_fetches(node, channel: int, requests: int):
     return reader, writer, next(c for c in node.conns if c.peername == name)
 
 
-def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
+def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path, run):
     async def scenario() -> None:
         # a slow detector: encoding ~80 MiB of replies keeps the shared event
         # loop busy for longer than the fast test lease
@@ -351,7 +344,7 @@ def test_clients_that_do_not_read_are_paused_then_cut_off(tmp_path):
     run(scenario())
 
 
-def test_a_stalled_event_loop_does_not_lapse_the_in_process_lease(tmp_path):
+def test_a_stalled_event_loop_does_not_lapse_the_in_process_lease(tmp_path, run):
     """The nodes share a manual clock: a stall of the one event loop that is
     longer than the lease (a busy 2-core machine) changes no verdict."""
 

@@ -20,13 +20,6 @@ Frame = wire.Frame
 LOOPBACK = "127.0.0.1"
 
 
-def run(coro, timeout: float = 30.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 def nowhere() -> tuple[str, int]:
     """A loopback address nothing listens on."""
     spare = socket.socket()
@@ -118,7 +111,7 @@ class Harness:
 # -- links ---------------------------------------------------------------------------
 
 
-def test_a_link_is_reused_and_says_hello_as_a_peer():
+def test_a_link_is_reused_and_says_hello_as_a_peer(run):
     async def scenario() -> None:
         async with Server(reply=echo) as server:
             h = Harness()
@@ -143,7 +136,7 @@ def test_a_link_is_reused_and_says_hello_as_a_peer():
     run(scenario())
 
 
-def test_links_bind_the_source_address():
+def test_links_bind_the_source_address(run):
     async def scenario() -> None:
         async with Server(reply=echo) as server:
             h = Harness()
@@ -178,7 +171,7 @@ def test_answers_keep_the_latest_send_time():
 # -- requests by member id -----------------------------------------------------------
 
 
-def test_an_unknown_member_fails_at_once_with_not_sent():
+def test_an_unknown_member_fails_at_once_with_not_sent(run):
     async def scenario() -> None:
         h = Harness()
         frame, error = await h.request("ghost", T.SEND, b"x")
@@ -191,7 +184,7 @@ def test_an_unknown_member_fails_at_once_with_not_sent():
     run(scenario())
 
 
-def test_requests_behind_a_connect_go_out_in_order_and_count_from_their_send():
+def test_requests_behind_a_connect_go_out_in_order_and_count_from_their_send(run):
     async def scenario() -> None:
         async with Server(reply=echo) as server:
             h = Harness({"n1": server.address})
@@ -217,7 +210,7 @@ def test_requests_behind_a_connect_go_out_in_order_and_count_from_their_send():
     run(scenario())
 
 
-def test_an_error_reply_is_an_answer_and_silence_is_not():
+def test_an_error_reply_is_an_answer_and_silence_is_not(run):
     async def scenario() -> None:
         def refuse(conn: FrameConnection, frame: Frame) -> None:
             conn.send_error(frame.request_id, p.ErrorCode.NOT_OWNER, "no")
@@ -244,7 +237,7 @@ def test_an_error_reply_is_an_answer_and_silence_is_not():
     run(scenario())
 
 
-def test_a_failed_connect_fails_every_queued_request_with_not_sent():
+def test_a_failed_connect_fails_every_queued_request_with_not_sent(run):
     async def scenario() -> None:
         h = Harness({"n1": nowhere()})
         futures = [h.request("n1", T.SEND, bytes([i])) for i in range(3)]
@@ -261,7 +254,7 @@ def test_a_failed_connect_fails_every_queued_request_with_not_sent():
 # -- gossip transport ----------------------------------------------------------------
 
 
-def test_gossip_call_returns_the_reply_and_notes_the_answer():
+def test_gossip_call_returns_the_reply_and_notes_the_answer(run):
     async def scenario() -> None:
         def pong(conn: FrameConnection, frame: Frame) -> None:
             body = p.decode_json(frame.payload)
@@ -278,7 +271,7 @@ def test_gossip_call_returns_the_reply_and_notes_the_answer():
     run(scenario())
 
 
-def test_gossip_call_is_none_on_failure_and_while_stopping_but_for_leave():
+def test_gossip_call_is_none_on_failure_and_while_stopping_but_for_leave(run):
     async def scenario() -> None:
         h = Harness()
         host, port = nowhere()
@@ -299,7 +292,7 @@ def test_gossip_call_is_none_on_failure_and_while_stopping_but_for_leave():
 # -- one-way frames ------------------------------------------------------------------
 
 
-def test_post_connects_first_when_needed_then_sends_directly():
+def test_post_connects_first_when_needed_then_sends_directly(run):
     async def scenario() -> None:
         async with Server() as server:
             h = Harness()
@@ -318,7 +311,7 @@ def test_post_connects_first_when_needed_then_sends_directly():
     run(scenario())
 
 
-def test_post_to_an_unreachable_peer_is_dropped_quietly():
+def test_post_to_an_unreachable_peer_is_dropped_quietly(run):
     async def scenario() -> None:
         h = Harness()
         h.peers.post(nowhere(), T.RELAY, b"a", "relay")
@@ -343,7 +336,7 @@ BAD_ADDRESSES = [
 ]
 
 
-def test_a_connect_to_a_bad_address_fails_its_requests_and_keeps_the_queue():
+def test_a_connect_to_a_bad_address_fails_its_requests_and_keeps_the_queue(run):
     """Any exception from connecting (not only OSError and timeouts) fails the
     queued requests with NotSent; later requests to that member are not stuck
     behind a connect that never ends, and other members keep working."""
@@ -371,7 +364,7 @@ def test_a_connect_to_a_bad_address_fails_its_requests_and_keeps_the_queue():
     run(scenario())
 
 
-def test_gossip_call_and_post_to_a_bad_address_fail_quietly():
+def test_gossip_call_and_post_to_a_bad_address_fail_quietly(run):
     async def scenario() -> None:
         h = Harness()
         for host, port in BAD_ADDRESSES:

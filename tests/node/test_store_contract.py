@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,6 @@ BIG = 2**64 - 5  # u64 ids above the signed 64-bit range
 TOP = 2**64 - 1
 
 engines = pytest.mark.parametrize("engine", ENGINES)
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 def rec(
@@ -98,7 +91,7 @@ def xor(*records: p.Record) -> int:
 
 
 @engines
-def test_an_empty_store(engine, tmp_path):
+def test_an_empty_store(engine, tmp_path, run):
     async def scenario() -> None:
         store = open_store(engine, tmp_path)
         assert store.open() == {}
@@ -132,7 +125,7 @@ def test_unknown_engine_is_refused(tmp_path):
 
 
 @engines
-def test_records_round_trip_with_unsigned_64_bit_ids(engine, tmp_path):
+def test_records_round_trip_with_unsigned_64_bit_ids(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             rows = [
@@ -157,7 +150,7 @@ def test_records_round_trip_with_unsigned_64_bit_ids(engine, tmp_path):
 
 
 @engines
-def test_insert_is_insert_or_ignore_on_channel_and_msg_id(engine, tmp_path):
+def test_insert_is_insert_or_ignore_on_channel_and_msg_id(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             assert await insert(store, [rec(7, 1, 1), rec(7, 2, 2)]) == (2, {})
@@ -190,7 +183,7 @@ def test_insert_is_insert_or_ignore_on_channel_and_msg_id(engine, tmp_path):
 
 
 @engines
-def test_callbacks_run_later_on_the_loop_in_call_order(engine, tmp_path):
+def test_callbacks_run_later_on_the_loop_in_call_order(engine, tmp_path, run):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         async with opened(engine, tmp_path) as store:
@@ -220,7 +213,7 @@ def test_callbacks_run_later_on_the_loop_in_call_order(engine, tmp_path):
 
 
 @engines
-def test_concurrent_inserts_all_land(engine, tmp_path):
+def test_concurrent_inserts_all_land(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             batches = [
@@ -235,7 +228,7 @@ def test_concurrent_inserts_all_land(engine, tmp_path):
 
 
 @engines
-def test_a_taken_seq_ignores_another_message(engine, tmp_path):
+def test_a_taken_seq_ignores_another_message(engine, tmp_path, run):
     """A (channel, seq) holds at most one message: another one offered at it
     is ignored, without a correction (its id is not stored anywhere)."""
 
@@ -267,7 +260,7 @@ def test_a_taken_seq_ignores_another_message(engine, tmp_path):
 
 
 @engines
-def test_fetch_pages_by_seq_hold_at_most_limit(engine, tmp_path):
+def test_fetch_pages_by_seq_hold_at_most_limit(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             rows = [rec(7, s, s) for s in range(1, 10)]
@@ -292,7 +285,7 @@ def test_fetch_pages_by_seq_hold_at_most_limit(engine, tmp_path):
 
 
 @engines
-def test_fetch_stops_before_max_bytes_but_returns_at_least_one(engine, tmp_path):
+def test_fetch_stops_before_max_bytes_but_returns_at_least_one(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             sizes = [100, 100, 1000, 100]
@@ -309,7 +302,7 @@ def test_fetch_stops_before_max_bytes_but_returns_at_least_one(engine, tmp_path)
 
 
 @engines
-def test_digest_counts_and_xors_per_block(engine, tmp_path):
+def test_digest_counts_and_xors_per_block(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             rows = [rec(BIG, s, s) for s in (1, 2, 3, 4, 5, 9)]
@@ -340,7 +333,7 @@ def test_digest_counts_and_xors_per_block(engine, tmp_path):
 
 
 @engines
-def test_delete_exact_needs_channel_seq_and_msg_id(engine, tmp_path):
+def test_delete_exact_needs_channel_seq_and_msg_id(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             kept, gone, other = rec(5, 1, 1), rec(5, 2, 2), rec(5, 3, 3)
@@ -367,7 +360,7 @@ def test_delete_exact_needs_channel_seq_and_msg_id(engine, tmp_path):
 
 
 @engines
-def test_row_ids_grow_and_rows_after_bounds(engine, tmp_path):
+def test_row_ids_grow_and_rows_after_bounds(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             rows = [rec(1 + i % 3, 1 + i // 3, i) for i in range(10)]
@@ -401,7 +394,7 @@ def test_row_ids_grow_and_rows_after_bounds(engine, tmp_path):
 
 
 @engines
-def test_the_ids_of_deleted_newest_rows_are_not_reused(engine, tmp_path):
+def test_the_ids_of_deleted_newest_rows_are_not_reused(engine, tmp_path, run):
     """MessageStore.max_rowid: an id is never handed out twice (a reused id
     could fall inside a placement interval marked placed before the row was
     written, and the row would never be pushed)."""
@@ -421,7 +414,7 @@ def test_the_ids_of_deleted_newest_rows_are_not_reused(engine, tmp_path):
     run(scenario())
 
 
-def test_sqlite_reopens_what_it_stored(tmp_path):
+def test_sqlite_reopens_what_it_stored(tmp_path, run):
     async def first() -> int:
         async with opened("sqlite", tmp_path) as store:
             await insert(store, [rec(BIG, 1, 1), rec(BIG, 4, 2), rec(3, 2, 3)])
@@ -445,7 +438,7 @@ def test_sqlite_reopens_what_it_stored(tmp_path):
     run(second())
 
 
-def test_memory_store_is_not_durable(tmp_path):
+def test_memory_store_is_not_durable(tmp_path, run):
     async def scenario() -> None:
         async with opened("memory", tmp_path) as store:
             await insert(store, [rec(1, 1, 1)])
@@ -461,7 +454,7 @@ def test_memory_store_is_not_durable(tmp_path):
     run(scenario())
 
 
-def test_memory_store_refuses_work_after_close(tmp_path):
+def test_memory_store_refuses_work_after_close(tmp_path, run):
     async def scenario() -> None:
         async with opened("memory", tmp_path) as store:
             pass
@@ -473,7 +466,7 @@ def test_memory_store_refuses_work_after_close(tmp_path):
     run(scenario())
 
 
-def test_cluster_on_memory_stores_replicates_through_the_write_path(tmp_path):
+def test_cluster_on_memory_stores_replicates_through_the_write_path(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, store="memory") as cluster:
             from plexichat.node.memstore import MemoryStore
@@ -551,7 +544,7 @@ CREATE TABLE IF NOT EXISTS messages (
 )
 
 
-def test_sqlite_rebuilds_a_table_without_autoincrement(tmp_path):
+def test_sqlite_rebuilds_a_table_without_autoincrement(tmp_path, run):
     """A data dir made before AUTOINCREMENT keeps its rows and ids, and no
     longer reuses an id."""
     import sqlite3
@@ -606,7 +599,7 @@ def state(channel: int, promised: int = 3, **fields: Any) -> ChannelState:
 
 
 @engines
-def test_terms_round_trip(engine, tmp_path):
+def test_terms_round_trip(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             rows = [
@@ -630,7 +623,7 @@ def test_terms_round_trip(engine, tmp_path):
 
 
 @engines
-def test_a_message_id_is_unique_per_channel_not_globally(engine, tmp_path):
+def test_a_message_id_is_unique_per_channel_not_globally(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             one, two = rec(1, 1, 9, term=1), rec(BIG, 4, 9, term=2)
@@ -653,7 +646,7 @@ def test_a_message_id_is_unique_per_channel_not_globally(engine, tmp_path):
 
 
 @engines
-def test_truncate_states_and_records_in_one_write(engine, tmp_path):
+def test_truncate_states_and_records_in_one_write(engine, tmp_path, run):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         async with opened(engine, tmp_path) as store:
@@ -710,7 +703,7 @@ def test_truncate_states_and_records_in_one_write(engine, tmp_path):
 
 
 @engines
-def test_state_only_and_truncate_only_writes(engine, tmp_path):
+def test_state_only_and_truncate_only_writes(engine, tmp_path, run):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         async with opened(engine, tmp_path) as store:
@@ -741,7 +734,7 @@ def test_state_only_and_truncate_only_writes(engine, tmp_path):
 
 
 @engines
-def test_channel_logs_after_reopening(engine, tmp_path):
+def test_channel_logs_after_reopening(engine, tmp_path, run):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         store = open_store(engine, tmp_path)
@@ -780,7 +773,7 @@ def test_channel_logs_after_reopening(engine, tmp_path):
 
 
 @engines
-def test_lookup_gives_seq_and_term_of_stored_ids(engine, tmp_path):
+def test_lookup_gives_seq_and_term_of_stored_ids(engine, tmp_path, run):
     async def scenario() -> None:
         async with opened(engine, tmp_path) as store:
             assert await store.lookup([]) == {}
@@ -802,7 +795,7 @@ def test_lookup_gives_seq_and_term_of_stored_ids(engine, tmp_path):
 
 
 @engines
-def test_a_failed_write_applies_nothing(engine, tmp_path):
+def test_a_failed_write_applies_nothing(engine, tmp_path, run):
     """An operation whose records cannot be stored (a seq beyond signed 64
     bits) fails whole: no truncation, no state, no row; the writes queued
     beside it are applied."""
@@ -859,7 +852,7 @@ def _old_file(path: Path, rows: list[tuple[int, int, int]]) -> None:
     old.close()
 
 
-def test_sqlite_migrates_a_file_from_before_terms(tmp_path):
+def test_sqlite_migrates_a_file_from_before_terms(tmp_path, run):
     import sqlite3
 
     path = tmp_path / "messages.sqlite3"

@@ -33,13 +33,6 @@ def _corrupt_last_byte(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 0xFF])
 
 
-def run(coro, timeout: float = 30.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 class Server:
     """Framed server on 127.0.0.1:0; the test reads requests and replies itself."""
 
@@ -93,7 +86,7 @@ class Server:
 # -- request and reply ------------------------------------------------------------
 
 
-def test_call_returns_the_reply_carrying_its_request_id():
+def test_call_returns_the_reply_carrying_its_request_id(run):
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link()
@@ -113,7 +106,7 @@ def test_call_returns_the_reply_carrying_its_request_id():
     run(scenario())
 
 
-def test_replies_out_of_order_reach_their_own_callers():
+def test_replies_out_of_order_reach_their_own_callers(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -139,7 +132,7 @@ def test_replies_out_of_order_reach_their_own_callers():
     run(scenario())
 
 
-def test_request_callback_api_and_cancel():
+def test_request_callback_api_and_cancel(run):
     async def scenario() -> None:
         async with Server() as server:
             pushes: asyncio.Queue[Frame] = asyncio.Queue()
@@ -167,7 +160,7 @@ def test_request_callback_api_and_cancel():
     run(scenario())
 
 
-def test_pushes_and_posts_use_request_id_zero():
+def test_pushes_and_posts_use_request_id_zero(run):
     async def scenario() -> None:
         async with Server() as server:
             pushes: asyncio.Queue[Frame] = asyncio.Queue()
@@ -186,7 +179,7 @@ def test_pushes_and_posts_use_request_id_zero():
     run(scenario())
 
 
-def test_frames_matching_nothing_are_dropped_without_on_push():
+def test_frames_matching_nothing_are_dropped_without_on_push(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -205,7 +198,7 @@ def test_frames_matching_nothing_are_dropped_without_on_push():
     run(scenario())
 
 
-def test_hello_is_the_first_frame_on_every_connection():
+def test_hello_is_the_first_frame_on_every_connection(run):
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link(hello=b'{"role":"peer"}')
@@ -228,7 +221,7 @@ def test_hello_is_the_first_frame_on_every_connection():
     run(scenario())
 
 
-def test_without_hello_the_first_frame_is_the_request():
+def test_without_hello_the_first_frame_is_the_request(run):
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link()
@@ -249,7 +242,7 @@ def test_request_ids_wrap_around_32_bits_and_skip_zero():
 # -- errors ----------------------------------------------------------------------
 
 
-def test_error_reply_raises_remote_error_with_code_and_message():
+def test_error_reply_raises_remote_error_with_code_and_message(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -282,7 +275,7 @@ def test_remote_error_names_known_codes():
     assert issubclass(ConnectionLost, ConnectionError)
 
 
-def test_call_timeout_raises_and_the_late_reply_is_ignored():
+def test_call_timeout_raises_and_the_late_reply_is_ignored(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -305,7 +298,7 @@ def test_call_timeout_raises_and_the_late_reply_is_ignored():
     run(scenario())
 
 
-def test_late_reply_goes_to_on_push_when_there_is_one():
+def test_late_reply_goes_to_on_push_when_there_is_one(run):
     async def scenario() -> None:
         async with Server() as server:
             pushes: asyncio.Queue[Frame] = asyncio.Queue()
@@ -323,7 +316,7 @@ def test_late_reply_goes_to_on_push_when_there_is_one():
     run(scenario())
 
 
-def test_peer_closing_fails_pending_calls_and_the_link_reconnects():
+def test_peer_closing_fails_pending_calls_and_the_link_reconnects(run):
     async def scenario() -> None:
         async with Server() as server:
             lost: list[Link] = []
@@ -356,7 +349,7 @@ def test_peer_closing_fails_pending_calls_and_the_link_reconnects():
     run(scenario())
 
 
-def test_closing_the_link_fails_pending_calls_and_refuses_new_ones():
+def test_closing_the_link_fails_pending_calls_and_refuses_new_ones(run):
     async def scenario() -> None:
         async with Server() as server:
             lost: list[Link] = []
@@ -385,7 +378,7 @@ def test_closing_the_link_fails_pending_calls_and_refuses_new_ones():
     run(scenario())
 
 
-def test_concurrent_connects_share_one_connection():
+def test_concurrent_connects_share_one_connection(run):
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link()
@@ -401,7 +394,7 @@ def test_concurrent_connects_share_one_connection():
     run(scenario())
 
 
-def test_loss_of_a_connection_that_is_no_longer_current_is_ignored():
+def test_loss_of_a_connection_that_is_no_longer_current_is_ignored(run):
     async def scenario() -> None:
         async with Server() as server:
             lost: list[Link] = []
@@ -420,7 +413,7 @@ def test_loss_of_a_connection_that_is_no_longer_current_is_ignored():
     run(scenario())
 
 
-def test_cancelled_call_forgets_its_request():
+def test_cancelled_call_forgets_its_request(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -438,7 +431,7 @@ def test_cancelled_call_forgets_its_request():
     run(scenario())
 
 
-def test_connect_to_a_closed_port_fails_and_can_be_retried():
+def test_connect_to_a_closed_port_fails_and_can_be_retried(run):
     async def scenario() -> None:
         async with Server() as server:
             port = server.port
@@ -456,7 +449,7 @@ def test_connect_to_a_closed_port_fails_and_can_be_retried():
 # -- payload limits and bad input -------------------------------------------------
 
 
-def test_oversize_request_is_rejected_by_the_server():
+def test_oversize_request_is_rejected_by_the_server(run):
     async def scenario() -> None:
         async with Server(max_payload=64) as server:
             link = server.link()
@@ -469,7 +462,7 @@ def test_oversize_request_is_rejected_by_the_server():
     run(scenario())
 
 
-def test_oversize_reply_is_rejected_by_the_link():
+def test_oversize_reply_is_rejected_by_the_link(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link(max_payload=16)
@@ -496,7 +489,7 @@ def test_oversize_reply_is_rejected_by_the_link():
         (_corrupt_last_byte(wire.encode_frame(T.PING, 1, b"abc")), "bad-checksum"),
     ],
 )
-def test_bad_bytes_close_the_connection_and_report_the_wire_error(data, reason):
+def test_bad_bytes_close_the_connection_and_report_the_wire_error(data, reason, run):
     async def scenario() -> None:
         async with Server() as server:
             reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
@@ -518,7 +511,7 @@ def test_bad_bytes_close_the_connection_and_report_the_wire_error(data, reason):
     run(scenario())
 
 
-def test_an_unencodable_frame_does_not_poison_the_connection():
+def test_an_unencodable_frame_does_not_poison_the_connection(run):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         loop_errors: list[dict[str, Any]] = []
@@ -544,7 +537,7 @@ def test_an_unencodable_frame_does_not_poison_the_connection():
     run(scenario())
 
 
-def test_close_during_connect_leaves_no_connection():
+def test_close_during_connect_leaves_no_connection(run):
     async def scenario() -> None:
         async with Server() as server:
             loop = asyncio.get_running_loop()
@@ -577,7 +570,7 @@ def test_close_during_connect_leaves_no_connection():
 # -- FrameConnection --------------------------------------------------------------
 
 
-def test_frames_queued_in_one_loop_turn_go_out_in_one_write():
+def test_frames_queued_in_one_loop_turn_go_out_in_one_write(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -607,7 +600,7 @@ def test_frames_queued_in_one_loop_turn_go_out_in_one_write():
     run(scenario())
 
 
-def test_close_flushes_queued_frames_and_later_sends_are_dropped():
+def test_close_flushes_queued_frames_and_later_sends_are_dropped(run):
     async def scenario() -> None:
         async with Server() as server:
             link = server.link()
@@ -629,7 +622,7 @@ def test_close_flushes_queued_frames_and_later_sends_are_dropped():
     run(scenario())
 
 
-def test_abort_drops_the_connection_at_once():
+def test_abort_drops_the_connection_at_once(run):
     async def scenario() -> None:
         async with Server() as server:
             lost: list[Link] = []
@@ -646,7 +639,7 @@ def test_abort_drops_the_connection_at_once():
     run(scenario())
 
 
-def test_connection_bookkeeping():
+def test_connection_bookkeeping(run):
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link()
@@ -666,7 +659,7 @@ def test_connection_bookkeeping():
     run(scenario())
 
 
-def test_only_the_server_side_stops_reading_when_writes_back_up():
+def test_only_the_server_side_stops_reading_when_writes_back_up(run):
     async def scenario() -> None:
         async with Server(echo=True) as server:
             link = server.link()
@@ -693,7 +686,7 @@ def test_only_the_server_side_stops_reading_when_writes_back_up():
     run(scenario())
 
 
-def test_server_drops_a_peer_whose_replies_pile_up(monkeypatch):
+def test_server_drops_a_peer_whose_replies_pile_up(monkeypatch, run):
     monkeypatch.setattr(transport, "MAX_BUFFERED", 1000)  # the default max_output
 
     async def scenario() -> None:
@@ -731,7 +724,7 @@ async def _hello_handshake(exchange: Any) -> None:
     await exchange(T.HELLO, b"{}")
 
 
-def test_a_handshake_fails_at_once_when_the_server_hangs_up():
+def test_a_handshake_fails_at_once_when_the_server_hangs_up(run):
     """A lab relay that refuses a partitioned pair accepts and closes at once:
     the handshake must fail then, not wait out its timeout (it held every
     probe of the failure detector for 5 s, so a partitioned node was never
@@ -756,7 +749,7 @@ def test_a_handshake_fails_at_once_when_the_server_hangs_up():
     run(scenario())
 
 
-def test_a_connect_waits_no_longer_than_its_own_timeout():
+def test_a_connect_waits_no_longer_than_its_own_timeout(run):
     """Callers share one connect attempt, but each waits only its own timeout
     (a 0.3 s probe must not wait for a 5 s attempt another caller began)."""
 

@@ -34,13 +34,6 @@ from plexilab.providers.local import free_ports
 T = wire.MessageType
 
 
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 class Raw:
     """A raw protocol connection: frames out, frames in, nothing else."""
 
@@ -109,7 +102,7 @@ def owned_channel(cluster: InProcessCluster, node: Node, prefix: str) -> int:
 # -- unauthenticated connections ---------------------------------------------------
 
 
-def test_an_unauthenticated_connection_may_only_hello_and_ping(tmp_path):
+def test_an_unauthenticated_connection_may_only_hello_and_ping(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=2) as cluster:
             node = cluster.nodes[0]
@@ -143,7 +136,7 @@ def test_an_unauthenticated_connection_may_only_hello_and_ping(tmp_path):
     run(scenario())
 
 
-def test_a_ping_from_a_client_never_reaches_membership(tmp_path):
+def test_a_ping_from_a_client_never_reaches_membership(tmp_path, run):
     """A membership PING body (gossip piggyback) from a non-peer is ignored."""
 
     async def scenario() -> None:
@@ -165,7 +158,7 @@ def test_a_ping_from_a_client_never_reaches_membership(tmp_path):
 # -- client tokens -------------------------------------------------------------------
 
 
-def test_tokens_that_do_not_verify_are_refused_and_the_connection_closed(tmp_path):
+def test_tokens_that_do_not_verify_are_refused_and_the_connection_closed(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=1, replicas=1) as cluster:
             port = cluster.nodes[0].listen_port
@@ -195,7 +188,7 @@ def test_tokens_that_do_not_verify_are_refused_and_the_connection_closed(tmp_pat
     run(scenario())
 
 
-def test_a_client_sends_only_as_itself(tmp_path):
+def test_a_client_sends_only_as_itself(tmp_path, run):
     """Sender spoofing and msg_id pre-claim: a client token names one sender,
     and its msg_ids must carry that sender."""
 
@@ -228,7 +221,7 @@ def test_a_client_sends_only_as_itself(tmp_path):
     run(scenario())
 
 
-def test_a_service_token_sends_for_any_sender_but_cannot_reset_stats(tmp_path):
+def test_a_service_token_sends_for_any_sender_but_cannot_reset_stats(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=2) as cluster:
             node = cluster.nodes[0]
@@ -245,7 +238,7 @@ def test_a_service_token_sends_for_any_sender_but_cannot_reset_stats(tmp_path):
     run(scenario())
 
 
-def test_only_an_admin_resets_histograms(tmp_path):
+def test_only_an_admin_resets_histograms(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=2) as cluster:
             node = cluster.nodes[0]
@@ -267,7 +260,7 @@ def test_only_an_admin_resets_histograms(tmp_path):
 # -- peers ----------------------------------------------------------------------------
 
 
-def test_a_client_that_says_it_is_a_peer_cannot_replicate_or_hand_off(tmp_path):
+def test_a_client_that_says_it_is_a_peer_cannot_replicate_or_hand_off(tmp_path, run):
     """The finding: a plain client declared itself a peer and sent REPLICATE
     and HANDOFF; the node took them (forged records at existing seqs)."""
 
@@ -301,7 +294,7 @@ def test_a_client_that_says_it_is_a_peer_cannot_replicate_or_hand_off(tmp_path):
     run(scenario())
 
 
-def test_a_peer_of_another_cluster_fails_the_handshake(tmp_path):
+def test_a_peer_of_another_cluster_fails_the_handshake(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=2) as cluster:
             node = cluster.nodes[0]
@@ -335,7 +328,7 @@ def test_a_peer_of_another_cluster_fails_the_handshake(tmp_path):
     run(scenario())
 
 
-def test_a_recorded_peer_proof_cannot_be_replayed(tmp_path):
+def test_a_recorded_peer_proof_cannot_be_replayed(tmp_path, run):
     """The node picks a fresh nonce per connection: the proof of one
     handshake does not admit another connection."""
 
@@ -375,7 +368,7 @@ def test_a_recorded_peer_proof_cannot_be_replayed(tmp_path):
     run(scenario())
 
 
-def test_nodes_of_different_clusters_do_not_join(tmp_path):
+def test_nodes_of_different_clusters_do_not_join(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path / "a", size=1, replicas=1) as a:
             stranger = InProcessCluster(tmp_path / "b", size=0, replicas=1)
@@ -436,7 +429,7 @@ def test_a_secret_file_others_can_read_is_refused(tmp_path, capsys):
     assert cli.main([*argv, "--insecure"]) == 2  # the two exclude each other
 
 
-def test_a_node_process_serves_authenticated_clients_only(tmp_path):
+def test_a_node_process_serves_authenticated_clients_only(tmp_path, run):
     """The whole CLI path: a node started with a secret file serves a client
     with a token of that secret and refuses one without."""
     (port,) = free_ports(1)
@@ -494,7 +487,7 @@ def test_token_round_trip_and_claims():
         Credentials(b"short")
 
 
-def test_unauthenticated_connections_cannot_crowd_out_clients(tmp_path):
+def test_unauthenticated_connections_cannot_crowd_out_clients(tmp_path, run):
     """A process without credentials holds at most max_unauthenticated
     connections (a new one closes the oldest) and none for longer than
     auth_timeout; clients that authenticate keep being served."""

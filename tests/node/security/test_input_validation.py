@@ -34,13 +34,6 @@ BIG = 2**63  # the first value outside the ranges of seq, term, commit, ts_us
 SENDER = 7
 
 
-def run(coro, timeout: float = 60.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 class Raw:
     """A raw framed connection: write any frame, read the next one."""
 
@@ -121,7 +114,7 @@ MALFORMED = p.ErrorCode.MALFORMED
 # -- decode ranges ---------------------------------------------------------------
 
 
-def test_fetch_after_2_63_is_malformed(tmp_path):
+def test_fetch_after_2_63_is_malformed(tmp_path, run):
     """Issue 12: FETCH ``after`` >= 2**63 reached SQLite (INTERNAL)."""
 
     async def scenario() -> None:
@@ -160,6 +153,7 @@ def _log_record(term: int, seq: int, ts_us: int, payload: bytes = b"forged") -> 
 
 def test_replicate_and_handoff_values_at_2_63_are_malformed_and_nothing_is_stored(
     tmp_path,
+    run,
 ):
     """Issue 12: a REPLICATE with a seq (or a term) >= 2**63 raised
     OverflowError in the storage writer, and the channel never committed
@@ -245,7 +239,7 @@ def _join(member: str) -> bytes:
     return b'{"kind": "join", "member": ' + member.encode() + b"}"
 
 
-def test_a_gossiped_infinite_weight_or_a_bad_address_is_dropped(tmp_path):
+def test_a_gossiped_infinite_weight_or_a_bad_address_is_dropped(tmp_path, run):
     """Issue 12: ``weight: Infinity`` was stored and re-gossiped, after which
     every ring rebuild raised; a member at port 99999 or at a host that is
     not one wedged the peer connect queue.  They are dropped now; the node
@@ -306,7 +300,7 @@ def test_a_gossiped_infinite_weight_or_a_bad_address_is_dropped(tmp_path):
     run(scenario())
 
 
-def test_fake_members_are_capped_and_forgotten_once_dead(tmp_path):
+def test_fake_members_are_capped_and_forgotten_once_dead(tmp_path, run):
     """Issue 12: fake members joined without limit and stayed forever (the
     dead ones still count as voters: a single node lost its majority).  With
     the defaults: at most 256 members, forgotten 60 s after they died."""

@@ -27,7 +27,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,6 @@ from plexichat.routing import key_of
 
 T = wire.MessageType
 RSS_BOUND = 256 << 20  # docs/protocol.md "Limits": the FETCH flood bound
-
-
-def run(coro: Awaitable[Any], timeout: float = 30.0) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 # -- raw clients ---------------------------------------------------------------------
@@ -141,7 +132,7 @@ def solo(tmp_path: Path, **options: Any) -> InProcessCluster:
 # -- deadlines -----------------------------------------------------------------------
 
 
-def test_a_trickled_frame_is_cut_off_by_the_whole_frame_deadline(tmp_path):
+def test_a_trickled_frame_is_cut_off_by_the_whole_frame_deadline(tmp_path, run):
     """One byte every 0.3 s: every byte used to restart the read timeout, so
     the connection stayed open as long as the trickle lasted."""
 
@@ -170,7 +161,7 @@ def test_a_trickled_frame_is_cut_off_by_the_whole_frame_deadline(tmp_path):
     run(scenario())
 
 
-def test_a_silent_connection_is_closed_by_default(tmp_path):
+def test_a_silent_connection_is_closed_by_default(tmp_path, run):
     """Default settings: a connection that never sends a whole frame is closed
     after 10 s (--read-timeout, or --auth-timeout as it is unauthenticated);
     one that said HELLO stays (it is idle only after --idle-timeout, 300 s,
@@ -201,7 +192,7 @@ def test_a_silent_connection_is_closed_by_default(tmp_path):
     assert (args.read_timeout, args.idle_timeout) == (10.0, 300.0)
 
 
-def test_idle_connections_are_closed_but_subscribers_are_not(tmp_path):
+def test_idle_connections_are_closed_but_subscribers_are_not(tmp_path, run):
     async def scenario() -> None:
         async with solo(tmp_path, idle_timeout=1.0) as cluster:
             node = cluster.nodes[0]
@@ -224,7 +215,7 @@ def test_idle_connections_are_closed_but_subscribers_are_not(tmp_path):
     run(scenario())
 
 
-def test_quiet_peer_links_are_not_idle(tmp_path):
+def test_quiet_peer_links_are_not_idle(tmp_path, run):
     """Peers may say nothing for a while (a probe every 3 s here): the idle
     timeout (0.5 s here) leaves their links alone."""
     quiet = GossipConfig(interval=3.0, ping_timeout=0.5, suspect_timeout=30.0)
@@ -249,7 +240,7 @@ def test_quiet_peer_links_are_not_idle(tmp_path):
 # -- connections and requests --------------------------------------------------------
 
 
-def test_connections_over_the_cap_are_refused(tmp_path):
+def test_connections_over_the_cap_are_refused(tmp_path, run):
     async def scenario() -> None:
         async with solo(tmp_path, max_connections=8) as cluster:
             node = cluster.nodes[0]
@@ -270,7 +261,7 @@ def test_connections_over_the_cap_are_refused(tmp_path):
 
 
 def test_a_connection_with_too_many_requests_in_flight_is_not_read(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, run
 ):
     """Reading stops at --max-inflight unanswered requests and resumes as
     replies go out: every request is answered, never more than 4 at once."""
@@ -324,7 +315,7 @@ def test_a_connection_with_too_many_requests_in_flight_is_not_read(
 
 
 def test_requests_that_are_never_answered_do_not_stop_a_connection(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, run
 ):
     """ERROR frames with a request id are never answered: once they fill the
     in-flight limit the count stands still, and the node stops waiting for
@@ -347,7 +338,7 @@ def test_requests_that_are_never_answered_do_not_stop_a_connection(
     run(scenario())
 
 
-def test_a_fetch_reads_about_one_frame_of_records_from_the_store(tmp_path):
+def test_a_fetch_reads_about_one_frame_of_records_from_the_store(tmp_path, run):
     """A FETCH of a channel of big messages used to load its whole page limit
     (here 40 x 250 KiB) from the store to send 4 of them; it reads a few
     no more than fit in a frame now, and pages still hold every record once.
@@ -404,7 +395,9 @@ def test_a_fetch_reads_about_one_frame_of_records_from_the_store(tmp_path):
 # -- replies -------------------------------------------------------------------------
 
 
-def test_a_reply_over_the_frame_limit_is_an_error_and_the_connection_lives(tmp_path):
+def test_a_reply_over_the_frame_limit_is_an_error_and_the_connection_lives(
+    tmp_path, run
+):
     """A reply larger than the frame limit (1 MiB: what every reader accepts
     by default) or than the wire maximum (16 MiB) is answered with ERROR
     TOO_LARGE; the connection keeps working."""
@@ -536,7 +529,7 @@ async def flood(port: int, token: str | None, channel: int, until: float) -> int
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="POSIX only")
-def test_a_fetch_flood_that_never_reads_keeps_the_node_small(tmp_path):
+def test_a_fetch_flood_that_never_reads_keeps_the_node_small(tmp_path, run):
     """Connections that write FETCH for a channel of 8 x 256 KiB messages and
     never read (1000 of them once drove a node to 2.6 GiB) keep the node's
     peak RSS under 256 MiB, while another client's SENDs are acknowledged."""

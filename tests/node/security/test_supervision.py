@@ -21,13 +21,6 @@ from plexichat.node.testing import InProcessCluster, wait_for
 from plexilab.providers.local import free_ports
 
 
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 class Boom(Exception):
     pass
 
@@ -46,7 +39,9 @@ async def _returns(self: Node, *args: Any, **kwargs: Any) -> None:
     [("_commit_flusher", _raises), ("_lease_keeper", _returns)],
     ids=["a-loop-raises", "a-loop-returns"],
 )
-def test_a_dead_background_loop_is_fatal(tmp_path, monkeypatch, caplog, loop, body):
+def test_a_dead_background_loop_is_fatal(
+    tmp_path, monkeypatch, caplog, loop, body, run
+):
     monkeypatch.setattr(Node, loop, body)
 
     async def scenario() -> None:
@@ -63,7 +58,7 @@ def test_a_dead_background_loop_is_fatal(tmp_path, monkeypatch, caplog, loop, bo
     )
 
 
-def test_a_node_whose_membership_loop_crashes_is_failed(tmp_path):
+def test_a_node_whose_membership_loop_crashes_is_failed(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, size=2) as cluster:
             node = cluster.nodes[1]
@@ -91,7 +86,9 @@ def test_a_node_whose_membership_loop_crashes_is_failed(tmp_path):
     run(scenario())
 
 
-def test_the_cli_exits_non_zero_when_the_storage_writer_dies(tmp_path, monkeypatch):
+def test_the_cli_exits_non_zero_when_the_storage_writer_dies(
+    tmp_path, monkeypatch, run
+):
     def crash(self: Storage, *args: Any) -> None:
         raise Boom("the writer loop crashed")
 
@@ -103,7 +100,7 @@ def test_the_cli_exits_non_zero_when_the_storage_writer_dies(tmp_path, monkeypat
     assert run(cli.serve(config), 30) == 1
 
 
-def test_a_clean_stop_is_not_a_failure(tmp_path):
+def test_a_clean_stop_is_not_a_failure(tmp_path, run):
     async def scenario() -> None:
         async with InProcessCluster(Path(tmp_path), size=1, replicas=1) as cluster:
             node = cluster.nodes[0]

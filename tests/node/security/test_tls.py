@@ -3,9 +3,7 @@ trust the run's CA, and those that do not."""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-from typing import Any
 
 import pytest
 
@@ -18,14 +16,7 @@ from plexichat.routing import key_of
 from plexilab.infra.tlscerts import make_cluster_tls
 
 
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-def test_clients_speak_tls_to_the_tls_listener(tmp_path):
+def test_clients_speak_tls_to_the_tls_listener(tmp_path, run):
     tls = make_cluster_tls(tmp_path / "tls")
     assert tls.key.stat().st_mode & 0o077 == 0
 
