@@ -26,11 +26,10 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.console import Console
-from rich.table import Table
 
 from plexilab.cli.local import COMMON_HELP
 from plexilab.infra import engine as containers
-from plexilab.results.tables import results_table
+from plexilab.results.tables import build_table, results_table
 from plexilab.run.config import ClusterConfig
 from plexilab.run.container import run_container_cluster
 
@@ -49,21 +48,6 @@ def _write(path: str, doc: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(jsonlib.dumps(doc, indent=2) + "\n")
         console.log(f"wrote {path}")
-
-
-def build_table(results: list[containers.BuildResult]) -> Table:
-    table = Table(title=f"docker build {containers.IMAGE}")
-    for name in ("build", "seconds", "steps", "cached steps", "image size"):
-        table.add_column(name, justify="right")
-    for i, res in enumerate(results, 1):
-        table.add_row(
-            str(i),
-            f"{res.seconds:.1f}",
-            str(res.steps),
-            str(res.cached_steps),
-            f"{res.size / 1e6:.0f} MB",
-        )
-    return table
 
 
 @task(help={"rebuild": "make the base images again even if the recipe is unchanged"})
@@ -102,7 +86,7 @@ def build(
     ]
     if twice:
         runs.append(containers.build_image(client, progress=verbose, source=source))
-    console.print(build_table(runs))
+    console.print(build_table(runs, containers.IMAGE))
     _write(json, {"builds": [r.as_dict() for r in runs]})
 
 
@@ -143,7 +127,7 @@ def cluster(
     if rebuild or not containers.image_ready(client):
         source = "worktree" if worktree else "head"
         built = containers.build_image(client, source=source)
-        console.print(build_table([built]))
+        console.print(build_table([built], containers.IMAGE))
         build_doc = built.as_dict()
     config = ClusterConfig(
         nodes=nodes,

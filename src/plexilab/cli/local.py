@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import logging
-import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.console import Console
-from rich.table import Table
 
 from plexilab.providers.local import LOCAL, LocalProvider
-from plexilab.results.tables import results_table
+from plexilab.results.tables import results_table, security_table
+from plexilab.run import bench as benchlib
 from plexilab.run import faults as faultlib
 from plexilab.run import pipeline
 from plexilab.run.config import ClusterConfig
@@ -187,60 +186,46 @@ def bench(
             results_table(res, f"round {round_ + 1}: {res.backend}")
         ),
     )
-    fast = statistics.median(_throughput(r) for r in runs["auto"])
-    slow = statistics.median(_throughput(r) for r in runs["python"])
+    fast = benchlib.median_throughput(runs["auto"])
+    slow = benchlib.median_throughput(runs["python"])
     ratio = fast / slow if slow else float("inf")
     name = runs["auto"][0].backend
     console.print(
         f"median throughput: {name} {fast:,.0f} msg/s, python {slow:,.0f} msg/s, "
         f"ratio [bold]{ratio:.2f}x[/bold]"
     )
-    doc = {"ratio": ratio, "compiled": fast, "python": slow, "runs": _docs(runs)}
+    doc = {
+        "ratio": ratio,
+        "compiled": fast,
+        "python": slow,
+        "runs": benchlib.docs(runs),
+    }
     _write(json, doc)
     _fail_on_any(runs)
 
 
-Shown = Callable[[int, str, RunResult], None]
-Runs = dict[str, list[RunResult]]
-
-
-def _throughput(result: RunResult) -> float:
-    return result.throughput_msgs_per_s or 0.0
-
-
-def _docs(runs: Runs) -> dict[str, list[dict[str, Any]]]:
-    return {k: [r.to_dict() for r in rows] for k, rows in runs.items()}
-
-
 def _alternate(
-    options: dict[str, Any], key: str, variants: Sequence[str], show: Shown
-) -> Runs:
+    options: dict[str, Any], key: str, variants: Sequence[str], show: benchlib.Shown
+) -> benchlib.Runs:
     """``options["rounds"]`` rounds of one cluster run per variant (the
     option *key* set to it), variants alternating; *show* each result."""
-    results = options["results"]
-    runs: Runs = {v: [] for v in variants}
-    for round_ in range(max(1, options["rounds"])):
-        for variant in variants:
-            sub = str(Path(results) / f"{variant}-{round_}") if results else ""
-            res = _run(_config(**{**options, key: variant, "results": sub}))
-            runs[variant].append(res)
-            show(round_, variant, res)
-    return runs
+
+    def one(variant: str, results: str) -> RunResult:
+        return _run(_config(**{**options, key: variant, "results": results}))
+
+    return benchlib.alternate(
+        options["rounds"], variants, one, show, options["results"]
+    )
 
 
-def _fail_on_any(runs: Runs) -> None:
+def _fail_on_any(runs: benchlib.Runs) -> None:
     """Exit 1 with every reason any of *runs* failed for."""
-    every = [r for rows in runs.values() for r in rows]
-    reasons = sorted({reason for r in every for reason in r.verdict()})
+    reasons = benchlib.reasons(runs)
     if reasons:
         raise Exit("a run failed: " + "; ".join(reasons), code=1)
 
 
 SECURITY_MODES = ("insecure", "auth", "tls")
-
-
-def _p99(result: RunResult) -> float:
-    return float((result.latency_ms or {}).get("p99", 0.0))
 
 
 @task(
@@ -277,32 +262,13 @@ def bench_security(
         SECURITY_MODES,
         lambda round_, mode, res: console.print(
             f"round {round_ + 1} {mode}: "
-            f"{_throughput(res):,.0f} msg/s, "
-            f"p99 {_p99(res):.2f} ms"
+            f"{benchlib.throughput(res):,.0f} msg/s, "
+            f"p99 {benchlib.p99(res):.2f} ms"
         ),
     )
-    medians = {
-        mode: statistics.median(_throughput(r) for r in rows)
-        for mode, rows in runs.items()
-    }
-    base = medians["insecure"]
-    table = Table(title=f"security cost ({rounds} rounds, medians)")
-    for column in ("mode", "msg/s", "vs insecure", "cost", "p99 ms (median)"):
-        table.add_column(column, justify="left" if column == "mode" else "right")
-    summary: dict[str, Any] = {}
-    for mode in SECURITY_MODES:
-        ratio = medians[mode] / base if base else float("nan")
-        p99 = statistics.median(_p99(r) for r in runs[mode])
-        summary[mode] = {"msgs_per_s": medians[mode], "ratio": ratio, "p99_ms": p99}
-        table.add_row(
-            mode,
-            f"{medians[mode]:,.0f}",
-            f"{ratio:.3f}",
-            f"{1 - ratio:+.1%}",
-            f"{p99:.2f}",
-        )
-    console.print(table)
-    _write(json, {"medians": summary, "runs": _docs(runs)})
+    summary = benchlib.security_summary(runs, SECURITY_MODES)
+    console.print(security_table(summary, rounds))
+    _write(json, {"medians": summary, "runs": benchlib.docs(runs)})
     _fail_on_any(runs)
 
 

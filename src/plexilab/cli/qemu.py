@@ -34,7 +34,6 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.console import Console
-from rich.table import Table
 
 from plexilab.infra import images, machine, setup_host, wheels
 from plexilab.infra.artifacts import DIST, ensure_artifacts
@@ -72,12 +71,7 @@ def _setup() -> None:
 
 
 def _show(title: str, rows: dict[str, Any]) -> None:
-    table = Table(title=title)
-    table.add_column("what")
-    table.add_column("value")
-    for key, value in rows.items():
-        table.add_row(key, str(value))
-    console.print(table)
+    console.print(tables.kv_table(title, rows))
 
 
 @task(

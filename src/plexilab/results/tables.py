@@ -12,6 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from plexilab.infra.engine import BuildResult
 from plexilab.run.result import RunResult
 
 # rows of the results table that hold checker counts -> the counts in them
@@ -286,3 +287,45 @@ def print_results(result: RunResult, console: Console) -> None:
         console.print(
             f"[bold red]QEMU processes left behind: {result.leftover_qemu_pids}"
         )
+
+
+def security_table(summary: Mapping[str, Mapping[str, float]], rounds: int) -> Table:
+    """``local.bench-security``: per mode, median msg/s and the cost."""
+    table = Table(title=f"security cost ({rounds} rounds, medians)")
+    for column in ("mode", "msg/s", "vs insecure", "cost", "p99 ms (median)"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for mode, row in summary.items():
+        table.add_row(
+            mode,
+            f"{row['msgs_per_s']:,.0f}",
+            f"{row['ratio']:.3f}",
+            f"{1 - row['ratio']:+.1%}",
+            f"{row['p99_ms']:.2f}",
+        )
+    return table
+
+
+def build_table(results: Sequence[BuildResult], image: str) -> Table:
+    """``docker.build``: time, steps, cache hits and size of each build."""
+    table = Table(title=f"docker build {image}")
+    for name in ("build", "seconds", "steps", "cached steps", "image size"):
+        table.add_column(name, justify="right")
+    for i, res in enumerate(results, 1):
+        table.add_row(
+            str(i),
+            f"{res.seconds:.1f}",
+            str(res.steps),
+            str(res.cached_steps),
+            f"{res.size / 1e6:.0f} MB",
+        )
+    return table
+
+
+def kv_table(title: str, rows: Mapping[str, Any]) -> Table:
+    """Two columns, what and value (``qemu.image``, ``qemu.push``...)."""
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
