@@ -1,15 +1,17 @@
-"""plexilab.results.report: plots and HTML from a run directory, and the runs index."""
+"""plexilab.results.report and .plots: HTML (Jinja2 templates) and PNGs of a run
+directory, and the runs index."""
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
 from plexilab.providers.local import LocalHost
-from plexilab.results import history, report
+from plexilab.results import history, plots, report
 from plexilab.run.cluster import ClusterConfig, run_cluster
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -197,7 +199,7 @@ def test_report_without_time_series_says_so_and_draws_no_timeline(tmp_path):
 
 
 def test_faults_without_time_series_draw_the_windows_only(tmp_path):
-    png, note = report.plot_timeline({"faults": FAULTS}, tmp_path / "t.png")
+    png, note = plots.plot_timeline({"faults": FAULTS}, tmp_path / "t.png")
     assert png is not None
     assert_png(png)
     assert "fault windows only" in note
@@ -218,7 +220,7 @@ def test_report_of_a_run_without_cluster_or_benchmarks(tmp_path):
 
 def test_latency_series_prefers_arch_then_node_splits():
     by_arch = {"x86_64": {"p50": 1, "p99": 5}, "aarch64": {"p50": 3, "p99": 20}}
-    series, how = report.latency_series(cluster_result(latency_by_arch=by_arch))
+    series, how = plots.latency_series(cluster_result(latency_by_arch=by_arch))
     assert how == "per architecture"
     assert [(s["label"], s["points"]) for s in series] == [
         ("aarch64", [(50.0, 3.0), (99.0, 20.0)]),
@@ -227,14 +229,14 @@ def test_latency_series_prefers_arch_then_node_splits():
     doc = cluster_result()
     for node in doc["per_node"]:
         node["latency_ms"] = {"p50": 2.0, "p99.9": 9.0}
-    series, how = report.latency_series(doc)
+    series, how = plots.latency_series(doc)
     assert how == "per node"
     assert [s["label"] for s in series] == [
         "n0 (x86_64)",
         "n1 (aarch64)",
         "n2 (x86_64)",
     ]
-    series, how = report.latency_series(cluster_result())
+    series, how = plots.latency_series(cluster_result())
     assert "no per-arch" in how
     assert series[0]["label"] == "all nodes (aarch64, x86_64)"
     assert series[0]["points"] == [(50.0, 3.1), (99.0, 40.2), (99.9, 88.0)]
@@ -242,7 +244,7 @@ def test_latency_series_prefers_arch_then_node_splits():
 
 def test_timeline_rates_divide_interval_counts_by_interval_length():
     rows = [{"t_s": 0.5, "acked": 50}, {"t_s": 1.0, "acked": 100, "failed": 5}]
-    assert report.timeline_rates(rows) == [(0.5, 100.0, 0.0), (1.0, 200.0, 10.0)]
+    assert plots.timeline_rates(rows) == [(0.5, 100.0, 0.0), (1.0, 200.0, 10.0)]
 
 
 def test_index_lists_runs_newest_first_with_links(tmp_path):
@@ -270,6 +272,87 @@ def test_index_lists_runs_newest_first_with_links(tmp_path):
     assert 'href="2026-01-01-030000/index.html"' in page
     assert "cluster throughput dropped" in page
     assert_png(tmp_path / "trend.png")
+
+
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+def test_everything_from_the_results_is_escaped(tmp_path):
+    """Values from result files are text, never markup: run page and index."""
+    run = tmp_path / "run"
+    cluster = cluster_result(
+        backend=EVIL,
+        faults=[
+            {
+                "kind": "kill",
+                "target": EVIL,
+                "start_s": 1.0,
+                "end_s": 2.0,
+                "error": f'"{EVIL}"',
+            }
+        ],
+        availability={EVIL: "n/a"},
+    )
+    cluster["per_node"][0]["node_id"] = EVIL
+    write_run(run, cluster)
+    summary = json.loads((run / "nightly.json").read_text())
+    summary["steps"][0].update(name=EVIL, log=f'logs/"{EVIL}.log', note=EVIL)
+    summary["cluster"].update(command=EVIL, faults_note=EVIL)
+    summary.update(id=EVIL, host={"name": EVIL})
+    (run / "nightly.json").write_text(json.dumps(summary))
+    report.build(run)
+    page = (run / "index.html").read_text()
+    assert "<img src=x" not in page
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") >= 9
+    assert 'href="logs/&#34;&lt;img' in page  # a quote cannot end the attribute
+    history.record_run(
+        tmp_path,
+        {
+            "id": EVIL,
+            "commit": EVIL,
+            "status": EVIL,
+            "reasons": [EVIL],
+            "report": f'"{EVIL}',
+            "cluster": None,
+        },
+    )
+    index = report.build_index(tmp_path).read_text()
+    assert "<img src=x" not in index
+    assert index.count("&lt;img src=x onerror=alert(1)&gt;") >= 3
+
+
+def test_templates_ship_in_the_package_and_escape_by_default():
+    folder = resources.files("plexilab.results") / report.TEMPLATES
+    names = {p.name for p in folder.iterdir()}
+    assert {"base.html.j2", "run.html.j2", "index.html.j2"} <= names
+    assert report.ENV.autoescape is True
+    table = report.Table(["a"], [report.Row([report.Cell("<b>", "num", "x.html")])])
+    html = report.ENV.from_string(
+        '{% from "macros.html.j2" import table %}{{ table(t) }}'
+    ).render(t=table)
+    assert '<td class="num"><a href="x.html">&lt;b&gt;</a></td>' in html
+
+
+def test_run_page_sections_and_markup(tmp_path):
+    run = tmp_path / "2026-11-26-030000"
+    write_run(run, cluster_result(faults=FAULTS))
+    report.build(run)
+    page = (run / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<title>Nightly 2026-11-26-030000: failed</title>" in page
+    headings = [
+        h for h in ("Steps", "Cluster", "Benchmarks") if f"<h2>{h}</h2>" in page
+    ]
+    assert headings == ["Steps", "Cluster", "Benchmarks"]
+    assert page.index("<h2>Steps</h2>") < page.index("<h2>Cluster</h2>")
+    assert "<div class='bad'><b>FAILED</b><ul>" in page
+    assert '<td class="skipped">skipped</td>' in page
+    assert '<td class="num">3,000</td>' in page  # acked, formatted
+    assert "<h3>Fault timeline</h3>" in page
+    assert (
+        "<tr class='regression'><td>wire.Encode.time_encode_batch_64 [cython]" in page
+    )
+    assert "<a href='cluster.json'>cluster.json</a>" in page
 
 
 @pytest.mark.slow
@@ -301,7 +384,7 @@ def test_report_from_a_real_local_cluster_run(tmp_path):
     assert made["plots"] == {"latency": "latency.png", "timeline": "timeline.png"}
     for name in made["plots"].values():
         assert_png(run / name)
-    series, _ = report.latency_series(result)
+    series, _ = plots.latency_series(result)
     assert len(series[0]["points"]) >= 3  # the load generator's percentiles
     page = (run / "index.html").read_text()
     assert f"{result['acked']:,}" in page

@@ -121,7 +121,7 @@ def render(rows: Sequence[dict[str, Any]], console: Console | None = None) -> No
         for backend in backends:
             seconds = row["seconds"].get(backend)
             speedup = row["speedup"].get(backend)
-            cell = _fmt_seconds(seconds)
+            cell = fmt_seconds(seconds)
             if speedup is not None and backend != "python":
                 cell += f" [bold]{speedup:.1f}x[/bold]"
             cells.append(cell)
@@ -129,7 +129,7 @@ def render(rows: Sequence[dict[str, Any]], console: Console | None = None) -> No
     (console or Console(width=160)).print(table)
 
 
-def _fmt_seconds(value: float | None) -> str:
+def fmt_seconds(value: float | None) -> str:
     if value is None:
         return "-"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):

@@ -233,7 +233,7 @@ class BenchComparison:
 
 
 def _fmt_s(seconds: float) -> str:
-    return asvreport._fmt_seconds(seconds)
+    return asvreport.fmt_seconds(seconds)
 
 
 def compare_head(
