@@ -1,4 +1,5 @@
-"""plexilab.nightly: the verdict, the history, the cluster fallback, cron."""
+"""plexilab.nightly: the verdict, the history, the cluster plan from the checkout's
+options schema, the schedule (systemd timer, crontab line)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from rich.console import Console
 
-from plexilab import nightly
+from plexilab import options as options_model
 from plexilab.cli import nightly as nightly_cli
+from plexilab.nightly import config, plan, schedule
+from plexilab.nightly import run as nightly_run
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["result", "params", "version", "started_at", "duration"]
@@ -146,26 +149,52 @@ ns = Collection(local)
 FAKE_QEMU = """
 
 @task(name="cluster")
-def qemu_cluster(c, nodes=3, json="", faults=""):
-    _write(json, task="qemu.cluster", nodes=nodes, faults=faults)
+def qemu_cluster(
+    c, nodes=3, json="", faults="", duration=30.0, fault_interval=20.0, results="",
+    options="",
+):
+    given = jsonlib.loads(Path(options).read_text()) if options else {}
+    _write(given.get("json", json), task="qemu.cluster", options=given)
 
 
 ns.add_collection(Collection("qemu", qemu_cluster))
 """
 
+# the checkout's `python -m plexilab.options`: prints the schema.json beside it
+FAKE_OPTIONS = """
+import sys
+from pathlib import Path
 
-def fake_repo(tmp_path: Path, result: dict[str, object], qemu: bool) -> Path:
+sys.stdout.write(Path(__file__).with_name("schema.json").read_text())
+"""
+
+
+def fake_repo(
+    tmp_path: Path,
+    result: dict[str, object],
+    qemu: bool,
+    lacks: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+) -> Path:
+    """A checkout with tasks.py and an options schema (without *lacks*)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     tasks = FAKE_TASKS + (FAKE_QEMU if qemu else "")
     (repo / "tasks.py").write_text(textwrap.dedent(tasks))
     (repo / "result.json").write_text(json.dumps(result))
+    package = repo / "src" / "plexilab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "options.py").write_text(FAKE_OPTIONS)
+    schema = {k: v for k, v in options_model.schema().items() if k not in lacks}
+    schema.update({name: {"type": "str", "default": ""} for name in extra})
+    (package / "schema.json").write_text(json.dumps(schema))
     return repo
 
 
-def cluster_only(repo: Path, reports: Path, **kw: object) -> nightly.NightlyOptions:
-    skip = nightly.expand_skip(["compile,tests,benchmark,compare,wheels"])
-    return nightly.NightlyOptions(
+def cluster_only(repo: Path, reports: Path, **kw: object) -> config.NightlyOptions:
+    skip = config.expand_skip(["compile,tests,benchmark,compare,wheels"])
+    return config.NightlyOptions(
         repo=repo, reports=reports, skip=skip, duration=2.0, **kw
     )
 
@@ -185,7 +214,7 @@ RESULT = {
 def test_local_fallback_is_recorded_and_checker_loss_fails(tmp_path):
     repo = fake_repo(tmp_path, {**RESULT, "lost": 2}, qemu=False)
     out = io.StringIO()
-    result = nightly.run_nightly(
+    result = nightly_run.run_nightly(
         cluster_only(repo, tmp_path / "reports"), Console(file=out, width=200)
     )
     assert result.exit_code == 1
@@ -211,26 +240,42 @@ def test_qemu_cluster_with_faults_and_a_throughput_drop(tmp_path):
     reports = tmp_path / "reports"
     repo = fake_repo(tmp_path, {**RESULT, "timeline": timeline, "faults": faults}, True)
     console = Console(file=io.StringIO())
-    first = nightly.run_nightly(cluster_only(repo, reports, faults="kill"), console)
+    first = nightly_run.run_nightly(cluster_only(repo, reports, faults="kill"), console)
     assert first.exit_code == 0, first.reasons
     called = json.loads((repo / "called.json").read_text())
-    assert called == {"task": "qemu.cluster", "nodes": 3, "faults": "kill"}
+    assert called == {
+        "task": "qemu.cluster",
+        "options": {
+            "nodes": 3,
+            "json": str(first.run_dir / "cluster.json"),
+            "duration": 2.0,
+            "results": str(first.run_dir / "cluster"),
+            "faults": "kill",
+            "fault_interval": 15.0,
+        },
+    }
     assert (first.run_dir / "timeline.png").exists()
     summary = json.loads((first.run_dir / "nightly.json").read_text())
     assert summary["cluster"]["provider"] == "qemu"
+    assert summary["cluster"]["handover"] == "json"
+    assert summary["cluster"]["command"].endswith(
+        f"qemu.cluster --options={first.run_dir / 'cluster-options.json'}"
+    )
     assert "fallback_reason" not in summary["cluster"]
 
     slower = {**RESULT, "throughput_msgs_per_s": 800.0}
     (repo / "result.json").write_text(json.dumps(slower))
     # under faults the throughput is not gated (it measures the faults)
-    second = nightly.run_nightly(cluster_only(repo, reports, faults="kill"), console)
+    second = nightly_run.run_nightly(
+        cluster_only(repo, reports, faults="kill"), console
+    )
     assert second.exit_code == 0, second.reasons
     # without faults a drop beyond the factor fails the night
     (repo / "result.json").write_text(json.dumps(RESULT))
-    calm = nightly.run_nightly(cluster_only(repo, reports, faults=""), console)
+    calm = nightly_run.run_nightly(cluster_only(repo, reports, faults=""), console)
     assert calm.exit_code == 0, calm.reasons
     (repo / "result.json").write_text(json.dumps(slower))
-    third = nightly.run_nightly(cluster_only(repo, reports, faults=""), console)
+    third = nightly_run.run_nightly(cluster_only(repo, reports, faults=""), console)
     assert third.exit_code == 1
     (reason,) = third.reasons
     assert reason.startswith("cluster throughput dropped 1.25x: 800 msg/s")
@@ -238,41 +283,138 @@ def test_qemu_cluster_with_faults_and_a_throughput_drop(tmp_path):
 
 
 def test_expand_skip_and_bad_names():
-    assert nightly.expand_skip(["wheels", "tests,compile"]) == {
+    assert config.expand_skip(["wheels", "tests,compile"]) == {
         "wheels-x86_64",
         "wheels-aarch64",
         "tests",
         "compile",
     }
-    with pytest.raises(nightly.NightlyError, match="unknown step 'test'"):
-        nightly.expand_skip(["test"])
+    with pytest.raises(config.NightlyError, match="unknown step 'test'"):
+        config.expand_skip(["test"])
+
+
+SCHEMA = options_model.schema()
+
+
+def checkout(tasks: dict[str, set[str]], schema=SCHEMA) -> plan.Checkout:
+    return plan.Checkout({k: frozenset(v) for k, v in tasks.items()}, schema)
 
 
 def test_cluster_plan_passes_only_options_the_task_has(tmp_path):
-    opts = nightly.NightlyOptions(quick=True, faults="kill")
-    plan = nightly.cluster_plan({"local.cluster": {"nodes", "json"}}, opts, tmp_path)
-    assert plan["argv"][-2:] == ["--nodes=3", f"--json={tmp_path / 'cluster.json'}"]
-    assert plan["fallback"]
-    assert plan["faults"] is None
+    opts = config.NightlyOptions(quick=True, faults="kill")
+    made = plan.cluster_plan(
+        checkout({"local.cluster": {"nodes", "json"}}), opts, tmp_path
+    )
+    assert made["argv"][-2:] == ["--nodes=3", f"--json={tmp_path / 'cluster.json'}"]
+    assert made["handover"] == "flags"
+    assert made["fallback"]
+    assert made["faults"] is None
     tasks = {"qemu.cluster": {"nodes", "json", "faults", "duration"}}
-    plan = nightly.cluster_plan(tasks, opts, tmp_path)
-    assert plan["argv"][3] == "qemu.cluster"
-    assert "--faults=kill" in plan["argv"]
-    assert "--duration=40" in plan["argv"]
-    assert not any(a.startswith("--fault-interval") for a in plan["argv"])
-    assert not plan["fallback"]
-    tasks["qemu.cluster"].add("fault-interval")
-    plan = nightly.cluster_plan(tasks, opts, tmp_path)
-    assert "--fault-interval=9" in plan["argv"]
-    full = nightly.NightlyOptions(faults="kill", fault_interval=12.5)
-    plan = nightly.cluster_plan(tasks, full, tmp_path)
-    assert "--fault-interval=12.5" in plan["argv"]
-    assert "--duration=120" in plan["argv"]
+    made = plan.cluster_plan(checkout(tasks), opts, tmp_path)
+    assert made["argv"][3] == "qemu.cluster"
+    assert "--faults=kill" in made["argv"]
+    assert "--duration=40" in made["argv"]
+    assert not any(a.startswith("--fault-interval") for a in made["argv"])
+    assert not made["fallback"]
+    tasks["qemu.cluster"].add("fault_interval")
+    made = plan.cluster_plan(checkout(tasks), opts, tmp_path)
+    assert "--fault-interval=9" in made["argv"]
+    full = config.NightlyOptions(faults="kill", fault_interval=12.5)
+    made = plan.cluster_plan(checkout(tasks), full, tmp_path)
+    assert "--fault-interval=12.5" in made["argv"]
+    assert "--duration=120" in made["argv"]
+    assert not (tmp_path / plan.OPTIONS_FILE).exists()
+
+
+def test_an_option_the_schema_lacks_is_not_passed(tmp_path):
+    """The task takes --duration and --fault-interval; the schema lists neither."""
+    opts = config.NightlyOptions(faults="kill", duration=7.0)
+    schema = {
+        k: v for k, v in SCHEMA.items() if k not in ("duration", "fault_interval")
+    }
+    takes = {"nodes", "json", "duration", "faults", "fault_interval", "results"}
+    made = plan.cluster_plan(checkout({"qemu.cluster": takes}, schema), opts, tmp_path)
+    assert not any(
+        a.startswith(("--duration", "--fault-interval")) for a in made["argv"]
+    )
+    assert "--faults=kill" in made["argv"]
+    assert set(made["options"]) == {"nodes", "json", "results", "faults"}
+    # the same through the JSON hand-over
+    made = plan.cluster_plan(
+        checkout({"qemu.cluster": {*takes, "options"}}, schema), opts, tmp_path
+    )
+    handed = json.loads((tmp_path / plan.OPTIONS_FILE).read_text())
+    assert set(handed) == {"nodes", "json", "results", "faults"}
+    # and a schema without faults: none passed, and the report says why
+    schema.pop("faults")
+    made = plan.cluster_plan(checkout({"qemu.cluster": takes}, schema), opts, tmp_path)
+    assert not any(a.startswith("--faults") for a in made["argv"])
+    assert "options schema has no faults option" in made["faults_note"]
+
+
+def test_options_go_over_as_json_typed_as_the_schema_says(tmp_path):
+    opts = config.NightlyOptions(faults="kill,pause", duration=60)
+    takes = {"nodes", "json", "duration", "faults", "fault_interval", "results"}
+    made = plan.cluster_plan(
+        checkout({"qemu.cluster": {*takes, "options"}}), opts, tmp_path
+    )
+    path = tmp_path / plan.OPTIONS_FILE
+    assert made["argv"][3:] == ["qemu.cluster", f"--options={path}"]
+    assert made["handover"] == "json"
+    handed = json.loads(path.read_text())
+    assert handed == made["options"]
+    assert handed == {
+        "nodes": 3,
+        "json": str(tmp_path / "cluster.json"),
+        "results": str(tmp_path / "cluster"),
+        "duration": 60.0,
+        "faults": "kill,pause",
+        "fault_interval": 15.0,
+    }
+    assert isinstance(handed["duration"], float)
+    # what the generated task reads back: every name is one it knows
+    built = options_model.build(options_model.GROUPS, handed, preset="qemu")
+    assert built[options_model.LoadOptions].duration == 60.0
+
+
+def test_a_checkout_without_a_schema_gets_nodes_and_json_only(tmp_path):
+    opts = config.NightlyOptions(faults="kill")
+    takes = {"nodes", "json", "duration", "faults", "options"}
+    made = plan.cluster_plan(checkout({"qemu.cluster": takes}, None), opts, tmp_path)
+    assert made["argv"][4:] == ["--nodes=3", f"--json={tmp_path / 'cluster.json'}"]
+    assert made["handover"] == "flags"
+    assert "no options schema" in made["schema_note"]
+    assert "ran without faults" in made["faults_note"]
+
+
+def test_inspect_checkout_asks_the_checkout_and_parses_no_help(tmp_path, monkeypatch):
+    repo = fake_repo(tmp_path, RESULT, qemu=True, lacks=("p2p_rate",), extra=("mine",))
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording_run(argv, *args, **kwargs):
+        calls.append(list(argv))
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(plan.subprocess, "run", recording_run)
+    seen = plan.inspect_checkout(sys.executable, repo)
+    assert set(seen.tasks) == {"qemu.cluster", "local.cluster"}
+    assert seen.tasks["local.cluster"] == {"nodes", "json", "duration", "results"}
+    assert "options" in seen.tasks["qemu.cluster"]
+    assert seen.schema is not None
+    assert "mine" in seen.schema  # the checkout's own schema, not this one's
+    assert "p2p_rate" not in seen.schema
+    assert calls
+    assert not [a for a in calls if {"--help", "-h"} & set(a)]
+    assert [sys.executable, "-m", "plexilab.options"] in calls
+    # a checkout older than the options model has no schema
+    (repo / "src" / "plexilab" / "options.py").unlink()
+    assert plan.inspect_checkout(sys.executable, repo).schema is None
 
 
 def test_run_command_times_out_and_kills_the_group(tmp_path):
     log = tmp_path / "logs" / "x.log"
-    code, _ = nightly.run_command(
+    code, _ = nightly_run.run_command(
         [sys.executable, "-c", "print('hi', flush=True); import time; time.sleep(60)"],
         log,
         cwd=tmp_path,
@@ -282,7 +424,7 @@ def test_run_command_times_out_and_kills_the_group(tmp_path):
     text = log.read_text()
     assert "hi\n" in text
     assert "timed out" in text
-    code, _ = nightly.run_command(
+    code, _ = nightly_run.run_command(
         [sys.executable, "-c", "raise SystemExit(3)"], log, cwd=tmp_path, timeout=60
     )
     assert code == 3
@@ -290,30 +432,133 @@ def test_run_command_times_out_and_kills_the_group(tmp_path):
 
 def test_one_nightly_at_a_time(tmp_path):
     with (
-        nightly.run_lock(tmp_path),
-        pytest.raises(nightly.NightlyError, match="another nightly"),
-        nightly.run_lock(tmp_path),
+        nightly_run.run_lock(tmp_path),
+        pytest.raises(config.NightlyError, match="another nightly"),
+        nightly_run.run_lock(tmp_path),
     ):
         pass
 
 
 def test_cron_line():
-    line = nightly.cron_line(Path("/srv/plexi lab"), hour=4, minute=30)
+    line = schedule.cron_line(Path("/srv/plexi lab"), hour=4, minute=30)
     assert line == (
         "30 4 * * * cd '/srv/plexi lab' && mkdir -p reports && ./lab invoke nightly "
         ">> reports/cron.log 2>&1 # plexilab-nightly /srv/plexi lab"
     )
-    with pytest.raises(nightly.NightlyError):
-        nightly.cron_line(REPO, hour=24)
+    with pytest.raises(config.NightlyError):
+        schedule.cron_line(REPO, hour=24)
 
 
-def test_schedule_task_prints_the_line(capsys):
+def no_system_schedulers(monkeypatch, tmp_path, systemd: bool) -> list[list[str]]:
+    """Point the schedule at a temporary unit directory and a fake systemctl."""
+    calls: list[list[str]] = []
+
+    def fake_systemctl(argv):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(schedule, "systemd_running", lambda: systemd)
+    scope = schedule.Scope(tmp_path / "units", ("systemctl", "--user"))
+    monkeypatch.setattr(schedule, "default_scope", lambda: scope)
+    monkeypatch.setattr(schedule, "run_command", fake_systemctl)
+    monkeypatch.setattr(schedule, "crontab_program", lambda: None)
+    return calls
+
+
+def test_schedule_task_prints_the_line_without_systemd(capsys, monkeypatch, tmp_path):
+    calls = no_system_schedulers(monkeypatch, tmp_path, systemd=False)
     nightly_cli.schedule(Context(), hour=5)
     out = capsys.readouterr().out.strip()
-    assert out == nightly.cron_line(nightly.REPO, 5)
-    assert out.startswith(f"0 5 * * * cd {nightly.REPO} && ")
+    assert out == schedule.cron_line(config.REPO, 5)
+    assert out.startswith(f"0 5 * * * cd {config.REPO} && ")
     with pytest.raises(Exit):
         nightly_cli.schedule(Context(), hour=-1)
+    assert calls == []
+    assert not (tmp_path / "units").exists()
+
+
+def test_schedule_task_installs_the_systemd_timer(capsys, monkeypatch, tmp_path):
+    calls = no_system_schedulers(monkeypatch, tmp_path, systemd=True)
+    nightly_cli.schedule(Context(), hour=5, minute=7)
+    out = capsys.readouterr().out
+    assert f"# {tmp_path / 'units' / 'plexilab-nightly.timer'}" in out
+    assert "OnCalendar=*-*-* 05:07:00" in out
+    assert schedule.cron_line(config.REPO, 5, 7) in out  # the documented fallback
+    assert calls == []  # printing installs nothing
+    nightly_cli.schedule(Context(), install=True, hour=5, minute=7)
+    out = capsys.readouterr().out
+    assert "systemd timer: installed" in out
+    assert calls == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", "plexilab-nightly.timer"],
+    ]
+    units = schedule.units(config.REPO, 5, 7)
+    for name, text in units.items():
+        assert (tmp_path / "units" / name).read_text() == text
+    with pytest.raises(Exit) as raised:  # --cron, and this machine has no cron
+        nightly_cli.schedule(Context(), install=True, cron=True)
+    assert "crontab not found" in str(raised.value.message)
+    assert capsys.readouterr().out.strip() == schedule.cron_line(config.REPO)
+    nightly_cli.schedule(Context(), uninstall=True)
+    assert "systemd timer: removed" in capsys.readouterr().out
+    assert calls[-2][2:] == ["disable", "--now", "plexilab-nightly.timer"]
+    assert not list((tmp_path / "units").iterdir())
+
+
+def test_timer_units():
+    units = schedule.units(Path("/srv/plexi lab 100%"), hour=4, minute=30)
+    assert set(units) == {"plexilab-nightly.service", "plexilab-nightly.timer"}
+    service = units["plexilab-nightly.service"].splitlines()
+    assert "Type=oneshot" in service
+    assert "WorkingDirectory=/srv/plexi lab 100%%" in service
+    assert 'ExecStart="/srv/plexi lab 100%%/lab" invoke nightly' in service
+    timer = units["plexilab-nightly.timer"].splitlines()
+    assert "OnCalendar=*-*-* 04:30:00" in timer
+    assert "Persistent=true" in timer
+    assert "Unit=plexilab-nightly.service" in timer
+    assert "WantedBy=timers.target" in timer
+    assert (
+        "ExecStart=/srv/lab/lab invoke nightly"
+        in schedule.units(Path("/srv/lab"))["plexilab-nightly.service"].splitlines()
+    )
+    with pytest.raises(config.NightlyError):
+        schedule.units(REPO, minute=60)
+
+
+def test_install_and_uninstall_timer_in_a_temporary_unit_dir(tmp_path):
+    calls: list[list[str]] = []
+    code = {"rc": 0}
+
+    def systemctl(argv):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, code["rc"], "", "no bus")
+
+    scope = schedule.Scope(tmp_path / "system")
+    repo = Path("/srv/lab")
+    assert schedule.install_timer(scope, systemctl, repo, 3) == "installed"
+    assert calls == [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", "plexilab-nightly.timer"],
+    ]
+    assert schedule.install_timer(scope, systemctl, repo, 3) == "already installed"
+    assert schedule.install_timer(scope, systemctl, repo, 4) == "replaced"
+    timer = (tmp_path / "system" / "plexilab-nightly.timer").read_text()
+    assert "OnCalendar=*-*-* 04:00:00" in timer
+    code["rc"] = 1
+    with pytest.raises(
+        config.NightlyError, match="systemctl daemon-reload failed: no bus"
+    ):
+        schedule.install_timer(scope, systemctl, repo, 4)
+    code["rc"] = 0
+    calls.clear()
+    assert schedule.uninstall_timer(scope, systemctl) == "removed"
+    assert calls == [
+        ["systemctl", "disable", "--now", "plexilab-nightly.timer"],
+        ["systemctl", "daemon-reload"],
+    ]
+    assert list((tmp_path / "system").iterdir()) == []
+    assert schedule.uninstall_timer(scope, systemctl) == "not installed"
+    assert scope.journal == "journalctl -u plexilab-nightly"
 
 
 def test_install_cron_keeps_other_entries_and_is_idempotent(tmp_path, monkeypatch):
@@ -335,15 +580,18 @@ def test_install_cron_keeps_other_entries_and_is_idempotent(tmp_path, monkeypatc
     fake.chmod(0o755)
     monkeypatch.setenv("FAKE_CRONTAB", str(store))
     repo = Path("/srv/lab")
-    line3 = nightly.cron_line(repo, 3)
-    assert nightly.install_cron(line3, repo, str(fake)) == "installed"
+    line3 = schedule.cron_line(repo, 3)
+    assert schedule.install_cron(line3, repo, str(fake)) == "installed"
     assert store.read_text() == line3 + "\n"
     other = "15 1 * * * /usr/local/bin/backup # plexilab-nightly /srv/other"
     store.write_text(f"MAILTO=root\n{other}\n{line3}\n")
-    assert nightly.install_cron(line3, repo, str(fake)) == "already installed"
-    line5 = nightly.cron_line(repo, 5)
-    assert nightly.install_cron(line5, repo, str(fake)) == "replaced"
+    assert schedule.install_cron(line3, repo, str(fake)) == "already installed"
+    line5 = schedule.cron_line(repo, 5)
+    assert schedule.install_cron(line5, repo, str(fake)) == "replaced"
     assert store.read_text().splitlines() == ["MAILTO=root", other, line5]
+    assert schedule.uninstall_cron(repo, str(fake)) == "removed"
+    assert store.read_text().splitlines() == ["MAILTO=root", other]
+    assert schedule.uninstall_cron(repo, str(fake)) == "not installed"
 
 
 def load_yaml(path: Path) -> dict[str, object]:
@@ -389,7 +637,7 @@ def test_hosted_ci_workflow_structure():
     assert argv[:3] == ["./lab", "invoke", "nightly"]
     assert os.access(REPO / "lab", os.X_OK)
     skips = [argv[i + 1] for i, a in enumerate(argv) if a == "--skip"]
-    assert nightly.expand_skip(skips) == {"wheels-x86_64", "wheels-aarch64"}
+    assert config.expand_skip(skips) == {"wheels-x86_64", "wheels-aarch64"}
     flags = {a.split("=")[0] for a in argv[3:] if a.startswith("--")}
     params = set(inspect.signature(nightly_cli.run.body).parameters)
     assert {f[2:].replace("-", "_") for f in flags} <= params
@@ -409,8 +657,8 @@ def test_compare_follows_the_commit_the_benchmark_step_recorded(tmp_path):
     write_asv(asv, "0" * 40, date=1000, scale=1.0)
     since = time.time()
     write_asv(asv, "b" * 40, date=2000, scale=1.0)  # HEAD moved to b... meanwhile
-    options = nightly.NightlyOptions(reports=tmp_path / "reports", asv_results=asv)
-    run = nightly.Nightly(options, Console(file=io.StringIO()))
+    options = config.NightlyOptions(reports=tmp_path / "reports", asv_results=asv)
+    run = nightly_run.Nightly(options, Console(file=io.StringIO()))
     comparison = run.compare("a" * 40, True, since=since)
     assert comparison is not None
     assert comparison.head_commit == "b" * 40
@@ -421,5 +669,5 @@ def test_compare_follows_the_commit_the_benchmark_step_recorded(tmp_path):
     assert "4 compared with 00000000, 0 regression(s)" in step.note
     assert run.reasons == []
     # without a file written by the benchmark step, HEAD as given is compared
-    again = nightly.Nightly(options, Console(file=io.StringIO()))
+    again = nightly_run.Nightly(options, Console(file=io.StringIO()))
     assert again.compare("a" * 40, True).note.startswith("no asv result for HEAD")

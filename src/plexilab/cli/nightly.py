@@ -1,17 +1,19 @@
-"""Invoke namespace ``nightly``: the nightly run and its cron schedule.
+"""Invoke namespace ``nightly``: the nightly run and its schedule.
 
 * ``invoke nightly [--quick] [--reports DIR] [--factor 1.1] [--skip STEP ...]``
   runs compile, tests, benchmark (+ compare with the previous commit), wheels
   for x86_64 and aarch64 and a cluster run, and writes
   ``reports/<YYYY-mm-dd-HHMMSS>/index.html`` plus ``reports/index.html``.
   Exits 1 on a broken step or a regression; the reasons are printed last.
-* ``invoke nightly.schedule [--install] [--hour 3]`` prints the crontab line
-  (``--install`` puts it in this user's crontab, replacing only its own line).
+* ``invoke nightly.schedule [--install | --uninstall] [--hour 3] [--cron]``
+  prints the schedule: a systemd timer where systemd runs, the crontab line
+  otherwise (or with ``--cron``); ``--install`` installs it (idempotent,
+  replacing only this repo's own line or the lab's units), ``--uninstall``
+  removes it.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.console import Console
 
-from plexilab import nightly as nightly_mod
+from plexilab.nightly import config as nightly_config
+from plexilab.nightly import run as nightly_run
+from plexilab.nightly import schedule as schedlib
 
 console = Console()
 
@@ -34,11 +38,11 @@ console = Console()
         "reports": "reports directory (default reports/ in the repo)",
         "factor": "slowdown factor counted as a regression (default 1.1)",
         "skip": f"step to skip, repeatable or comma-separated: "
-        f"{', '.join(nightly_mod.STEPS)}, wheels",
+        f"{', '.join(nightly_config.STEPS)}, wheels",
         "nodes": "cluster nodes (default 3)",
         "duration": "cluster load seconds (default 40 quick, 120 full)",
         "faults": "fault plan passed as --faults to a cluster task that has it "
-        f"(default {nightly_mod.DEFAULT_FAULTS!r}; '' for none)",
+        f"(default {nightly_config.DEFAULT_FAULTS!r}; '' for none)",
         "fault_interval": "seconds between faults in the cluster run "
         "(default 9 quick, 15 full)",
         "asv_results": "asv results directory (default .asv/results)",
@@ -52,7 +56,7 @@ def run(
     skip: list[str] | None = None,
     nodes: int = 3,
     duration: float = 0.0,
-    faults: str = nightly_mod.DEFAULT_FAULTS,
+    faults: str = nightly_config.DEFAULT_FAULTS,
     fault_interval: float = 0.0,
     asv_results: str = "",
 ) -> None:
@@ -60,10 +64,10 @@ def run(
     if factor < 1.0:
         raise Exit("--factor must be >= 1.0", code=2)
     try:
-        options = nightly_mod.NightlyOptions(
+        options = nightly_config.NightlyOptions(
             quick=quick,
             factor=float(factor),
-            skip=nightly_mod.expand_skip(skip or []),
+            skip=nightly_config.expand_skip(skip or []),
             nodes=nodes,
             duration=float(duration),
             faults=faults,
@@ -73,44 +77,84 @@ def run(
             options.reports = Path(reports).resolve()
         if asv_results:
             options.asv_results = Path(asv_results).resolve()
-        result = nightly_mod.run_nightly(options, console)
-    except nightly_mod.NightlyError as exc:
+        result = nightly_run.run_nightly(options, console)
+    except nightly_config.NightlyError as exc:
         sys.stdout.flush()
         raise Exit(f"nightly: {exc}", code=2) from None
     sys.stdout.flush()
     if result.exit_code:
-        raise Exit(nightly_mod.format_reasons(result.reasons), code=result.exit_code)
+        raise Exit(nightly_run.format_reasons(result.reasons), code=result.exit_code)
     console.print(f"[green]nightly OK[/green]: {result.run_dir / 'index.html'}")
 
 
-@task(
-    help={
-        "install": "install the line into this user's crontab (idempotent)",
-        "hour": "hour of the day, 0-23 (default 3)",
-        "minute": "minute, 0-59 (default 0)",
-    }
-)
-def schedule(c: Context, install: bool = False, hour: int = 3, minute: int = 0) -> None:
-    """Print (or --install) the crontab line that runs the nightly from this repo."""
-    try:
-        line = nightly_mod.cron_line(nightly_mod.REPO, hour, minute)
-    except nightly_mod.NightlyError as exc:
-        raise Exit(str(exc), code=2) from None
-    print(line)
-    if not install:
-        return
-    crontab = shutil.which("crontab")
+def _crontab() -> str:
+    crontab = schedlib.crontab_program()
     if crontab is None:
         raise Exit(
             "crontab not found: install cron first (apt-get install -y cron) and "
             "make sure the cron service runs",
             code=1,
         )
+    return crontab
+
+
+@task(
+    help={
+        "install": "install it: the systemd timer (enabled and started), or the "
+        "line in this user's crontab without systemd (idempotent)",
+        "uninstall": "remove the lab's timer units and this repo's crontab line",
+        "hour": "hour of the day, 0-23 (default 3)",
+        "minute": "minute, 0-59 (default 0)",
+        "cron": "use the crontab line even where systemd runs",
+    }
+)
+def schedule(
+    c: Context,
+    install: bool = False,
+    uninstall: bool = False,
+    hour: int = 3,
+    minute: int = 0,
+    cron: bool = False,
+) -> None:
+    """Print (or --install / --uninstall) the nightly's schedule for this repo."""
+    if install and uninstall:
+        raise Exit("--install or --uninstall, not both", code=2)
+    repo = nightly_config.REPO
+    systemd = not cron and schedlib.systemd_running()
     try:
-        done = nightly_mod.install_cron(line, nightly_mod.REPO, crontab)
-    except nightly_mod.NightlyError as exc:
+        chosen = schedlib.choose(
+            repo,
+            hour,
+            minute,
+            systemd=systemd,
+            scope=schedlib.default_scope() if systemd else None,
+        )
+    except nightly_config.NightlyError as exc:
+        raise Exit(str(exc), code=2) from None
+    try:
+        if uninstall:
+            if chosen.scope is not None:
+                done = schedlib.uninstall_timer(chosen.scope, schedlib.run_command)
+                print(f"systemd timer: {done} ({chosen.scope.unit_dir})")
+            if schedlib.crontab_program() is not None:
+                print(f"crontab: {schedlib.uninstall_cron(repo, _crontab())}")
+            return
+        print(chosen.describe())
+        if not install:
+            return
+        if chosen.scope is not None:
+            done = schedlib.install_timer(
+                chosen.scope, schedlib.run_command, repo, hour, minute
+            )
+            print(f"systemd timer: {done}: {schedlib.UNIT}.timer enabled")
+            if schedlib.crontab_program() is not None:  # the timer replaces the line
+                gone = schedlib.uninstall_cron(repo, _crontab())
+                if gone == "removed":
+                    print("crontab: removed this repo's line (the timer replaces it)")
+        else:
+            print(f"crontab: {schedlib.install_cron(chosen.line, repo, _crontab())}")
+    except nightly_config.NightlyError as exc:
         raise Exit(str(exc), code=1) from None
-    print(f"crontab: {done}")
 
 
 nightly = Collection("nightly", run, schedule)

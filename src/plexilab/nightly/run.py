@@ -1,4 +1,4 @@
-"""The nightly: build, test, benchmark, wheels, cluster; one report per run.
+"""The nightly run: steps, verdict, ``nightly.json``, report, history.
 
 Steps (each a subprocess of this interpreter's ``nox``/``invoke``, timed, its
 output in ``<run>/logs/<step>.log``):
@@ -11,7 +11,9 @@ output in ``<run>/logs/<step>.log``):
 3. ``wheels-x86_64`` and ``wheels-aarch64`` (``nox -s wheels -- --arch A``);
 4. ``cluster``: ``invoke qemu.cluster`` when this checkout has that task,
    otherwise ``invoke local.cluster`` -- the fallback is recorded in the report;
-   ``--faults`` is passed only to a task that accepts it (recorded too).
+   its options come from the checkout's options schema and go over as
+   ``--options FILE.json`` when the task takes it (:mod:`plexilab.nightly.plan`);
+   ``--faults`` only to a task that has it (recorded too).
 
 Everything lands in ``reports/<YYYY-mm-dd-HHMMSS>/`` (``nightly.json``,
 ``benchmarks.json``, ``cluster.json``, PNGs, ``index.html``, ``logs/``) and in
@@ -31,7 +33,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -44,68 +45,12 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from plexilab.results import asvreport, history
+from plexilab import proc
+from plexilab.nightly import plan as planlib
+from plexilab.nightly.config import QUICK_MARKERS, NightlyError, NightlyOptions
+from plexilab.results import asvreport, history, report
 
-REPO = Path(__file__).resolve().parents[2]
-STEPS: tuple[str, ...] = (
-    "compile",
-    "tests",
-    "benchmark",
-    "compare",
-    "wheels-x86_64",
-    "wheels-aarch64",
-    "cluster",
-)
-QUICK_MARKERS = "not qemu and not docker"
-DEFAULT_FAULTS = "default"
-STEP_TIMEOUT = 3 * 3600.0
-CRON_MARKER = "# plexilab-nightly"
-
-
-class NightlyError(RuntimeError):
-    """The nightly could not start (bad options, another run holds the lock)."""
-
-
-@dataclass
-class NightlyOptions:
-    """What ``invoke nightly`` was asked to do."""
-
-    quick: bool = False
-    reports: Path = REPO / "reports"
-    factor: float = 1.1
-    skip: frozenset[str] = frozenset()
-    nodes: int = 3
-    duration: float = 0.0  # 0: 40 s quick, 120 s full
-    faults: str = DEFAULT_FAULTS
-    fault_interval: float = 0.0  # 0: 9 s quick, 15 s full (4 / 8 faults)
-    asv_results: Path = REPO / ".asv" / "results"
-    machine: str = "lab"
-    repo: Path = REPO
-    python: str = sys.executable
-    timeout: float = STEP_TIMEOUT
-
-    @property
-    def cluster_duration(self) -> float:
-        return self.duration or (40.0 if self.quick else 120.0)
-
-    @property
-    def cluster_fault_interval(self) -> float:
-        return self.fault_interval or (9.0 if self.quick else 15.0)
-
-
-def expand_skip(values: Sequence[str]) -> frozenset[str]:
-    """``--skip`` values (repeatable or comma-separated; ``wheels`` = both arches)."""
-    out: set[str] = set()
-    for value in values:
-        for name in filter(None, (v.strip() for v in value.split(","))):
-            matched = [s for s in STEPS if s == name or s.startswith(f"{name}-")]
-            if not matched:
-                raise NightlyError(
-                    f"unknown step {name!r} in --skip (steps: {', '.join(STEPS)}, "
-                    "wheels)"
-                )
-            out.update(matched)
-    return frozenset(out)
+KILL_GRACE = 10.0
 
 
 @dataclass
@@ -159,28 +104,26 @@ def run_command(
     with log.open("w") as out:
         out.write(f"$ {shlex.join(argv)}\n# cwd {cwd}\n")
         out.flush()
-        proc = subprocess.Popen(
-            list(argv),
+        child = proc.spawn(
+            argv,
             cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,
         )
         code: int | None = None
         try:
             while True:
                 try:
-                    code = proc.wait(timeout=0.5)
+                    code = child.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
                     tick(_tail_line(log))
                     if time.monotonic() - started > timeout:
-                        _kill_group(proc)
+                        proc.terminate(child, grace=KILL_GRACE, kill_grace=KILL_GRACE)
                         break
         except BaseException:
-            _kill_group(proc)
+            proc.terminate(child, grace=KILL_GRACE, kill_grace=KILL_GRACE)
             raise
         seconds = time.monotonic() - started
         verdict = f"exit {code}" if code is not None else f"timed out ({timeout:g} s)"
@@ -188,25 +131,14 @@ def run_command(
     return code, seconds
 
 
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def git_info(repo: Path) -> dict[str, Any]:
     """HEAD's hash and whether the tree has uncommitted changes."""
 
     def git(*args: str) -> str:
-        proc = subprocess.run(
+        done = subprocess.run(
             ["git", *args], cwd=repo, capture_output=True, text=True, check=False
         )
-        return proc.stdout.strip() if proc.returncode == 0 else ""
+        return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -215,85 +147,6 @@ def git_info(repo: Path) -> dict[str, Any]:
         "dirty": dirty,
         "subject": git("log", "-1", "--format=%s"),
     }
-
-
-def invoke_tasks(python: str, repo: Path) -> dict[str, set[str]]:
-    """Task name -> its ``--options``, for the cluster tasks of this checkout."""
-    proc = subprocess.run(
-        [python, "-m", "invoke", "--list", "--list-format=json"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    if proc.returncode != 0:
-        raise NightlyError(f"invoke --list failed: {proc.stderr.strip()[-500:]}")
-    tree = json.loads(proc.stdout)
-    names: list[str] = []
-
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        names.extend(prefix + t["name"] for t in node.get("tasks", []))
-        for sub in node.get("collections", []):
-            walk(sub, f"{prefix}{sub['name']}.")
-
-    walk(tree, "")
-    out: dict[str, set[str]] = {}
-    for name in ("qemu.cluster", "local.cluster"):
-        if name not in names:
-            continue
-        helptext = subprocess.run(
-            [python, "-m", "invoke", "--help", name],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        ).stdout
-        out[name] = set(re.findall(r"--([a-z][a-z0-9-]*)", helptext))
-    return out
-
-
-def cluster_plan(
-    tasks: dict[str, set[str]], options: NightlyOptions, run_dir: Path
-) -> dict[str, Any]:
-    """Which cluster task to run, with which arguments, and what to report."""
-    plan: dict[str, Any] = {"requested": "qemu", "faults": None}
-    if "qemu.cluster" in tasks:
-        task, provider = "qemu.cluster", "qemu"
-    elif "local.cluster" in tasks:
-        task, provider = "local.cluster", "local"
-        plan["fallback_reason"] = (
-            "this checkout has no `invoke qemu.cluster` task yet: ran "
-            "`invoke local.cluster` (local processes, host arch only) instead"
-        )
-    else:
-        raise NightlyError("neither qemu.cluster nor local.cluster exists")
-    accepted = tasks[task]
-    args = [f"--nodes={options.nodes}", f"--json={run_dir / 'cluster.json'}"]
-    if "duration" in accepted:
-        args.append(f"--duration={options.cluster_duration:g}")
-    if "results" in accepted:
-        args.append(f"--results={run_dir / 'cluster'}")
-    if options.faults:
-        if "faults" in accepted:
-            args.append(f"--faults={options.faults}")
-            plan["faults"] = options.faults
-            if "fault-interval" in accepted:
-                args.append(f"--fault-interval={options.cluster_fault_interval:g}")
-                plan["fault_interval_s"] = options.cluster_fault_interval
-        else:
-            plan["faults_note"] = (
-                f"`invoke {task}` has no --faults option yet: ran without faults "
-                f"(requested: {options.faults!r})"
-            )
-    plan.update(
-        task=task,
-        provider=provider,
-        argv=[options.python, "-m", "invoke", task, *args],
-        fallback=provider != "qemu",
-    )
-    return plan
 
 
 # -- the run --------------------------------------------------------------------------
@@ -522,32 +375,23 @@ class Nightly:
             self.skipped(name)
             return None
         try:
-            tasks = invoke_tasks(self.options.python, self.options.repo)
-            plan = cluster_plan(tasks, self.options, self.run_dir)
+            checkout = planlib.inspect_checkout(self.options.python, self.options.repo)
+            plan = planlib.cluster_plan(checkout, self.options, self.run_dir)
         except (NightlyError, subprocess.SubprocessError, ValueError) as exc:
             step = StepResult(name, "failed", note=f"cannot plan: {exc}")
             self.steps.append(step)
             self._announce(step)
             self.reasons.append(f"step cluster failed: {exc}")
             return None
-        short = f"provider {plan['provider']}"
+        short = f"provider {plan['provider']}, options as {plan['handover']}"
         if plan.get("fallback_reason"):
             short += " (fallback: no qemu.cluster task)"
         if plan.get("faults_note"):
-            short += "; without faults (task has no --faults)"
-        if plan.get("fallback_reason"):
-            self.console.print(
-                f"[yellow]cluster: {plan['fallback_reason']}", highlight=False
-            )
-        if plan.get("faults_note"):
-            self.console.print(
-                f"[yellow]cluster: {plan['faults_note']}", highlight=False
-            )
-        step = self.command(
-            name,
-            plan["argv"],
-            note=short,
-        )
+            short += "; without faults"
+        for key in ("fallback_reason", "faults_note", "schema_note"):
+            if plan.get(key):
+                self.console.print(f"[yellow]cluster: {plan[key]}", highlight=False)
+        step = self.command(name, plan["argv"], note=short)
         info: dict[str, Any] = {
             k: v for k, v in plan.items() if k != "argv" and v is not None
         }
@@ -640,10 +484,6 @@ class Nightly:
         }
         path = self.run_dir / "nightly.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
-        from plexilab.results import (
-            report,  # matplotlib: only once there is a run to draw
-        )
-
         try:
             made = report.build(self.run_dir)
             self.console.print(
@@ -720,45 +560,3 @@ def run_nightly(
 def format_reasons(reasons: Sequence[str]) -> str:
     """The final message: one reason per line."""
     return "nightly FAILED:\n" + "\n".join(f"  - {r}" for r in reasons)
-
-
-# -- cron ---------------------------------------------------------------------
-
-
-def cron_line(repo: Path = REPO, hour: int = 3, minute: int = 0) -> str:
-    """The crontab line that runs the nightly from *repo* through ``./lab``."""
-    if not 0 <= hour <= 23 or not 0 <= minute <= 59:
-        raise NightlyError(f"bad time {hour}:{minute:02d} (hour 0-23, minute 0-59)")
-    where = shlex.quote(str(repo))
-    return (
-        f"{minute} {hour} * * * cd {where} && mkdir -p reports && "
-        f"./lab invoke nightly >> reports/cron.log 2>&1 {CRON_MARKER} {repo}"
-    )
-
-
-def _crontab(
-    args: Sequence[str], crontab: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [crontab, *args], input=stdin, capture_output=True, text=True, check=False
-    )
-
-
-def install_cron(line: str, repo: Path = REPO, crontab: str = "crontab") -> str:
-    """Put *line* in the user's crontab, replacing this repo's earlier line only.
-
-    Other entries are kept as they are; returns what was done.
-    """
-    current = _crontab(["-l"], crontab)
-    if current.returncode != 0 and "no crontab" not in current.stderr.lower():
-        raise NightlyError(f"crontab -l failed: {current.stderr.strip()}")
-    lines = current.stdout.splitlines() if current.returncode == 0 else []
-    mine = f"{CRON_MARKER} {repo}"
-    kept = [x for x in lines if not x.rstrip().endswith(mine)]
-    if line in lines and len(kept) == len(lines) - 1:
-        return "already installed"
-    text = "\n".join([*kept, line]) + "\n"
-    done = _crontab(["-"], crontab, stdin=text)
-    if done.returncode != 0:
-        raise NightlyError(f"crontab - failed: {done.stderr.strip()}")
-    return "replaced" if len(kept) < len(lines) else "installed"
