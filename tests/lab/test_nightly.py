@@ -561,7 +561,8 @@ def test_install_and_uninstall_timer_in_a_temporary_unit_dir(tmp_path):
     assert scope.journal == "journalctl -u plexilab-nightly"
 
 
-def test_install_cron_keeps_other_entries_and_is_idempotent(tmp_path, monkeypatch):
+def fake_crontab(tmp_path: Path, monkeypatch) -> tuple[str, Path]:
+    """A ``crontab`` program keeping its table in a file: (program, file)."""
     store = tmp_path / "crontab.txt"
     fake = tmp_path / "crontab"
     fake.write_text(
@@ -579,19 +580,24 @@ def test_install_cron_keeps_other_entries_and_is_idempotent(tmp_path, monkeypatc
     )
     fake.chmod(0o755)
     monkeypatch.setenv("FAKE_CRONTAB", str(store))
+    return str(fake), store
+
+
+def test_install_cron_keeps_other_entries_and_is_idempotent(tmp_path, monkeypatch):
+    fake, store = fake_crontab(tmp_path, monkeypatch)
     repo = Path("/srv/lab")
     line3 = schedule.cron_line(repo, 3)
-    assert schedule.install_cron(line3, repo, str(fake)) == "installed"
+    assert schedule.install_cron(line3, repo, fake) == "installed"
     assert store.read_text() == line3 + "\n"
     other = "15 1 * * * /usr/local/bin/backup # plexilab-nightly /srv/other"
     store.write_text(f"MAILTO=root\n{other}\n{line3}\n")
-    assert schedule.install_cron(line3, repo, str(fake)) == "already installed"
+    assert schedule.install_cron(line3, repo, fake) == "already installed"
     line5 = schedule.cron_line(repo, 5)
-    assert schedule.install_cron(line5, repo, str(fake)) == "replaced"
+    assert schedule.install_cron(line5, repo, fake) == "replaced"
     assert store.read_text().splitlines() == ["MAILTO=root", other, line5]
-    assert schedule.uninstall_cron(repo, str(fake)) == "removed"
+    assert schedule.uninstall_cron(repo, fake) == "removed"
     assert store.read_text().splitlines() == ["MAILTO=root", other]
-    assert schedule.uninstall_cron(repo, str(fake)) == "not installed"
+    assert schedule.uninstall_cron(repo, fake) == "not installed"
 
 
 def load_yaml(path: Path) -> dict[str, object]:
@@ -671,3 +677,33 @@ def test_compare_follows_the_commit_the_benchmark_step_recorded(tmp_path):
     # without a file written by the benchmark step, HEAD as given is compared
     again = nightly_run.Nightly(options, Console(file=io.StringIO()))
     assert again.compare("a" * 40, True).note.startswith("no asv result for HEAD")
+
+
+def test_the_timer_replaces_this_repos_crontab_line(tmp_path, monkeypatch):
+    fake, store = fake_crontab(tmp_path, monkeypatch)
+    repo = Path("/srv/lab")
+    other = schedule.cron_line(Path("/srv/other"), 1)
+    store.write_text(f"{other}\n{schedule.cron_line(repo, 2)}\n")
+    calls: list[list[str]] = []
+
+    def systemctl(argv):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    scope = schedule.Scope(tmp_path / "units")
+    chosen = schedule.choose(repo, 3, scope=scope)
+    done = schedule.install(chosen, systemctl, fake)
+    assert done[0].startswith("systemd timer: installed in ")
+    assert done[1] == "crontab: removed this repo's line (the timer replaces it)"
+    assert store.read_text() == other + "\n"
+    # units of another checkout are not removed by this one's --uninstall
+    elsewhere = schedule.choose(Path("/srv/other"), scope=scope)
+    assert schedule.uninstall(elsewhere, systemctl, fake) == [
+        "systemd timer: left alone: the units run /srv/lab",
+        "crontab: removed",
+    ]
+    assert (tmp_path / "units" / "plexilab-nightly.timer").exists()
+    assert schedule.uninstall(chosen, systemctl, None) == ["systemd timer: removed"]
+    # no systemd and no cron: installing says what is missing
+    with pytest.raises(config.NightlyError, match="crontab not found"):
+        schedule.install(schedule.choose(repo), systemctl, None)

@@ -87,17 +87,6 @@ def run(
     console.print(f"[green]nightly OK[/green]: {result.run_dir / 'index.html'}")
 
 
-def _crontab() -> str:
-    crontab = schedlib.crontab_program()
-    if crontab is None:
-        raise Exit(
-            "crontab not found: install cron first (apt-get install -y cron) and "
-            "make sure the cron service runs",
-            code=1,
-        )
-    return crontab
-
-
 @task(
     help={
         "install": "install it: the systemd timer (enabled and started), or the "
@@ -119,42 +108,26 @@ def schedule(
     """Print (or --install / --uninstall) the nightly's schedule for this repo."""
     if install and uninstall:
         raise Exit("--install or --uninstall, not both", code=2)
-    repo = nightly_config.REPO
     systemd = not cron and schedlib.systemd_running()
     try:
         chosen = schedlib.choose(
-            repo,
+            nightly_config.REPO,
             hour,
             minute,
-            systemd=systemd,
             scope=schedlib.default_scope() if systemd else None,
         )
     except nightly_config.NightlyError as exc:
         raise Exit(str(exc), code=2) from None
-    try:
-        if uninstall:
-            if chosen.scope is not None:
-                done = schedlib.uninstall_timer(chosen.scope, schedlib.run_command)
-                print(f"systemd timer: {done} ({chosen.scope.unit_dir})")
-            if schedlib.crontab_program() is not None:
-                print(f"crontab: {schedlib.uninstall_cron(repo, _crontab())}")
-            return
+    if not uninstall:
         print(chosen.describe())
-        if not install:
-            return
-        if chosen.scope is not None:
-            done = schedlib.install_timer(
-                chosen.scope, schedlib.run_command, repo, hour, minute
-            )
-            print(f"systemd timer: {done}: {schedlib.UNIT}.timer enabled")
-            if schedlib.crontab_program() is not None:  # the timer replaces the line
-                gone = schedlib.uninstall_cron(repo, _crontab())
-                if gone == "removed":
-                    print("crontab: removed this repo's line (the timer replaces it)")
-        else:
-            print(f"crontab: {schedlib.install_cron(chosen.line, repo, _crontab())}")
+    if not (install or uninstall):
+        return
+    act = schedlib.uninstall if uninstall else schedlib.install
+    try:
+        done = act(chosen, schedlib.run_command, schedlib.crontab_program())
     except nightly_config.NightlyError as exc:
         raise Exit(str(exc), code=1) from None
+    print("\n".join(done))
 
 
 nightly = Collection("nightly", run, schedule)

@@ -158,11 +158,23 @@ def install_timer(
     return "replaced" if before else "installed"
 
 
-def uninstall_timer(scope: Scope, run: Runner = run_command) -> str:
-    """Stop and disable the timer, remove both units; ``removed``/``not installed``."""
+def uninstall_timer(
+    scope: Scope, run: Runner = run_command, repo: Path | None = None
+) -> str:
+    """Stop and disable the timer, remove both units; ``removed``/``not installed``.
+
+    With *repo*, units that run the nightly of another checkout are left alone.
+    """
     paths = [scope.unit_dir / name for name in units()]
     if not any(p.exists() for p in paths):
         return "not installed"
+    service = scope.unit_dir / f"{UNIT}.service"
+    if repo is not None and service.exists():
+        mine = units(repo)[service.name].splitlines()
+        theirs = service.read_text().splitlines()
+        workdir = [x for x in theirs if x.startswith("WorkingDirectory=")]
+        if workdir and workdir[0] not in mine:
+            return f"left alone: the units run {workdir[0].split('=', 1)[1]}"
     _systemctl(scope, run, "disable", "--now", f"{UNIT}.timer")
     for path in paths:
         path.unlink(missing_ok=True)
@@ -236,19 +248,26 @@ def uninstall_cron(repo: Path = REPO, crontab: str = "crontab") -> str:
 # -- what the task does ----------------------------------------------------------
 
 
-@dataclass
-class Plan:
-    """The schedule chosen for this machine, and what installing it did."""
+NO_CRON = (
+    "crontab not found: install cron first (apt-get install -y cron) and make "
+    "sure the cron service runs"
+)
 
-    mechanism: str  # systemd or cron
-    scope: Scope | None
-    units: dict[str, str]
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedule chosen for this machine: timer units or the crontab line."""
+
+    repo: Path
+    hour: int
+    minute: int
     line: str
-    done: list[str] = field(default_factory=list)
+    scope: Scope | None  # None: the crontab line
+    units: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         """What is (or would be) installed, for printing."""
-        if self.mechanism == "cron" or self.scope is None:
+        if self.scope is None:
             return self.line
         parts = [
             f"# {self.scope.unit_dir / name}\n{text}"
@@ -267,11 +286,37 @@ def choose(
     hour: int = 3,
     minute: int = 0,
     *,
-    systemd: bool,
     scope: Scope | None = None,
 ) -> Plan:
-    """The timer units when *systemd*, else the crontab line."""
+    """The timer units in *scope* (systemd), or the crontab line (None)."""
     line = cron_line(repo, hour, minute)
-    if not systemd:
-        return Plan("cron", None, {}, line)
-    return Plan("systemd", scope or default_scope(), units(repo, hour, minute), line)
+    texts = units(repo, hour, minute) if scope is not None else {}
+    return Plan(repo, hour, minute, line, scope, texts)
+
+
+def install(plan: Plan, run: Runner, crontab: str | None) -> list[str]:
+    """Install *plan*; one line per thing done.
+
+    The timer replaces this repo's crontab line (removed if there was one),
+    so the nightly never runs twice.
+    """
+    if plan.scope is None:
+        if crontab is None:
+            raise NightlyError(NO_CRON)
+        return [f"crontab: {install_cron(plan.line, plan.repo, crontab)}"]
+    done = install_timer(plan.scope, run, plan.repo, plan.hour, plan.minute)
+    where = plan.scope.unit_dir
+    out = [f"systemd timer: {done} in {where}; {UNIT}.timer enabled and started"]
+    if crontab is not None and uninstall_cron(plan.repo, crontab) == "removed":
+        out.append("crontab: removed this repo's line (the timer replaces it)")
+    return out
+
+
+def uninstall(plan: Plan, run: Runner, crontab: str | None) -> list[str]:
+    """Remove the timer units (systemd) and this repo's crontab line."""
+    out = []
+    if plan.scope is not None:
+        out.append(f"systemd timer: {uninstall_timer(plan.scope, run, plan.repo)}")
+    if crontab is not None:
+        out.append(f"crontab: {uninstall_cron(plan.repo, crontab)}")
+    return out or ["nothing to remove: no systemd here and no crontab program"]
