@@ -707,3 +707,22 @@ def test_the_timer_replaces_this_repos_crontab_line(tmp_path, monkeypatch):
     # no systemd and no cron: installing says what is missing
     with pytest.raises(config.NightlyError, match="crontab not found"):
         schedule.install(schedule.choose(repo), systemctl, None)
+
+
+def test_default_scope_and_systemd_detection(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    scope = schedule.default_scope()
+    assert scope == schedule.Scope(
+        tmp_path / "cfg" / "systemd" / "user", ("systemctl", "--user")
+    )
+    assert scope.journal == "journalctl --user -u plexilab-nightly"
+    monkeypatch.setattr(schedule.os, "geteuid", lambda: 0)
+    assert schedule.default_scope() == schedule.Scope(Path("/etc/systemd/system"))
+    assert not schedule.systemd_running(tmp_path / "absent")
+    (tmp_path / "booted").mkdir()
+    monkeypatch.setattr(schedule.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert schedule.systemd_running(tmp_path / "booted")
+    monkeypatch.setattr(schedule.shutil, "which", lambda name: None)
+    assert not schedule.systemd_running(tmp_path / "booted")
+    assert schedule.crontab_program() is None
