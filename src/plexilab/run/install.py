@@ -9,6 +9,7 @@ provider (:meth:`plexilab.providers.base.Provider.install`) and checked here
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -212,18 +213,18 @@ def prepare(
 def check_hosts(
     hosts: Sequence[Host], runtime: Runtime, backend_env: Mapping[str, str]
 ) -> dict[str, str]:
-    """``plexichat.accel.summary()`` on every host (fails if plexichat is missing)."""
+    """``plexichat.accel.summary()`` on every host (fails if plexichat is missing),
+    read from ``python -m plexichat.accel --json``."""
     out = {}
     for host in hosts:
         env = {**runtime.env_for(host), **backend_env}
         result = host.run(
-            [
-                host.python(),
-                "-c",
-                "from plexichat import accel; print(accel.summary())",
-            ],
-            timeout=120,
-            env=env,
+            [host.python(), "-m", "plexichat.accel", "--json"], timeout=120, env=env
         )
-        out[host.name] = result.stdout.strip()
+        try:
+            out[host.name] = str(json.loads(result.stdout)["summary"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InstallError(
+                f"{host.name}: plexichat.accel --json said {result.stdout[-500:]!r}"
+            ) from exc
     return out
