@@ -29,7 +29,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class GuestPlan:
     clock_sync: bool = True
     variant: str = ""  # guest image variant ("docker")
     log_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arches(self) -> list[str]:

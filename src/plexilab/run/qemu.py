@@ -1,13 +1,14 @@
 """PlexiChat clusters in QEMU guests: ``invoke qemu.cluster`` and ``invoke qemu.p2p``.
 
 One guest per node; ``--arch=mixed`` cycles x86_64, aarch64, aarch64, ...
-The run is: host set-up (``setup_host.ensure``), artifacts (per-arch wheel +
-wheelhouse, cached images), boot (all guests in parallel), install (in
-parallel), guest clock sync, then :func:`plexilab.run.cluster.run_cluster`
-(start, convergence, chat load, P2P, checker) and teardown.  Every phase is
-timed (``phases_s`` in the result JSON).
+The run is the one pipeline (:mod:`plexilab.run.pipeline`) over the QEMU
+provider (:class:`plexilab.providers.guests.QemuProvider`): host set-up
+(``setup_host.ensure``), artifacts (per-arch wheel + wheelhouse, cached
+images), boot (all guests in parallel), install (in parallel), guest clock
+sync, start, convergence, the scenarios (chat load, P2P, checker; or P2P
+alone) and teardown.  Every phase is timed (``phases_s`` in the result JSON).
 
-On top of the result of ``local.cluster`` the JSON holds, per node, the
+Where a local run leaves them empty, the JSON holds, per node, the
 guest's arch, accelerator, boot time, QMP-sampled VM figures (vCPU and QEMU
 process CPU seconds, CPU use during the load, RSS) and the residual clock
 offset after the sync; ``latency_by_arch`` merges the nodes' own SEND->ACK
