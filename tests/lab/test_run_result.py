@@ -17,7 +17,13 @@ import pytest
 
 from plexilab.host import Host
 from plexilab.providers import base
-from plexilab.providers.base import Capabilities, Phases, Provider, capabilities_of
+from plexilab.providers.base import (
+    Capabilities,
+    Phases,
+    Provider,
+    Sampler,
+    capabilities_of,
+)
 from plexilab.providers.container import CONTAINERS, ContainerHost
 from plexilab.providers.docker_in_guests import DOCKER_IN_GUESTS, GuestContainerHost
 from plexilab.providers.inventory import INVENTORY, InventoryHost
@@ -221,6 +227,7 @@ class Recorder(Provider):
         self.fail_in = fail_in
         self.tmp_path = tmp_path
         self.hosts: list[LocalHost] = []
+        self.steps = StepLog()
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -242,10 +249,44 @@ class Recorder(Provider):
         self._call("install")
         return {h.name: 0.5 for h in hosts}
 
+    def samplers(self) -> list[Sampler]:
+        return [self.steps]
+
     def teardown(self) -> None:
         self.calls.append("teardown")
         for host in self.hosts:
             host.close()
+
+
+class StepLog:
+    """A sampler that records the steps it is told about."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.stopped = False
+
+    def on_step(self, step: str) -> None:
+        self.steps.append(step)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_every_provider_goes_through_the_same_steps(tmp_path: Path) -> None:
+    provider = Recorder(tmp_path)
+    result = pipeline.run(provider, _short(tmp_path))
+    assert provider.calls == [
+        "preflight", "artifacts", "provision", "install", "teardown",
+    ]  # fmt: skip
+    assert provider.steps.steps == [
+        "prepared", "started", "converged", "loaded", "p2p", "checked",
+        "stopped", "end",
+    ]  # fmt: skip
+    assert provider.steps.stopped
+    assert result.provider == "recorder"
+    assert [row.install_s for row in result.per_node] == [0.5] * 3
+    assert list(result.phases_s)[:2] == ["setup", "artifacts"]
+    assert result.verdict() == []
 
 
 @pytest.mark.parametrize("fail_in", ["preflight", "provision", "install"])
