@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from invoke.context import Context
 from invoke.exceptions import Exit
@@ -60,19 +60,39 @@ def option(
 
 
 def _check(instance: object) -> None:
+    """Every field's allowed values, then every group's :meth:`validate`."""
     for f in dataclasses.fields(instance):  # type: ignore[arg-type]
         value = getattr(instance, f.name)
         choices = f.metadata.get("choices", ())
         if choices and value not in choices:
             shown = ", ".join(repr(c) for c in choices)
             raise OptionError(f"--{flag(f.name)} must be one of {shown}, not {value!r}")
+    _validate_all(instance)
 
 
-@dataclass(frozen=True)
-class ClusterOptions:
+class _Group:
+    """Base of the option groups: each checks its own fields, then hands on
+    (a class that inherits several groups runs every group's check)."""
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def validate(self) -> None:
+        """Checks beyond the allowed values (overridden per group)."""
+
+
+def _validate_all(instance: object) -> None:
+    for klass in type(instance).__mro__:
+        check = klass.__dict__.get("validate")
+        if check is not None:
+            check(instance)
+
+
+@dataclass
+class ClusterOptions(_Group):
     """The nodes: how many, how they replicate, detect failures and run."""
 
-    nodes: int = option(3, "number of nodes")
+    nodes: int = option(3, "number of nodes (inventory: 0 runs one per host)")
     replicas: int = option(2, "copies of each message before it is acknowledged")
     backend: str = option(
         "",
@@ -87,8 +107,8 @@ class ClusterOptions:
         choices=("auth", "tls", "insecure"),
         cli_choices=("auth", "tls"),
     )
-    install: str = option(
-        "wheel",
+    install: Literal["dev", "wheel"] = option(
+        "dev",
         "dev: run from src/ (in-place builds); wheel: build the wheel once into "
         "a cached venv under .cache/",
         choices=("dev", "wheel"),
@@ -103,14 +123,13 @@ class ClusterOptions:
         "others route around it",
     )
 
-    def __post_init__(self) -> None:
-        _check(self)
-        if self.nodes < 1 or self.replicas < 1:
-            raise OptionError("--nodes and --replicas must be at least 1")
+    def validate(self) -> None:
+        if self.nodes < 0 or self.replicas < 1:
+            raise OptionError("--nodes must be 0 or more, --replicas at least 1")
 
 
-@dataclass(frozen=True)
-class LoadOptions:
+@dataclass
+class LoadOptions(_Group):
     """The chat load of a run (plexichat-load)."""
 
     duration: float = option(30.0, "seconds of chat load")
@@ -122,9 +141,29 @@ class LoadOptions:
     )
     payload: int = option(64, "message payload bytes")
     channels: int = option(256, "number of channels")
+    mode: str = option(
+        "closed",
+        "closed: every client keeps --inflight requests; open: --rate msg/s",
+        choices=("closed", "open"),
+    )
+    rate: float = option(20_000.0, "messages per second of the open loop")
+    count: int = option(50_000_000, "stop the load after this many messages")
+    distribution: str = option(
+        "uniform", "channel popularity", choices=("uniform", "zipf")
+    )
+    route: str = option(
+        "owner",
+        "owner: send to the channel's owner; any: one node per client (it forwards)",
+        choices=("owner", "any"),
+    )
+    request_timeout: float = option(
+        0.0,
+        "seconds before the load gives a request up and sends its channel "
+        "through another node (0: 10 s, or with faults twice the suspicion "
+        "timeout within 2..10 s)",
+    )
 
-    def __post_init__(self) -> None:
-        _check(self)
+    def validate(self) -> None:
         if self.duration <= 0:
             raise OptionError("--duration must be positive")
         if min(self.clients, self.inflight, self.payload, self.channels) < 1:
@@ -135,11 +174,11 @@ class LoadOptions:
             raise OptionError("--connections must be 0 or more")
 
 
-@dataclass(frozen=True)
-class FaultOptions:
+@dataclass
+class FaultOptions(_Group):
     """Faults injected during the load (plexilab.run.faults)."""
 
-    faults: str = option(
+    faults: str | list[str] = option(  # noqa: RUF009 - option() is a field()
         "none",
         "comma list of faults to inject during the load (partition, kill, pause, "
         "poweroff, split: what the provider supports), default (all of those) "
@@ -151,7 +190,10 @@ class FaultOptions:
     )
 
     def __post_init__(self) -> None:
-        _check(self)
+        self.faults = self.kinds  # a comma list (a flag) becomes names
+        super().__post_init__()
+
+    def validate(self) -> None:
         if self.fault_interval <= 0:
             raise OptionError("--fault-interval must be positive")
         if not 0 <= self.fault_duration < self.fault_interval:
@@ -159,25 +201,23 @@ class FaultOptions:
 
     @property
     def kinds(self) -> list[str]:
-        """The comma list as names (``none`` and empty are no faults)."""
-        names = [s.strip().lower() for s in self.faults.split(",") if s.strip()]
+        """The faults as names (``none`` and empty are no faults)."""
+        items = self.faults.split(",") if isinstance(self.faults, str) else self.faults
+        names = [s.strip().lower() for s in items if s.strip()]
         return [] if names == ["none"] else names
 
 
-@dataclass(frozen=True)
-class P2POptions:
+@dataclass
+class P2POptions(_Group):
     """The P2P relay scenario."""
 
     p2p_count: int = option(200, "relay messages of the P2P scenario")
     p2p_rate: float = option(200.0, "relay messages per second")
     p2p_fanout: int = option(2, "next hops per node of a relay")
 
-    def __post_init__(self) -> None:
-        _check(self)
 
-
-@dataclass(frozen=True)
-class QemuOptions:
+@dataclass
+class QemuOptions(_Group):
     """QEMU guests (qemu.cluster, qemu.p2p)."""
 
     arch: str = option(
@@ -202,12 +242,9 @@ class QemuOptions:
     memory_mib: int = option(0, "guest memory (0: the arch profile's)")
     clock_sync: bool = option(True, "set the guests' clocks from the host's")
 
-    def __post_init__(self) -> None:
-        _check(self)
 
-
-@dataclass(frozen=True)
-class OutputOptions:
+@dataclass
+class OutputOptions(_Group):
     """Where a run writes what it found."""
 
     json: str = option("", "write the results as JSON to this path")
@@ -229,9 +266,10 @@ GROUPS: tuple[type, ...] = (
 # about 13x slower than the host: fewer clients, a smaller window, membership
 # timeouts a busy emulated CPU does not trip).
 PRESETS: dict[str, dict[str, Any]] = {
-    "local": {},
-    "docker": {"install": "dev"},
+    "local": {"install": "wheel"},
+    "docker": {},
     "qemu": {
+        "install": "wheel",
         "clients": 4,
         "inflight": 32,
         "p2p_rate": 100.0,
@@ -239,8 +277,56 @@ PRESETS: dict[str, dict[str, Any]] = {
         "suspect_timeout": 10.0,
         "fault_interval": 20.0,
     },
-    "inventory": {"ping_timeout": 2.0, "suspect_timeout": 10.0},
+    # real networks: no false suspicion on a slow hop
+    "inventory": {
+        "install": "wheel",
+        "nodes": 0,
+        "ping_timeout": 1.0,
+        "suspect_timeout": 5.0,
+        "fault_interval": 20.0,
+    },
 }
+
+
+def preset(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator, under ``@dataclass``: the inherited option fields that
+    :data:`PRESETS` [*name*] names get that preset's defaults (their help and
+    allowed values stay those of the group that declares them)."""
+
+    def apply(cls: type[T]) -> type[T]:
+        inherited = {
+            f.name: f
+            for base in reversed(cls.__mro__[1:])
+            if dataclasses.is_dataclass(base)
+            for f in dataclasses.fields(base)
+        }
+        annotations = dict(inspect.get_annotations(cls))
+        for key, value in PRESETS[name].items():
+            if key in inherited:
+                annotations[key] = inherited[key].type
+                setattr(
+                    cls, key, field(default=value, metadata=inherited[key].metadata)
+                )
+        cls.__annotations__ = annotations
+        return cls
+
+    return apply
+
+
+def values_of(instance: object, *groups: type) -> dict[str, Any]:
+    """The options of *groups* that *instance* has, by name."""
+    names = {f.name for group in groups for f in dataclasses.fields(group)}
+    return {n: getattr(instance, n) for n in names if hasattr(instance, n)}
+
+
+def flat(chosen: Chosen, *groups: type) -> dict[str, Any]:
+    """The options of those of *groups* that *chosen* has, as one ``{name:
+    value}``."""
+    out: dict[str, Any] = {}
+    for group in groups:
+        if group in chosen.groups:
+            out.update(dataclasses.asdict(chosen[group]))
+    return out
 
 
 def flag(name: str) -> str:
@@ -263,7 +349,7 @@ def _fields(groups: Sequence[type]) -> list[tuple[type, dataclasses.Field[Any]]]
     return out
 
 
-def defaults(groups: Sequence[type], preset: str = "local") -> dict[str, Any]:
+def preset_defaults(groups: Sequence[type], preset: str = "local") -> dict[str, Any]:
     """``{option: default}`` of *groups* with *preset*'s overrides."""
     values = {f.name: f.default for _group, f in _fields(groups)}
     overrides = PRESETS[preset]
@@ -281,7 +367,7 @@ def build(
     Unknown names in *values* raise :class:`OptionError` listing the known
     ones.
     """
-    merged = defaults(groups, preset)
+    merged = preset_defaults(groups, preset)
     given = dict(values or {})
     unknown = sorted(set(given) - set(merged))
     if unknown:
@@ -349,16 +435,20 @@ def task(
     preset: str = "local",
     name: str | None = None,
     extra: Mapping[str, tuple[Any, str]] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    check: Callable[[Chosen], None] | None = None,
 ) -> Callable[[Body], Task[Any]]:
     """Decorator: an invoke task whose flags are the options of *groups*.
 
     The decorated ``body(c, chosen)`` gets a :class:`Chosen` (``chosen[
     LoadOptions]`` is the load group); *extra* adds task-only flags ``{name:
-    (default, help)}``, found in ``chosen.extra``.  A bad value exits with
-    code 2 and the reason.
+    (default, help)}``, found in ``chosen.extra``; *defaults* changes this
+    task's defaults beyond the preset's; *check* raises :class:`OptionError`
+    for what this task cannot run (:func:`nodes_to_start`).  A bad value
+    exits with code 2 and the reason.
     """
     extra = dict(extra or {})
-    values = defaults(groups, preset)
+    values = {**preset_defaults(groups, preset), **(defaults or {})}
     fields = _fields(groups)
     helps = {f.name: f.metadata.get("help", "") for _g, f in fields}
     narrowed = {
@@ -410,7 +500,9 @@ def task(
                         raise OptionError(
                             f"--{flag(opt)} must be one of {shown}, not {given[opt]!r}"
                         )
-                built = build(groups, given, preset=preset)
+                built = build(groups, {**(defaults or {}), **given}, preset=preset)
+                if check is not None:
+                    check(Chosen(built))
             except OptionError as exc:
                 raise Exit(str(exc), code=2) from None
             own = {k: kw.get(k, d) for k, (d, _h) in extra.items()}
@@ -423,6 +515,13 @@ def task(
         return Task(run, name=name, help=help_text, auto_shortflags=False)
 
     return decorate
+
+
+def nodes_to_start(chosen: Chosen) -> None:
+    """A task check: ``--nodes`` is a count (only an inventory reads 0 as one
+    node per host)."""
+    if chosen[ClusterOptions].nodes < 1:
+        raise OptionError("--nodes must be at least 1")
 
 
 def _read(path: str, names: Sequence[str]) -> dict[str, Any]:

@@ -64,8 +64,13 @@ def test_bad_values_exit_with_code_2_and_the_reason(
     task = _make("local", seen)
     assert _invoke(task, "run", "--install=egg") == 2
     assert _invoke(task, "run", "--fault-duration=20") == 2
-    assert _invoke(task, "run", "--nodes=0") == 2
+    assert _invoke(task, "run", "--replicas=0") == 2
     assert seen == []
+    checked = o.task(*GROUPS, name="run", check=o.nodes_to_start)(
+        lambda c, chosen: seen.append(chosen)
+    )
+    assert _invoke(checked, "run", "--nodes=0") == 2
+    assert _invoke(task, "run", "--nodes=0") == 0  # no check: 0 is allowed
 
 
 def test_a_flag_cannot_choose_what_only_code_may_set() -> None:
@@ -90,7 +95,7 @@ def test_json_round_trip_and_unknown_keys_are_refused() -> None:
 
 def test_an_option_name_may_not_repeat_across_groups() -> None:
     with pytest.raises(TypeError, match="also in"):
-        o.defaults((o.LoadOptions, o.LoadOptions))
+        o.preset_defaults((o.LoadOptions, o.LoadOptions))
 
 
 def test_fault_kinds_and_schema(capsys: pytest.CaptureFixture[str]) -> None:

@@ -231,7 +231,7 @@ def test_without_qemu_the_run_falls_back_to_local_and_records_why(
         ping_timeout=0.5,
         suspect_timeout=3.0,
         results=tmp_path / "run",
-        lab_install="dev",
+        install="dev",
     )
     res = qc.run(options).to_dict()
     assert res["provider"] == "local"
@@ -281,15 +281,13 @@ def test_guests_that_do_not_boot_fall_back_with_the_reason(
     monkeypatch.setattr(
         qc, "run_local", lambda options, reason, **kw: calls.append(reason) or {}
     )
-    qc.run(qc.QemuClusterOptions(results=tmp_path, lab_install="dev"))
+    qc.run(qc.QemuClusterOptions(results=tmp_path, install="dev"))
     assert len(calls) == 1
     assert "did not boot" in calls[0]
     assert "no SSH within 180 s (test)" in calls[0]
     assert labs[0].closed
     with pytest.raises(qc.QemuUnavailable, match="did not boot"):
-        qc.run(
-            qc.QemuClusterOptions(results=tmp_path, fallback="none", lab_install="dev")
-        )
+        qc.run(qc.QemuClusterOptions(results=tmp_path, fallback="none", install="dev"))
 
 
 # -- real guests -----------------------------------------------------------------------

@@ -27,8 +27,9 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.console import Console
 
-from plexilab.cli.local import COMMON_HELP
+from plexilab import options
 from plexilab.infra import engine as containers
+from plexilab.options import ClusterOptions, LoadOptions, OutputOptions
 from plexilab.results.tables import build_table, results_table
 from plexilab.run.config import ClusterConfig
 from plexilab.run.container import run_container_cluster
@@ -90,69 +91,40 @@ def build(
     _write(json, {"builds": [r.as_dict() for r in runs]})
 
 
-@task(
-    help={
-        **COMMON_HELP,
-        "backend": "auto (compiled when available) or python (reference backends); "
-        "default: the lab's PLEXICHAT_BACKEND* environment",
-        "install": "how the lab side (load generator, checker) runs plexichat: dev "
-        "(src/) or wheel (default dev; the nodes always run the image)",
-        "rebuild": "build the image even when one exists",
-        "worktree": "with --rebuild: build the working tree, not HEAD",
-    }
+@options.task(
+    ClusterOptions,
+    LoadOptions,
+    OutputOptions,
+    preset="docker",
+    check=options.nodes_to_start,
+    name="cluster",
+    extra={
+        "rebuild": (False, "build the image even when one exists"),
+        "worktree": (False, "with --rebuild: build the working tree, not HEAD"),
+    },
 )
-def cluster(
-    c: Context,
-    nodes: int = 3,
-    duration: float = 30.0,
-    json: str = "",
-    replicas: int = 2,
-    backend: str = "",
-    clients: int = 8,
-    inflight: int = 64,
-    payload: int = 64,
-    channels: int = 256,
-    connections: int = 1,
-    install: str = "dev",
-    results: str = "",
-    rebuild: bool = False,
-    worktree: bool = False,
-) -> None:
+def cluster(c: Context, chosen: options.Chosen) -> None:
     """Run a PlexiChat cluster of node containers under load; check nothing was lost."""
-    if backend not in ("", "auto", "python") or install not in ("dev", "wheel"):
-        raise Exit("--backend must be auto|python, --install dev|wheel", code=2)
     logging.basicConfig(level=logging.WARNING)
     client = _client()
     build_doc = None
-    if rebuild or not containers.image_ready(client):
-        source = "worktree" if worktree else "head"
+    if chosen.extra["rebuild"] or not containers.image_ready(client):
+        source = "worktree" if chosen.extra["worktree"] else "head"
         built = containers.build_image(client, source=source)
         console.print(build_table([built], containers.IMAGE))
         build_doc = built.as_dict()
-    config = ClusterConfig(
-        nodes=nodes,
-        replicas=replicas,
-        duration=duration,
-        clients=clients,
-        inflight=inflight,
-        payload=payload,
-        channels=channels,
-        connections=connections,
-        backend=backend or None,  # type: ignore[arg-type]
-        install=install,  # type: ignore[arg-type]
-        results_dir=Path(results) if results else None,
-    )
+    config = ClusterConfig.from_chosen(chosen)
     res = run_container_cluster(
         client, config, progress=lambda msg: console.log(f"[cyan]{msg}")
     )
     res.build = build_doc
-    console.print(results_table(res, f"PlexiChat cluster: {nodes} containers"))
+    console.print(results_table(res, f"PlexiChat cluster: {config.nodes} containers"))
     info = res.containers or {}
     console.print(
         f"health: {info.get('health')}\nremoved by label: {info.get('removed')}, "
         f"left over: {info.get('leftovers')}"
     )
-    _write(json, res.to_dict())
+    _write(chosen[OutputOptions].json, res.to_dict())
     reasons = res.verdict()
     if reasons:
         raise Exit("the run failed: " + "; ".join(reasons), code=1)

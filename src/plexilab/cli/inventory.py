@@ -19,10 +19,17 @@ from pathlib import Path
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 from rich.console import Console
 
+from plexilab import options
 from plexilab.cli.qemu import finish_run
+from plexilab.options import (
+    ClusterOptions,
+    FaultOptions,
+    LoadOptions,
+    OutputOptions,
+    P2POptions,
+)
 from plexilab.providers.base import ProviderUnavailable
 from plexilab.providers.inventory import INVENTORY
 from plexilab.run import faults as faultlib
@@ -32,18 +39,13 @@ from plexilab.run.result import RunResult, ScenarioName
 
 console = Console()
 
-HELP = {
-    "hosts": "the inventory: a TOML file of [[host]] tables (see the README)",
-    "nodes": "number of nodes (default 0: one per host)",
-    "json": "write the results as JSON to this path",
-    "results": "directory for journal, load/p2p/check JSON and node logs",
-    "push": "build and install the wheel on every host (default); --no-push: "
-    "the hosts already have plexichat at their python",
-    "backend": "auto (compiled when available) or python (reference backends); "
-    "default: the lab's PLEXICHAT_BACKEND* environment",
-    "install": "how the lab side (load generator, checker) runs plexichat: dev "
-    "(src/) or wheel (default wheel)",
-}
+HOSTS = ("", "the inventory: a TOML file of [[host]] tables (see the README)")
+PUSH = (
+    True,
+    "build and install the wheel on every host; --no-push: the hosts already "
+    "have plexichat at their python",
+)
+LAB = {"converge_timeout": 120.0}
 
 
 def _run(
@@ -66,104 +68,44 @@ def _run(
         raise Exit(f"inventory {hosts}: {exc}", code=2) from None
 
 
-def _check(backend: str, install: str) -> None:
-    if backend not in ("", "auto", "python"):
-        raise Exit("--backend must be auto or python", code=2)
-    if install not in ("dev", "wheel"):
-        raise Exit("--install must be dev or wheel", code=2)
-
-
-@task(
-    help={
-        **HELP,
-        "duration": "seconds of chat load (default 30)",
-        "replicas": "copies of each message before it is acknowledged (default 2)",
-        "clients": "concurrent load clients on the lab machine (default 8)",
-        "inflight": "requests in flight per client, closed loop (default 64)",
-        "channels": "number of channels (default 256)",
-        "faults": "comma list of faults to inject during the load: kill, pause; "
-        "default (both) or none (default none)",
-        "fault_interval": "seconds between fault starts (default 20)",
-    }
+@options.task(
+    ClusterOptions,
+    LoadOptions,
+    FaultOptions,
+    P2POptions,
+    OutputOptions,
+    preset="inventory",
+    name="cluster",
+    extra={"hosts": HOSTS, "push": PUSH},
 )
-def cluster(
-    c: Context,
-    hosts: str = "",
-    nodes: int = 0,
-    duration: float = 30.0,
-    json: str = "",
-    replicas: int = 2,
-    clients: int = 8,
-    inflight: int = 64,
-    channels: int = 256,
-    backend: str = "",
-    install: str = "wheel",
-    results: str = "",
-    push: bool = True,
-    faults: str = "none",
-    fault_interval: float = 20.0,
-) -> None:
+def cluster(c: Context, chosen: options.Chosen) -> None:
     """Run a PlexiChat cluster on the hosts of an inventory: load, P2P, checker."""
-    _check(backend, install)
+    faults = chosen[FaultOptions]
     try:
-        kinds = faultlib.parse_kinds(faults, INVENTORY.supported_faults(), "inventory")
+        faults.faults = faultlib.parse_kinds(
+            faults.kinds, INVENTORY.supported_faults(), "inventory"
+        )
     except faultlib.FaultError as exc:
         raise Exit(f"--faults: {exc}", code=2) from None
-    config = ClusterConfig(
-        nodes=nodes,
-        replicas=replicas,
-        duration=duration,
-        clients=clients,
-        inflight=inflight,
-        channels=channels,
-        backend=backend or None,  # type: ignore[arg-type]
-        install=install,  # type: ignore[arg-type]
-        results_dir=Path(results) if results else None,
-        faults=kinds,
-        fault_interval=fault_interval,
-        ping_timeout=1.0,  # real networks: no false suspicion on a slow hop
-        suspect_timeout=5.0,
-        converge_timeout=120.0,
-    )
-    finish_run(_run(hosts, config, "cluster", push), json, "inventory")
+    config = ClusterConfig.from_chosen(chosen, **LAB)
+    result = _run(chosen.extra["hosts"], config, "cluster", chosen.extra["push"])
+    finish_run(result, chosen[OutputOptions].json, "inventory")
 
 
-@task(
-    help={
-        **HELP,
-        "count": "relays to inject (default 500)",
-        "rate": "relays per second (default 100)",
-        "fanout": "next hops per node in the relay tree (default 2)",
-    }
+@options.task(
+    ClusterOptions,
+    P2POptions,
+    OutputOptions,
+    preset="inventory",
+    name="p2p",
+    extra={"hosts": HOSTS, "push": PUSH},
+    defaults={"p2p_count": 500, "p2p_rate": 100.0},
 )
-def p2p(
-    c: Context,
-    hosts: str = "",
-    nodes: int = 0,
-    count: int = 500,
-    rate: float = 100.0,
-    fanout: int = 2,
-    json: str = "",
-    backend: str = "",
-    install: str = "wheel",
-    results: str = "",
-    push: bool = True,
-) -> None:
+def p2p(c: Context, chosen: options.Chosen) -> None:
     """The P2P relay scenario alone across the hosts of an inventory."""
-    _check(backend, install)
-    config = ClusterConfig(
-        nodes=nodes,
-        p2p_count=count,
-        p2p_rate=rate,
-        p2p_fanout=fanout,
-        backend=backend or None,  # type: ignore[arg-type]
-        install=install,  # type: ignore[arg-type]
-        results_dir=Path(results) if results else None,
-        ping_timeout=1.0,
-        suspect_timeout=5.0,
-        converge_timeout=120.0,
-    )
-    finish_run(_run(hosts, config, "p2p", push), json, "inventory")
+    config = ClusterConfig.from_chosen(chosen, **LAB)
+    result = _run(chosen.extra["hosts"], config, "p2p", chosen.extra["push"])
+    finish_run(result, chosen[OutputOptions].json, "inventory")
 
 
 inventory = Collection("inventory", cluster, p2p)

@@ -22,63 +22,18 @@ from typing import Any
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 from rich.console import Console
 
-from plexilab.providers.local import LOCAL, LocalProvider
+from plexilab import options
+from plexilab.options import ClusterOptions, LoadOptions, OutputOptions
+from plexilab.providers.local import LocalProvider
 from plexilab.results.tables import results_table, security_table
 from plexilab.run import bench as benchlib
-from plexilab.run import faults as faultlib
 from plexilab.run import pipeline
-from plexilab.run.config import ClusterConfig
+from plexilab.run.config import RUN_GROUPS, ClusterConfig
 from plexilab.run.result import RunResult
 
 console = Console()
-
-COMMON_HELP = {
-    "nodes": "number of nodes (default 3)",
-    "duration": "seconds of chat load (default 30)",
-    "json": "write the results as JSON to this path",
-    "replicas": "copies of each message before it is acknowledged (default 2)",
-    "clients": "concurrent load clients (default 8)",
-    "inflight": "requests in flight per client, closed loop (default 64)",
-    "payload": "message payload bytes (default 64)",
-    "channels": "number of channels (default 256)",
-    "install": "dev: run from src/ (in-place builds); wheel: build the wheel "
-    "once into a cached venv under .cache/ (default wheel)",
-    "results": "directory for journal, load/p2p/check JSON and node logs",
-    "connections": "connections per node shared by the load clients; 0 gives "
-    "every client its own (default 1)",
-}
-FAULT_HELP = {
-    "faults": "comma list of faults to inject during the load: "
-    f"{', '.join(LOCAL.supported_faults())}; "
-    "default (all of them) or none (default none)",
-    "fault_interval": "seconds between fault starts (default 10)",
-    "fault_duration": "seconds each fault lasts (default: half the interval)",
-}
-
-
-def _config(**kw: Any) -> ClusterConfig:
-    return ClusterConfig(
-        nodes=kw["nodes"],
-        replicas=kw["replicas"],
-        duration=kw["duration"],
-        clients=kw["clients"],
-        inflight=kw["inflight"],
-        payload=kw["payload"],
-        channels=kw["channels"],
-        connections=kw["connections"],
-        backend=kw["backend"] or None,  # "": follow the lab's environment
-        install=kw["install"],
-        results_dir=Path(kw["results"]) if kw["results"] else None,
-        faults=kw.get("fault_kinds", []),
-        fault_interval=kw.get("fault_interval", 10.0),
-        fault_duration=kw.get("fault_duration", 0.0),
-        ping_timeout=kw.get("ping_timeout", 0.3),
-        suspect_timeout=kw.get("suspect_timeout", 1.0),
-        security=kw.get("security", "auth"),
-    )
 
 
 def _run(config: ClusterConfig) -> RunResult:
@@ -98,88 +53,43 @@ def _write(path: str, doc: dict[str, Any]) -> None:
         console.log(f"wrote {path}")
 
 
-@task(
-    help={
-        **COMMON_HELP,
-        **FAULT_HELP,
-        "backend": "auto (compiled when available) or python (reference backends); "
-        "default: what PLEXICHAT_BACKEND and PLEXICHAT_BACKEND_<FAMILY> ask for",
-        "ping_timeout": "failure detector: seconds a node waits for a PONG "
-        "(default 0.3)",
-        "suspect_timeout": "failure detector: seconds a suspected node has to "
-        "refute before the others route around it (default 1)",
-        "security": "auth: a per-run cluster secret, peer handshakes and client "
-        "tokens; tls: that, and the load speaks TLS to the nodes (default auth)",
-    }
+@options.task(
+    *RUN_GROUPS,
+    OutputOptions,
+    preset="local",
+    check=options.nodes_to_start,
+    name="cluster",
 )
-def cluster(
-    c: Context,
-    nodes: int = 3,
-    duration: float = 30.0,
-    json: str = "",
-    replicas: int = 2,
-    backend: str = "",
-    clients: int = 8,
-    inflight: int = 64,
-    payload: int = 64,
-    channels: int = 256,
-    connections: int = 1,
-    install: str = "wheel",
-    results: str = "",
-    faults: str = "none",
-    fault_interval: float = 10.0,
-    fault_duration: float = 0.0,
-    ping_timeout: float = 0.3,
-    suspect_timeout: float = 1.0,
-    security: str = "auth",
-) -> None:
+def cluster(c: Context, chosen: options.Chosen) -> None:
     """Run a local PlexiChat cluster under load and check that nothing was lost."""
-    if backend not in ("", "auto", "python"):
-        raise Exit("--backend must be auto or python", code=2)
-    if security not in ("auth", "tls"):
-        raise Exit("--security must be auth or tls", code=2)
-    if install not in ("dev", "wheel"):
-        raise Exit("--install must be dev or wheel", code=2)
-    try:
-        fault_kinds = faultlib.parse_kinds(faults, LOCAL.supported_faults(), "local")
-    except faultlib.FaultError as exc:
-        raise Exit(f"--faults: {exc}", code=2) from exc
-    if fault_kinds and not 0 <= fault_duration < fault_interval:
-        raise Exit("--fault-duration must be shorter than --fault-interval", code=2)
-    config = _config(**locals())
+    config = ClusterConfig.from_chosen(chosen)
     res = _run(config)
     console.print(results_table(res))
-    _write(json, res.to_dict())
+    _write(chosen[OutputOptions].json, res.to_dict())
     reasons = res.verdict()
     if reasons:
         raise Exit("the run failed: " + "; ".join(reasons), code=1)
 
 
-@task(
-    help={
-        **COMMON_HELP,
-        "rounds": "alternate compiled and python runs this many times; the ratio "
-        "is taken between the median throughputs (default 1)",
-    }
+BENCH_GROUPS = (ClusterOptions, LoadOptions, OutputOptions)
+ROUNDS_HELP = (
+    "alternate compiled and python runs this many times; the ratio is taken "
+    "between the median throughputs"
 )
-def bench(
-    c: Context,
-    nodes: int = 3,
-    duration: float = 20.0,
-    json: str = "",
-    replicas: int = 2,
-    clients: int = 8,
-    inflight: int = 64,
-    payload: int = 64,
-    channels: int = 256,
-    connections: int = 1,
-    install: str = "wheel",
-    results: str = "",
-    rounds: int = 1,
-) -> None:
+
+
+@options.task(
+    *BENCH_GROUPS,
+    preset="local",
+    check=options.nodes_to_start,
+    name="bench",
+    extra={"rounds": (1, ROUNDS_HELP)},
+    defaults={"duration": 20.0},
+)
+def bench(c: Context, chosen: options.Chosen) -> None:
     """Run the cluster with compiled backends, then with PLEXICHAT_BACKEND=python."""
     runs = _alternate(
-        dict(locals()),
+        chosen,
         "backend",
         ("auto", "python"),
         lambda round_, _backend, res: console.print(
@@ -200,22 +110,23 @@ def bench(
         "python": slow,
         "runs": benchlib.docs(runs),
     }
-    _write(json, doc)
+    _write(chosen[OutputOptions].json, doc)
     _fail_on_any(runs)
 
 
 def _alternate(
-    options: dict[str, Any], key: str, variants: Sequence[str], show: benchlib.Shown
+    chosen: options.Chosen, key: str, variants: Sequence[str], show: benchlib.Shown
 ) -> benchlib.Runs:
-    """``options["rounds"]`` rounds of one cluster run per variant (the
-    option *key* set to it), variants alternating; *show* each result."""
+    """``--rounds`` rounds of one cluster run per variant (the option *key*
+    set to it), variants alternating; *show* each result."""
+    results = chosen[OutputOptions].results
 
-    def one(variant: str, results: str) -> RunResult:
-        return _run(_config(**{**options, key: variant, "results": results}))
+    def one(variant: str, sub: str) -> RunResult:
+        lab: dict[str, Any] = {key: variant}
+        lab["results_dir"] = Path(sub) if sub else None
+        return _run(ClusterConfig.from_chosen(chosen, **lab))
 
-    return benchlib.alternate(
-        options["rounds"], variants, one, show, options["results"]
-    )
+    return benchlib.alternate(chosen.extra["rounds"], variants, one, show, results)
 
 
 def _fail_on_any(runs: benchlib.Runs) -> None:
@@ -228,36 +139,27 @@ def _fail_on_any(runs: benchlib.Runs) -> None:
 SECURITY_MODES = ("insecure", "auth", "tls")
 
 
-@task(
+@options.task(
+    *BENCH_GROUPS,
+    preset="local",
+    check=options.nodes_to_start,
     name="bench-security",
-    help={
-        **COMMON_HELP,
-        "rounds": "run every mode this many times, modes alternating; "
-        "medians are compared (default 3)",
+    extra={
+        "rounds": (
+            3,
+            "run every mode this many times, modes alternating; medians are compared",
+        )
     },
+    defaults={"duration": 20.0},
 )
-def bench_security(
-    c: Context,
-    nodes: int = 3,
-    duration: float = 20.0,
-    json: str = "",
-    replicas: int = 2,
-    clients: int = 8,
-    inflight: int = 64,
-    payload: int = 64,
-    channels: int = 256,
-    connections: int = 1,
-    install: str = "wheel",
-    results: str = "",
-    rounds: int = 3,
-) -> None:
+def bench_security(c: Context, chosen: options.Chosen) -> None:
     """Throughput with authentication and TLS on versus off, in one run.
 
     The baseline runs the nodes --insecure: the only place the lab does, to
     price authentication (goal: under 10%) and TLS (under 25%).
     """
     runs = _alternate(
-        {**locals(), "backend": ""},
+        chosen,
         "security",
         SECURITY_MODES,
         lambda round_, mode, res: console.print(
@@ -267,8 +169,10 @@ def bench_security(
         ),
     )
     summary = benchlib.security_summary(runs, SECURITY_MODES)
-    console.print(security_table(summary, rounds))
-    _write(json, {"medians": summary, "runs": benchlib.docs(runs)})
+    console.print(security_table(summary, chosen.extra["rounds"]))
+    _write(
+        chosen[OutputOptions].json, {"medians": summary, "runs": benchlib.docs(runs)}
+    )
     _fail_on_any(runs)
 
 

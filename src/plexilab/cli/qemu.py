@@ -35,9 +35,17 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.console import Console
 
+from plexilab import options
 from plexilab.infra import images, machine, setup_host, wheels
 from plexilab.infra.artifacts import DIST, ensure_artifacts
 from plexilab.infra.sshclient import lab_key
+from plexilab.options import (
+    ClusterOptions,
+    FaultOptions,
+    OutputOptions,
+    P2POptions,
+    QemuOptions,
+)
 from plexilab.providers.docker_in_guests import DOCKER_IN_GUESTS
 from plexilab.providers.qemu import (
     QEMU,
@@ -50,6 +58,7 @@ from plexilab.providers.qemu import (
 from plexilab.results import tables
 from plexilab.run import faults as faultlib
 from plexilab.run import qemu as qemu_cluster
+from plexilab.run.config import RUN_GROUPS
 from plexilab.run.result import RunResult
 
 console = Console()
@@ -291,24 +300,15 @@ qemu.add_task(golden, name="test")
 
 # -- cluster runs in guests (src/plexilab/run/qemu.py) ----------------------------
 
-CLUSTER_HELP = {
-    "nodes": "number of nodes, one guest each (default 3)",
-    "arch": "mixed (x86_64, aarch64, aarch64, x86_64, ...), x86_64 or aarch64 "
-    "(default mixed)",
-    "json": "write the results as JSON to this path",
-    "results": "directory for journal, load/p2p/check JSON, node and guest logs",
-    "fallback": "local: when QEMU cannot run here, run on local processes with a "
-    "banner and record the reason (default); none: fail instead",
-    "backend": "auto (compiled when available) or python (reference backends); "
-    "default: the lab's PLEXICHAT_BACKEND* environment",
-}
+QEMU_GROUPS = (*RUN_GROUPS, QemuOptions, OutputOptions)
 
 
-def _cluster_options(**kw: Any) -> Any:
-    results = kw.pop("results", "")
+def _cluster_options(chosen: options.Chosen) -> Any:
+    values = options.flat(chosen, *RUN_GROUPS, QemuOptions)
+    results = chosen[OutputOptions].results
     try:
         return qemu_cluster.QemuClusterOptions(
-            results=Path(results) if results else None, **kw
+            **values, results=Path(results) if results else None
         )
     except ValueError as exc:
         raise Exit(str(exc), code=2) from None
@@ -333,115 +333,36 @@ def _run_cluster(options: Any, scenario: Literal["cluster", "p2p"]) -> RunResult
         raise Exit(f"QEMU cannot run here: {exc}", code=1) from None
 
 
-@task(
-    help={
-        **CLUSTER_HELP,
-        "duration": "seconds of chat load (default 30)",
-        "replicas": "copies of each message before it is acknowledged (default 2)",
-        "clients": "concurrent load clients on the host (default 4)",
-        "inflight": "requests in flight per client, closed loop (default 32)",
-        "connections": "connections per node shared by the load clients; 0 gives "
-        "every client its own (default 1)",
-        "payload": "message payload bytes (default 64)",
-        "channels": "number of channels (default 256)",
-        "p2p_count": "relays injected by the P2P scenario (default 200)",
-        "faults": "comma list of faults to inject during the load: partition, "
-        "split, kill, pause (QMP stop/cont), poweroff (hard reset and reboot); "
-        "default (all that the provider can do) or none (default none)",
-        "fault_interval": "seconds between fault starts (default 20)",
-        "fault_duration": "seconds each fault lasts (default: half the interval)",
-        "runtime": "process: nodes run the pushed wheel as processes (default); "
-        "docker: nodes run as containers of the lab host's PlexiChat image in "
-        "the guests' Docker engines (docker image variant; x86_64 guests only)",
-    }
-)
-def cluster(
-    c: Context,
-    nodes: int = 3,
-    arch: str = "mixed",
-    duration: float = 30.0,
-    json: str = "",
-    replicas: int = 2,
-    clients: int = 4,
-    inflight: int = 32,
-    connections: int = 1,
-    payload: int = 64,
-    channels: int = 256,
-    p2p_count: int = 200,
-    backend: str = "",
-    results: str = "",
-    fallback: str = "local",
-    faults: str = "none",
-    fault_interval: float = 20.0,
-    fault_duration: float = 0.0,
-    runtime: str = "process",
-) -> None:
+@options.task(*QEMU_GROUPS, preset="qemu", check=options.nodes_to_start, name="cluster")
+def cluster(c: Context, chosen: options.Chosen) -> None:
     """Run a PlexiChat cluster in QEMU guests (one per node): load, P2P, checker."""
-    json_path = json
-    caps = DOCKER_IN_GUESTS if runtime == "docker" else QEMU
+    faults = chosen[FaultOptions]
+    caps = DOCKER_IN_GUESTS if chosen[QemuOptions].runtime == "docker" else QEMU
     try:  # "default" is resolved by the provider that runs (QEMU or the fallback)
-        kinds = (
-            ["default"]
-            if faults.strip() == "default"
-            else faultlib.parse_kinds(faults, caps.supported_faults(), "qemu")
-        )
+        if faults.kinds != ["default"]:
+            faults.faults = faultlib.parse_kinds(
+                faults.kinds, caps.supported_faults(), "qemu"
+            )
     except faultlib.FaultError as exc:
         raise Exit(f"--faults: {exc}", code=2) from None
-    options = _cluster_options(
-        nodes=nodes,
-        arch=arch,
-        duration=duration,
-        replicas=replicas,
-        clients=clients,
-        inflight=inflight,
-        connections=connections,
-        payload=payload,
-        channels=channels,
-        p2p_count=p2p_count,
-        backend=backend or None,  # "": follow the lab's environment
-        results=results,
-        fallback=fallback,
-        faults=kinds,
-        fault_interval=fault_interval,
-        fault_duration=fault_duration,
-        runtime=runtime,
-    )
-    finish_run(_run_cluster(options, "cluster"), json_path)
+    run_opts = _cluster_options(chosen)
+    finish_run(_run_cluster(run_opts, "cluster"), chosen[OutputOptions].json)
 
 
-@task(
-    help={
-        **CLUSTER_HELP,
-        "count": "relays to inject (default 500)",
-        "rate": "relays per second (default 100)",
-        "fanout": "next hops per node in the relay tree (default 2)",
-    }
+@options.task(
+    ClusterOptions,
+    P2POptions,
+    QemuOptions,
+    OutputOptions,
+    preset="qemu",
+    check=options.nodes_to_start,
+    name="p2p",
+    defaults={"p2p_count": 500},
 )
-def p2p(
-    c: Context,
-    nodes: int = 3,
-    arch: str = "mixed",
-    count: int = 500,
-    rate: float = 100.0,
-    fanout: int = 2,
-    json: str = "",
-    backend: str = "",
-    results: str = "",
-    fallback: str = "local",
-) -> None:
+def p2p(c: Context, chosen: options.Chosen) -> None:
     """The P2P relay scenario alone across guests: propagation latency per arch."""
-    json_path = json
-    options = _cluster_options(
-        nodes=nodes,
-        arch=arch,
-        p2p_count=count,
-        p2p_rate=rate,
-        p2p_fanout=fanout,
-        backend=backend or None,  # "": follow the lab's environment
-        results=results,
-        fallback=fallback,
-    )
-    finish_run(_run_cluster(options, "p2p"), json_path)
+    run_opts = _cluster_options(chosen)
+    finish_run(_run_cluster(run_opts, "p2p"), chosen[OutputOptions].json)
 
 
 qemu.add_task(cluster)

@@ -39,15 +39,16 @@ lab host's arch).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
 from rich.panel import Panel
 
-from plexilab.infra import images
+from plexilab import options
 from plexilab.infra.wheels import host_arch
+from plexilab.options import QemuOptions
 from plexilab.providers.base import Phases, Progress, Provider, ProviderUnavailable
 from plexilab.providers.docker_in_guests import DockerInGuestsProvider
 from plexilab.providers.guests import (
@@ -61,7 +62,7 @@ from plexilab.providers.guests import (
 from plexilab.providers.local import LocalProvider
 from plexilab.providers.qemu import GuestSpec, QemuLab
 from plexilab.run import pipeline
-from plexilab.run.config import ClusterConfig, InstallMode
+from plexilab.run.config import ClusterConfig
 from plexilab.run.result import RunResult, ScenarioName
 from plexilab.run.scenarios import Scenario, cluster_scenarios, p2p_scenarios
 
@@ -80,61 +81,25 @@ QemuUnavailable = ProviderUnavailable
 
 
 @dataclass
-class QemuClusterOptions:
+@options.preset("qemu")
+class QemuClusterOptions(ClusterConfig, QemuOptions):
     """One ``invoke qemu.cluster`` / ``qemu.p2p`` run.
 
-    The load defaults are sized for TCG guests (~13x slower than the host):
-    fewer clients and a smaller window than ``local.cluster``, and membership
-    timeouts that a busy emulated CPU does not trip.
+    Every option is declared once in :mod:`plexilab.options`; the ``qemu``
+    preset sizes the load for TCG guests (~13x slower than the host): fewer
+    clients and a smaller window than ``local.cluster``, and membership
+    timeouts that a busy emulated CPU does not trip.  ``install`` is how the
+    lab's own tools (and local fallback nodes) run; the guests always run the
+    pushed wheel.
     """
 
-    nodes: int = 3
-    arch: ArchMode = "mixed"
-    duration: float = 30.0
-    replicas: int = 2
-    clients: int = 4
-    inflight: int = 32
-    connections: int = 1
-    payload: int = 64
-    channels: int = 256
-    # None: follow the lab's PLEXICHAT_BACKEND* environment (ClusterConfig)
-    backend: Literal["auto", "python"] | None = None
-    p2p_count: int = 200
-    p2p_rate: float = 100.0
-    p2p_fanout: int = 2
-    gossip_interval: float = 0.2
-    ping_timeout: float = 2.0
-    suspect_timeout: float = 10.0
     results: Path | None = None
-    fallback: Fallback = "local"
-    port_base: int = 7100
-    boot_timeout: float = 180.0
-    memory_mib: int | None = None
     name_prefix: str = "qc"
-    clock_sync: bool = True
-    lab_install: InstallMode = "wheel"  # lab-side tools (and local fallback nodes)
-    # plexilab.run.faults kinds ("default": what the provider can do); a fault
-    # every fault_interval s, lasting fault_duration s (0: half the interval)
-    faults: list[str] = field(default_factory=list)
-    fault_interval: float = 20.0
-    fault_duration: float = 0.0
-    # process: nodes are processes of the pushed wheel; docker: containers of
-    # the lab host's PlexiChat image in the guests' engines (docker variant)
-    runtime: Runtime = "process"
+    converge_timeout: float = 120.0
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.nodes < 1:
             raise ValueError("--nodes must be at least 1")
-        if self.arch not in ("mixed", *images.ARCHES):
-            raise ValueError(
-                f"--arch must be mixed, x86_64 or aarch64, not {self.arch}"
-            )
-        if self.fallback not in ("local", "none"):
-            raise ValueError(f"--fallback must be local or none, not {self.fallback}")
-        if self.backend not in (None, "auto", "python"):
-            raise ValueError("--backend must be auto or python")
-        if self.runtime not in ("process", "docker"):
-            raise ValueError(f"--runtime must be process or docker, not {self.runtime}")
         if self.runtime == "docker":
             foreign = sorted(set(node_arches(self.nodes, self.arch)) - {host_arch()})
             if foreign:
@@ -145,29 +110,9 @@ class QemuClusterOptions:
                 )
 
     def cluster_config(self, results_dir: Path) -> ClusterConfig:
-        return ClusterConfig(
-            nodes=self.nodes,
-            replicas=self.replicas,
-            duration=self.duration,
-            clients=self.clients,
-            inflight=self.inflight,
-            connections=self.connections,
-            payload=self.payload,
-            channels=self.channels,
-            backend=self.backend,
-            p2p_count=self.p2p_count,
-            p2p_rate=self.p2p_rate,
-            p2p_fanout=self.p2p_fanout,
-            gossip_interval=self.gossip_interval,
-            ping_timeout=self.ping_timeout,
-            suspect_timeout=self.suspect_timeout,
-            converge_timeout=120.0,
-            install=self.lab_install,
-            results_dir=results_dir,
-            faults=list(self.faults),
-            fault_interval=self.fault_interval,
-            fault_duration=self.fault_duration,
-        )
+        """The cluster part of these options (same names), results in *results_dir*."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ClusterConfig)}
+        return ClusterConfig(**{**shared, "results_dir": results_dir})
 
     def plan(self, results_dir: Path | None = None) -> GuestPlan:
         """The guests of this run."""
@@ -176,7 +121,7 @@ class QemuClusterOptions:
             arch=self.arch,
             port_base=self.port_base,
             boot_timeout=self.boot_timeout,
-            memory_mib=self.memory_mib,
+            memory_mib=self.memory_mib or None,
             name_prefix=self.name_prefix,
             clock_sync=self.clock_sync,
             variant="docker" if self.runtime == "docker" else "",
