@@ -90,6 +90,7 @@ class RunResult:
     replica_missing: int | None = None
     divergence: int | None = None
     replicas_checked: bool | None = None
+    checked_channels: int | None = None  # channels whose histories were compared
     violations: dict[str, int] = field(default_factory=dict)
     throughput_msgs_per_s: float | None = None
     latency_ms: Json | None = None

@@ -190,6 +190,7 @@ class Check:
         for name in CHECK_COUNTS:
             setattr(r, name, check[name])
         r.replicas_checked = check["replicas_checked"]
+        r.checked_channels = check["channels"]
         r.violations = check["violations"]
 
 
