@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plexilab.infra.machine import RELAY_SOURCE
+from plexilab.guest import source as guest_source
 from plexilab.proc import proc_starttime
 from plexilab.providers.qemu import QemuHost, RelayNetwork
 from plexilab.run import faults
@@ -48,7 +48,7 @@ def echo_port():
 
 def _relay(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start the relay as slirp would: the guest connection on stdin/stdout."""
-    (tmp_path / "relay.py").write_text(RELAY_SOURCE)
+    (tmp_path / "relay.py").write_text(guest_source("relay.py"))
     (tmp_path / "relays").mkdir(exist_ok=True)
     pidfile = tmp_path / "qemu.pid"  # "QEMU" is this test process
     pidfile.write_text(

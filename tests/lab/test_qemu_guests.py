@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 
 from plexilab.infra import machine, rundir
 from plexilab.infra.sshclient import lab_key
+from plexilab.proc import proc_starttime, wait_until
 from plexilab.providers.inventory import InventoryEntry, InventoryHost
 from plexilab.providers.qemu import GuestSpec, QemuHost, QemuLab
 
@@ -115,17 +115,17 @@ def _start_echo(host: QemuHost, index: int, tag: str) -> None:
     host.spawn(
         ["python3", script, str(port), tag], log_path=f"{host.workdir()}/echo.log"
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         probe = host.run(
             ["python3", "-c", ECHO_CLIENT, "127.0.0.1", str(port)],
             timeout=60,
             check=False,
         )
-        if probe.returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"echo server on {host.name}:{port} did not come up")
+        return probe.returncode == 0
+
+    if not wait_until(answers, 60, interval=0.5):
+        raise AssertionError(f"echo server on {host.name}:{port} did not come up")
 
 
 def test_guests_reach_each_other_and_the_lab_reaches_both(lab: QemuLab) -> None:
@@ -199,12 +199,7 @@ time.sleep(600)
 
 
 def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if machine.proc_starttime(pid) is None:
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(lambda: proc_starttime(pid) is None, timeout, interval=0.1)
 
 
 def test_no_qemu_outlives_its_owner_and_reap_cleans_up(
@@ -224,12 +219,12 @@ def test_no_qemu_outlives_its_owner_and_reap_cleans_up(
         assert child.stdout is not None
         pid_text, rundir = child.stdout.readline().split()
         qemu_pid = int(pid_text)
-        assert machine.proc_starttime(qemu_pid) is not None
+        assert proc_starttime(qemu_pid) is not None
         child.send_signal(signal.SIGKILL)  # no finally block runs in the owner
         child.wait(10)
         assert _gone(qemu_pid, 15), "QEMU survived its owner"
         assert Path(rundir).parent.parent == root
-        machine.reap(root=root)
+        rundir.reap(root=root)
         assert not Path(rundir).parent.exists()
     finally:
         if child.poll() is None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from plexilab import guest
-from plexilab.infra import images, kvm
+from plexilab.infra import buildsteps, images, kvm
 from plexilab.infra import rundir as runs
 from plexilab.infra.kvm import ProbeResult, choose_accel
 from plexilab.infra.sshclient import HostKeyPair
-from plexilab.proc import proc_starttime
+from plexilab.proc import proc_starttime, write_pidfile
 from plexilab.providers.inventory import InventoryEntry, entries_toml, load_inventory
 from plexilab.providers.qemu import GuestSpec, plan
 
@@ -132,14 +132,14 @@ def test_reaper_kills_leftovers_of_dead_owners_only(tmp_path: Path) -> None:
     live_dir = tmp_path / "live-owner"
     for d in (dead_dir, live_dir):
         d.mkdir()
-    runs.record(live_dir / "owner.json", os.getpid(), "owner")
+    write_pidfile(live_dir / "owner.json", os.getpid(), "owner")
     (dead_dir / "owner.json").write_text(
         json.dumps({"pid": _dead_pid(), "starttime": 1})
     )
     orphan, kept = _sleeper(), _sleeper()
     try:
-        runs.record(dead_dir / "qemu.pid", orphan.pid, "qemu")
-        runs.record(live_dir / "qemu.pid", kept.pid, "qemu")
+        write_pidfile(dead_dir / "qemu.pid", orphan.pid, "qemu")
+        write_pidfile(live_dir / "qemu.pid", kept.pid, "qemu")
         killed = runs.reap(root=tmp_path)
         assert orphan.wait(10) == -signal.SIGTERM
         assert len(killed) == 1
@@ -198,7 +198,7 @@ def test_relay_bridges_a_connection_and_cleans_up(tmp_path: Path) -> None:
     piddir = tmp_path / "relays"
     piddir.mkdir()
     fake_qemu = _sleeper()
-    runs.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
+    write_pidfile(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
     guest_side, relay_side = socket.socketpair()
     proc = subprocess.Popen(
         [
@@ -248,7 +248,7 @@ def test_relay_exits_when_qemu_is_gone(tmp_path: Path) -> None:
     relay = tmp_path / "relay.py"
     relay.write_text(guest.source("relay.py"))
     fake_qemu = _sleeper()
-    runs.record(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
+    write_pidfile(tmp_path / "qemu.pid", fake_qemu.pid, "qemu")
     guest_side, relay_side = socket.socketpair()
     port = str(server.getsockname()[1])
     proc = subprocess.Popen(
@@ -399,4 +399,4 @@ def test_the_suite_runs_under_its_own_run_root() -> None:
     root = Path(os.environ["PLEXILAB_RUN_ROOT"])
     assert root.name == "run-tests"
     assert runs.run_root() == root
-    assert root != images.cache_root() / "run"
+    assert root != buildsteps.cache_root() / "run"

@@ -2,7 +2,7 @@
 
 Local nodes: the parent-death signal (forked from the launcher thread, so a
 node started from a worker thread that has ended still lives while the lab
-does) and a pidfile in the lab's run directory that ``machine.reap`` uses
+does) and a pidfile in the lab's run directory that ``rundir.reap`` uses
 when the signal could not fire.
 
 Inventory nodes (real machines over SSH; here the fake sshd of
@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -34,8 +34,9 @@ from types import ModuleType
 import paramiko
 import pytest
 
-from plexilab.infra import machine
+from plexilab.infra import rundir
 from plexilab.infra.sshclient import lab_key
+from plexilab.proc import alive, proc_starttime, wait_until
 from plexilab.providers.inventory import (
     InventoryEntry,
     InventoryHost,
@@ -105,7 +106,7 @@ class Procs:
         self.labs: list[subprocess.Popen[bytes]] = []
 
     def track(self, pid: int) -> int | None:
-        start = machine.proc_starttime(pid)
+        start = proc_starttime(pid)
         self.recorded.append((pid, start))
         return start
 
@@ -142,7 +143,7 @@ class Procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 lab.wait(10)
         for pid, start in self.recorded:
-            if machine.alive(pid, start):
+            if alive(pid, start):
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGKILL)
                 with contextlib.suppress(OSError):
@@ -156,15 +157,6 @@ def procs() -> Iterator[Procs]:
         yield tracker
     finally:
         tracker.cleanup()
-
-
-def eventually(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def sigkill(lab: subprocess.Popen[bytes]) -> None:
@@ -188,12 +180,12 @@ def test_a_sigkilled_lab_takes_its_local_nodes(tmp_path: Path, procs: Procs) -> 
     lab, node = procs.lab(
         LOCAL_LAB, str(tmp_path / "w"), "1", run_root=tmp_path / "run"
     )
-    start = machine.proc_starttime(node)
+    start = proc_starttime(node)
     # the thread that spawned it has ended: the node lives on with the lab
     time.sleep(0.5)
-    assert machine.alive(node, start), "the node died with its spawning thread"
+    assert alive(node, start), "the node died with its spawning thread"
     sigkill(lab)
-    assert eventually(lambda: not machine.alive(node, start), 5.0), (
+    assert wait_until(lambda: not alive(node, start), 5.0), (
         f"node pid {node} outlived its SIGKILLed lab"
     )
 
@@ -203,12 +195,12 @@ def test_a_local_node_has_a_pidfile_while_it_runs(tmp_path: Path, procs: Procs) 
     try:
         process = host.spawn(SLEEPER, log_path=str(tmp_path / "w" / "node.log"))
         procs.track(process.pid)
-        rundir = machine.current_run_dir()
-        pidfiles = pidfiles_of(rundir, process.pid)
-        assert len(pidfiles) == 1, f"no pidfile of pid {process.pid} in {rundir}"
+        run_dir = rundir.current_run_dir()
+        pidfiles = pidfiles_of(run_dir, process.pid)
+        assert len(pidfiles) == 1, f"no pidfile of pid {process.pid} in {run_dir}"
         data = json.loads(pidfiles[0].read_text())
         assert data["pgid"] == process.pid
-        assert data["starttime"] == machine.proc_starttime(process.pid)
+        assert data["starttime"] == proc_starttime(process.pid)
         assert process.stop(timeout=10) == -signal.SIGTERM
         assert not pidfiles[0].exists(), "the pidfile outlived its process"
     finally:
@@ -221,14 +213,14 @@ def test_reap_kills_a_local_node_whose_lab_is_dead(
     root = tmp_path / "run"
     # no parent-death signal: as if it could not fire
     lab, node = procs.lab(LOCAL_LAB, str(tmp_path / "w"), "0", run_root=root)
-    start = machine.proc_starttime(node)
+    start = proc_starttime(node)
     assert pidfiles_of(root, node), f"no pidfile of node pid {node} under {root}"
     sigkill(lab)
     time.sleep(0.3)
-    assert machine.alive(node, start)  # the signal did not fire: the reaper must
-    killed = machine.reap(root=root)
+    assert alive(node, start)  # the signal did not fire: the reaper must
+    killed = rundir.reap(root=root)
     assert any(f"pid {node} " in line for line in killed), killed
-    assert eventually(lambda: not machine.alive(node, start), 5.0)
+    assert wait_until(lambda: not alive(node, start), 5.0)
     assert list(root.iterdir()) == []  # the dead run's directory is gone
 
 
@@ -282,16 +274,16 @@ def test_a_sigkilled_lab_takes_its_inventory_nodes(
     lab, node = procs.lab(
         INVENTORY_LAB, json.dumps(asdict(entry)), run_root=tmp_path / "run"
     )
-    start = machine.proc_starttime(node)
+    start = proc_starttime(node)
     for pid, wstart in watchdogs(tmp_path / "remote"):
         procs.recorded.append((pid, wstart))
-    assert machine.alive(node, start)
+    assert alive(node, start)
     sigkill(lab)
-    assert eventually(lambda: not machine.alive(node, start), 10.0), (
+    assert wait_until(lambda: not alive(node, start), 10.0), (
         f"remote node pid {node} outlived its SIGKILLed lab"
     )
     # the watchdog ended the lease: nothing is left for the next run to reap
-    assert eventually(
+    assert wait_until(
         lambda: (
             not (tmp_path / "remote" / "leases").exists()
             or not any((tmp_path / "remote" / "leases").iterdir())
@@ -319,7 +311,7 @@ def test_inventory_node_records_follow_the_nodes(
         assert [p.stem for p in node_records(workdir)] == [str(second.pid)]
     finally:
         host.close()  # ends the lease: the watchdog kills the node still running
-    assert not machine.alive(second.pid, starts[second.pid])
+    assert not alive(second.pid, starts[second.pid])
     assert not any((workdir / "leases").iterdir())
 
 
@@ -331,21 +323,21 @@ def test_next_run_reaps_nodes_a_failed_watchdog_left(
     lab, node = procs.lab(
         INVENTORY_LAB, json.dumps(asdict(entry)), run_root=tmp_path / "run"
     )
-    start = machine.proc_starttime(node)
+    start = proc_starttime(node)
     assert [p.stem for p in node_records(workdir)] == [str(node)]
     [(wpid, wstart)] = watchdogs(workdir)
     procs.recorded.append((wpid, wstart))
     os.kill(wpid, signal.SIGKILL)  # the watchdog cannot act
-    assert eventually(lambda: not machine.alive(wpid, wstart), 5.0)
+    assert wait_until(lambda: not alive(wpid, wstart), 5.0)
     sigkill(lab)
     time.sleep(0.3)
-    assert machine.alive(node, start)
+    assert alive(node, start)
     path = tmp_path / "hosts.toml"
     path.write_text(entries_toml([entry]))
     hosts = inventory_hosts(path, connect_timeout=20)  # the next run
     for host in hosts:
         host.close()
-    assert eventually(lambda: not machine.alive(node, start), 5.0), (
+    assert wait_until(lambda: not alive(node, start), 5.0), (
         f"the next run did not reap remote node pid {node}"
     )
     assert not any((workdir / "leases").iterdir())
@@ -362,13 +354,13 @@ def test_next_run_reaps_the_nodes_of_a_silent_lab(
     lab, node = procs.lab(
         INVENTORY_LAB, json.dumps(asdict(entry)), run_root=tmp_path / "run"
     )
-    start = machine.proc_starttime(node)
+    start = proc_starttime(node)
     [(wpid, wstart)] = watchdogs(workdir)
     procs.recorded.append((wpid, wstart))
     lab.send_signal(signal.SIGSTOP)
-    [alive] = (workdir / "leases").glob("*/alive")
+    [alive_file] = (workdir / "leases").glob("*/alive")
     old = time.time() - 3600
-    os.utime(alive, (old, old))
+    os.utime(alive_file, (old, old))
     host = InventoryHost(entry)
     try:
         host.ssh.connect(timeout=20)
@@ -376,8 +368,8 @@ def test_next_run_reaps_the_nodes_of_a_silent_lab(
     finally:
         host.close()
     assert any(f"pid {node} " in line for line in killed), killed
-    assert eventually(lambda: not machine.alive(node, start), 5.0)
-    assert eventually(lambda: not machine.alive(wpid, wstart), 5.0)
+    assert wait_until(lambda: not alive(node, start), 5.0)
+    assert wait_until(lambda: not alive(wpid, wstart), 5.0)
     sigkill(lab)
 
 
@@ -389,7 +381,7 @@ def test_a_live_labs_lease_is_left_alone(
     lab, node = procs.lab(
         INVENTORY_LAB, json.dumps(asdict(entry)), run_root=tmp_path / "run"
     )
-    start = machine.proc_starttime(node)
+    start = proc_starttime(node)
     for pid, wstart in watchdogs(workdir):
         procs.recorded.append((pid, wstart))
     host = InventoryHost(entry)
@@ -398,10 +390,10 @@ def test_a_live_labs_lease_is_left_alone(
         assert host.reap_leftovers() == []
         other = host.spawn(SLEEPER, log_path=str(workdir / "other.log"))
         procs.track(other.pid)
-        assert machine.alive(node, start)
+        assert alive(node, start)
         assert len(watchdogs(workdir)) == 2
     finally:
         host.close()
-    assert machine.alive(node, start)
+    assert alive(node, start)
     sigkill(lab)
-    assert eventually(lambda: not machine.alive(node, start), 10.0)
+    assert wait_until(lambda: not alive(node, start), 10.0)

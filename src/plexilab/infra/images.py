@@ -42,15 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from plexilab.infra import setup_host
-
-# cache_root, console, locked (plexilab.infra.buildsteps) and DEPS_MOUNT
-# (plexilab.infra.depsdisk) moved out of this module; the "X as X" imports keep
-# them reachable as ``images.<name>`` for providers.qemu/docker_in_guests.
-from plexilab.infra.buildsteps import Step, digest, du, mb, run
-from plexilab.infra.buildsteps import cache_root as cache_root
-from plexilab.infra.buildsteps import console as console
-from plexilab.infra.buildsteps import locked as locked
-from plexilab.infra.depsdisk import DEPS_MOUNT as DEPS_MOUNT
+from plexilab.infra.buildsteps import (
+    Step,
+    cache_root,
+    console,
+    digest,
+    du,
+    locked,
+    mb,
+    run,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "qemu"

@@ -49,27 +49,18 @@ from plexilab import guest, proc
 from plexilab.infra import images, kvm, rundir
 from plexilab.infra.images import Image
 
-# The "X as X" imports are names that moved to plexilab.proc, infra.rundir and
-# infra.kvm, kept reachable as ``machine.<name>`` for providers.local,
-# providers.qemu, run.qemu, cli.qemu and tests: use their new modules instead.
+# The "X as X" imports are names that moved to infra.kvm and infra.rundir,
+# kept reachable as ``machine.<name>`` only for cli.qemu (qemu.reap, qemu.accel):
+# new code uses kvm.choose_accel, kvm.kvm_cache_path and rundir.reap.
 from plexilab.infra.kvm import choose_accel as choose_accel
 from plexilab.infra.kvm import kvm_cache_path as kvm_cache_path
 from plexilab.infra.qmp import QMP
-from plexilab.infra.rundir import current_run_dir as current_run_dir
-from plexilab.infra.rundir import in_launcher as in_launcher
-from plexilab.infra.rundir import parent_death_setup as parent_death_setup
 from plexilab.infra.rundir import reap as reap
-from plexilab.infra.rundir import record as record
-from plexilab.infra.rundir import running_guests as running_guests
 from plexilab.infra.sshclient import HostKeyPair, SSHClient, lab_key
-from plexilab.proc import alive as alive
-from plexilab.proc import proc_starttime as proc_starttime
 
 SEED_FW_CFG = "opt/plexilab/seed"
 GUEST_ADDRESS = "10.0.2.15"
 LINK_BASE = 100  # guestfwd addresses are 10.0.2.100, 10.0.2.101, ...
-# The guestfwd relay (plexilab.guest.relay), copied into each guest's directory.
-RELAY_SOURCE = guest.source("relay.py")
 
 
 _live: weakref.WeakSet[Machine] = weakref.WeakSet()

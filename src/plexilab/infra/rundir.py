@@ -38,9 +38,6 @@ from plexilab.infra import buildsteps
 
 PR_SET_PDEATHSIG = 1
 
-# A pidfile (pid, process group, start time), written atomically.
-record = proc.write_pidfile
-
 
 def run_root() -> Path:
     """Where lab runs keep their directories: ``$PLEXILAB_RUN_ROOT`` or the

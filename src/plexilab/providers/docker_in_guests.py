@@ -40,8 +40,8 @@ from docker.errors import APIError, DockerException, ImageNotFound
 from docker.transport import SSHHTTPAdapter
 
 from plexilab.host import Endpoint, Host, HostError
+from plexilab.infra import buildsteps
 from plexilab.infra import engine as containers
-from plexilab.infra import images
 from plexilab.infra.engine import IMAGE, cleanup, leftovers, new_run_id
 from plexilab.infra.ssh import SSHHost
 from plexilab.infra.sshclient import SSHClient, wait_for_banner
@@ -198,11 +198,11 @@ def saved_image(
     """
     image = local.images.get(tag)
     image_id = str(image.id).split(":")[-1]
-    directory = images.cache_root() / "docker" / "save"
+    directory = buildsteps.cache_root() / "docker" / "save"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{image_id[:16]}-gz{level}.tar.gz"
     raw_file = path.with_suffix(".raw")
-    with images.locked(path.with_suffix(".lock")):
+    with buildsteps.locked(path.with_suffix(".lock")):
         if path.is_file() and raw_file.is_file():
             raw = int(raw_file.read_text())
             return SavedImage(tag, image_id, path, raw, path.stat().st_size, 0.0)
@@ -387,7 +387,7 @@ class DockerGuests:
                 engine.leftovers = leftovers(engine.client, self.run_id)
             except (DockerException, OSError) as exc:
                 engine.removed = {"error": 1}
-                images.console.log(f"{engine.guest.name}: cleanup failed: {exc!r}")
+                buildsteps.console.log(f"{engine.guest.name}: cleanup failed: {exc!r}")
             finally:
                 with contextlib.suppress(Exception):
                     engine.client.close()

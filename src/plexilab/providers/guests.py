@@ -37,7 +37,7 @@ from plexilab.host import Endpoint, Host, HostError
 from plexilab.infra import images, machine, setup_host
 from plexilab.infra.artifacts import ensure_artifacts
 from plexilab.infra.ssh import SSHHost
-from plexilab.proc import wait_until
+from plexilab.proc import proc_starttime, wait_until
 from plexilab.providers.base import (
     HostReport,
     Phases,
@@ -131,7 +131,7 @@ def leftover_pids(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
     """Those of *pids* (QEMU processes of this run) still alive after *timeout*."""
 
     def left() -> list[int]:
-        return [p for p in pids if machine.proc_starttime(p) is not None]
+        return [p for p in pids if proc_starttime(p) is not None]
 
     wait_until(lambda: not left(), timeout, interval=0.1)
     return left()

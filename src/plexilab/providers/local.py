@@ -6,13 +6,13 @@ group) so that stopping one also stops whatever it started.
 
 No stray nodes: a spawned process dies with the lab, even a SIGKILLed one.
 It is forked from the lab's process-lifetime launcher thread
-(:func:`plexilab.infra.machine.in_launcher`; ``PR_SET_PDEATHSIG`` follows the
+(:func:`plexilab.infra.rundir.in_launcher`; ``PR_SET_PDEATHSIG`` follows the
 thread that forked, and nodes are also restarted from worker threads such as
 the fault injector's) with ``PR_SET_PDEATHSIG=SIGKILL``.  It is also recorded
-as a pidfile in the lab's run directory
-(:func:`plexilab.infra.machine.current_run_dir`), removed once the process has been
-waited for, so :func:`plexilab.infra.machine.reap` (``invoke qemu.reap``, and every
-later lab run) kills it should the signal not have fired.
+as a pidfile (:func:`plexilab.proc.write_pidfile`) in the lab's run directory
+(:func:`plexilab.infra.rundir.current_run_dir`), removed once the process has
+been waited for, so :func:`plexilab.infra.rundir.reap` (``invoke qemu.reap``,
+and every later lab run) kills it should the signal not have fired.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import IO
 
 from plexilab import proc
 from plexilab.host import CommandResult, Endpoint, Host, HostError, Process
-from plexilab.infra import machine
+from plexilab.infra import rundir
 from plexilab.providers.base import Capabilities, Phases, Progress, Provider, register
 
 LOOPBACK = "127.0.0.1"
@@ -193,12 +193,12 @@ class LocalHost(Host):
                 stderr=subprocess.STDOUT,
                 env=run_env,
                 cwd=self._workdir,
-                preexec_fn=machine.parent_death_setup() if die else None,
+                preexec_fn=rundir.parent_death_setup() if die else None,
             )
 
         try:
             popen: subprocess.Popen[bytes] = (
-                machine.in_launcher(start) if die else start()
+                rundir.in_launcher(start) if die else start()
             )
         except OSError as exc:
             log.close()
@@ -216,10 +216,10 @@ class LocalHost(Host):
 
     def _record(self, pid: int, log_name: str) -> Path:
         """Write the reaper's pidfile of *pid* in this lab's run directory."""
-        nodes = machine.current_run_dir() / "nodes"
+        nodes = rundir.current_run_dir() / "nodes"
         nodes.mkdir(exist_ok=True)
         pidfile = nodes / f"{self.name}-{pid}.pid"
-        machine.record(pidfile, pid, f"{self.name} process ({log_name})")
+        proc.write_pidfile(pidfile, pid, f"{self.name} process ({log_name})")
         return pidfile
 
     def put(self, local: Path, remote: str) -> None:

@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from plexilab.host import Endpoint, Host, HostError, Process
-from plexilab.infra import images, machine
+from plexilab.infra import rundir
 from plexilab.infra.depsdisk import DEPS_MOUNT, deps_disk
 from plexilab.infra.machine import (
     GuestLink,
@@ -379,7 +379,7 @@ def guest(
 
     *deps_disk* is a wheelhouse: a fresh guest gets a deps disk made from it.
     """
-    for state in machine.running_guests(arch):
+    for state in rundir.running_guests(arch):
         ssh = SSHClient(
             "127.0.0.1",
             int(state["ssh_port"]),
@@ -392,7 +392,7 @@ def guest(
             ssh,
             python=GUEST_VENV_PYTHON,
             workdir=GUEST_WORKDIR,
-            deps=images.DEPS_MOUNT if state.get("deps_disk") else None,
+            deps=DEPS_MOUNT if state.get("deps_disk") else None,
         )
         ssh.connect(timeout=30)
         host.run(["mkdir", "-p", GUEST_WORKDIR], timeout=30)
