@@ -87,9 +87,8 @@ class Host(abc.ABC):
 
     name: str
     arch: str  # platform.machine() of the host: "x86_64" or "aarch64"
-    # faults this provider can inject (see plexilab.run.faults): process-level ones
-    # work anywhere a process takes signals
-    fault_kinds: frozenset[str] = frozenset({"kill", "pause"})
+    # (what a host's provider can do -- fault kinds, power control -- is declared
+    # as Capabilities in plexilab.providers.base, registered per host class)
 
     @abc.abstractmethod
     def run(
