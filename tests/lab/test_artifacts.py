@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from plexilab.infra import artifacts, wheels
+from plexilab.run import install
 
 
 def _repo(root: Path) -> Path:
@@ -114,22 +115,47 @@ class FakeBuild:
         self.calls = 0
 
     def __call__(
-        self, arch: str, out: Path, *, numba: bool = False
+        self, arch: str, out: Path, *, numba: bool = False, prebuilt: Path
     ) -> wheels.BuildResult:
         self.calls += 1
         target = out / arch
         house = target / "wheelhouse"
         house.mkdir(parents=True, exist_ok=True)
-        whl = target / f"plexichat-1.0-cp311-cp311-linux_{arch}.whl"
-        whl.write_bytes(b"wheel %d" % self.calls)
+        whl = target / prebuilt.name
+        whl.write_bytes(prebuilt.read_bytes() + b" %d" % self.calls)
         (house / "msgpack-1.0-py3-none-any.whl").write_bytes(b"dep")
         if numba:
             (house / "numba-0.1-py3-none-any.whl").write_bytes(b"numba")
         return wheels.BuildResult(arch, whl, house)
 
 
+class FakeWheel:
+    """Stands in for wheels.build_wheel (called by the store, artifacts.wheel)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(
+        self, arch: str, out: Path, *, timeout: float | None = None
+    ) -> tuple[Path, list[str]]:
+        self.calls.append(arch)
+        path = out / f"plexichat-1.0-cp311-cp311-linux_{arch}.whl"
+        path.write_bytes(b"wheel of %d builds" % len(self.calls))
+        return path, []
+
+
 @pytest.fixture
-def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBuild:
+def fake_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeWheel:
+    build_wheel = FakeWheel()
+    monkeypatch.setattr(wheels, "build_wheel", build_wheel)
+    monkeypatch.setattr(artifacts, "store_root", lambda: tmp_path / "store")
+    return build_wheel
+
+
+@pytest.fixture
+def fake_dist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_wheel: FakeWheel
+) -> FakeBuild:
     build = FakeBuild()
     monkeypatch.setattr(artifacts, "DIST", tmp_path / "dist")
     monkeypatch.setattr(wheels, "build", build)
@@ -138,11 +164,13 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBuild:
 
 
 def test_ensure_artifacts_rebuilds_only_when_the_content_changes(
-    fake_dist: FakeBuild, monkeypatch: pytest.MonkeyPatch
+    fake_dist: FakeBuild, fake_wheel: FakeWheel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
     wheel, house = artifacts.ensure_artifacts("x86_64", progress=seen.append)
     assert fake_dist.calls == 1
+    assert fake_wheel.calls == ["x86_64"]  # the wheel was built in the store
+    assert wheel.read_bytes().startswith(artifacts.wheel("x86_64").read_bytes())
     assert seen[0].startswith("built plexichat-1.0")
     assert artifacts.recorded_key("x86_64", artifacts.DIST) == (
         artifacts.artifact_key("x86_64")
@@ -155,10 +183,13 @@ def test_ensure_artifacts_rebuilds_only_when_the_content_changes(
     monkeypatch.setattr(artifacts, "source_key", lambda repo=None: "sources-2")
     artifacts.ensure_artifacts("x86_64")
     assert fake_dist.calls == 2  # other sources: rebuilt
+    assert len(fake_wheel.calls) == 2
     artifacts.ensure_artifacts("x86_64", numba=True)
-    assert fake_dist.calls == 3  # numba wanted: rebuilt
+    assert fake_dist.calls == 3  # numba wanted: remade ...
+    assert len(fake_wheel.calls) == 2  # ... with the stored wheel
     artifacts.ensure_artifacts("x86_64", numba=True, rebuild=True)
     assert fake_dist.calls == 4
+    assert len(fake_wheel.calls) == 3  # --rebuild builds the wheel again
 
 
 def test_ensure_artifacts_adopts_fresh_unkeyed_artifacts_once(
@@ -176,7 +207,7 @@ def test_ensure_artifacts_adopts_fresh_unkeyed_artifacts_once(
 
 
 def test_wheel_and_wheelhouse_come_from_the_store(
-    tmp_path: Path, fake_dist: FakeBuild
+    tmp_path: Path, fake_dist: FakeBuild, fake_wheel: FakeWheel
 ) -> None:
     store = tmp_path / "store"
     whl, house = artifacts.wheel_and_wheelhouse("x86_64", root=store)
@@ -184,24 +215,54 @@ def test_wheel_and_wheelhouse_come_from_the_store(
     assert [p.name for p in house.iterdir()] == ["msgpack-1.0-py3-none-any.whl"]
     assert artifacts.wheel_and_wheelhouse("x86_64", root=store) == (whl, house)
     assert fake_dist.calls == 1
+    artifacts.wheel_and_wheelhouse("x86_64", numba=True, root=store)
+    assert fake_dist.calls == 2  # another wheelhouse ...
+    assert fake_wheel.calls == ["x86_64"]  # ... one wheel build
+
+
+def test_a_failed_build_leaves_no_wheel_and_rebuild_builds_again(
+    fake_wheel: FakeWheel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = artifacts.wheel("x86_64")
+    assert artifacts.wheel("x86_64", rebuild=True) == first
+    assert first.read_bytes() == b"wheel of 2 builds"
+
+    def broken(arch: str, out: Path, *, timeout: float | None = None) -> None:
+        raise RuntimeError(f"wheel build for {arch} timed out after {timeout} s")
+
+    monkeypatch.setattr(wheels, "build_wheel", broken)
+    with pytest.raises(RuntimeError, match="timed out after 5 s"):
+        artifacts.wheel("x86_64", rebuild=True, timeout=5)
+    assert first.read_bytes() == b"wheel of 2 builds"  # the old one stays
 
 
 def test_wheel_builds_once_per_source_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_wheel: FakeWheel
 ) -> None:
-    calls = []
-
-    def build_wheel(arch: str, out: Path) -> tuple[Path, list[str]]:
-        calls.append(arch)
-        path = out / f"plexichat-1.0-cp311-cp311-linux_{arch}.whl"
-        path.write_bytes(b"w")
-        return path, []
-
-    monkeypatch.setattr(wheels, "build_wheel", build_wheel)
     monkeypatch.setattr(artifacts, "source_key", lambda repo=None: "s1")
     first = artifacts.wheel("x86_64", root=tmp_path)
     assert artifacts.wheel("x86_64", root=tmp_path) == first
-    assert calls == ["x86_64"]
+    assert first.parent.name == artifacts.wheel_key("x86_64")
+    assert fake_wheel.calls == ["x86_64"]
     monkeypatch.setattr(artifacts, "source_key", lambda repo=None: "s2")
     assert artifacts.wheel("x86_64", root=tmp_path) != first
-    assert calls == ["x86_64", "x86_64"]
+    assert fake_wheel.calls == ["x86_64", "x86_64"]
+
+
+def test_local_runs_take_their_wheel_from_the_store(
+    fake_wheel: FakeWheel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.install.build_wheel is the store's wheel of this machine's arch."""
+    monkeypatch.setattr(wheels, "host_arch", lambda: "x86_64")
+    assert install.build_wheel() == artifacts.wheel("x86_64")
+    assert install.build_wheel().parent.name == artifacts.wheel_key("x86_64")
+    assert fake_wheel.calls == ["x86_64"]  # built once, for both
+    assert install.source_key() == artifacts.source_key()
+
+    def broken(arch: str, out: Path, *, timeout: float | None = None) -> None:
+        raise RuntimeError("wheel build for x86_64 failed")
+
+    monkeypatch.setattr(wheels, "build_wheel", broken)
+    monkeypatch.setattr(artifacts, "source_key", lambda repo=None: "other")
+    with pytest.raises(install.InstallError, match="wheel build for x86_64 failed"):
+        install.build_wheel()

@@ -96,3 +96,31 @@ def test_artifacts_needs_one_wheel_and_a_wheelhouse(tmp_path: Path) -> None:
         wheel,
         tmp_path / "aarch64" / "wheelhouse",
     )
+
+
+def test_build_copies_a_prebuilt_wheel_after_checking_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build(prebuilt=...) is how the artifact store's wheel reaches dist/."""
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a prebuilt wheel is not built again")
+
+    monkeypatch.setattr(wheels, "build_wheel", no_build)
+    families = wheels.pyx_families()
+    store = tmp_path / "store"
+    store.mkdir()
+    prebuilt = _wheel(store, wheels.ELF_MACHINE["aarch64"], families)
+    out = tmp_path / "dist"
+    (out / "aarch64").mkdir(parents=True)
+    stale = out / "aarch64" / "plexichat-0.0.1-cp311-cp311-linux_aarch64.whl"
+    stale.write_bytes(b"old")
+    result = wheels.build("aarch64", out, wheelhouse=False, prebuilt=prebuilt)
+    assert result.wheel == out / "aarch64" / prebuilt.name
+    assert result.wheel.read_bytes() == prebuilt.read_bytes()
+    assert prebuilt.is_file()  # copied, the store keeps its wheel
+    assert not stale.exists()
+    assert len(result.extensions) == len(families)
+    wrong = _wheel(tmp_path, wheels.ELF_MACHINE["x86_64"], families)
+    with pytest.raises(RuntimeError, match="not an aarch64 ELF"):
+        wheels.build("aarch64", out, wheelhouse=False, prebuilt=wrong)

@@ -11,9 +11,12 @@ One cache for everything the lab builds from the sources:
   lock (one builder, the others wait and reuse), and published by rename
   with a ``.complete`` marker, so a crashed build is never reused.
 * :func:`wheel` is the one way to get a plexichat wheel for an arch
-  (:func:`plexilab.infra.wheels.build_wheel`, native or cross), and
+  (:func:`plexilab.infra.wheels.build_wheel`, native or cross, once per
+  :func:`wheel_key`).  Everything else takes its wheel from there:
   :func:`wheel_and_wheelhouse` adds the offline wheelhouse of the locked
-  dependencies (keyed by the lock too).
+  dependencies (keyed by the lock too), :func:`ensure_artifacts` copies it
+  into ``dist/``, and the lab's local venv (:mod:`plexilab.run.install`) is
+  keyed by it.
 * :func:`ensure_artifacts` keeps its old contract -- ``dist/<arch>/`` holds
   the wheel and wheelhouse the guests install -- but decides freshness by
   the content key recorded next to them (``dist/<arch>/.artifact-key``).
@@ -109,21 +112,23 @@ def cached(
     build: Callable[[Path], None],
     *,
     root: Path | None = None,
+    rebuild: bool = False,
 ) -> Path:
     """The directory of artifact *kind* with content *key*, built when missing.
 
     *build* fills the (empty, temporary) directory it is given; the result is
     published atomically as ``<root>/<kind>/<key>/`` with a ``.complete``
     marker.  Concurrent callers wait on a lock and reuse the first build; a
-    build that raised leaves nothing behind.
+    build that raised leaves nothing behind.  *rebuild* builds it again
+    even when it is there (and replaces it only once the new one is done).
     """
     base = (root or store_root()) / kind
     final = base / key
-    if (final / COMPLETE).is_file():
+    if (final / COMPLETE).is_file() and not rebuild:
         return final
     base.mkdir(parents=True, exist_ok=True)
     with locked(base / f"{key}.lock"):
-        if (final / COMPLETE).is_file():
+        if (final / COMPLETE).is_file() and not rebuild:
             return final
         with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=base) as tmp:
             work = Path(tmp) / "out"
@@ -135,18 +140,32 @@ def cached(
     return final
 
 
-def wheel(arch: str, *, root: Path | None = None) -> Path:
+def wheel_key(arch: str) -> str:
+    """The store key of the wheel of *arch*: ``<arch>-<content key>`` (its
+    directory name under ``<store>/wheel/``)."""
+    key = digest([("sources", source_key().encode()), ("arch", arch.encode())])
+    return f"{arch}-{key}"
+
+
+def wheel(
+    arch: str,
+    *,
+    root: Path | None = None,
+    rebuild: bool = False,
+    timeout: float | None = None,
+) -> Path:
     """The plexichat wheel of *arch* for the current sources (built once per key).
 
     The same build as ``python -m plexilab.infra.wheels`` (native, or cross
-    for aarch64 on x86_64), with compiled extensions required.
+    for aarch64 on x86_64), with compiled extensions required; *rebuild*
+    builds it again, *timeout* bounds a build (``RuntimeError`` when it
+    fails or times out).
     """
-    key = digest([("sources", source_key().encode()), ("arch", arch.encode())])
 
     def build(out: Path) -> None:
-        wheels.build_wheel(arch, out)
+        wheels.build_wheel(arch, out, timeout=timeout)
 
-    directory = cached("wheel", f"{arch}-{key}", build, root=root)
+    directory = cached("wheel", wheel_key(arch), build, root=root, rebuild=rebuild)
     (found,) = directory.glob("plexichat-*.whl")
     return found
 
@@ -154,11 +173,14 @@ def wheel(arch: str, *, root: Path | None = None) -> Path:
 def wheel_and_wheelhouse(
     arch: str, *, numba: bool = False, root: Path | None = None
 ) -> tuple[Path, Path]:
-    """(wheel, wheelhouse) of *arch*, keyed by sources, lock and the numba choice."""
+    """(wheel, wheelhouse) of *arch*, keyed by sources, lock and the numba choice.
+
+    The wheel is :func:`wheel`'s (built once, whatever the wheelhouse).
+    """
     key = artifact_key(arch, numba=numba)
 
     def build(out: Path) -> None:
-        wheels.build(arch, out, numba=numba)
+        wheels.build(arch, out, numba=numba, prebuilt=wheel(arch, root=root))
 
     directory = cached("wheelhouse", f"{arch}-{key}", build, root=root) / arch
     (found,) = directory.glob("plexichat-*.whl")
@@ -192,11 +214,13 @@ def ensure_artifacts(
     numba: bool = False,
     progress: Callable[[str], None] = print,
 ) -> tuple[Path, Path]:
-    """(wheel, wheelhouse) of *arch* in dist/; rebuilt unless built from these sources.
+    """(wheel, wheelhouse) of *arch* in dist/; remade unless made from these sources.
 
     Freshness is the content key (:func:`artifact_key`) recorded in
     ``dist/<arch>/.artifact-key``.  Artifacts from before the key was
-    recorded are adopted once when their mtimes say they are fresh.
+    recorded are adopted once when their mtimes say they are fresh.  The
+    wheel comes from the store (:func:`wheel`): built there once per source
+    state, then copied; *rebuild* builds the stored wheel again too.
     """
     key = artifact_key(arch, numba=numba)
     found = wheels.artifacts(arch, DIST)
@@ -213,7 +237,10 @@ def ensure_artifacts(
             (DIST / arch / KEY_FILE).write_text(key + "\n")
             return found
     start = time.monotonic()
-    result = wheels.build(arch, DIST, numba=numba)
+    built = wheel(arch, rebuild=rebuild)
+    stored = time.monotonic() - start  # the store's build (0 when it had the wheel)
+    result = wheels.build(arch, DIST, numba=numba, prebuilt=built)
+    result.seconds["wheel"] = round(result.seconds.get("wheel", 0.0) + stored, 2)
     (DIST / arch / KEY_FILE).write_text(key + "\n")
     progress(
         f"built {result.wheel.name} in {time.monotonic() - start:.1f} s "

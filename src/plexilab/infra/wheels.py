@@ -141,9 +141,14 @@ def check_wheel(wheel: Path, arch: str) -> list[str]:
 
 
 def build_wheel(
-    arch: str, out: Path, *, jobs: int | None = None
+    arch: str, out: Path, *, jobs: int | None = None, timeout: float | None = None
 ) -> tuple[Path, list[str]]:
-    """Build ``plexichat-*-cp311-cp311-linux_<arch>.whl`` into *out*."""
+    """Build ``plexichat-*-cp311-cp311-linux_<arch>.whl`` into *out*.
+
+    This is the build; the lab gets its wheels through the content-hashed
+    cache (:func:`plexilab.infra.artifacts.wheel`), which calls it once per
+    source state.  *timeout* bounds the build (None: unbounded).
+    """
     if sys.version_info[:2] != (3, 11):
         raise RuntimeError(
             f"guests run CPython {PYTHON_VERSION}: build with a 3.11 interpreter"
@@ -168,9 +173,20 @@ def build_wheel(
         "build_ext", "--parallel", str(jobs or os.cpu_count() or 1),
         "bdist_wheel", "--dist-dir", str(dist), "--bdist-dir", str(work / "bdist"),
     ]  # fmt: skip
-    proc = subprocess.run(
-        argv, cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(
+            f"wheel build for {arch} timed out after {timeout} s"
+        ) from exc
     if proc.returncode != 0:
         raise RuntimeError(
             f"wheel build for {arch} failed:\n{proc.stdout[-4000:]}\n"
@@ -182,11 +198,17 @@ def build_wheel(
         raise RuntimeError(f"unexpected wheel tag: {wheel.name}")
     extensions = check_wheel(wheel, arch)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("plexichat-*.whl"):
-        old.unlink()
-    final = out / wheel.name
+    final = _replace_wheel(out, wheel.name)
     shutil.move(str(wheel), final)
     return final, extensions
+
+
+def _replace_wheel(out: Path, name: str) -> Path:
+    """``out/<name>``, with every other plexichat wheel of *out* removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("plexichat-*.whl"):
+        old.unlink()
+    return out / name
 
 
 def platform_tags(arch: str) -> list[str]:
@@ -236,13 +258,24 @@ def build(
     wheelhouse: bool = True,
     numba: bool = False,
     jobs: int | None = None,
+    prebuilt: Path | None = None,
 ) -> BuildResult:
-    """Wheel plus wheelhouse of *arch* under ``out/<arch>/``."""
+    """Wheel plus wheelhouse of *arch* under ``out/<arch>/``.
+
+    With *prebuilt* (a wheel of *arch*, e.g. from the lab's artifact cache)
+    that wheel is checked and copied instead of building one.
+    """
     target = out / arch
     result = BuildResult(arch, Path(), target / "wheelhouse")
     start = time.monotonic()
-    log(f"building the {arch} wheel ({'native' if arch == host_arch() else 'cross'})")
-    result.wheel, result.extensions = build_wheel(arch, target, jobs=jobs)
+    if prebuilt is not None:
+        result.extensions = check_wheel(prebuilt, arch)
+        result.wheel = _replace_wheel(target, prebuilt.name)
+        shutil.copyfile(prebuilt, result.wheel)
+    else:
+        kind = "native" if arch == host_arch() else "cross"
+        log(f"building the {arch} wheel ({kind})")
+        result.wheel, result.extensions = build_wheel(arch, target, jobs=jobs)
     result.seconds["wheel"] = round(time.monotonic() - start, 2)
     log(
         f"{result.wheel.name}: {result.seconds['wheel']:.1f} s, "

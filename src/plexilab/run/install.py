@@ -8,7 +8,6 @@ provider (:meth:`plexilab.providers.base.Provider.install`) and checked here
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import cast
 
 from plexilab import deps
 from plexilab.host import Host
-from plexilab.infra import wheels
+from plexilab.infra import artifacts, wheels
 from plexilab.providers.base import (
     Capabilities,
     LocalPython,
@@ -43,53 +42,19 @@ class InstallError(ClusterError):
 
 
 def source_key() -> str:
-    """Hash of everything that goes into the wheel (cache key)."""
-    digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in SRC.joinpath("plexichat").rglob("*")
-        if p.is_file() and p.suffix in {".py", ".pyx", ".pyi", ".h", ".typed"}
-    )
-    for path in [ROOT / "setup.py", ROOT / "pyproject.toml", *files]:
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    """Content key of everything that goes into the wheel
+    (:func:`plexilab.infra.artifacts.source_key`)."""
+    return artifacts.source_key()
 
 
 def build_wheel(timeout: float = 1200.0) -> Path:
-    """``python -m build --wheel`` once per source state (cached under .cache/)."""
-    out = CACHE / "wheels" / source_key()
-    wheels = sorted(out.glob("plexichat-*.whl"))
-    if wheels:
-        return wheels[-1]
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("building the plexichat wheel into %s", out)
-    env = {**os.environ, "PLEXICHAT_REQUIRE_EXTENSIONS": "1"}
-    env.pop("PLEXICHAT_ONLY", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--no-isolation",
-            "--skip-dependency-check",
-            "--outdir",
-            str(out),
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    wheels = sorted(out.glob("plexichat-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise InstallError(
-            f"wheel build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return wheels[-1]
+    """The wheel of this machine's arch, from the lab's one content-hashed
+    artifact cache (:func:`plexilab.infra.artifacts.wheel`: built once per
+    source state, shared with the QEMU artifacts)."""
+    try:
+        return artifacts.wheel(wheels.host_arch(), timeout=timeout)
+    except RuntimeError as exc:
+        raise InstallError(str(exc)) from exc
 
 
 def prune(directory: Path, keep: int = 3) -> None:
@@ -108,7 +73,9 @@ def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
     dependencies are installed offline from a wheelhouse of the host's arch
     downloaded at the versions of ``constraints.txt`` (made once per wheel and
     lock).  The lab's load generator and checker run from it, and local nodes in
-    ``wheel`` mode.
+    ``wheel`` mode.  The venv is named by the wheel's artifact key (the name
+    of its store directory, ``<arch>-<content key>``, see
+    :func:`plexilab.infra.artifacts.wheel_key`).
     """
     arch = wheels.host_arch()
     house = cache / "wheelhouse" / arch
@@ -116,7 +83,7 @@ def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
     venv = cache / "venvs" / wheel.parent.name
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
-    want = f"{wheel.name} {hashlib.sha256(deps.LOCK.read_bytes()).hexdigest()}"
+    want = f"{wheel.name} {artifacts.lock_digest()}"
     if python.exists() and stamp.exists() and stamp.read_text() == want:
         return str(python)
     subprocess.run(
@@ -140,7 +107,8 @@ def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
         raise InstallError(f"pip install of {wheel.name} failed: {proc.stderr[-2000:]}")
     stamp.write_text(want)
     prune(cache / "venvs")
-    prune(cache / "wheels")
+    # wheels were cached here before the artifact store had them: gone for good
+    shutil.rmtree(cache / "wheels", ignore_errors=True)
     return str(python)
 
 
