@@ -74,6 +74,7 @@ class ApiSettings:
     default_limit: int = 100  # GET page size without ?limit=
     ws_queue: int = 1024  # live records buffered per WebSocket before 4008
     ws_send_timeout: float = 10.0  # seconds one WebSocket send may block
+    ws_close_timeout: float = 10.0  # seconds a close frame may wait to be sent
     owner_check: float = 1.0  # seconds between a WebSocket's owner checks
 
     @property
@@ -464,7 +465,7 @@ class _Stream:
             if not self.gone and self.ws.client_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
-                        self.ws.close(code, reason), self.settings.ws_send_timeout
+                        self.ws.close(code, reason), self.settings.ws_close_timeout
                     )
         finally:
             await link.aclose()
