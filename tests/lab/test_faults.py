@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 
 import pytest
 
 from plexilab.host import Endpoint
 from plexilab.infra.links import LinkLayer, source_address
+from plexilab.proc import wait_until
 from plexilab.providers.local import LocalHost
 from plexilab.run import faults
 
@@ -178,10 +178,8 @@ def test_nemesis_applies_heals_and_stops_healed():
         network=network,
         first=0.05,
     ).start()
-    deadline = time.monotonic() + 10
-    while nemesis._thread is not None and nemesis._thread.is_alive():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    thread = nemesis._thread
+    assert wait_until(lambda: thread is None or not thread.is_alive(), 10, 0.02)
     nemesis.stop()
     # slots at 0.05, 0.25, 0.45, 0.65 (the last heals at 0.75 = the horizon)
     assert [f.kind for f in nemesis.faults] == ["kill", "partition", "pause", "kill"]
@@ -210,10 +208,7 @@ def test_nemesis_stop_heals_the_fault_in_progress():
         horizon=60.0,
         first=0.0,
     ).start()
-    deadline = time.monotonic() + 10
-    while not cluster.calls:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_until(lambda: bool(cluster.calls), 10, 0.01)
     nemesis.stop()
     assert cluster.calls == [("pause", 0), ("resume", 0)]
     assert nemesis.faults[0].end is not None

@@ -17,6 +17,7 @@ import pytest
 
 from plexichat.load.client import NodeClient
 from plexilab.infra.links import LinkLayer
+from plexilab.proc import wait_until
 from plexilab.providers.local import LocalHost
 from plexilab.run import faults
 from plexilab.run.cluster import Cluster, ClusterConfig, prepare, run_cluster
@@ -50,11 +51,8 @@ def _views(cluster):
 
 
 def _wait(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        time.sleep(0.05)
+    if not wait_until(predicate, timeout):
+        raise AssertionError(f"{what} not reached in {timeout}s")
 
 
 def _status(info, node_id):

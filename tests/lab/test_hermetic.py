@@ -17,12 +17,12 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 
 from plexilab import deps
+from plexilab.proc import wait_until
 from plexilab.run import cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,16 +124,18 @@ def free_port() -> int:
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"node exited {proc.returncode} before listening")
         try:
             socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
         except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"node did not listen on {port} within {timeout} s")
+            return False
+        return True
+
+    if not wait_until(listening, timeout, interval=0.1):
+        raise AssertionError(f"node did not listen on {port} within {timeout} s")
 
 
 def test_node_load_and_checker_run_isolated_from_the_load_tools_venv(

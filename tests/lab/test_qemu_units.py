@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from plexilab.infra import buildsteps, images, kvm
 from plexilab.infra import rundir as runs
 from plexilab.infra.kvm import ProbeResult, choose_accel
 from plexilab.infra.sshclient import HostKeyPair
-from plexilab.proc import proc_starttime, write_pidfile
+from plexilab.proc import proc_starttime, wait_until, write_pidfile
 from plexilab.providers.inventory import InventoryEntry, entries_toml, load_inventory
 from plexilab.providers.qemu import GuestSpec, plan
 
@@ -217,9 +216,7 @@ def test_relay_bridges_a_connection_and_cleans_up(tmp_path: Path) -> None:
     )
     relay_side.close()
     try:
-        deadline = time.monotonic() + 10
-        while not list(piddir.glob("relay-*.pid")) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: list(piddir.glob("relay-*.pid")), 10, 0.02)
         assert [p.name for p in piddir.glob("*.pid")] == [f"relay-{proc.pid}.pid"]
         payload = b"hello guest " * 20000
         guest_side.sendall(payload)

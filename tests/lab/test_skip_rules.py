@@ -14,6 +14,7 @@ import pytest
 from plexichat import accel
 from plexilab.infra import engine as containers
 from plexilab.infra import setup_host
+from plexilab.proc import wait_until
 
 pytest_plugins = ["pytester"]
 
@@ -255,7 +256,6 @@ def test_sigterm_runs_the_tests_clean_up(pytester: pytest.Pytester, tmp_path) ->
     import signal
     import subprocess
     import sys
-    import time
 
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makepyfile(test_inner=TERMINATED)
@@ -268,17 +268,19 @@ def test_sigterm_runs_the_tests_clean_up(pytester: pytest.Pytester, tmp_path) ->
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not pidfile.exists() or not pidfile.read_text():
-            assert time.monotonic() < deadline, "the inner test never started"
-            assert suite.poll() is None, "the inner run ended early"
-            time.sleep(0.05)
+        started = wait_until(
+            lambda: (
+                suite.poll() is not None
+                or (pidfile.exists() and bool(pidfile.read_text()))
+            ),
+            60,
+        )
+        assert started, "the inner test never started"
+        assert suite.poll() is None, "the inner run ended early"
         child = int(pidfile.read_text())
         suite.send_signal(signal.SIGTERM)
         suite.wait(30)
-        deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not _alive(child), 10)
         assert not _alive(child), "the test's process outlived the terminated run"
     finally:
         if suite.poll() is None:

@@ -93,6 +93,11 @@ class LocalProcess(Process):
             self.pidfile.unlink(missing_ok=True)
         return code
 
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the group, wait, then SIGKILL (:func:`plexilab.proc.terminate`)."""
+        proc.terminate(self.popen, grace=timeout, kill_grace=timeout)
+        return self.wait(0)
+
     def kill(self) -> int | None:
         """SIGKILL the whole group (a crash, for fault tests)."""
         self.send_signal(signal.SIGKILL)
