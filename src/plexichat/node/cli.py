@@ -219,7 +219,48 @@ def build_parser() -> argparse.ArgumentParser:
         "other processes can reach)",
     )
     add("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_http_arguments(parser)
     return parser
+
+
+# -- the HTTP/WebSocket API (plexichat.api; docs/http-api.md) ---------------------
+# Imported only with --http-listen: without it the node runs on its core
+# dependencies (fastapi and uvicorn come with the ``api`` extra).
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HTTP and WebSocket API (docs/http-api.md)")
+    group.add_argument(
+        "--http-listen",
+        default=None,
+        help="HOST:PORT to serve the HTTP/WebSocket API on, next to the binary "
+        "port and in the same process (needs the api extra; default: no API)",
+    )
+    group.add_argument(
+        "--http-ws-queue",
+        type=int,
+        default=1024,
+        help="live messages buffered per WebSocket before a slow client is "
+        "closed with code 4008 (default %(default)s)",
+    )
+
+
+async def start_http(args: argparse.Namespace, node: Any) -> Any:
+    """Serve the API of *node* when ``--http-listen`` asks for it; the
+    :class:`plexichat.api.server.HttpServer` (None without the flag)."""
+    if getattr(args, "http_listen", None) is None:
+        return None
+    from plexichat.api.app import node_app
+    from plexichat.api.server import HttpServer
+
+    host, port = parse_address(args.http_listen)
+    server = HttpServer(node_app(node, ws_queue=args.http_ws_queue), host, port)
+    bound = await server.start()
+    log.info(
+        "HTTP API listening",
+        extra={"event": "http-ready", "listen": f"{host}:{bound}"},
+    )
+    return server
 
 
 def credentials_from_args(args: argparse.Namespace) -> Credentials | None:
@@ -289,7 +330,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def serve(config: NodeConfig) -> int:
+async def serve(config: NodeConfig, args: argparse.Namespace | None = None) -> int:
     """Run a node until SIGTERM or SIGINT, then stop it cleanly (exit status
     0); or until something it cannot run without fails (a background loop,
     the storage writer: see ``Node.fatal``), then leave the ring (status 1)."""
@@ -299,8 +340,15 @@ async def serve(config: NodeConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await node.start()
+    try:
+        http = None if args is None else await start_http(args, node)
+    except BaseException:
+        await node.stop()
+        raise
     gc.freeze()  # start-up objects never need scanning again: shorter GC pauses
     print(f"ready {node.id} {config.listen_host}:{node.listen_port}", flush=True)
+    if http is not None and args is not None:  # (after "ready": read first)
+        print(f"http {args.http_listen.rpartition(':')[0]}:{http.port}", flush=True)
     waits = {
         asyncio.ensure_future(stop.wait()),
         asyncio.ensure_future(node.failed.wait()),
@@ -310,6 +358,8 @@ async def serve(config: NodeConfig) -> int:
         task.cancel()
     if node.failure is None:
         log.info("signal received, stopping", extra={"event": "stopping"})
+    if http is not None:
+        await http.stop()
     await node.stop()
     return 0 if node.failure is None else 1
 
@@ -322,7 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"plexichat-node: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config))
+    if args.http_listen is not None:
+        try:
+            parse_address(args.http_listen)
+            import plexichat.api  # noqa: F401  (the api extra is installed)
+        except (ValueError, ImportError) as exc:
+            print(f"plexichat-node: --http-listen: {exc}", file=sys.stderr)
+            return 2
+    return asyncio.run(serve(config, args))
 
 
 if __name__ == "__main__":
