@@ -36,7 +36,8 @@ from invoke.tasks import task
 from rich.console import Console
 
 from plexilab import options
-from plexilab.infra import images, machine, setup_host, wheels
+from plexilab.infra import images, machine, rundir, setup_host, wheels
+from plexilab.infra import kvm as kvmlib
 from plexilab.infra.artifacts import DIST, ensure_artifacts
 from plexilab.infra.sshclient import lab_key
 from plexilab.options import (
@@ -272,7 +273,7 @@ def ssh(c: Context, arch: str = "x86_64", command: str = "uname -a") -> None:
 @task(help={"all": "also kill guests of live lab processes"})
 def reap(c: Context, all: bool = False) -> None:
     """Kill QEMU and relay processes left by dead lab runs (by recorded PID)."""
-    killed = machine.reap(everything=all)
+    killed = rundir.reap(everything=all)
     for line in killed:
         console.print(f"killed {line}")
     console.print(f"reaped {len(killed)} process(es)")
@@ -283,10 +284,10 @@ def kvm(c: Context, arch: str = "x86_64", reprobe: bool = False) -> None:
     """Show whether KVM works here (a short bounded probe boot, cached)."""
     _setup()
     if reprobe:
-        machine.kvm_cache_path().unlink(missing_ok=True)
+        kvmlib.kvm_cache_path().unlink(missing_ok=True)
     for a in _arches(arch):
         img = images.image(a)
-        verdict = machine.choose_accel(a, img.kernel, log=console.print)
+        verdict = kvmlib.choose_accel(a, img.kernel, log=console.print)
         console.print(f"{a}: {verdict}")
 
 
