@@ -207,3 +207,75 @@ def test_websocket_of_an_unavailable_channel_is_503(tmp_path, run, api_cluster):
             assert refused.value.response.headers["Retry-After"] == "1"
 
     run(scenario())
+
+
+def test_owner_leaves_stream_closes_1012_and_resumes_in_order(
+    tmp_path, run, api_cluster
+):
+    """The channel's owner leaves the cluster: the WebSocket is closed with
+    1012 naming the seq to resume after; a client that reconnects with it
+    (while the new owner takes over) gets every seq once, in order."""
+    from plexichat.routing import key_of
+
+    async def scenario() -> None:
+        async with api_cluster(tmp_path) as api, served(api.app) as address:
+            token = api.cluster.credentials.token(7)
+            name = next(
+                f"room{i}"
+                for i in range(1000)
+                if api.cluster.owners(key_of(f"room{i}"))[0] != "n0"
+            )
+            owner = api.cluster.owners(key_of(name))[0]
+            url = f"/channels/{name}/messages"
+            auth = {"Authorization": f"Bearer {token}"}
+
+            async def send(i: int) -> int:
+                """POST until acknowledged (the same key on every retry)."""
+                async with asyncio.timeout(30):
+                    while True:
+                        r = await api.http.post(
+                            url,
+                            json={"text": f"m{i}"},
+                            headers={**auth, "Idempotency-Key": f"k{i}"},
+                        )
+                        if r.status_code == 201:
+                            return int(r.json()["seq"])
+                        assert r.status_code == 503, r.text
+                        await asyncio.sleep(0.1)
+
+            for i in range(5):
+                await send(i)
+            ws_url = f"ws://{address}/channels/{name}/ws?token={token}"
+            got: list[int] = []
+            async with connect(ws_url) as ws:
+                got += await receive(ws, 5)
+                await api.cluster.stop_node(owner)  # leaves the ring
+
+                async def read_all() -> None:
+                    async with asyncio.timeout(10):
+                        while True:
+                            got.append(json.loads(await ws.recv())["seq"])
+
+                with pytest.raises(ConnectionClosed) as closed:
+                    await read_all()
+            frame = closed.value.rcvd
+            assert frame is not None
+            assert frame.code == 1012
+            assert frame.reason.endswith(f"after={got[-1]}")
+            writer = asyncio.gather(*(send(i) for i in range(5, 15)))
+            async with asyncio.timeout(30):
+                while True:  # until the new owner serves the channel
+                    try:
+                        ws = await connect(f"{ws_url}&after={got[-1]}")
+                        break
+                    except InvalidStatus as exc:
+                        refused = exc.response.status_code
+                    assert refused == 503
+                    await asyncio.sleep(0.1)
+            async with ws:
+                seqs = await writer
+                assert sorted(seqs) == list(range(6, 16))
+                got += await receive(ws, 15 - len(got), timeout=20)
+            assert got == list(range(1, 16))
+
+    run(scenario(), timeout=90)

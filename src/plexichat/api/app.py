@@ -536,12 +536,13 @@ class _Stream:
                 self.gateway.timeout,
             )
             _, records, more = p.decode_messages(frame.payload)
+            before = self.last
             for record in records:
                 if record.seq == self.last + 1:
                     await self._send(record)
-            if not more and not self.overflow:
-                return
-            if not records and not self.overflow:
+            if self.overflow:
+                continue  # (live records were dropped: they are in the store)
+            if not more or self.last == before:
                 return
 
     async def _send(self, record: p.Record) -> None:
