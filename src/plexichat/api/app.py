@@ -360,11 +360,11 @@ def create_app(
         stream = _Stream(websocket, gateway, settings, metrics, key_of(channel))
         try:
             authorization = websocket.headers.get("authorization")
-            ident = identify(token if authorization is None else _bearer(authorization))
+            # every role may read: the identity only has to verify
+            identify(token if authorization is None else _bearer(authorization))
         except AuthError as exc:
             await stream.reject(401, str(exc), CLOSE_UNAUTHENTICATED)
             return
-        del ident  # every role may read
         await stream.run(after)
 
     app.add_middleware(BodyLimit, limit=settings.max_body)
