@@ -266,3 +266,28 @@ def test_local_runs_take_their_wheel_from_the_store(
     monkeypatch.setattr(artifacts, "source_key", lambda repo=None: "other")
     with pytest.raises(install.InstallError, match="wheel build for x86_64 failed"):
         install.build_wheel()
+
+
+def test_the_store_keeps_the_most_recently_used_wheels_per_arch(
+    monkeypatch: pytest.MonkeyPatch, fake_wheel: FakeWheel
+) -> None:
+    def sources(key: str) -> None:
+        monkeypatch.setattr(artifacts, "source_key", lambda repo=None: key)
+
+    kept = artifacts.WHEELS_KEPT
+    made = []
+    for n in range(kept + 2):
+        sources(f"s{n}")
+        made.append(artifacts.wheel("x86_64"))
+        os.utime(made[-1].parent, (n + 1, n + 1))  # used in this order
+    other = artifacts.wheel("aarch64")  # another arch counts on its own
+    assert [w.exists() for w in made] == [False, False] + [True] * kept
+    assert other.exists()
+    # a reused wheel counts as used: it outlives one built after it
+    sources("s2")
+    assert artifacts.wheel("x86_64") == made[2]
+    assert len(fake_wheel.calls) == kept + 3  # reused, not built again
+    sources("s-new")
+    artifacts.wheel("x86_64")
+    assert made[2].exists()
+    assert not made[3].exists()

@@ -16,7 +16,8 @@ One cache for everything the lab builds from the sources:
   :func:`wheel_and_wheelhouse` adds the offline wheelhouse of the locked
   dependencies (keyed by the lock too), :func:`ensure_artifacts` copies it
   into ``dist/``, and the lab's local venv (:mod:`plexilab.run.install`) is
-  keyed by it.
+  keyed by it.  The store keeps the :data:`WHEELS_KEPT` most recently used
+  wheels per arch (:func:`prune`).
 * :func:`ensure_artifacts` keeps its old contract -- ``dist/<arch>/`` holds
   the wheel and wheelhouse the guests install -- but decides freshness by
   the content key recorded next to them (``dist/<arch>/.artifact-key``).
@@ -41,6 +42,7 @@ ARTIFACT_FORMAT = 1  # bump when the build steps (not the sources) change
 SOURCE_SUFFIXES = frozenset({".py", ".pyx", ".pyi", ".pxd", ".h", ".typed"})
 VENDOR_DIRS = frozenset({"_vendor", "vendor"})  # vendored code: every file counts
 COMPLETE = ".complete"
+WHEELS_KEPT = 3  # per arch, the most recently used (store entries are ~1 MB)
 KEY_FILE = ".artifact-key"
 
 
@@ -166,8 +168,35 @@ def wheel(
         wheels.build_wheel(arch, out, timeout=timeout)
 
     directory = cached("wheel", wheel_key(arch), build, root=root, rebuild=rebuild)
+    directory.touch()  # used now: pruning keeps the most recently used
+    prune("wheel", prefix=f"{arch}-", keep=WHEELS_KEPT, root=root)
     (found,) = directory.glob("plexichat-*.whl")
     return found
+
+
+def prune(
+    kind: str, *, prefix: str = "", keep: int = WHEELS_KEPT, root: Path | None = None
+) -> list[Path]:
+    """Remove all but the *keep* most recently used artifacts of *kind* whose
+    key starts with *prefix* (each under its lock); returns what went."""
+    base = (root or store_root()) / kind
+    if not base.is_dir():
+        return []
+    entries = sorted(
+        (
+            p
+            for p in base.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name.startswith(prefix)
+        ),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    removed = []
+    for old in entries[keep:]:
+        with locked(base / f"{old.name}.lock"):
+            shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def wheel_and_wheelhouse(
