@@ -109,7 +109,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def mypy(session: nox.Session) -> None:
     """Type-check src/ with mypy --strict (stubs cover the compiled modules)."""
-    install(session, "typecheck", "runtime", "numba", "lab")
+    install(session, "typecheck", "runtime", "api", "numba", "lab")
     session.run("mypy", *(session.posargs or ["src"]))
 
 
@@ -117,7 +117,7 @@ def mypy(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the suite on the compiled backends, then on PLEXICHAT_BACKEND=python."""
     build_in_place(session)
-    install(session, "test", "bench", "numba", "lab")
+    install(session, "test", "bench", "numba", "lab", "api")
     install_project(session)
     session.run("python", "-m", "plexichat.accel", "--require-compiled")
     coverage_file = {"COVERAGE_FILE": str(ROOT / ".coverage")}

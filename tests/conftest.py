@@ -18,6 +18,7 @@ installed ``plexichat`` wheel.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
@@ -25,7 +26,7 @@ import shutil
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn, TypeVar
@@ -287,3 +288,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     containers = _containers()
     if containers is not None and was is False and containers.engine_running():
         containers.stop_engine_started_since(was_running=was)
+
+
+R = TypeVar("R")
+
+
+def run_bounded(coro: Awaitable[R], timeout: float = 60.0) -> R:
+    """Run *coro* in a fresh event loop; a hang fails after *timeout* seconds."""
+
+    async def bounded() -> R:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(scope="session")
+def run() -> Callable[..., Any]:
+    """``run(coro, timeout=60)``: one test's scenario in its own event loop."""
+    return run_bounded

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -15,23 +14,6 @@ from fastapi import FastAPI
 from plexichat.api.app import node_app
 from plexichat.node.server import Node
 from plexichat.node.testing import InProcessCluster
-
-R = TypeVar("R")
-
-
-def run_bounded(coro: Awaitable[R], timeout: float = 60.0) -> R:
-    """Run *coro* in a fresh event loop; a hang fails after *timeout* seconds."""
-
-    async def bounded() -> R:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-@pytest.fixture(scope="session")
-def run() -> Callable[..., Any]:
-    """``run(coro, timeout=60)``: one test's scenario in its own event loop."""
-    return run_bounded
 
 
 class Api:
