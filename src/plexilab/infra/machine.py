@@ -48,14 +48,7 @@ from typing import Any
 from plexilab import guest, proc
 from plexilab.infra import images, kvm, rundir
 from plexilab.infra.images import Image
-
-# The "X as X" imports are names that moved to infra.kvm and infra.rundir,
-# kept reachable as ``machine.<name>`` only for cli.qemu (qemu.reap, qemu.accel):
-# new code uses kvm.choose_accel, kvm.kvm_cache_path and rundir.reap.
-from plexilab.infra.kvm import choose_accel as choose_accel
-from plexilab.infra.kvm import kvm_cache_path as kvm_cache_path
 from plexilab.infra.qmp import QMP
-from plexilab.infra.rundir import reap as reap
 from plexilab.infra.sshclient import HostKeyPair, SSHClient, lab_key
 
 SEED_FW_CFG = "opt/plexilab/seed"
