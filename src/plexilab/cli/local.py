@@ -26,9 +26,10 @@ from rich.console import Console
 
 from plexilab import options
 from plexilab.options import ClusterOptions, LoadOptions, OutputOptions
-from plexilab.providers.local import LocalProvider
+from plexilab.providers.local import LOCAL, LocalProvider
 from plexilab.results.tables import results_table, security_table
 from plexilab.run import bench as benchlib
+from plexilab.run import faults as faultlib
 from plexilab.run import pipeline
 from plexilab.run.config import RUN_GROUPS, ClusterConfig
 from plexilab.run.result import RunResult
@@ -63,6 +64,10 @@ def _write(path: str, doc: dict[str, Any]) -> None:
 def cluster(c: Context, chosen: options.Chosen) -> None:
     """Run a local PlexiChat cluster under load and check that nothing was lost."""
     config = ClusterConfig.from_chosen(chosen)
+    try:  # before anything starts
+        faultlib.parse_kinds(config.kinds, LOCAL.supported_faults(), "local")
+    except faultlib.FaultError as exc:
+        raise Exit(f"--faults: {exc}", code=2) from None
     res = _run(config)
     console.print(results_table(res))
     _write(chosen[OutputOptions].json, res.to_dict())
