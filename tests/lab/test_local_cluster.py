@@ -346,9 +346,9 @@ def test_tls_and_insecure_runs_pass_their_own_arguments(tmp_path):
             listen = argv[argv.index("--tls-listen") + 1]
             assert listen == f"127.0.0.1:{tls.tls_ports[1]}"
             assert argv[argv.index("--tls-key") + 1] == str(tls.tls.key)
-            load = tls.load_nodes_arg()
-            assert load[load.index("--tls-ca") + 1] == str(tls.tls.ca)
-            assert str(tls.tls_ports[0]) in load[1]
+            load = tls.load_endpoints()
+            assert load["tls_ca"] == str(tls.tls.ca)
+            assert str(tls.tls_ports[0]) in load["nodes"]
         config = ClusterConfig(nodes=2, security="insecure")
         with Cluster([host], config, runtime) as open_:
             assert open_.secret is None

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from plexilab import options
 from plexilab.host import Endpoint, Host, HostError, Process
 from plexilab.infra.links import LinkLayer
 from plexilab.infra.tlscerts import ClusterTls, make_cluster_tls
+from plexilab.options import LoadOptions
 from plexilab.proc import Deadline
 from plexilab.providers.base import Capabilities, PowerControl, common_capabilities
 from plexilab.providers.local import free_ports
@@ -166,14 +168,6 @@ class Cluster:
             args += ["--tls-listen", f"{node.listen.host}:{port}"]
             args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
         return args
-
-    def load_nodes_arg(self) -> list[str]:
-        """``--nodes`` (and ``--tls-ca``) of the load generator."""
-        if self.tls is None:
-            return ["--nodes", self.nodes_arg()]
-        pairs = zip(self.nodes, self.tls_ports, strict=True)
-        eps = [f"{n.lab.host}:{port}" for n, port in pairs]
-        return ["--nodes", ",".join(eps), "--tls-ca", str(self.tls.ca)]
 
     def route_through(self, links: LinkLayer) -> None:
         """Peer traffic through *links* (started, relaying to the lab endpoints).
@@ -358,71 +352,53 @@ class Cluster:
     def nodes_arg(self) -> str:
         return ",".join(str(ep) for ep in self.lab_endpoints)
 
-    def run_load(self, journal: Path, out: Path) -> dict[str, Any]:
-        c = self.config
-        args = [
-            *self.load_nodes_arg(),
-            "--clients",
-            str(c.clients),
-            "--mode",
-            c.mode,
-            "--inflight",
-            str(c.inflight),
-            "--rate",
-            str(c.rate),
-            "--count",
-            str(c.count),
-            "--duration",
-            str(c.duration),
-            "--payload",
-            str(c.payload),
-            "--channels",
-            str(c.channels),
-            "--connections",
-            str(c.connections),
-            "--distribution",
-            c.distribution,
-            "--route",
-            c.route,
-            "--timeout",
-            f"{c.load_timeout:g}",
-            "--journal",
-            str(journal),
-            "--json",
-            str(out),
-            "--csv",
-            str(out.with_suffix(".csv")),
-            "--quiet",
-        ]
-        proc = self._tool("plexichat.load.cli", args, c.duration + c.step_timeout)
+    def _load_tool(self, config: dict[str, Any], out: Path, timeout: float) -> Any:
+        """plexichat-load with *config* handed over as its ``--config`` JSON
+        (next to *out*), not rebuilt into argv; its JSON report."""
+        doc = {**config, "json": str(out), "quiet": True}
+        path = out.with_name(f"{out.stem}-config.json")
+        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        proc = self._tool("plexichat.load.cli", ["--config", str(path)], timeout)
         if proc.returncode != 0:
             raise ClusterError(
-                f"load failed ({proc.returncode}): {proc.stderr[-3000:]}"
+                f"{out.stem} failed ({proc.returncode}): {proc.stderr[-3000:]}"
             )
-        result: dict[str, Any] = json.loads(out.read_text())
+        return json.loads(out.read_text())
+
+    def load_endpoints(self) -> dict[str, str]:
+        """``nodes`` (and ``tls_ca``) of the load generator's configuration."""
+        if self.tls is None:
+            return {"nodes": self.nodes_arg()}
+        pairs = zip(self.nodes, self.tls_ports, strict=True)
+        eps = [f"{n.lab.host}:{port}" for n, port in pairs]
+        return {"nodes": ",".join(eps), "tls_ca": str(self.tls.ca)}
+
+    def run_load(self, journal: Path, out: Path) -> dict[str, Any]:
+        c = self.config
+        load = options.values_of(c, LoadOptions)
+        del load["request_timeout"]  # the lab's name; the tool's is timeout
+        config = {
+            **load,
+            **self.load_endpoints(),
+            "timeout": c.load_timeout,
+            "journal": str(journal),
+            "csv": str(out.with_suffix(".csv")),
+        }
+        result: dict[str, Any] = self._load_tool(
+            config, out, c.duration + c.step_timeout
+        )
         return result
 
     def run_p2p(self, out: Path) -> dict[str, Any]:
         c = self.config
-        args = [
-            "--nodes",
-            self.nodes_arg(),
-            "--scenario",
-            "p2p",
-            "--count",
-            str(c.p2p_count),
-            "--rate",
-            str(c.p2p_rate),
-            "--fanout",
-            str(c.p2p_fanout),
-            "--json",
-            str(out),
-            "--quiet",
-        ]
-        proc = self._tool("plexichat.load.cli", args, c.step_timeout)
-        if proc.returncode != 0:
-            raise ClusterError(f"p2p failed ({proc.returncode}): {proc.stderr[-3000:]}")
-        result: dict[str, Any] = json.loads(out.read_text())
+        config = {
+            "nodes": self.nodes_arg(),
+            "scenario": "p2p",
+            "count": c.p2p_count,
+            "rate": c.p2p_rate,
+            "fanout": c.p2p_fanout,
+        }
+        result: dict[str, Any] = self._load_tool(config, out, c.step_timeout)
         return result
 
     def run_check(self, journal: Path, out: Path) -> dict[str, Any]:
