@@ -60,7 +60,7 @@ def compile(session: nox.Session) -> None:
 @nox.session
 def build(session: nox.Session) -> None:
     """Build sdist and wheel, then import the compiled modules from the wheel."""
-    dist = ROOT / "dist"
+    dist = ROOT / "dist" / "build"  # dist/<arch>/ holds the guests' artifacts
     shutil.rmtree(dist, ignore_errors=True)
     install(session, "lab")
     session.run(
