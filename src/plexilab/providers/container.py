@@ -28,7 +28,7 @@ import requests
 from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
-from plexilab.host import CommandResult, Endpoint, Host, HostError, Process
+from plexilab.host import CommandResult, Host, HostError, Process
 from plexilab.infra.engine import IMAGE, cleanup, labels, leftovers, new_run_id
 from plexilab.proc import wait_until
 from plexilab.providers.base import (
@@ -40,7 +40,7 @@ from plexilab.providers.base import (
     Sampler,
     register,
 )
-from plexilab.providers.local import LOOPBACK, free_ports
+from plexilab.providers.local import LoopbackHost, free_ports
 
 WORKDIR = "/var/lib/plexichat"
 PYTHON = "/opt/plexichat/bin/python"
@@ -109,7 +109,7 @@ class ContainerProcess(Process):
         return self._code
 
 
-class ContainerHost(Host):
+class ContainerHost(LoopbackHost):
     """A host made of containers of *image* sharing one labelled volume."""
 
     def __init__(
@@ -254,22 +254,6 @@ class ContainerHost(Host):
 
     def workdir(self) -> str:
         return f"{WORKDIR}/work"
-
-    def _port(self, index: int) -> int:
-        if not 0 <= index < len(self._ports):
-            raise HostError(
-                f"{self.name} has ports for node indexes 0..{len(self._ports) - 1}"
-            )
-        return self._ports[index]
-
-    def listen_endpoint(self, index: int) -> Endpoint:
-        return Endpoint(LOOPBACK, self._port(index))
-
-    def lab_endpoint(self, index: int) -> Endpoint:
-        return Endpoint(LOOPBACK, self._port(index))
-
-    def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
-        return Endpoint(LOOPBACK, self._port(index))
 
     def pause(self, process: Process) -> None:
         """Freeze a node container (cgroup freezer: ``docker pause``)."""

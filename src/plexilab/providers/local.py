@@ -52,6 +52,31 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
+class LoopbackHost(Host):
+    """A host whose nodes listen on ports of 127.0.0.1 picked for them
+    (``_ports``, one per host-local node index), reached there by the lab
+    and by each other."""
+
+    name: str
+    _ports: list[int]
+
+    def _port(self, index: int) -> int:
+        if not 0 <= index < len(self._ports):
+            raise HostError(
+                f"{self.name} has ports for node indexes 0..{len(self._ports) - 1}"
+            )
+        return self._ports[index]
+
+    def listen_endpoint(self, index: int) -> Endpoint:
+        return Endpoint(LOOPBACK, self._port(index))
+
+    def lab_endpoint(self, index: int) -> Endpoint:
+        return Endpoint(LOOPBACK, self._port(index))
+
+    def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
+        return Endpoint(LOOPBACK, self._port(index))
+
+
 class LocalProcess(Process):
     """A ``subprocess.Popen`` in its own session; signals go to its group.
 
@@ -104,7 +129,7 @@ class LocalProcess(Process):
         return self.wait(10.0)
 
 
-class LocalHost(Host):
+class LocalHost(LoopbackHost):
     """This machine as a host: subprocesses, file copies, loopback ports.
 
     Partitions between its nodes go through a lab link layer
@@ -244,22 +269,6 @@ class LocalHost(Host):
 
     def workdir(self) -> str:
         return str(self._workdir)
-
-    def _port(self, index: int) -> int:
-        if not 0 <= index < len(self._ports):
-            raise HostError(
-                f"{self.name} has ports for node indexes 0..{len(self._ports) - 1}"
-            )
-        return self._ports[index]
-
-    def listen_endpoint(self, index: int) -> Endpoint:
-        return Endpoint(LOOPBACK, self._port(index))
-
-    def lab_endpoint(self, index: int) -> Endpoint:
-        return Endpoint(LOOPBACK, self._port(index))
-
-    def peer_endpoint(self, index: int, from_host: Host) -> Endpoint:
-        return Endpoint(LOOPBACK, self._port(index))
 
     def close(self) -> None:
         """Stop every process still running (the workdir stays for the logs)."""
