@@ -117,7 +117,7 @@ def mypy(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the suite on the compiled backends, then on PLEXICHAT_BACKEND=python."""
     build_in_place(session)
-    install(session, "test", "bench", "numba", "lab", "api")
+    install(session, "test", "bench", "numba", "lab", "api", "locust")
     install_project(session)
     session.run("python", "-m", "plexichat.accel", "--require-compiled")
     coverage_file = {"COVERAGE_FILE": str(ROOT / ".coverage")}
