@@ -156,6 +156,14 @@ class LoadOptions(_Group):
         "owner: send to the channel's owner; any: one node per client (it forwards)",
         choices=("owner", "any"),
     )
+    load: str = option(
+        "binary",
+        "the load engine: binary (plexichat-load over the binary protocol) or "
+        "locust (Locust users over the nodes' HTTP API; local hosts)",
+        choices=("binary", "locust"),
+    )
+    users: int = option(20, "concurrent Locust users, --load=locust")
+    spawn_rate: float = option(10.0, "Locust users started per second, --load=locust")
     request_timeout: float = option(
         0.0,
         "seconds before the load gives a request up and sends its channel "
@@ -172,6 +180,8 @@ class LoadOptions(_Group):
             )
         if self.connections < 0:
             raise OptionError("--connections must be 0 or more")
+        if self.users < 1 or self.spawn_rate <= 0:
+            raise OptionError("--users and --spawn-rate must be positive")
 
 
 @dataclass

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,10 +34,13 @@ from plexilab.providers.base import Capabilities, PowerControl, common_capabilit
 from plexilab.providers.local import free_ports
 from plexilab.run.config import ClusterConfig, ClusterError
 from plexilab.run.credentials import RunSecret
-from plexilab.run.install import Runtime
+from plexilab.run.install import SRC, Runtime
 from plexilab.run.labtools import run_lab, stats_all
 
 log = logging.getLogger("plexilab.run.nodes")
+
+# the Locust users of --load=locust (run from this checkout by the lab's python)
+LOCUSTFILE = SRC / "plexichat" / "load" / "locustfile.py"
 
 
 @dataclass
@@ -123,6 +128,16 @@ class Cluster:
                 raise ClusterError("TLS listeners are set up for local hosts only")
             self.tls = make_cluster_tls(self.run_secret.dir / "tls")
             self.tls_ports = free_ports(len(self.nodes))
+        # --load=locust: every node serves its HTTP API (plexichat.api) on a
+        # free port of this machine, for Locust on the lab host
+        self.http_ports: list[int] = []
+        if config.load == "locust":
+            if not self.capabilities.local_python:
+                raise ClusterError(
+                    "--load=locust runs on local hosts only for now (the nodes' "
+                    "HTTP API is served on this machine's 127.0.0.1)"
+                )
+            self.http_ports = free_ports(len(self.nodes))
 
     def __enter__(self) -> Cluster:
         return self
@@ -168,6 +183,18 @@ class Cluster:
             args += ["--tls-listen", f"{node.listen.host}:{port}"]
             args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
         return args
+
+    def http_args(self, node: NodeHandle) -> list[str]:
+        """``--http-listen`` of the node (--load=locust), else nothing."""
+        if not self.http_ports:
+            return []
+        return ["--http-listen", f"{node.listen.host}:{self.http_ports[node.index]}"]
+
+    @property
+    def http_urls(self) -> list[str]:
+        """Base URLs of the nodes' HTTP APIs (--load=locust)."""
+        pairs = zip(self.nodes, self.http_ports, strict=True)
+        return [f"http://{n.lab.host}:{port}" for n, port in pairs]
 
     def route_through(self, links: LinkLayer) -> None:
         """Peer traffic through *links* (started, relaying to the lab endpoints).
@@ -234,6 +261,7 @@ class Cluster:
             "--suspect-timeout",
             str(config.suspect_timeout),
             *self.security_args(node),
+            *self.http_args(node),
             *source,
             *durability,
             *config.node_args,
@@ -377,6 +405,8 @@ class Cluster:
         c = self.config
         load = options.values_of(c, LoadOptions)
         del load["request_timeout"]  # the lab's name; the tool's is timeout
+        for name in ("load", "users", "spawn_rate"):  # the engine's, Locust's
+            del load[name]
         config = {
             **load,
             **self.load_endpoints(),
@@ -387,6 +417,55 @@ class Cluster:
         result: dict[str, Any] = self._load_tool(
             config, out, c.duration + c.step_timeout
         )
+        return result
+
+    def run_locust(self, journal: Path, results: Path) -> dict[str, Any]:
+        """Locust (headless, the lab's python) against the nodes' HTTP APIs for
+        ``duration`` seconds with ``users`` users; every 201 is journaled to
+        *journal*.  Its report (``locust-report.json``, the binary generator's
+        keys), CSVs (``locust_*.csv``) and output (``locust.log``) go to
+        *results*."""
+        # lab side: plexichat from src, imported when used (as labtools does)
+        from plexichat.load.httpload import CONFIG_VAR, HttpLoadConfig
+
+        c = self.config
+        if not self.http_ports:
+            raise ClusterError("the nodes were not started with --load=locust")
+        report = results / "locust-report.json"
+        report.unlink(missing_ok=True)
+        config = HttpLoadConfig(
+            hosts=self.http_urls,
+            secret_file=self.secret_file if self.secret is not None else None,
+            journal=journal,
+            report=report,
+            channels=c.channels,
+            payload=c.payload,
+            timeout=c.load_timeout,
+        )
+        config_path = results / "locust-config.json"
+        config_path.write_text(config.to_json())
+        argv = [
+            sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+            "-u", str(c.users), "-r", f"{c.spawn_rate:g}", "-t", f"{c.duration:g}s",
+            "--host", self.http_urls[0], "--csv", str(results / "locust"),
+            "--only-summary", "--stop-timeout", "0",
+        ]  # fmt: skip
+        env = {
+            "PYTHONPATH": os.pathsep.join(
+                [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+            CONFIG_VAR: str(config_path),
+            **c.backend_env(),
+        }
+        proc = run_lab(argv, timeout=c.duration + c.step_timeout, env=env)
+        (results / "locust.log").write_text(proc.stdout + proc.stderr)
+        # exit 1: some requests failed (counted in the report), not a crash
+        if proc.returncode not in (0, 1) or not report.exists():
+            raise ClusterError(
+                f"locust failed ({proc.returncode}): {proc.stderr[-3000:]}"
+            )
+        result: dict[str, Any] = json.loads(report.read_text())
+        result["locust_csv"] = str(results / "locust_stats.csv")
         return result
 
     def run_p2p(self, out: Path) -> dict[str, Any]:

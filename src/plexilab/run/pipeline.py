@@ -335,7 +335,7 @@ def run(
     """
     if scenarios is None:
         kinds = fault_plan(provider.capabilities, config, provider.name)
-        scenarios = cluster_scenarios(kinds)
+        scenarios = cluster_scenarios(kinds, config.load)
     job = _Run(provider, config, scenarios, scenario, phases or Phases(), progress)
     with terminate_as_interrupt():
         return job.execute()

@@ -6,7 +6,8 @@ phases and samplers.  A scenario fills its own fields of the
 :class:`~plexilab.run.result.RunResult`:
 
 * :class:`Load`: the chat load (``acked``, ``throughput_msgs_per_s``, ...)
-  and the nodes' SEND histograms;
+  and the nodes' SEND histograms; :class:`LocustLoad` the same through the
+  nodes' HTTP API with Locust (``--load=locust``);
 * :class:`Faults`: a :class:`~plexilab.run.faults.Nemesis` breaking the
   cluster during a load, then healing and waiting for it to converge again
   (``faults``, ``availability``, ...);
@@ -94,6 +95,24 @@ class Load:
 
     def run(self, ctx: RunContext) -> None:
         ctx.progress(f"loading for {ctx.config.duration:g}s")
+        self.collect(ctx, self.drive(ctx))
+
+
+@dataclass
+class LocustLoad(Load):
+    """The chat load as Locust users over the nodes' HTTP API
+    (``--load=locust``): the same result fields as :class:`Load`, Locust's
+    per-request statistics in ``load["locust"]``."""
+
+    def drive(self, ctx: RunContext) -> dict[str, Any]:
+        ctx.journal.unlink(missing_ok=True)
+        return ctx.cluster.run_locust(ctx.journal, ctx.results_dir)
+
+    def run(self, ctx: RunContext) -> None:
+        c = ctx.config
+        ctx.progress(
+            f"locust: {c.users} users (+{c.spawn_rate:g}/s) for {c.duration:g}s"
+        )
         self.collect(ctx, self.drive(ctx))
 
 
@@ -194,9 +213,13 @@ class Check:
         r.violations = check["violations"]
 
 
-def cluster_scenarios(kinds: Sequence[str] = ()) -> list[Scenario]:
-    """The chat run: load (with faults when *kinds*), P2P, checker."""
-    load: Scenario = Faults(kinds) if kinds else Load()
+def cluster_scenarios(
+    kinds: Sequence[str] = (), engine: str = "binary"
+) -> list[Scenario]:
+    """The chat run: load (with faults when *kinds*), P2P, checker; the load
+    is Locust's HTTP users when *engine* is ``locust``."""
+    chat = LocustLoad() if engine == "locust" else Load()
+    load: Scenario = Faults(kinds, chat) if kinds else chat
     return [load, P2P(), Check()]
 
 
