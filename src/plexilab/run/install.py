@@ -66,7 +66,12 @@ def prune(directory: Path, keep: int = 3) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
+def local_venv(
+    wheel: Path,
+    timeout: float = 600.0,
+    cache: Path = CACHE,
+    extras: Sequence[str] = (),
+) -> str:
     """A venv under .cache/ with *wheel* and its locked runtime dependencies.
 
     Hermetic: the venv does not see the system site-packages, and the
@@ -75,12 +80,16 @@ def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
     lock).  The lab's load generator and checker run from it, and local nodes in
     ``wheel`` mode.  The venv is named by the wheel's artifact key (the name
     of its store directory, ``<arch>-<content key>``, see
-    :func:`plexilab.infra.artifacts.wheel_key`).
+    :func:`plexilab.infra.artifacts.wheel_key`).  *extras* (optional
+    dependency groups, e.g. ``api`` for the nodes' HTTP API) are installed
+    too, in a venv and wheelhouse of their own (named ``...+<extras>``).
     """
     arch = wheels.host_arch()
-    house = cache / "wheelhouse" / arch
-    wheels.download_wheelhouse(arch, house, deps.requirements("runtime"))
-    venv = cache / "venvs" / wheel.parent.name
+    tag = "".join(f"+{e}" for e in extras)
+    house = cache / "wheelhouse" / f"{arch}{tag}"
+    wheels.download_wheelhouse(arch, house, deps.requirements("runtime", *extras))
+    venv = cache / "venvs" / f"{wheel.parent.name}{tag}"
+    target = f"{wheel}[{','.join(extras)}]" if extras else str(wheel)
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
     want = f"{wheel.name} {artifacts.lock_digest()}"
@@ -96,7 +105,7 @@ def local_venv(wheel: Path, timeout: float = 600.0, cache: Path = CACHE) -> str:
         [
             str(python), "-I", "-m", "pip", "install", "-q",
             "--disable-pip-version-check", "--no-index", "--find-links", str(house),
-            str(wheel),
+            target,
         ],
         capture_output=True,
         text=True,
@@ -138,14 +147,15 @@ def is_local(host: Host) -> bool:
     return capabilities_of(host).local_python
 
 
-def lab_runtime(mode: InstallMode) -> Runtime:
+def lab_runtime(mode: InstallMode, extras: Sequence[str] = ()) -> Runtime:
     """plexichat for the lab's tools (and local hosts): this checkout (``dev``)
-    or the wheel in a cached venv (``wheel``)."""
+    or the wheel in a cached venv (``wheel``, with the optional dependency
+    groups *extras*)."""
     if mode == "dev":
         paths = [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {"PYTHONPATH": os.pathsep.join(paths)}
         return Runtime(sys.executable, env, env)
-    python = local_venv(build_wheel())
+    python = local_venv(build_wheel(), extras=extras)
     return Runtime(python, {}, {}, local_python=python)
 
 

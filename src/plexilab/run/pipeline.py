@@ -176,7 +176,9 @@ class _Run:
                 provider.preflight(phases, progress)
             with phases("artifacts"):
                 provider.artifacts(phases, progress)
-                runtime = lab_runtime(self.config.install)
+                # --load=locust: the nodes serve their HTTP API (the api group)
+                extras = ("api",) if self.config.load == "locust" else ()
+                runtime = lab_runtime(self.config.install, extras)
             hosts = provider.provision(self.config.nodes, phases, progress)
             install_s = provider.install(hosts, phases, progress)
             self.samplers = provider.samplers()
