@@ -21,8 +21,9 @@ from plexichat.load.httpload import (
 )
 from plexichat.node.auth import Credentials
 from plexichat.routing import key_of
-from plexilab.providers.base import Capabilities
+from plexilab.providers.base import Capabilities, StaticProvider
 from plexilab.providers.local import LocalHost
+from plexilab.run import pipeline
 from plexilab.run.cluster import SRC, ClusterConfig, run_cluster
 from plexilab.run.config import ClusterError
 from plexilab.run.install import Runtime
@@ -123,6 +124,18 @@ def test_locust_needs_local_hosts(tmp_path):
         cluster.run_secret.close()
     finally:
         host.close()
+
+
+def test_locust_on_other_providers_fails_before_anything_starts(tmp_path):
+    host = LocalHost(workdir=tmp_path / "h")
+    provider = StaticProvider([host], Capabilities(local_python=False), name="qemu")
+    config = ClusterConfig(nodes=1, load="locust", install="dev")
+    try:
+        with pytest.raises(ClusterError, match="local hosts only for now, not on qemu"):
+            pipeline.run(provider, config)
+    finally:
+        host.close()
+    assert not (tmp_path / "h" / "node-0").exists()
 
 
 @pytest.mark.timeout(180)

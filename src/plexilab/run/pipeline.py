@@ -44,7 +44,7 @@ from plexilab.providers.base import (
     StaticProvider,
 )
 from plexilab.run import faults as faultlib
-from plexilab.run.config import ClusterConfig
+from plexilab.run.config import ClusterConfig, ClusterError
 from plexilab.run.histograms import by_arch, hist_summary
 from plexilab.run.install import Runtime, check_hosts, lab_runtime, use_runtime
 from plexilab.run.labtools import terminate_as_interrupt
@@ -335,6 +335,10 @@ def run(
     provider cannot inject raise :class:`~plexilab.run.faults.FaultError`
     before anything starts.
     """
+    if config.load == "locust" and not provider.capabilities.local_python:
+        raise ClusterError(
+            f"--load=locust runs on local hosts only for now, not on {provider.name}"
+        )
     if scenarios is None:
         kinds = fault_plan(provider.capabilities, config, provider.name)
         scenarios = cluster_scenarios(kinds, config.load)
