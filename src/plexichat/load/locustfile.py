@@ -8,7 +8,8 @@ names (:class:`plexichat.load.httpload.HttpLoadConfig`)::
 
 :class:`ChatUser` posts messages (a client token of its own sender, an
 ``Idempotency-Key`` per message) back to back and now and then GETs a page of a
-channel it posted to.  Every ``201`` is journaled by the process's one
+channel it posted to; a user whose node does not answer moves on to the
+next node.  Every ``201`` is journaled by the process's one
 :class:`~plexichat.load.httpload.Recorder`, in the format the checker reads;
 at the end of the test the report (the binary generator's keys, Locust's
 per-request statistics in ``locust``) is written to the config's ``report``.
@@ -37,6 +38,7 @@ from plexichat.load.httpload import (
 
 CONFIG = HttpLoadConfig.from_env()
 CREDENTIALS = CONFIG.credentials()
+FAIL_OVER_PAUSE = 0.05  # seconds a user waits after a connection error
 _state: dict[str, Recorder] = {}  # "recorder": the running test's (one per process)
 
 
@@ -136,6 +138,8 @@ class ChatUser(FastHttpUser):
             if resp.status_code != 201:
                 resp.failure(f"HTTP {resp.status_code}")
                 rec.failed(f"HTTP {resp.status_code}", self.node)
+                if resp.status_code == 0:
+                    self.fail_over()
                 return
             try:
                 entry = self.sender.created(post, resp.json())
@@ -145,6 +149,15 @@ class ChatUser(FastHttpUser):
                 return
             rec.acked(entry, latency, self.node)
             resp.success()
+
+    def fail_over(self) -> None:
+        """The node did not answer (killed, paused, cut off): go on with the
+        next one after a short pause (no busy loop of refused connections)."""
+        hosts = CONFIG.hosts
+        if len(hosts) > 1:
+            self.node = (self.node + 1) % len(hosts)
+            self.client.base_url = hosts[self.node]
+        time.sleep(FAIL_OVER_PAUSE)  # gevent's: the other users go on
 
     def read(self) -> None:
         path, headers = self.sender.next_read()
