@@ -217,15 +217,15 @@ def test_no_qemu_outlives_its_owner_and_reap_cleans_up(
     )
     try:
         assert child.stdout is not None
-        pid_text, rundir = child.stdout.readline().split()
+        pid_text, run_dir = child.stdout.readline().split()
         qemu_pid = int(pid_text)
         assert proc_starttime(qemu_pid) is not None
         child.send_signal(signal.SIGKILL)  # no finally block runs in the owner
         child.wait(10)
         assert _gone(qemu_pid, 15), "QEMU survived its owner"
-        assert Path(rundir).parent.parent == root
+        assert Path(run_dir).parent.parent == root
         rundir.reap(root=root)
-        assert not Path(rundir).parent.exists()
+        assert not Path(run_dir).parent.exists()
     finally:
         if child.poll() is None:
             child.kill()
